@@ -1,0 +1,77 @@
+# bmdb-host: build, test, run. `make run` and `make check` install whatever
+# Debian packages are missing first, so a fresh machine needs nothing else.
+
+PKGS      := luajit libpq uuid
+DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
+             uuid-dev lua-busted postgresql
+PREFIX    ?= /usr/local
+
+CFLAGS    ?= -O2 -g
+CFLAGS    += -std=gnu11 -Wall -Wextra -pthread -fPIC
+CPPFLAGS  += -Ihost -Ibuild $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
+# The Lua C module takes LuaJIT from the interpreter that loads it.
+MOD_LIBS  := $(shell pkg-config --libs libpq uuid 2>/dev/null) -pthread
+
+CORE_SRC  := $(filter-out host/main.c,$(wildcard host/*.c))
+CORE_OBJ  := $(CORE_SRC:host/%.c=build/%.o) build/embedded.o
+LUA_SRC   := $(shell find lua -name '*.lua' | sort)
+MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
+
+BUSTED    := busted --lua=luajit
+
+.PHONY: all deps run check spec bench install clean
+
+all: build/bmdb-host build/bmdb/core.so
+
+# Installs only what is missing; silent when everything is there.
+deps:
+	@missing=; for p in $(DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+build/embedded.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | build
+	luajit host/embed.lua $@ $(LUA_SRC) $(MIGRATIONS)
+
+build/%.o: host/%.c $(wildcard host/*.h) | build
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+build/embedded.o: build/embedded.c host/lbmdb.h host/migrate.h
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+
+build/bmdb-host: build/main.o $(CORE_OBJ)
+	$(CC) $(CFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS)
+
+build/bmdb/core.so: $(CORE_OBJ) | build
+	@mkdir -p build/bmdb
+	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS) $(MOD_LIBS)
+
+build:
+	@mkdir -p build
+
+# The example worker on the embedded default database (.bmdb/).
+run: deps
+	@$(MAKE) --no-print-directory all
+	./build/bmdb-host examples/seed.lua 5
+	./build/bmdb-host examples/provisioner.lua
+
+# Every spec, against PostgreSQL servers the specs start themselves.
+check: deps
+	@$(MAKE) --no-print-directory all
+	$(BUSTED) $(BUSTED_ARGS) spec
+
+bench: deps
+	@$(MAKE) --no-print-directory all
+	luajit bench/run.lua
+
+install: all
+	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
+
+clean:
+	rm -rf build

@@ -1,0 +1,54 @@
+/* session.h -- the host's BMDB session and the heartbeat that keeps it.
+ *
+ * One session per host. A heartbeat thread pokes it every interval/2 over a
+ * connection of its own and keeps a LOCAL deadline, measured on the
+ * monotonic clock from the moment the last successful poke was sent, minus
+ * a margin: since the database computes its deadline from a later now(),
+ * the local one always passes first (DESIGN.md, guarantee 3). When the
+ * local deadline passes or the database says the row is gone, the session
+ * is lost for good; the heartbeat then starts a new one for new work.
+ * Sessions are reference counted so a work item can keep the one it was
+ * claimed under, and see it die, while the host moves on to the next. */
+#ifndef BMDB_SESSION_H
+#define BMDB_SESSION_H
+
+#include <stddef.h>
+#include "pool.h"
+
+typedef struct session session;
+
+struct session_config {
+    const char *component;     /* sessions.component_name */
+    const char *runtime_info;  /* sessions.runtime_info, e.g. host:pid */
+    int interval_s;            /* the database deadline is now() + this */
+};
+
+/* Creates the first session synchronously (so a bad database is reported
+ * at start) and starts the heartbeat thread. 0, or -1 with err filled. */
+int sessions_start(pool *p, const struct session_config *cfg, char *err, size_t errlen);
+/* Stops the heartbeat and ends the current session: work it still holds is
+ * recorded as Canceled and the session row is deleted. */
+void sessions_stop(void);
+int sessions_started(void);
+
+/* The current session as a new reference, waiting up to timeout_s while
+ * the host is between sessions. NULL when there is none. */
+session *session_current(double timeout_s);
+void session_ref(session *s);
+void session_unref(session *s);
+
+const char *session_id(const session *s);
+const char *session_component(const session *s);
+/* Not lost, and the local deadline is still ahead. */
+int session_alive(session *s);
+/* Marks s lost (the database no longer has it); wakes every waiter. */
+void session_lose(session *s, const char *why);
+
+/* Collect sessions past their deadline: their work rows are recorded as
+ * Abandoned and deleted with them. Returns rows collected, or -1. */
+int sessions_collect_expired(pool *p);
+
+/* For specs: stop poking (the session then expires) or resume. */
+void sessions_pause_heartbeat(int paused);
+
+#endif

@@ -1,0 +1,59 @@
+/* tx.h -- one SERIALIZABLE transaction of a session, with its fence.
+ *
+ * tx_begin() borrows a connection, opens a SERIALIZABLE transaction and,
+ * inside it, checks that the session row is still alive: a transaction of
+ * a dead session can therefore never commit (DESIGN.md, guarantee 2).
+ * tx_commit() checks the local deadline once more before COMMIT. Retrying
+ * 40001/40P01 is the caller's loop; tx_retry_delay() is its one policy. */
+#ifndef BMDB_TX_H
+#define BMDB_TX_H
+
+#include <libpq-fe.h>
+#include "pool.h"
+#include "session.h"
+
+typedef enum {
+    TXE_NONE = 0,
+    TXE_SQL,              /* the server raised an error: sqlstate is set */
+    TXE_CONNECTION,       /* no connection, or it broke mid-transaction */
+    TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
+    TXE_CANCELLED,        /* the host is shutting down */
+    TXE_CLOSED            /* the transaction is already over */
+} tx_error_kind;
+
+typedef struct tx_error {
+    tx_error_kind kind;
+    char sqlstate[6];
+    char message[1024];
+    char detail[512];
+    char hint[256];
+} tx_error;
+
+typedef struct tx {
+    pool *pool;
+    PGconn *conn;
+    session *sess;   /* NULL: no fence (housekeeping without a session) */
+    int open;
+} tx;
+
+/* sess may be NULL for housekeeping transactions. 0, or -1 with e set. */
+int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
+/* Runs one statement with text parameters (NULL entries are SQL NULL).
+ * Returns the result (caller PQclear()s it), or NULL with e set; after an
+ * error the transaction is aborted and only tx_rollback() is left. */
+PGresult *tx_exec(tx *t, const char *sql, int nparams, const char *const *params, tx_error *e);
+int tx_commit(tx *t, tx_error *e);
+/* Safe to call on a closed transaction. Returns the connection. */
+void tx_rollback(tx *t);
+
+/* 40001 serialization failure or 40P01 deadlock. */
+int tx_error_retryable(const tx_error *e);
+/* Seconds to wait before retry number attempt (1-based): jittered,
+ * growing, capped; negative once attempts are exhausted. */
+double tx_retry_delay(int attempt);
+
+/* Fill e from a failed result or connection. */
+void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res);
+void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...);
+
+#endif
