@@ -1,0 +1,87 @@
+/* lifecycle.c -- the host's run state and the waits it can cut short.
+ *
+ * One mutex and one condition variable: state changes and kicks are rare,
+ * and every interruptible wait in the host (bmdb.sleep, idle worker slots,
+ * the heartbeat's pause) sleeps here so a single broadcast reaches all. */
+#include "lifecycle.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <time.h>
+
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t changed;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static host_state state = HOST_RUNNING;
+static unsigned kick_gen = 0;
+
+static void init_cond(void) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&changed, &a);
+    pthread_condattr_destroy(&a);
+}
+
+double mono_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+host_state lifecycle_state(void) {
+    pthread_mutex_lock(&lock);
+    host_state s = state;
+    pthread_mutex_unlock(&lock);
+    return s;
+}
+
+void lifecycle_advance(host_state to) {
+    pthread_once(&once, init_cond);
+    pthread_mutex_lock(&lock);
+    if (to > state) state = to;
+    kick_gen++;
+    pthread_cond_broadcast(&changed);
+    pthread_mutex_unlock(&lock);
+}
+
+void lifecycle_kick(void) {
+    pthread_once(&once, init_cond);
+    pthread_mutex_lock(&lock);
+    kick_gen++;
+    pthread_cond_broadcast(&changed);
+    pthread_mutex_unlock(&lock);
+}
+
+unsigned lifecycle_kick_gen(void) {
+    pthread_mutex_lock(&lock);
+    unsigned g = kick_gen;
+    pthread_mutex_unlock(&lock);
+    return g;
+}
+
+int lifecycle_wait(double seconds, host_state stop_at, unsigned *kick_seen) {
+    pthread_once(&once, init_cond);
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    if (seconds < 0) seconds = 0;
+    double whole = floor(seconds);
+    until.tv_sec += (time_t)whole;
+    until.tv_nsec += (long)((seconds - whole) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    int early = 0;
+    pthread_mutex_lock(&lock);
+    for (;;) {
+        if (state >= stop_at || (kick_seen && *kick_seen != kick_gen)) {
+            early = 1;
+            break;
+        }
+        if (pthread_cond_timedwait(&changed, &lock, &until) != 0) break; /* timed out */
+    }
+    if (kick_seen) *kick_seen = kick_gen;
+    pthread_mutex_unlock(&lock);
+    return early;
+}
