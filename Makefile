@@ -14,7 +14,7 @@ LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 MOD_LIBS  := $(shell pkg-config --libs libpq uuid 2>/dev/null) -pthread
 
 CORE_SRC  := $(filter-out host/main.c,$(wildcard host/*.c))
-CORE_OBJ  := $(CORE_SRC:host/%.c=build/%.o) build/embedded.o
+CORE_OBJ  := $(CORE_SRC:host/%.c=build/%.o) build/bundle.o
 LUA_SRC   := $(shell find lua -name '*.lua' | sort)
 MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
@@ -36,13 +36,13 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-build/embedded.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | build
+build/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | build
 	luajit host/embed.lua $@ $(LUA_SRC) $(MIGRATIONS)
 
 build/%.o: host/%.c $(wildcard host/*.h) | build
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
-build/embedded.o: build/embedded.c host/lbmdb.h host/migrate.h
+build/bundle.o: build/bundle.c host/lbmdb.h host/migrate.h
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
 
 build/bmdb-host: build/main.o $(CORE_OBJ)

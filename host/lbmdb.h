@@ -21,6 +21,16 @@ extern const int bmdb_lua_modules_count;
 
 int luaopen_bmdb_core(lua_State *L);
 
+struct pool;
+/* The binary's pool: bmdb calls in every state use it. */
+void lbmdb_set_pool(struct pool *p);
+
+/* States running scripts; lbmdb_interrupt_all() makes each raise
+ * "cancelled" at its next instruction count (shutdown). */
+void lbmdb_register_state(lua_State *L);
+void lbmdb_unregister_state(lua_State *L);
+void lbmdb_interrupt_all(void);
+
 /* Standard libraries, bmdb.core, and the embedded modules as preloads. */
 void lbmdb_openlibs(lua_State *L);
 

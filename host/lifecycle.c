@@ -29,6 +29,14 @@ double mono_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+void mono_sleep(double seconds) {
+    if (seconds <= 0) return;
+    struct timespec ts = {.tv_sec = (time_t)seconds};
+    ts.tv_nsec = (long)((seconds - (double)ts.tv_sec) * 1e9);
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
 host_state lifecycle_state(void) {
     pthread_mutex_lock(&lock);
     host_state s = state;

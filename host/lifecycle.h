@@ -23,5 +23,7 @@ unsigned lifecycle_kick_gen(void);
 
 /* Monotonic seconds, the one clock for local deadlines. */
 double mono_now(void);
+/* Sleeps regardless of state changes (retry pauses). */
+void mono_sleep(double seconds);
 
 #endif

@@ -63,6 +63,15 @@ static void first_line(char *dst, size_t len, const char *msg) {
     dst[n] = '\0';
 }
 
+/* Server notices (e.g. "already exists, skipping") are not the operator's
+ * business at info level. */
+static void notice_to_log(void *arg, const char *msg) {
+    (void)arg;
+    char line[512];
+    first_line(line, sizeof line, msg);
+    log_kv(LOG_DEBUG, "server notice", "notice", line, NULL);
+}
+
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     /* expand_dbname lets conninfo be a keyword string or a URI; the other
      * keywords are only defaults the caller's string can override. */
@@ -81,6 +90,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
         PQfinish(c);
         return NULL;
     }
+    PQsetNoticeProcessor(c, notice_to_log, NULL);
     return c;
 }
 

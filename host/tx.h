@@ -34,6 +34,7 @@ typedef struct tx {
     PGconn *conn;
     session *sess;   /* NULL: no fence (housekeeping without a session) */
     int open;
+    int failed;      /* a statement failed: the server will only roll back */
 } tx;
 
 /* sess may be NULL for housekeeping transactions. 0, or -1 with e set. */

@@ -1,0 +1,783 @@
+/* lbmdb.c -- the Lua binding: the C core as the module "bmdb.core".
+ *
+ * Like lauxlib.c, this file only translates: Lua values to libpq text
+ * parameters, results to Lua tables, tx_error to error objects. Policy
+ * (retries, work decisions, backoff) lives in lua/bmdb.lua. The binary and
+ * busted load the same luaopen_bmdb_core(); the binary hands over its pool
+ * with lbmdb_set_pool(), specs call core.open{dsn=...} instead.
+ *
+ * States that run scripts are registered so that a shutdown can interrupt
+ * a body busy in pure Lua, the way lua.c stops a script on SIGINT: a hook
+ * set from outside raises at the next instruction count. */
+#include "lbmdb.h"
+
+#include <lauxlib.h>
+#include <lualib.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lifecycle.h"
+#include "log.h"
+#include "migrate.h"
+#include "pool.h"
+#include "session.h"
+#include "tx.h"
+#include "work.h"
+
+#define ERROR_MT "bmdb.error"
+#define SESSION_MT "bmdb.session"
+#define TX_MT "bmdb.tx"
+#define CONN_MT "bmdb.conn"
+
+static pool *the_pool;
+static int opened_here; /* core.open() made the pool and the sessions */
+
+void lbmdb_set_pool(pool *p) { the_pool = p; }
+
+/* ---- error objects ---------------------------------------------------- */
+
+static const char *kind_name(tx_error_kind k) {
+    switch (k) {
+    case TXE_SQL: return "sql";
+    case TXE_CONNECTION: return "connection";
+    case TXE_SESSION_EXPIRED: return "session_expired";
+    case TXE_CANCELLED: return "cancelled";
+    case TXE_CLOSED: return "closed";
+    default: return "error";
+    }
+}
+
+static void set_field(lua_State *L, const char *k, const char *v) {
+    if (v && *v) {
+        lua_pushstring(L, v);
+        lua_setfield(L, -2, k);
+    }
+}
+
+void lbmdb_push_error(lua_State *L, const tx_error *e) {
+    lua_createtable(L, 0, 5);
+    set_field(L, "kind", kind_name(e->kind));
+    set_field(L, "sqlstate", e->sqlstate);
+    set_field(L, "message", e->message);
+    set_field(L, "detail", e->detail);
+    set_field(L, "hint", e->hint);
+    luaL_getmetatable(L, ERROR_MT);
+    lua_setmetatable(L, -2);
+}
+
+static int raise_error(lua_State *L, const tx_error *e) {
+    lbmdb_push_error(L, e);
+    return lua_error(L);
+}
+
+static int raise_kind(lua_State *L, tx_error_kind kind, const char *msg) {
+    tx_error e;
+    tx_error_set(&e, kind, "%s", msg);
+    return raise_error(L, &e);
+}
+
+static int error_tostring(lua_State *L) {
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    lua_getfield(L, 1, "sqlstate");
+    const char *state = lua_tostring(L, -1);
+    lua_getfield(L, 1, "message");
+    const char *msg = lua_tostring(L, -1);
+    lua_getfield(L, 1, "detail");
+    const char *detail = lua_tostring(L, -1);
+    lua_getfield(L, 1, "hint");
+    const char *hint = lua_tostring(L, -1);
+    if (state) {
+        luaL_addstring(&b, "SQL error ");
+        luaL_addstring(&b, state);
+        luaL_addstring(&b, ": ");
+    }
+    luaL_addstring(&b, msg ? msg : "unknown error");
+    if (detail) {
+        luaL_addstring(&b, " (");
+        luaL_addstring(&b, detail);
+        luaL_addstring(&b, ")");
+    }
+    if (hint) {
+        luaL_addstring(&b, " hint: ");
+        luaL_addstring(&b, hint);
+    }
+    luaL_pushresult(&b);
+    return 1;
+}
+
+/* core.error(kind, message): error objects raised from Lua share the mt. */
+static int l_error(lua_State *L) {
+    const char *kind = luaL_checkstring(L, 1);
+    const char *msg = luaL_checkstring(L, 2);
+    lua_createtable(L, 0, 2);
+    lua_pushstring(L, kind);
+    lua_setfield(L, -2, "kind");
+    lua_pushstring(L, msg);
+    lua_setfield(L, -2, "message");
+    luaL_getmetatable(L, ERROR_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int l_is_error(lua_State *L) {
+    int is = 0;
+    if (lua_getmetatable(L, 1)) {
+        luaL_getmetatable(L, ERROR_MT);
+        is = lua_rawequal(L, -1, -2);
+    }
+    lua_pushboolean(L, is);
+    return 1;
+}
+
+int lbmdb_traceback(lua_State *L) {
+    const char *msg = NULL;
+    if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) msg = lua_tostring(L, -1);
+    else msg = lua_tostring(L, 1);
+    if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
+    /* debug.traceback(msg, 2), as lua.c's msghandler */
+    lua_getglobal(L, "debug");
+    lua_getfield(L, -1, "traceback");
+    lua_pushstring(L, msg);
+    lua_pushinteger(L, 2);
+    lua_call(L, 2, 1);
+    return 1;
+}
+
+/* ---- cancellation of busy states ---------------------------------------- */
+
+#define MAX_STATES 1024
+static pthread_mutex_t states_mu = PTHREAD_MUTEX_INITIALIZER;
+static lua_State *states[MAX_STATES];
+static int nstates;
+
+static void cancel_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    lua_sethook(L, NULL, 0, 0);
+    raise_kind(L, TXE_CANCELLED, "cancelled: the host is shutting down");
+}
+
+void lbmdb_register_state(lua_State *L) {
+    pthread_mutex_lock(&states_mu);
+    if (nstates < MAX_STATES) states[nstates++] = L;
+    pthread_mutex_unlock(&states_mu);
+}
+
+void lbmdb_unregister_state(lua_State *L) {
+    pthread_mutex_lock(&states_mu);
+    for (int i = 0; i < nstates; i++)
+        if (states[i] == L) states[i] = states[--nstates];
+    pthread_mutex_unlock(&states_mu);
+}
+
+void lbmdb_interrupt_all(void) {
+    /* lua_sethook is the one call lua.c makes from a signal handler: it
+     * only stores the hook, which the running state picks up. */
+    pthread_mutex_lock(&states_mu);
+    for (int i = 0; i < nstates; i++)
+        lua_sethook(states[i], cancel_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    pthread_mutex_unlock(&states_mu);
+}
+
+/* Every bmdb call starts here: a cancelled host raises before any SQL. */
+static void check_running(lua_State *L) {
+    if (lifecycle_state() >= HOST_CANCELLING)
+        raise_kind(L, TXE_CANCELLED, "cancelled: the host is shutting down");
+}
+
+/* ---- parameters and results ------------------------------------------- */
+
+/* Highest $n in sql, skipping literals, quoted identifiers, comments and
+ * dollar quotes, so "$1" inside a string is not mistaken for a parameter. */
+static int max_param(const char *s) {
+    int max = 0;
+    while (*s) {
+        if (*s == '\'' || *s == '"') {
+            char q = *s++;
+            while (*s && !(*s == q && s[1] != q)) s += (*s == q) ? 2 : 1;
+            if (*s) s++;
+        } else if (s[0] == '-' && s[1] == '-') {
+            while (*s && *s != '\n') s++;
+        } else if (s[0] == '/' && s[1] == '*') {
+            const char *end = strstr(s + 2, "*/");
+            s = end ? end + 2 : s + strlen(s);
+        } else if (*s == '$' && s[1] >= '0' && s[1] <= '9') {
+            int n = atoi(s + 1);
+            if (n > max) max = n;
+            s++;
+            while (*s >= '0' && *s <= '9') s++;
+        } else if (*s == '$') {
+            /* $tag$ ... $tag$ */
+            const char *t = s + 1;
+            while (*t == '_' || (*t >= 'a' && *t <= 'z') || (*t >= 'A' && *t <= 'Z') ||
+                   (*t >= '0' && *t <= '9'))
+                t++;
+            if (*t == '$') {
+                size_t taglen = (size_t)(t - s + 1);
+                char tag[64];
+                if (taglen < sizeof tag) {
+                    memcpy(tag, s, taglen);
+                    tag[taglen] = '\0';
+                    const char *end = strstr(t + 1, tag);
+                    s = end ? end + taglen : s + strlen(s);
+                    continue;
+                }
+            }
+            s++;
+        } else if ((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || *s == '_') {
+            /* identifiers may contain $ (foo$1): not a parameter */
+            while ((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || *s == '_' || *s == '$' ||
+                   (*s >= '0' && *s <= '9'))
+                s++;
+        } else {
+            s++;
+        }
+    }
+    return max;
+}
+
+/* Converts arguments first..top to text parameters in a userdata-free
+ * buffer kept on the Lua stack (strings stay referenced while we run). */
+static int collect_params(lua_State *L, const char *fname, const char *sql, int first,
+                          const char **params) {
+    int n = lua_gettop(L) - first + 1;
+    int want = max_param(sql);
+    if (n < want)
+        return luaL_error(L, "%s: parameter $%d is missing (the query uses $1..$%d, got %d argument%s)",
+                          fname, n + 1, want, n, n == 1 ? "" : "s");
+    if (n > want)
+        return luaL_error(L, "%s: argument #%d has no parameter (the query uses %d parameter%s, got %d)",
+                          fname, want + 1, want, want == 1 ? "" : "s", n);
+    for (int i = 0; i < n; i++) {
+        int idx = first + i;
+        switch (lua_type(L, idx)) {
+        case LUA_TNIL: params[i] = NULL; break;
+        case LUA_TBOOLEAN: params[i] = lua_toboolean(L, idx) ? "true" : "false"; break;
+        case LUA_TSTRING: params[i] = lua_tostring(L, idx); break;
+        case LUA_TNUMBER: {
+            double d = lua_tonumber(L, idx);
+            if (isnan(d)) lua_pushliteral(L, "NaN");
+            else if (isinf(d)) lua_pushstring(L, d > 0 ? "Infinity" : "-Infinity");
+            else if (d == floor(d) && fabs(d) < 9.2e18) {
+                char buf[32]; /* exact integers as integers: "3", not "3.0" */
+                snprintf(buf, sizeof buf, "%lld", (long long)d);
+                lua_pushstring(L, buf);
+            }
+            else {
+                char buf[40];
+                snprintf(buf, sizeof buf, "%.17g", d);
+                lua_pushstring(L, buf);
+            }
+            lua_replace(L, idx); /* keep the text alive on the stack */
+            params[i] = lua_tostring(L, idx);
+            break;
+        }
+        default:
+            return luaL_error(L, "%s: parameter $%d (argument #%d) has unsupported type %s "
+                                 "(expected string, number, boolean or nil)",
+                              fname, i + 1, i + 1, luaL_typename(L, idx));
+        }
+    }
+    return n;
+}
+
+static void push_value(lua_State *L, const PGresult *r, int row, int col) {
+    if (PQgetisnull(r, row, col)) {
+        lua_pushnil(L);
+        return;
+    }
+    const char *v = PQgetvalue(r, row, col);
+    switch (PQftype(r, col)) {
+    case 16: /* bool */
+        lua_pushboolean(L, v[0] == 't');
+        return;
+    case 20: case 21: case 23: case 26: { /* int8, int2, int4, oid */
+        long long n = strtoll(v, NULL, 10);
+        /* a double holds integers exactly up to 2^53; beyond, keep the text */
+        if (n > (1LL << 53) || n < -(1LL << 53)) lua_pushstring(L, v);
+        else lua_pushnumber(L, (lua_Number)n);
+        return;
+    }
+    case 700: case 701: case 1700: /* float4, float8, numeric */
+        lua_pushnumber(L, strtod(v, NULL));
+        return;
+    default:
+        lua_pushstring(L, v);
+    }
+}
+
+static void push_row(lua_State *L, const PGresult *r, int row) {
+    int ncols = PQnfields(r);
+    lua_createtable(L, 0, ncols);
+    for (int c = 0; c < ncols; c++) {
+        push_value(L, r, row, c);
+        lua_setfield(L, -2, PQfname(r, c));
+    }
+}
+
+/* Pushes what query / one / exec return for r. */
+static int push_result(lua_State *L, const char *fname, PGresult *r) {
+    int rows = PQntuples(r);
+    if (fname[0] == 'q') { /* query */
+        lua_createtable(L, rows, 0);
+        for (int i = 0; i < rows; i++) {
+            push_row(L, r, i);
+            lua_rawseti(L, -2, i + 1);
+        }
+    } else if (fname[0] == 'o') { /* one */
+        if (rows > 1) {
+            PQclear(r);
+            return luaL_error(L, "one: the query returned %d rows, expected at most one", rows);
+        }
+        if (rows == 1) push_row(L, r, 0);
+        else lua_pushnil(L);
+    } else { /* exec: rows affected (or returned) */
+        const char *n = PQcmdTuples(r);
+        lua_pushnumber(L, *n ? atof(n) : rows);
+    }
+    PQclear(r);
+    return 1;
+}
+
+/* ---- sessions ---------------------------------------------------------- */
+
+typedef struct { session *s; } lsession;
+
+static session *check_session(lua_State *L, int idx) {
+    lsession *u = luaL_checkudata(L, idx, SESSION_MT);
+    return u->s;
+}
+
+/* core.session(): the host's current session, waiting briefly while the
+ * heartbeat replaces a lost one. */
+static int l_session(lua_State *L) {
+    check_running(L);
+    if (!sessions_started()) return luaL_error(L, "bmdb: no session (the host is not connected)");
+    double wait = luaL_optnumber(L, 1, 10);
+    session *s = session_current(wait);
+    if (!s) return raise_kind(L, TXE_SESSION_EXPIRED, "session expired (no live session)");
+    lsession *u = lua_newuserdata(L, sizeof *u);
+    u->s = s;
+    luaL_getmetatable(L, SESSION_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int sess_gc(lua_State *L) {
+    lsession *u = luaL_checkudata(L, 1, SESSION_MT);
+    session_unref(u->s);
+    u->s = NULL;
+    return 0;
+}
+
+static int sess_id(lua_State *L) {
+    lua_pushstring(L, session_id(check_session(L, 1)));
+    return 1;
+}
+
+static int sess_component(lua_State *L) {
+    lua_pushstring(L, session_component(check_session(L, 1)));
+    return 1;
+}
+
+static int sess_alive(lua_State *L) {
+    lua_pushboolean(L, session_alive(check_session(L, 1)));
+    return 1;
+}
+
+/* ---- transactions ------------------------------------------------------ */
+
+typedef struct { tx t; } ltx;
+
+static int l_begin(lua_State *L) {
+    check_running(L);
+    session *s = check_session(L, 1);
+    if (!the_pool) return luaL_error(L, "bmdb: not connected");
+    ltx *u = lua_newuserdata(L, sizeof *u);
+    memset(u, 0, sizeof *u);
+    luaL_getmetatable(L, TX_MT);
+    lua_setmetatable(L, -2);
+    tx_error e;
+    if (tx_begin(&u->t, the_pool, s, &e) < 0) return raise_error(L, &e);
+    /* The tx keeps its session alive as long as it exists. */
+    session_ref(s);
+    return 1;
+}
+
+static ltx *check_open_tx(lua_State *L, const char *fname) {
+    ltx *u = luaL_checkudata(L, 1, TX_MT);
+    if (!u->t.open)
+        luaL_error(L, "%s: the transaction is over (tx is valid only inside its bmdb.transact function)", fname);
+    check_running(L);
+    if (u->t.sess && !session_alive(u->t.sess)) {
+        tx_rollback(&u->t);
+        raise_kind(L, TXE_SESSION_EXPIRED, "session expired");
+    }
+    return u;
+}
+
+static int tx_statement(lua_State *L, const char *fname) {
+    ltx *u = check_open_tx(L, fname);
+    const char *sql = luaL_checkstring(L, 2);
+    int n = lua_gettop(L) - 2;
+    const char **params = n > 0 ? lua_newuserdata(L, sizeof(char *) * (size_t)n) : NULL;
+    if (params) lua_insert(L, 3); /* below the arguments, which move to 4.. */
+    collect_params(L, fname, sql, params ? 4 : 3, params);
+    tx_error e;
+    PGresult *r = tx_exec(&u->t, sql, n, params, &e);
+    if (!r) return raise_error(L, &e);
+    return push_result(L, fname, r);
+}
+
+static int tx_query(lua_State *L) { return tx_statement(L, "query"); }
+static int tx_one(lua_State *L) { return tx_statement(L, "one"); }
+static int tx_execute(lua_State *L) { return tx_statement(L, "exec"); }
+
+static int release_tx_session(ltx *u) {
+    if (u->t.sess) {
+        session_unref(u->t.sess);
+        u->t.sess = NULL;
+    }
+    return 0;
+}
+
+static int tx_commit_l(lua_State *L) {
+    ltx *u = luaL_checkudata(L, 1, TX_MT);
+    if (!u->t.open) return luaL_error(L, "commit: the transaction is over");
+    tx_error e;
+    if (lifecycle_state() >= HOST_CANCELLING) {
+        tx_rollback(&u->t);
+        release_tx_session(u);
+        return raise_kind(L, TXE_CANCELLED, "cancelled: the host is shutting down");
+    }
+    int rc = tx_commit(&u->t, &e);
+    release_tx_session(u);
+    if (rc < 0) return raise_error(L, &e);
+    return 0;
+}
+
+static int tx_rollback_l(lua_State *L) {
+    ltx *u = luaL_checkudata(L, 1, TX_MT);
+    tx_rollback(&u->t);
+    release_tx_session(u);
+    return 0;
+}
+
+/* ---- work locks -------------------------------------------------------- */
+
+static void check_ids(lua_State *L, int midx, int pidx) {
+    const char *m = luaL_checkstring(L, midx), *p = luaL_checkstring(L, pidx);
+    if (!work_valid_uuid(m)) luaL_error(L, "machine id is not a UUID: %s", m);
+    if (!work_valid_process(p))
+        luaL_error(L, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", p);
+}
+
+/* core.lock(tx, machine, process) -> "locked", attempt | "held" | "backoff", until */
+static int l_lock(lua_State *L) {
+    ltx *u = check_open_tx(L, "lock");
+    check_ids(L, 2, 3);
+    int attempt = 0;
+    char until[64] = "";
+    tx_error e;
+    switch (work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &attempt, until, sizeof until, &e)) {
+    case WORK_LOCKED:
+        lua_pushliteral(L, "locked");
+        lua_pushinteger(L, attempt);
+        return 2;
+    case WORK_HELD:
+        lua_pushliteral(L, "held");
+        return 1;
+    case WORK_BACKOFF:
+        lua_pushliteral(L, "backoff");
+        lua_pushstring(L, until);
+        return 2;
+    default:
+        return raise_error(L, &e);
+    }
+}
+
+/* core.release(tx, machine, process, event, cause, seconds) */
+static int l_release(lua_State *L) {
+    ltx *u = check_open_tx(L, "release");
+    check_ids(L, 2, 3);
+    static const char *const events[] = {"Finished", "Failed", "Canceled", NULL};
+    int ev = luaL_checkoption(L, 4, NULL, events);
+    tx_error e;
+    if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), events[ev],
+                     luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
+        return raise_error(L, &e);
+    return 0;
+}
+
+static int l_backoff_last(lua_State *L) {
+    ltx *u = check_open_tx(L, "backoff_last");
+    check_ids(L, 2, 3);
+    tx_error e;
+    long last = work_backoff_last(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &e);
+    if (last < 0) return raise_error(L, &e);
+    if (last == 0) lua_pushnil(L);
+    else lua_pushnumber(L, (lua_Number)last);
+    return 1;
+}
+
+/* ---- plain connections (specs, bmdb.testing) ---------------------------- */
+
+typedef struct { PGconn *c; } lconn;
+
+static int l_connect(lua_State *L) {
+    const char *dsn = luaL_checkstring(L, 1);
+    char err[512];
+    PGconn *c = pool_connect(dsn, err, sizeof err);
+    if (!c) return raise_kind(L, TXE_CONNECTION, err);
+    lconn *u = lua_newuserdata(L, sizeof *u);
+    u->c = c;
+    luaL_getmetatable(L, CONN_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int conn_statement(lua_State *L, const char *fname) {
+    lconn *u = luaL_checkudata(L, 1, CONN_MT);
+    if (!u->c) return luaL_error(L, "%s: the connection is closed", fname);
+    const char *sql = luaL_checkstring(L, 2);
+    int n = lua_gettop(L) - 2;
+    const char **params = n > 0 ? lua_newuserdata(L, sizeof(char *) * (size_t)n) : NULL;
+    if (params) lua_insert(L, 3);
+    collect_params(L, fname, sql, params ? 4 : 3, params);
+    PGresult *r = PQexecParams(u->c, sql, n, NULL, params, NULL, NULL, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
+        tx_error e;
+        tx_error_from_result(&e, u->c, r);
+        PQclear(r);
+        return raise_error(L, &e);
+    }
+    return push_result(L, fname, r);
+}
+
+static int conn_query(lua_State *L) { return conn_statement(L, "query"); }
+static int conn_one(lua_State *L) { return conn_statement(L, "one"); }
+static int conn_exec(lua_State *L) { return conn_statement(L, "exec"); }
+
+static int conn_close(lua_State *L) {
+    lconn *u = luaL_checkudata(L, 1, CONN_MT);
+    if (u->c) PQfinish(u->c);
+    u->c = NULL;
+    return 0;
+}
+
+/* ---- host services ----------------------------------------------------- */
+
+/* core.sleep(seconds, session?) -> true after the full time, false when cut
+ * short by cancellation or by the loss of session. Draining does not cut
+ * it: items in flight keep their grace period. */
+static int l_sleep(lua_State *L) {
+    double seconds = luaL_checknumber(L, 1);
+    session *s = lua_isnoneornil(L, 2) ? NULL : check_session(L, 2);
+    double end = mono_now() + seconds;
+    unsigned gen = lifecycle_kick_gen();
+    double left;
+    while ((left = end - mono_now()) > 0) {
+        lifecycle_wait(left, HOST_CANCELLING, &gen);
+        if (lifecycle_state() >= HOST_CANCELLING || (s && !session_alive(s))) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_retry_delay(lua_State *L) {
+    lua_pushnumber(L, tx_retry_delay((int)luaL_checknumber(L, 1)));
+    return 1;
+}
+
+static int l_log(lua_State *L) {
+    static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
+    log_level lvl = (log_level)luaL_checkoption(L, 1, NULL, levels);
+    const char *msg = luaL_checkstring(L, 2);
+    if (!log_enabled(lvl)) return 0;
+    const char *kv[64];
+    size_t n = 0;
+    if (lua_istable(L, 3)) {
+        /* Texts go into a scratch table first so they stay referenced
+         * while log_kvv reads them. */
+        lua_newtable(L);
+        int texts = lua_gettop(L);
+        lua_pushnil(L);
+        while (n < 32 && lua_next(L, 3)) {
+            for (int i = 0; i < 2; i++) {
+                lua_getglobal(L, "tostring");
+                lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
+                lua_call(L, 1, 1);
+                lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
+            }
+            lua_pop(L, 1);
+            n++;
+        }
+        for (size_t i = 0; i < 2 * n; i++) {
+            lua_rawgeti(L, texts, (int)i + 1);
+            kv[i] = lua_tostring(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    log_kvv(lvl, msg, kv, n);
+    return 0;
+}
+
+static int l_state(lua_State *L) {
+    static const char *const names[] = {"running", "draining", "cancelling"};
+    lua_pushstring(L, names[lifecycle_state()]);
+    return 1;
+}
+
+static int l_valid_uuid(lua_State *L) {
+    lua_pushboolean(L, lua_type(L, 1) == LUA_TSTRING && work_valid_uuid(lua_tostring(L, 1)));
+    return 1;
+}
+
+static int l_valid_process(lua_State *L) {
+    lua_pushboolean(L, lua_type(L, 1) == LUA_TSTRING && work_valid_process(lua_tostring(L, 1)));
+    return 1;
+}
+
+static int l_pause_heartbeat(lua_State *L) {
+    sessions_pause_heartbeat(lua_toboolean(L, 1));
+    return 0;
+}
+
+static int l_now(lua_State *L) {
+    lua_pushnumber(L, mono_now());
+    return 1;
+}
+
+/* core.open{dsn=, component=, interval=, pool=, migrate=, log_level=}: what
+ * main.c does for the binary, for specs and bmdb.testing. */
+static int l_open(lua_State *L) {
+    luaL_checktype(L, 1, LUA_TTABLE);
+    if (the_pool) return luaL_error(L, "bmdb.core.open: already open");
+    lua_getfield(L, 1, "dsn");
+    const char *dsn = luaL_checkstring(L, -1);
+    lua_getfield(L, 1, "component");
+    const char *component = luaL_optstring(L, -1, "spec");
+    lua_getfield(L, 1, "interval");
+    int interval = (int)luaL_optnumber(L, -1, 5);
+    lua_getfield(L, 1, "pool");
+    int size = (int)luaL_optnumber(L, -1, 16);
+    lua_getfield(L, 1, "migrate");
+    int migrate = lua_isnil(L, -1) || lua_toboolean(L, -1);
+    lua_getfield(L, 1, "log_level"); /* specs want quiet: warn by default */
+    log_level lvl;
+    if (log_parse_level(luaL_optstring(L, -1, "warn"), &lvl) < 0)
+        return luaL_error(L, "bmdb.core.open: log_level must be debug, info, warn or error");
+    log_configure(lvl, 0);
+    char err[1024], runtime[300], host[256] = "";
+    gethostname(host, sizeof host - 1);
+    snprintf(runtime, sizeof runtime, "%s:%d", host, (int)getpid());
+
+    pool *p = pool_create(dsn, size);
+    PGconn *c = pool_get(p, err, sizeof err);
+    if (!c) {
+        pool_destroy(p);
+        return raise_kind(L, TXE_CONNECTION, err);
+    }
+    if (migrate && migrate_up(c, NULL, err, sizeof err) < 0) {
+        pool_put(p, c);
+        pool_destroy(p);
+        return luaL_error(L, "%s", err);
+    }
+    pool_put(p, c);
+    struct session_config cfg = {component, runtime, interval};
+    if (sessions_start(p, &cfg, err, sizeof err) < 0) {
+        pool_destroy(p);
+        return luaL_error(L, "%s", err);
+    }
+    the_pool = p;
+    opened_here = 1;
+    return 0;
+}
+
+static int l_close(lua_State *L) {
+    (void)L;
+    if (!opened_here) return 0;
+    sessions_stop();
+    pool_destroy(the_pool);
+    the_pool = NULL;
+    opened_here = 0;
+    return 0;
+}
+
+static const luaL_Reg core_funcs[] = {
+    {"open", l_open},           {"close", l_close},
+    {"session", l_session},     {"begin", l_begin},
+    {"lock", l_lock},           {"release", l_release},
+    {"backoff_last", l_backoff_last},
+    {"connect", l_connect},     {"sleep", l_sleep},
+    {"retry_delay", l_retry_delay},
+    {"log", l_log},             {"state", l_state},
+    {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
+    {"error", l_error},         {"is_error", l_is_error},
+    {"pause_heartbeat", l_pause_heartbeat},
+    {"now", l_now},             {NULL, NULL}};
+
+static const luaL_Reg session_methods[] = {
+    {"id", sess_id}, {"component", sess_component}, {"alive", sess_alive}, {NULL, NULL}};
+
+static const luaL_Reg tx_methods[] = {{"query", tx_query},   {"one", tx_one},
+                                      {"exec", tx_execute},  {"commit", tx_commit_l},
+                                      {"rollback", tx_rollback_l}, {NULL, NULL}};
+
+static const luaL_Reg conn_methods[] = {
+    {"query", conn_query}, {"one", conn_one}, {"exec", conn_exec}, {"close", conn_close}, {NULL, NULL}};
+
+static void new_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+}
+
+int luaopen_bmdb_core(lua_State *L) {
+    luaL_newmetatable(L, ERROR_MT);
+    lua_pushcfunction(L, error_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+    new_class(L, SESSION_MT, session_methods, sess_gc);
+    new_class(L, TX_MT, tx_methods, tx_rollback_l);
+    new_class(L, CONN_MT, conn_methods, conn_close);
+    lua_newtable(L);
+    luaL_register(L, NULL, core_funcs);
+    return 1;
+}
+
+/* ---- the binary's states ------------------------------------------------ */
+
+static int load_embedded(lua_State *L) {
+    const embedded_lua_module *m = lua_touserdata(L, lua_upvalueindex(1));
+    if (luaL_loadbuffer(L, m->source, m->len, m->chunkname) != 0) return lua_error(L);
+    lua_pushstring(L, m->name);
+    lua_call(L, 1, 1);
+    return 1;
+}
+
+void lbmdb_openlibs(lua_State *L) {
+    luaL_openlibs(L);
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "preload");
+    lua_pushcfunction(L, luaopen_bmdb_core);
+    lua_setfield(L, -2, "bmdb.core");
+    for (int i = 0; i < bmdb_lua_modules_count; i++) {
+        lua_pushlightuserdata(L, (void *)&bmdb_lua_modules[i]);
+        lua_pushcclosure(L, load_embedded, 1);
+        lua_setfield(L, -2, bmdb_lua_modules[i].name);
+    }
+    lua_pop(L, 2);
+}

@@ -1,0 +1,427 @@
+/* main.c -- the bmdb-host command line and the order of start and stop.
+ *
+ *   start: parse -> compile the script (bad input fails before any
+ *          database work) -> database (--dsn, BMDB_DSN or embedded) ->
+ *          migrate -> session -> run the script on its own thread
+ *   stop:  script done, or SIGTERM/SIGINT -> script ends -> session ends
+ *          (held work recorded Canceled, row deleted) -> embedded stops
+ *
+ * The main thread only waits: every signal is blocked in every thread and
+ * read here through a signalfd, so no handler ever runs inside libpq or
+ * LuaJIT. */
+#include <errno.h>
+#include <getopt.h>
+#include <lauxlib.h>
+#include <libgen.h>
+#include <limits.h>
+#include <lualib.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/signalfd.h>
+#include <unistd.h>
+
+#include "embedded.h"
+#include "lbmdb.h"
+#include "lifecycle.h"
+#include "log.h"
+#include "migrate.h"
+#include "pool.h"
+#include "report.h"
+#include "session.h"
+
+#define EXIT_FAILED 1 /* the script or the database failed at run time */
+#define EXIT_USAGE 2  /* the command line or the script is invalid */
+
+static const char usage_text[] =
+    "usage: bmdb-host [options] SCRIPT.lua [ARGS...]   run a script (workers or one-off)\n"
+    "       bmdb-host check SCRIPT.lua                 compile and validate, no database\n"
+    "       bmdb-host migrate [up | down N | status]   manage the schema\n"
+    "       bmdb-host status                           sessions, work in flight, backoffs\n"
+    "       bmdb-host history MACHINE                  audit trail of one machine\n"
+    "\n"
+    "options:\n"
+    "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
+    "  --data-dir DIR     embedded database directory (default: .bmdb)\n"
+    "  --no-migrate       do not apply pending migrations; refuse to run if any\n"
+    "  --component NAME   session component name (default: the script's name)\n"
+    "  --interval SECS    session heartbeat interval (default: 5)\n"
+    "  --grace SECS       drain time for items in flight on SIGTERM (default: 30)\n"
+    "  --watch            reload the script when its files change\n"
+    "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
+    "  --log-format FMT   logfmt or json (default: logfmt)\n"
+    "  -h, --help         show this help\n";
+
+struct options {
+    const char *dsn, *data_dir, *component;
+    int interval, grace, watch, migrate;
+};
+
+static int die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int die(int code, const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    fputs("bmdb-host: ", stderr);
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    return code;
+}
+
+static int parse_int(const char *flag, const char *v, int min, int max, int *out) {
+    char *end;
+    errno = 0;
+    long n = strtol(v, &end, 10);
+    if (errno || *end || end == v || n < min || n > max) {
+        die(EXIT_USAGE, "%s: expected a whole number from %d to %d, got '%s'", flag, min, max, v);
+        return -1;
+    }
+    *out = (int)n;
+    return 0;
+}
+
+/* Parses options up to the first operand (the script or subcommand); what
+ * follows belongs to the script as its arg table. */
+static int parse_options(int argc, char **argv, struct options *o) {
+    enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
+           O_LOG_LEVEL, O_LOG_FORMAT };
+    static const struct option longopts[] = {
+        {"dsn", required_argument, NULL, O_DSN},
+        {"data-dir", required_argument, NULL, O_DATA_DIR},
+        {"no-migrate", no_argument, NULL, O_NO_MIGRATE},
+        {"component", required_argument, NULL, O_COMPONENT},
+        {"interval", required_argument, NULL, O_INTERVAL},
+        {"grace", required_argument, NULL, O_GRACE},
+        {"watch", no_argument, NULL, O_WATCH},
+        {"log-level", required_argument, NULL, O_LOG_LEVEL},
+        {"log-format", required_argument, NULL, O_LOG_FORMAT},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0}};
+    log_level lvl = LOG_INFO;
+    int json = 0, c;
+    opterr = 0;
+    while ((c = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+        switch (c) {
+        case O_DSN: o->dsn = optarg; break;
+        case O_DATA_DIR: o->data_dir = optarg; break;
+        case O_NO_MIGRATE: o->migrate = 0; break;
+        case O_COMPONENT: o->component = optarg; break;
+        case O_INTERVAL:
+            if (parse_int("--interval", optarg, 1, 3600, &o->interval) < 0) return -1;
+            break;
+        case O_GRACE:
+            if (parse_int("--grace", optarg, 0, 86400, &o->grace) < 0) return -1;
+            break;
+        case O_WATCH: o->watch = 1; break;
+        case O_LOG_LEVEL:
+            if (log_parse_level(optarg, &lvl) < 0) {
+                die(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
+                return -1;
+            }
+            break;
+        case O_LOG_FORMAT:
+            if (strcmp(optarg, "json") == 0) json = 1;
+            else if (strcmp(optarg, "logfmt") == 0) json = 0;
+            else {
+                die(EXIT_USAGE, "--log-format: expected logfmt or json, got '%s'", optarg);
+                return -1;
+            }
+            break;
+        case 'h':
+            fputs(usage_text, stdout);
+            exit(0);
+        case ':':
+            die(EXIT_USAGE, "option %s needs a value", argv[optind - 1]);
+            fputs(usage_text, stderr);
+            return -1;
+        default:
+            die(EXIT_USAGE, "unknown option '%s'", argv[optind - 1]);
+            fputs(usage_text, stderr);
+            return -1;
+        }
+    }
+    log_configure(lvl, json);
+    return 0;
+}
+
+/* ---- the database ---------------------------------------------------------- */
+
+struct database {
+    embedded *emb;
+    char *conninfo;
+    pool *pool;
+};
+
+/* --dsn, else BMDB_DSN, else the embedded default. */
+static int database_open(const struct options *o, int pool_size, struct database *db) {
+    char err[1024];
+    memset(db, 0, sizeof *db);
+    const char *dsn = o->dsn ? o->dsn : getenv("BMDB_DSN");
+    if (dsn && *dsn) {
+        db->conninfo = strdup(dsn);
+    } else {
+        db->emb = embedded_open(o->data_dir, &db->conninfo, err, sizeof err);
+        if (!db->emb) return die(EXIT_FAILED, "%s", err), -1;
+    }
+    db->pool = pool_create(db->conninfo, pool_size);
+    /* Connect once now, so an unreachable server is reported at start. */
+    PGconn *c = pool_get(db->pool, err, sizeof err);
+    if (!c) return die(EXIT_FAILED, "%s", err), -1;
+    pool_put(db->pool, c);
+    return 0;
+}
+
+static void database_close(struct database *db) {
+    if (db->pool) pool_destroy(db->pool);
+    if (db->emb) embedded_close(db->emb);
+    free(db->conninfo);
+    memset(db, 0, sizeof *db);
+}
+
+static int schema_ready(const struct options *o, pool *p) {
+    char err[1024];
+    PGconn *c = pool_get(p, err, sizeof err);
+    if (!c) return die(EXIT_FAILED, "%s", err), -1;
+    int rc = o->migrate ? migrate_up(c, NULL, err, sizeof err) : migrate_verify(c, err, sizeof err);
+    pool_put(p, c);
+    if (rc < 0) return die(EXIT_FAILED, "%s", err), -1;
+    return 0;
+}
+
+/* ---- subcommands ---------------------------------------------------------- */
+
+static int cmd_migrate(const struct options *o, int argc, char **argv) {
+    const char *what = argc > 0 ? argv[0] : "up";
+    int n = 0;
+    if (strcmp(what, "down") == 0) {
+        if (argc != 2) return die(EXIT_USAGE, "migrate down: expected a count, e.g. 'migrate down 1'");
+        if (parse_int("migrate down", argv[1], 1, 9999, &n) < 0) return EXIT_USAGE;
+    } else if ((strcmp(what, "up") != 0 && strcmp(what, "status") != 0) || argc > 1) {
+        return die(EXIT_USAGE, "migrate: expected 'up', 'down N' or 'status'");
+    }
+    struct database db;
+    if (database_open(o, 1, &db) < 0) return database_close(&db), EXIT_FAILED;
+    char err[1024];
+    PGconn *c = pool_get(db.pool, err, sizeof err);
+    int rc = -1, applied = 0;
+    if (c) {
+        if (what[0] == 'u') rc = migrate_up(c, &applied, err, sizeof err);
+        else if (what[0] == 'd') rc = migrate_down(c, n, err, sizeof err);
+        else rc = migrate_status(c, stdout, err, sizeof err);
+        pool_put(db.pool, c);
+    }
+    if (rc == 0 && what[0] == 'u') printf("%d migration%s applied\n", applied, applied == 1 ? "" : "s");
+    if (rc == 0 && what[0] == 'd') printf("%d migration%s rolled back\n", n, n == 1 ? "" : "s");
+    database_close(&db);
+    if (rc < 0) return die(EXIT_FAILED, "%s", err);
+    return 0;
+}
+
+static int cmd_report(const struct options *o, const char *what, int argc, char **argv) {
+    if (strcmp(what, "history") == 0 && argc != 1)
+        return die(EXIT_USAGE, "history: expected one machine id");
+    if (strcmp(what, "status") == 0 && argc != 0)
+        return die(EXIT_USAGE, "status: takes no arguments");
+    struct database db;
+    if (database_open(o, 1, &db) < 0) return database_close(&db), EXIT_FAILED;
+    char err[1024];
+    int rc = -1;
+    PGconn *c = pool_get(db.pool, err, sizeof err);
+    if (c) {
+        rc = what[0] == 's' ? report_status(c, stdout, err, sizeof err)
+                            : report_history(c, argv[0], stdout, err, sizeof err);
+        pool_put(db.pool, c);
+    }
+    database_close(&db);
+    if (rc < 0) return die(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
+    return 0;
+}
+
+/* ---- running a script ------------------------------------------------------ */
+
+struct script_run {
+    const char *path;
+    int argc;
+    char **argv;       /* argv[0] is the script */
+    int status;        /* 0 ok, else EXIT_FAILED */
+    int done_fd;       /* written when the script returns */
+};
+
+/* package.path: the script's own directory first, so its require()s find
+ * the modules beside it wherever the host was started. */
+static void set_script_path(lua_State *L, const char *script) {
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", script);
+    const char *dir = dirname(buf);
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+}
+
+/* arg as lua.c builds it: arg[0] the script, arg[1..] what follows. */
+static void set_arg(lua_State *L, int argc, char **argv) {
+    lua_createtable(L, argc, 1);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i);
+    }
+    lua_setglobal(L, "arg");
+}
+
+static void *script_thread(void *arg) {
+    struct script_run *r = arg;
+    lua_State *L = luaL_newstate();
+    lbmdb_openlibs(L);
+    set_script_path(L, r->path);
+    set_arg(L, r->argc, r->argv);
+    lbmdb_register_state(L);
+    lua_pushcfunction(L, lbmdb_traceback);
+    int base = lua_gettop(L);
+    int rc = luaL_loadfile(L, r->path);
+    if (rc == 0) {
+        for (int i = 1; i < r->argc; i++) lua_pushstring(L, r->argv[i]);
+        rc = lua_pcall(L, r->argc - 1, 0, base);
+    }
+    r->status = 0;
+    if (rc != 0) {
+        const char *msg = lua_tostring(L, -1);
+        if (lifecycle_state() >= HOST_CANCELLING) {
+            log_kv(LOG_INFO, "script stopped by signal", "script", r->path, NULL);
+        } else {
+            die(EXIT_FAILED, "%s", msg ? msg : "(error object is not a string)");
+            r->status = EXIT_FAILED;
+        }
+    }
+    lbmdb_unregister_state(L);
+    lua_close(L);
+    char one = 1;
+    if (write(r->done_fd, &one, 1) < 0) { /* main will time out instead */ }
+    return NULL;
+}
+
+/* Waits for the script's end or a signal. Returns the signal seen, 0 if
+ * the script ended first, or -1 on timeout. */
+static int wait_for(int sigfd, int donefd, double timeout_s) {
+    struct pollfd fds[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = donefd, .events = POLLIN}};
+    int ms = timeout_s < 0 ? -1 : (int)(timeout_s * 1000);
+    for (;;) {
+        int n = poll(fds, 2, ms);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return -1;
+        if (fds[1].revents) return 0;
+        struct signalfd_siginfo si;
+        if (read(sigfd, &si, sizeof si) == sizeof si) return (int)si.ssi_signo;
+    }
+}
+
+static int check_script_file(const char *path) {
+    FILE *f = fopen(path, "r");
+    if (!f) return die(EXIT_USAGE, "cannot read script %s: %s", path, strerror(errno));
+    fclose(f);
+    /* Compile once here: a syntax error (file:line) ends the run before any
+     * database is touched. */
+    lua_State *L = luaL_newstate();
+    int rc = luaL_loadfile(L, path);
+    if (rc != 0) die(EXIT_USAGE, "%s", lua_tostring(L, -1));
+    lua_close(L);
+    return rc ? EXIT_USAGE : 0;
+}
+
+static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
+    const char *script = argv[0];
+    int rc = check_script_file(script);
+    if (rc) return rc;
+
+    struct database db;
+    if (database_open(o, 8, &db) < 0 || schema_ready(o, db.pool) < 0) {
+        database_close(&db);
+        return EXIT_FAILED;
+    }
+
+    char component[256], host[256] = "", runtime[320], err[1024];
+    if (o->component) snprintf(component, sizeof component, "%s", o->component);
+    else {
+        char buf[PATH_MAX];
+        snprintf(buf, sizeof buf, "%s", script);
+        snprintf(component, sizeof component, "%s", basename(buf));
+        char *dot = strrchr(component, '.');
+        if (dot && strcmp(dot, ".lua") == 0) *dot = '\0';
+    }
+    gethostname(host, sizeof host - 1);
+    snprintf(runtime, sizeof runtime, "%s:%d", host, (int)getpid());
+    struct session_config cfg = {component, runtime, o->interval};
+    if (sessions_start(db.pool, &cfg, err, sizeof err) < 0) {
+        database_close(&db);
+        return die(EXIT_FAILED, "%s", err);
+    }
+    lbmdb_set_pool(db.pool);
+
+    int pipefd[2];
+    if (pipe(pipefd) < 0) return die(EXIT_FAILED, "pipe: %s", strerror(errno));
+    struct script_run run = {.path = script, .argc = argc, .argv = argv, .done_fd = pipefd[1]};
+    pthread_t th;
+    pthread_create(&th, NULL, script_thread, &run);
+
+    int finished = 0;
+    for (;;) {
+        int sig = wait_for(sigfd, pipefd[0], -1);
+        if (sig == 0) {
+            finished = 1;
+            break;
+        }
+        if (sig == SIGHUP) {
+            log_kv(LOG_INFO, "SIGHUP ignored: a one-off script has nothing to reload", NULL);
+            continue;
+        }
+        /* SIGTERM / SIGINT: a one-off has no items to drain; cancel now. */
+        log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
+        lifecycle_advance(HOST_CANCELLING);
+        lbmdb_interrupt_all();
+        finished = wait_for(-1, pipefd[0], 10) == 0;
+        break;
+    }
+    if (finished) pthread_join(th, NULL);
+    else log_kv(LOG_WARN, "script did not stop within 10 s; ending the session anyway", NULL);
+
+    sessions_stop();
+    lbmdb_set_pool(NULL);
+    if (finished) database_close(&db);
+    else if (db.emb) embedded_close(db.emb); /* the pool may still be in use: leave it */
+    return finished ? run.status : 0;
+}
+
+int main(int argc, char **argv) {
+    struct options o = {.data_dir = ".bmdb", .interval = 5, .grace = 30, .migrate = 1};
+    if (parse_options(argc, argv, &o) < 0) return EXIT_USAGE;
+    int nargs = argc - optind;
+    char **args = argv + optind;
+    if (nargs == 0) {
+        fputs(usage_text, stderr);
+        return die(EXIT_USAGE, "no script given");
+    }
+
+    /* Block the signals we wait for before any thread exists, so every
+     * thread inherits the mask and only the signalfd sees them. */
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGTERM);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGHUP);
+    sigaddset(&mask, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &mask, NULL);
+    int sigfd = signalfd(-1, &mask, SFD_CLOEXEC);
+    if (sigfd < 0) return die(EXIT_FAILED, "signalfd: %s", strerror(errno));
+
+    const char *cmd = args[0];
+    if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
+    if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
+        return cmd_report(&o, cmd, nargs - 1, args + 1);
+    return cmd_run(&o, nargs, args, sigfd);
+}

@@ -1,0 +1,74 @@
+/* report.c -- the read-only operator commands: status and history. */
+#include "report.h"
+
+#include <string.h>
+
+#include "tx.h"
+#include "work.h"
+
+/* Prints a result as aligned columns under a title. */
+static int print_table(PGconn *c, FILE *out, const char *title, const char *sql, int nparams,
+                       const char *const *params, char *err, size_t errlen) {
+    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
+        tx_error e;
+        tx_error_from_result(&e, c, r);
+        snprintf(err, errlen, "%s%s%s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+        PQclear(r);
+        return -1;
+    }
+    int rows = PQntuples(r), cols = PQnfields(r);
+    int width[16] = {0};
+    if (cols > 16) cols = 16;
+    for (int j = 0; j < cols; j++) width[j] = (int)strlen(PQfname(r, j));
+    for (int i = 0; i < rows; i++)
+        for (int j = 0; j < cols; j++) {
+            int w = (int)strlen(PQgetvalue(r, i, j));
+            if (w > width[j]) width[j] = w;
+        }
+    if (title) fprintf(out, "%s (%d)\n", title, rows);
+    for (int j = 0; j < cols; j++) fprintf(out, "%s%-*s", j ? "  " : "  ", width[j], PQfname(r, j));
+    fputc('\n', out);
+    for (int i = 0; i < rows; i++) {
+        for (int j = 0; j < cols; j++)
+            fprintf(out, "  %-*s", width[j], PQgetisnull(r, i, j) ? "" : PQgetvalue(r, i, j));
+        fputc('\n', out);
+    }
+    PQclear(r);
+    return 0;
+}
+
+int report_status(PGconn *c, FILE *out, char *err, size_t errlen) {
+    if (print_table(c, out, "sessions",
+                    "SELECT session_id, component_name AS component, runtime_info AS runtime, "
+                    "CASE WHEN deadline > now() THEN 'live' ELSE 'expired' END AS state, "
+                    "date_trunc('second', deadline) AS deadline "
+                    "FROM sessions ORDER BY created_at",
+                    0, NULL, err, errlen) < 0)
+        return -1;
+    fputc('\n', out);
+    if (print_table(c, out, "work in flight",
+                    "SELECT w.machine_id, w.process, w.session_id, "
+                    "date_trunc('second', w.started_at) AS started_at "
+                    "FROM work w ORDER BY w.started_at",
+                    0, NULL, err, errlen) < 0)
+        return -1;
+    fputc('\n', out);
+    return print_table(c, out, "backoffs",
+                       "SELECT machine_id, process, attempts, last_seconds, "
+                       "date_trunc('second', backoff_until) AS until, cause "
+                       "FROM work_backoff WHERE backoff_until > now() ORDER BY backoff_until",
+                       0, NULL, err, errlen);
+}
+
+int report_history(PGconn *c, const char *machine, FILE *out, char *err, size_t errlen) {
+    if (!work_valid_uuid(machine)) {
+        snprintf(err, errlen, "history: machine id is not a UUID: %s", machine);
+        return -2;
+    }
+    const char *params[] = {machine};
+    return print_table(c, out, NULL,
+                       "SELECT occurred_at, process, event, session_id, cause FROM work_history "
+                       "WHERE machine_id = $1 ORDER BY occurred_at, history_id",
+                       1, params, err, errlen);
+}

@@ -1,0 +1,196 @@
+-- bmdb.work: locks, decisions, history, backoff.
+local H = require "support.helpers"
+local bmdb = require "bmdb"
+local core = require "bmdb.core"
+
+local function failure(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert.is_false(ok, "expected an error")
+  return err
+end
+
+describe("bmdb.work", function()
+  local dsn, admin
+
+  local function new_machine()
+    return admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+  end
+
+  local function events(m, process)
+    local out = {}
+    for _, r in ipairs(admin:query([[SELECT event FROM work_history WHERE machine_id = $1 AND process = $2
+                                     ORDER BY occurred_at, history_id]], m, process)) do
+      out[#out + 1] = r.event
+    end
+    return out
+  end
+
+  local function end_backoff(m, process)
+    admin:exec("UPDATE work_backoff SET backoff_until = now() WHERE machine_id = $1 AND process = $2", m, process)
+  end
+
+  -- A second live session, as another host would hold it.
+  local function foreign_lock(m, process)
+    local other = admin:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
+                              VALUES ('other', 'elsewhere:2', 60, now() + INTERVAL '60 seconds')
+                              RETURNING session_id]]).session_id
+    admin:exec("INSERT INTO work (machine_id, process, session_id) VALUES ($1, $2, $3)", m, process, other)
+    return other
+  end
+
+  setup(function()
+    dsn = H.postgres():create_db()
+    core.open { dsn = dsn, component = "work_spec", interval = 2 }
+    admin = core.connect(dsn)
+  end)
+
+  teardown(function()
+    core.close()
+    admin:close()
+  end)
+
+  it("locks, runs the body and finishes on return", function()
+    local m = new_machine()
+    local seen
+    local r = bmdb.work(m, "Provision", function(w)
+      seen = { machine = w.machine, process = w.process, session = w.session, attempt = w.attempt,
+               alive = w:alive() }
+      seen.held = admin:one("SELECT session_id FROM work WHERE machine_id = $1", m).session_id
+      return "done"
+    end)
+    assert.equal("done", r)
+    assert.same({ machine = m, process = "Provision", session = bmdb.session().id, attempt = 1,
+                  alive = true, held = bmdb.session().id }, seen)
+    assert.same({ "Started", "Finished" }, events(m, "Provision"))
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work").n)
+  end)
+
+  it("commits finish's function with the release, atomically", function()
+    local m = new_machine()
+    admin:exec("CREATE TABLE IF NOT EXISTS provisioned (machine_id UUID PRIMARY KEY)")
+    bmdb.work(m, "Provision", function(w)
+      w:finish(function(tx) tx:exec("INSERT INTO provisioned VALUES ($1)", w.machine) end)
+      assert.is_false(w:alive())
+    end)
+    assert.equal(1, admin:one("SELECT count(*) AS n FROM provisioned WHERE machine_id = $1", m).n)
+    -- a failing commit function leaves the lock released as Failed, not Finished
+    local m2 = new_machine()
+    failure(bmdb.work, m2, "Provision", function(w)
+      w:finish(function(tx) tx:exec("INSERT INTO provisioned VALUES ($1)", "not-a-uuid") end)
+    end)
+    assert.same({ "Started", "Failed" }, events(m2, "Provision"))
+  end)
+
+  it("excludes a second holder of (machine, process) while other processes coexist", function()
+    local m = new_machine()
+    foreign_lock(m, "Provision")
+    local err = failure(bmdb.work, m, "Provision", function() error("must not run") end)
+    assert.equal("held", err.kind)
+    assert.matches("already held", tostring(err))
+    local ran = false
+    bmdb.work(m, "AgentStart", function() ran = true end)
+    assert.is_true(ran)
+    -- and inside our own body, the same pair cannot be taken twice
+    local m2 = new_machine()
+    bmdb.work(m2, "Provision", function()
+      local inner = failure(bmdb.work, m2, "Provision", function() end)
+      assert.equal("held", inner.kind)
+    end)
+  end)
+
+  it("takes over a lock whose holder's session has expired, at once", function()
+    local m = new_machine()
+    local dead = admin:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
+                             VALUES ('crashed', 'elsewhere:3', 1, now() - INTERVAL '1 second')
+                             RETURNING session_id]]).session_id
+    admin:exec("INSERT INTO work (machine_id, process, session_id) VALUES ($1, 'Provision', $2)", m, dead)
+    local ran = false
+    bmdb.work(m, "Provision", function() ran = true end)
+    assert.is_true(ran)
+    local h = admin:query("SELECT event, session_id FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, event", m)
+    assert.same({ event = "Abandoned", session_id = dead }, h[1])
+  end)
+
+  it("fails a raising body with the error and traceback as cause, and rethrows", function()
+    local m = new_machine()
+    local err = failure(bmdb.work, m, "Recover", function() error("provider said no") end,
+                        { backoff = { initial = 5 } })
+    assert.matches("provider said no", tostring(err))
+    assert.same({ "Started", "Failed" }, events(m, "Recover"))
+    local b = admin:one("SELECT cause, last_seconds, attempts, backoff_until > now() AS active " ..
+                        "FROM work_backoff WHERE machine_id = $1", m)
+    assert.matches("provider said no", b.cause)
+    assert.matches("stack traceback", b.cause)
+    assert.equal(5, b.last_seconds)
+    assert.equal(1, b.attempts)
+    assert.is_true(b.active)
+  end)
+
+  it("refuses a machine in backoff until it ends", function()
+    local m = new_machine()
+    bmdb.work(m, "Recover", function(w) w:fail("flaky", { initial = 60 }) end)
+    local err = failure(bmdb.work, m, "Recover", function() error("must not run") end)
+    assert.equal("backoff", err.kind)
+    assert.matches("in backoff for Recover until", tostring(err))
+    end_backoff(m, "Recover")
+    local attempt
+    bmdb.work(m, "Recover", function(w) attempt = w.attempt end)
+    assert.equal(2, attempt)
+  end)
+
+  it("grows backoff by the rules on consecutive failures and resets after finish", function()
+    local m = new_machine()
+    local spec = { initial = 2, maximum = 10, exponent = 2 }
+    local periods, attempts = {}, {}
+    for _ = 1, 5 do
+      bmdb.work(m, "Recover", function(w)
+        attempts[#attempts + 1] = w.attempt
+        w:fail("still broken", spec)
+      end)
+      periods[#periods + 1] = admin:one("SELECT last_seconds FROM work_backoff WHERE machine_id = $1", m).last_seconds
+      end_backoff(m, "Recover")
+    end
+    assert.same({ 2, 4, 8, 10, 10 }, periods)
+    assert.same({ 1, 2, 3, 4, 5 }, attempts)
+    bmdb.work(m, "Recover", function() end)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work_backoff WHERE machine_id = $1", m).n)
+    bmdb.work(m, "Recover", function(w)
+      assert.equal(1, w.attempt)
+      w:fail("again", spec)
+    end)
+    assert.equal(2, admin:one("SELECT last_seconds FROM work_backoff WHERE machine_id = $1", m).last_seconds)
+  end)
+
+  it("records Canceled on w:cancel and keeps the backoff as it was", function()
+    local m = new_machine()
+    bmdb.work(m, "Reboot", function(w) w:cancel() end)
+    assert.same({ "Started", "Canceled" }, events(m, "Reboot"))
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work_backoff WHERE machine_id = $1", m).n)
+    local err = failure(bmdb.work, m, "Reboot", function(w) w:cancel(); w:finish() end)
+    assert.matches("already decided (Canceled)", tostring(err), 1, true)
+  end)
+
+  it("rejects a machine id that is not a UUID and an invalid process name", function()
+    local err = failure(bmdb.work, "machine-1", "Provision", function() end)
+    assert.matches("bmdb.work: machine id is not a UUID: machine-1", tostring(err), 1, true)
+    err = failure(bmdb.work, new_machine(), "bad name!", function() end)
+    assert.matches('invalid process name "bad name!"', tostring(err), 1, true)
+    err = failure(bmdb.work, "00000000-0000-4000-8000-000000000000", "Provision", function() end)
+    assert.matches("does not exist", tostring(err))
+  end)
+
+  it("sees the lock lost when the session dies: alive() false, calls raise, finish refuses", function()
+    local m = new_machine()
+    local alive_after, inner
+    local err = failure(bmdb.work, m, "Provision", function(w)
+      admin:exec("DELETE FROM sessions WHERE session_id = $1", w.session)
+      inner = failure(bmdb.transact, function(tx) tx:exec("INSERT INTO machines DEFAULT VALUES") end)
+      alive_after = w:alive()
+      w:finish()
+    end)
+    assert.equal("session_expired", inner.kind)
+    assert.is_false(alive_after)
+    assert.equal("session_expired", err.kind)
+    assert.same({ "Started" }, events(m, "Provision"))
+  end)
+end)
