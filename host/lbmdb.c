@@ -12,8 +12,11 @@
 #include "lbmdb.h"
 
 #include <lauxlib.h>
+#include <libgen.h>
+#include <limits.h>
 #include <lualib.h>
 #include <math.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -27,6 +30,7 @@
 #include "session.h"
 #include "tx.h"
 #include "work.h"
+#include "worker.h"
 
 #define ERROR_MT "bmdb.error"
 #define SESSION_MT "bmdb.session"
@@ -605,20 +609,32 @@ static int l_log(lua_State *L) {
     const char *kv[64];
     size_t n = 0;
     if (lua_istable(L, 3)) {
-        /* Texts go into a scratch table first so they stay referenced
-         * while log_kvv reads them. */
+        /* fields is a flat list {k1, v1, k2, v2, ...} (order kept) or a
+         * map; either way the texts go into a scratch table so they stay
+         * referenced while log_kvv reads them. */
         lua_newtable(L);
         int texts = lua_gettop(L);
-        lua_pushnil(L);
-        while (n < 32 && lua_next(L, 3)) {
-            for (int i = 0; i < 2; i++) {
+        if (lua_objlen(L, 3) > 0) {
+            size_t len = lua_objlen(L, 3);
+            for (size_t i = 1; i <= len && n < 32 * 2; i++) {
                 lua_getglobal(L, "tostring");
-                lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
+                lua_rawgeti(L, 3, (int)i);
                 lua_call(L, 1, 1);
-                lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
+                lua_rawseti(L, texts, (int)++n);
             }
-            lua_pop(L, 1);
-            n++;
+            n /= 2;
+        } else {
+            lua_pushnil(L);
+            while (n < 32 && lua_next(L, 3)) {
+                for (int i = 0; i < 2; i++) {
+                    lua_getglobal(L, "tostring");
+                    lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
+                    lua_call(L, 1, 1);
+                    lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
+                }
+                lua_pop(L, 1);
+                n++;
+            }
         }
         for (size_t i = 0; i < 2 * n; i++) {
             lua_rawgeti(L, texts, (int)i + 1);
@@ -649,6 +665,34 @@ static int l_valid_process(lua_State *L) {
 static int l_pause_heartbeat(lua_State *L) {
     sessions_pause_heartbeat(lua_toboolean(L, 1));
     return 0;
+}
+
+static int l_idle_wait(lua_State *L) {
+    lua_pushboolean(L, worker_idle_wait(luaL_checkstring(L, 1), luaL_checknumber(L, 2)));
+    return 1;
+}
+
+static int l_wake_local(lua_State *L) {
+    worker_wake(luaL_optstring(L, 1, NULL));
+    return 0;
+}
+
+static int l_generation(lua_State *L) {
+    lua_pushnumber(L, workers_generation());
+    return 1;
+}
+
+static int l_notify_enabled(lua_State *L) {
+    lua_pushboolean(L, worker_notify_enabled());
+    return 1;
+}
+
+/* A seed for math.randomseed that differs between slots and hosts. */
+static int l_seed(lua_State *L) {
+    double t = mono_now();
+    lua_pushnumber(L, (double)(((unsigned long)(t * 1e9) ^ ((unsigned long)getpid() << 16) ^
+                                (unsigned long)(uintptr_t)L) % 2147483647UL));
+    return 1;
 }
 
 static int l_now(lua_State *L) {
@@ -723,6 +767,9 @@ static const luaL_Reg core_funcs[] = {
     {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
     {"error", l_error},         {"is_error", l_is_error},
     {"pause_heartbeat", l_pause_heartbeat},
+    {"idle_wait", l_idle_wait}, {"wake_local", l_wake_local},
+    {"generation", l_generation}, {"notify_enabled", l_notify_enabled},
+    {"seed", l_seed},
     {"now", l_now},             {NULL, NULL}};
 
 static const luaL_Reg session_methods[] = {
@@ -780,4 +827,120 @@ void lbmdb_openlibs(lua_State *L) {
         lua_setfield(L, -2, bmdb_lua_modules[i].name);
     }
     lua_pop(L, 2);
+}
+
+/* package.path: the script's own directory first, so its require()s find
+ * the modules beside it wherever the host was started. */
+static void set_script_path(lua_State *L, const char *script) {
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", script);
+    const char *dir = dirname(buf);
+    lua_getglobal(L, "package");
+    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
+    lua_getfield(L, -2, "path");
+    lua_concat(L, 2);
+    lua_setfield(L, -2, "path");
+    lua_pop(L, 1);
+}
+
+/* arg as lua.c builds it: arg[0] the script, arg[1..] what follows. */
+static void set_arg(lua_State *L, int argc, char **argv) {
+    lua_createtable(L, argc, 1);
+    for (int i = 0; i < argc; i++) {
+        lua_pushstring(L, argv[i]);
+        lua_rawseti(L, -2, i);
+    }
+    lua_setglobal(L, "arg");
+}
+
+lua_State *lbmdb_script_state(const char *path, int argc, char **argv, char *err, size_t errlen) {
+    lua_State *L = luaL_newstate();
+    if (!L) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    lbmdb_openlibs(L);
+    set_script_path(L, path);
+    set_arg(L, argc, argv);
+    lbmdb_register_state(L);
+    lua_pushcfunction(L, lbmdb_traceback);
+    int rc = luaL_loadfile(L, path);
+    if (rc == 0) {
+        for (int i = 1; i < argc; i++) lua_pushstring(L, argv[i]);
+        rc = lua_pcall(L, argc - 1, 1, 1);
+    }
+    if (rc != 0) {
+        const char *msg = lua_tostring(L, -1);
+        snprintf(err, errlen, "%s", msg ? msg : "(error object is not a string)");
+        lbmdb_close_state(L);
+        return NULL;
+    }
+    lua_remove(L, 1); /* the message handler; the script's result stays */
+    return L;
+}
+
+void lbmdb_close_state(lua_State *L) {
+    lbmdb_unregister_state(L);
+    lua_close(L);
+}
+
+/* Calls require("bmdb")[fname] with nargs arguments already on the stack,
+ * under the traceback handler. 0, or -1 with the message in err. */
+static int call_bmdb(lua_State *L, const char *fname, int nargs, int nresults, char *err, size_t errlen) {
+    int base = lua_gettop(L) - nargs;
+    lua_pushcfunction(L, lbmdb_traceback);
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "bmdb");
+    if (lua_pcall(L, 1, 1, 0) != 0) {
+        snprintf(err, errlen, "%s", lua_tostring(L, -1));
+        lua_settop(L, base);
+        return -1;
+    }
+    lua_getfield(L, -1, fname);
+    lua_remove(L, -2);
+    lua_insert(L, base + 1);        /* function below the arguments */
+    lua_insert(L, base + 1);        /* handler below the function */
+    if (lua_pcall(L, nargs, nresults, base + 1) != 0) {
+        const char *msg = lua_tostring(L, -1);
+        snprintf(err, errlen, "%s", msg ? msg : "(error object is not a string)");
+        lua_settop(L, base);
+        return -1;
+    }
+    lua_remove(L, base + 1);        /* the handler */
+    return 0;
+}
+
+int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen) {
+    lua_pushvalue(L, -1); /* the script's result */
+    if (call_bmdb(L, "_specs", 1, 1, err, errlen) < 0) return -1;
+    int n = 0;
+    if (lua_istable(L, -1)) {
+        for (n = 0; n < max; n++) {
+            lua_rawgeti(L, -1, n + 1);
+            if (lua_isnil(L, -1)) {
+                lua_pop(L, 1);
+                break;
+            }
+            lua_getfield(L, -1, "process");
+            snprintf(specs[n].process, sizeof specs[n].process, "%s", lua_tostring(L, -1));
+            lua_getfield(L, -2, "concurrency");
+            specs[n].concurrency = (int)lua_tonumber(L, -1);
+            lua_pop(L, 3);
+        }
+    }
+    lua_pop(L, 1);
+    return n;
+}
+
+int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen) {
+    lua_pushvalue(L, -1); /* the script's result */
+    lua_pushstring(L, process);
+    lua_pushinteger(L, index);
+    lua_pushnumber(L, generation);
+    if (call_bmdb(L, "_serve", 4, 1, err, errlen) < 0) return SERVE_ERROR;
+    const char *r = lua_tostring(L, -1);
+    int out = !r ? SERVE_ERROR : !strcmp(r, "reload") ? SERVE_RELOAD : !strcmp(r, "removed") ? SERVE_REMOVED : SERVE_STOP;
+    if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb._serve returned %s", r ? r : "nothing");
+    lua_pop(L, 1);
+    return out;
 }

@@ -34,6 +34,23 @@ void lbmdb_interrupt_all(void);
 /* Standard libraries, bmdb.core, and the embedded modules as preloads. */
 void lbmdb_openlibs(lua_State *L);
 
+/* A state for a script: libraries, arg, package.path with the script's
+ * directory, registered for interruption; the script has run, and its
+ * first result is on top of the stack. NULL with err (message and
+ * traceback) when loading or running failed. */
+lua_State *lbmdb_script_state(const char *path, int argc, char **argv, char *err, size_t errlen);
+void lbmdb_close_state(lua_State *L);
+
+/* The worker definitions a script returned (result on top of L): fills
+ * specs and returns their count, 0 for a one-off, -1 with err when the
+ * definitions are invalid. */
+#include "worker.h"
+int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen);
+
+/* Runs one slot's loop (bmdb._serve) until it must stop or reload. */
+enum { SERVE_STOP, SERVE_RELOAD, SERVE_REMOVED, SERVE_ERROR };
+int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen);
+
 /* Error objects: pushes a bmdb error (with tostring) for a tx_error. */
 struct tx_error;
 void lbmdb_push_error(lua_State *L, const struct tx_error *e);

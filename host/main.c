@@ -33,6 +33,7 @@
 #include "pool.h"
 #include "report.h"
 #include "session.h"
+#include "worker.h"
 
 #define EXIT_FAILED 1 /* the script or the database failed at run time */
 #define EXIT_USAGE 2  /* the command line or the script is invalid */
@@ -243,66 +244,42 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
 
 /* ---- running a script ------------------------------------------------------ */
 
+#define MAX_WORKERS 64
+
 struct script_run {
     const char *path;
     int argc;
     char **argv;       /* argv[0] is the script */
-    int status;        /* 0 ok, else EXIT_FAILED */
-    int done_fd;       /* written when the script returns */
+    int status;        /* 0 ok, else an exit code */
+    worker_spec specs[MAX_WORKERS];
+    int nspecs;        /* > 0: a worker script */
+    int done_fd;       /* written when the script's top level is done */
 };
 
-/* package.path: the script's own directory first, so its require()s find
- * the modules beside it wherever the host was started. */
-static void set_script_path(lua_State *L, const char *script) {
-    char buf[PATH_MAX];
-    snprintf(buf, sizeof buf, "%s", script);
-    const char *dir = dirname(buf);
-    lua_getglobal(L, "package");
-    lua_pushfstring(L, "%s/?.lua;%s/?/init.lua;", dir, dir);
-    lua_getfield(L, -2, "path");
-    lua_concat(L, 2);
-    lua_setfield(L, -2, "path");
-    lua_pop(L, 1);
-}
-
-/* arg as lua.c builds it: arg[0] the script, arg[1..] what follows. */
-static void set_arg(lua_State *L, int argc, char **argv) {
-    lua_createtable(L, argc, 1);
-    for (int i = 0; i < argc; i++) {
-        lua_pushstring(L, argv[i]);
-        lua_rawseti(L, -2, i);
-    }
-    lua_setglobal(L, "arg");
-}
-
+/* Runs the script's top level. A one-off does its work right here; a
+ * worker script only returns definitions, which the slots then serve. */
 static void *script_thread(void *arg) {
     struct script_run *r = arg;
-    lua_State *L = luaL_newstate();
-    lbmdb_openlibs(L);
-    set_script_path(L, r->path);
-    set_arg(L, r->argc, r->argv);
-    lbmdb_register_state(L);
-    lua_pushcfunction(L, lbmdb_traceback);
-    int base = lua_gettop(L);
-    int rc = luaL_loadfile(L, r->path);
-    if (rc == 0) {
-        for (int i = 1; i < r->argc; i++) lua_pushstring(L, r->argv[i]);
-        rc = lua_pcall(L, r->argc - 1, 0, base);
-    }
-    r->status = 0;
-    if (rc != 0) {
-        const char *msg = lua_tostring(L, -1);
+    char err[8192];
+    lua_State *L = lbmdb_script_state(r->path, r->argc, r->argv, err, sizeof err);
+    if (!L) {
         if (lifecycle_state() >= HOST_CANCELLING) {
             log_kv(LOG_INFO, "script stopped by signal", "script", r->path, NULL);
         } else {
-            die(EXIT_FAILED, "%s", msg ? msg : "(error object is not a string)");
+            die(EXIT_FAILED, "%s", err);
             r->status = EXIT_FAILED;
         }
+    } else {
+        r->nspecs = lbmdb_worker_specs(L, r->specs, MAX_WORKERS, err, sizeof err);
+        if (r->nspecs < 0) {
+            die(EXIT_USAGE, "%s", err);
+            r->status = EXIT_USAGE;
+            r->nspecs = 0;
+        }
+        lbmdb_close_state(L);
     }
-    lbmdb_unregister_state(L);
-    lua_close(L);
     char one = 1;
-    if (write(r->done_fd, &one, 1) < 0) { /* main will time out instead */ }
+    if (write(r->done_fd, &one, 1) < 0) { /* main times out instead */ }
     return NULL;
 }
 
@@ -319,6 +296,53 @@ static int wait_for(int sigfd, int donefd, double timeout_s) {
         struct signalfd_siginfo si;
         if (read(sigfd, &si, sizeof si) == sizeof si) return (int)si.ssi_signo;
     }
+}
+
+/* Runs the slots until a signal drains them. First SIGTERM/SIGINT: no new
+ * claims, items in flight get --grace seconds. Second signal, or grace
+ * over: cancel what is left (the session end records it Canceled). */
+static int serve_workers(const struct options *o, struct database *db, struct script_run *run, int sigfd) {
+    int slots = 0;
+    for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
+    pool_grow(db->pool, slots + 4); /* + heartbeat, listener, slack */
+    workers_start(db->pool, run->path, run->argc, run->argv, run->specs, run->nspecs);
+    char n[16];
+    snprintf(n, sizeof n, "%d", slots);
+    log_kv(LOG_INFO, "workers started", "slots", n, NULL);
+
+    double grace_end = 0;
+    int status = 0;
+    while (workers_live() > 0) {
+        int sig = wait_for(sigfd, -1, 0.2);
+        host_state st = lifecycle_state();
+        if (sig == SIGHUP) {
+            log_kv(LOG_INFO, "SIGHUP: reload is not available yet", NULL);
+        } else if (sig > 0 && st == HOST_RUNNING) {
+            log_kv(LOG_INFO, "draining: no new claims", "signal", strsignal(sig), NULL);
+            lifecycle_advance(HOST_DRAINING);
+            worker_wake_everyone();
+            grace_end = mono_now() + o->grace;
+        } else if ((sig > 0 && st == HOST_DRAINING) || (st == HOST_DRAINING && mono_now() >= grace_end)) {
+            log_kv(LOG_INFO, sig > 0 ? "second signal: cancelling items in flight"
+                                     : "grace period over: cancelling items in flight", NULL);
+            lifecycle_advance(HOST_CANCELLING);
+            worker_wake_everyone();
+            lbmdb_interrupt_all();
+            if (workers_wait(10) > 0) {
+                log_kv(LOG_WARN, "slots did not stop within 10 s; exiting without them", NULL);
+                db->pool = NULL; /* still in their hands: leave it to exit() */
+                return status;
+            }
+        }
+    }
+    if (lifecycle_state() == HOST_RUNNING) {
+        log_kv(LOG_ERROR, "every slot stopped; exiting", NULL);
+        status = EXIT_FAILED;
+    }
+    lifecycle_advance(HOST_DRAINING); /* stops the listener */
+    workers_stop();
+    log_kv(LOG_INFO, "workers stopped", NULL);
+    return status;
 }
 
 static int check_script_file(const char *path) {
@@ -369,7 +393,7 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
     pthread_t th;
     pthread_create(&th, NULL, script_thread, &run);
 
-    int finished = 0;
+    int finished = 0, status = 0;
     for (;;) {
         int sig = wait_for(sigfd, pipefd[0], -1);
         if (sig == 0) {
@@ -377,24 +401,32 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
             break;
         }
         if (sig == SIGHUP) {
-            log_kv(LOG_INFO, "SIGHUP ignored: a one-off script has nothing to reload", NULL);
+            log_kv(LOG_INFO, "SIGHUP ignored while the script's top level runs", NULL);
             continue;
         }
-        /* SIGTERM / SIGINT: a one-off has no items to drain; cancel now. */
+        /* SIGTERM / SIGINT during the top level: nothing to drain. */
         log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
         lifecycle_advance(HOST_CANCELLING);
         lbmdb_interrupt_all();
         finished = wait_for(-1, pipefd[0], 10) == 0;
         break;
     }
-    if (finished) pthread_join(th, NULL);
-    else log_kv(LOG_WARN, "script did not stop within 10 s; ending the session anyway", NULL);
+    if (finished) {
+        pthread_join(th, NULL);
+        status = run.status;
+        if (run.nspecs > 0 && lifecycle_state() == HOST_RUNNING)
+            status = serve_workers(o, &db, &run, sigfd);
+    } else {
+        log_kv(LOG_WARN, "script did not stop within 10 s; ending the session anyway", NULL);
+    }
 
     sessions_stop();
     lbmdb_set_pool(NULL);
     if (finished) database_close(&db);
     else if (db.emb) embedded_close(db.emb); /* the pool may still be in use: leave it */
-    return finished ? run.status : 0;
+    close(pipefd[0]);
+    close(pipefd[1]);
+    return status;
 }
 
 int main(int argc, char **argv) {

@@ -38,6 +38,19 @@ pool *pool_create(const char *conninfo, int max_conns) {
     return p;
 }
 
+void pool_grow(pool *p, int max_conns) {
+    pthread_mutex_lock(&p->lock);
+    if (max_conns > p->max) {
+        PGconn **idle = realloc(p->idle, (size_t)max_conns * sizeof *idle);
+        if (idle) {
+            p->idle = idle;
+            p->max = max_conns;
+            pthread_cond_broadcast(&p->returned);
+        }
+    }
+    pthread_mutex_unlock(&p->lock);
+}
+
 void pool_destroy(pool *p) {
     if (!p) return;
     for (int i = 0; i < p->nidle; i++) PQfinish(p->idle[i]);

@@ -14,6 +14,9 @@ typedef struct pool pool;
 /* conninfo is a libpq keyword string or URI; it is kept but never logged. */
 pool *pool_create(const char *conninfo, int max_conns);
 void pool_destroy(pool *p);
+/* Raises the maximum (never lowers it): a worker script needs a connection
+ * per slot on top of the host's own. */
+void pool_grow(pool *p, int max_conns);
 
 /* Borrow a connection. On failure returns NULL and writes a one-line
  * reason into err naming the server (never the password). */

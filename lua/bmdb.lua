@@ -77,15 +77,38 @@ local function check_undecided(w, what)
   end
 end
 
+-- One line per work event, fields in a fixed order.
+local function log_event(w, event, extra)
+  local kv = { "session", w.session, "machine", w.machine, "process", w.process, "attempt", w.attempt }
+  if event ~= "started" then
+    kv[#kv + 1] = "duration"
+    kv[#kv + 1] = string.format("%.3fs", core.now() - w._started)
+  end
+  for _, pair in ipairs(extra or {}) do
+    kv[#kv + 1], kv[#kv + 2] = pair[1], pair[2]
+  end
+  core.log(event == "failed" and "warn" or "info", "work " .. event, kv)
+end
+
 local function release(w, event, cause, spec, commit_fn)
-  return transact_on(w._session, function(tx)
-    local seconds = 0
+  local seconds = 0
+  local results = { transact_on(w._session, function(tx)
     if event == "Failed" then
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
     core.release(tx, w.machine, w.process, event, cause, seconds)
+    -- The release may make machines eligible for other processes: wake
+    -- idle slots everywhere (sent at commit, one slot per process).
+    if core.notify_enabled() then tx:exec("SELECT pg_notify('bmdb_wake', '')") end
     if commit_fn then return commit_fn(tx) end
-  end)
+  end) }
+  local extra = { { "result", event:lower() } }
+  if event == "Failed" then
+    extra[2] = { "backoff", seconds .. "s" }
+    extra[3] = { "cause", (cause or ""):match("^[^\n]*") }
+  end
+  log_event(w, event:lower(), extra)
+  return unpack(results, 1, table.maxn(results))
 end
 
 -- Releases the lock, clears backoff and records Finished; commit_fn(tx)
@@ -161,10 +184,16 @@ function bmdb.lock(machine, process, opts)
     e.until_ = detail
     error(e, 3)
   end
-  return setmetatable({
-    machine = machine, process = process, session = sess:id(), attempt = detail,
-    _session = sess, _backoff = opts and opts.backoff, _decided = false,
+  return bmdb._new_work(sess, machine, process, detail, opts and opts.backoff)
+end
+
+function bmdb._new_work(sess, machine, process, attempt, backoff)
+  local w = setmetatable({
+    machine = machine, process = process, session = sess:id(), attempt = attempt,
+    _session = sess, _backoff = backoff, _decided = false, _started = core.now(),
   }, Work)
+  log_event(w, "started")
+  return w
 end
 
 -- Runs body(w) on a claimed item and settles it: return = finish (unless
@@ -211,7 +240,16 @@ end
 bmdb.log = {}
 for _, level in ipairs { "debug", "info", "warn", "error" } do
   bmdb.log[level] = function(msg, fields)
-    core.log(level, tostring(msg), fields)
+    local kv = {}
+    if type(fields) == "table" then
+      local keys = {}
+      for k in pairs(fields) do keys[#keys + 1] = tostring(k) end
+      table.sort(keys)
+      for _, k in ipairs(keys) do
+        kv[#kv + 1], kv[#kv + 2] = k, fields[k]
+      end
+    end
+    core.log(level, tostring(msg), kv)
   end
 end
 
@@ -222,6 +260,160 @@ function bmdb.wake(process)
     error("bmdb.wake: invalid process name " .. string.format("%q", tostring(process)), 2)
   end
   bmdb.transact(function(tx) tx:exec("SELECT pg_notify('bmdb_wake', $1)", process) end)
+end
+
+-- ------------------------------------------------------------------ workers
+
+local Worker = {}
+Worker.__index = Worker
+
+local function check_backoff(spec, where)
+  if spec == nil or type(spec) == "number" then return end
+  if type(spec) ~= "table" then
+    error(where .. "backoff must be a table {initial=, maximum=, exponent=}, got " .. type(spec), 0)
+  end
+  for k, v in pairs(spec) do
+    if k ~= "initial" and k ~= "maximum" and k ~= "exponent" then
+      error(where .. "unknown backoff field '" .. tostring(k) .. "'", 0)
+    end
+    if type(v) ~= "number" then
+      error(where .. "backoff." .. k .. " must be a number, got " .. type(v), 0)
+    end
+  end
+end
+
+local known_fields = { process = true, concurrency = true, backoff = true, select = true, run = true,
+                       poll = true, batch = true }
+
+-- Validates a definition; returns the problems found (empty when valid).
+function bmdb._problems(def)
+  local problems = {}
+  local function bad(msg) problems[#problems + 1] = msg end
+  if type(def) ~= "table" then
+    bad("a worker definition must be a table, got " .. type(def))
+    return problems
+  end
+  local name = type(def.process) == "string" and def.process or "?"
+  local where = "worker " .. name .. ": "
+  if not core.valid_process(def.process) then
+    bad("worker: process must be a name of letters, digits and _ starting with a letter (at most 63), got " ..
+        string.format("%q", tostring(def.process)))
+  end
+  local c = def.concurrency
+  if c ~= nil and (type(c) ~= "number" or c < 1 or c ~= math.floor(c) or c > 256) then
+    bad(where .. "concurrency must be a whole number from 1 to 256, got " .. tostring(c))
+  end
+  if type(def.select) ~= "function" then bad(where .. "select must be a function(tx, limit), got " .. type(def.select)) end
+  if type(def.run) ~= "function" then bad(where .. "run must be a function(w), got " .. type(def.run)) end
+  if def.poll ~= nil and (type(def.poll) ~= "number" or def.poll <= 0) then
+    bad(where .. "poll must be a number of seconds above 0, got " .. tostring(def.poll))
+  end
+  if def.batch ~= nil and (type(def.batch) ~= "number" or def.batch < 1) then
+    bad(where .. "batch must be a number of candidates of at least 1, got " .. tostring(def.batch))
+  end
+  local ok, err = pcall(check_backoff, def.backoff, where)
+  if not ok then bad(err) end
+  for k in pairs(def) do
+    if not known_fields[k] then bad(where .. "unknown field '" .. tostring(k) .. "'") end
+  end
+  return problems
+end
+
+-- bmdb.worker{process=, concurrency=, backoff=, select=, run=, poll=, batch=}
+function bmdb.worker(def)
+  local problems = bmdb._problems(def)
+  if #problems > 0 then error(table.concat(problems, "; "), 2) end
+  local w = {}
+  for k, v in pairs(def) do w[k] = v end
+  w.concurrency = w.concurrency or 1
+  w.poll = w.poll or 1
+  w.batch = w.batch or 16
+  return setmetatable(w, Worker)
+end
+
+-- The workers a script returned: a list of bmdb.worker definitions (or one
+-- alone). nil for a one-off; raises naming every problem found.
+function bmdb._workers(result)
+  if result == nil then return nil end
+  if getmetatable(result) == Worker then result = { result } end
+  if type(result) ~= "table" then return nil end
+  local list, problems, seen = {}, {}, {}
+  for i, def in ipairs(result) do
+    if getmetatable(def) ~= Worker then
+      problems[#problems + 1] = "returned value #" .. i .. " is not a bmdb.worker{...} definition"
+    elseif seen[def.process] then
+      problems[#problems + 1] = "two workers have process " .. def.process
+    else
+      seen[def.process] = true
+      list[#list + 1] = def
+    end
+  end
+  if #problems > 0 then error(table.concat(problems, "; "), 0) end
+  if #list == 0 then return nil end
+  return list
+end
+
+function bmdb._specs(result)
+  local list = bmdb._workers(result)
+  if not list then return nil end
+  local specs = {}
+  for i, def in ipairs(list) do specs[i] = { process = def.process, concurrency = def.concurrency } end
+  return specs
+end
+
+local function shuffle(t)
+  for i = #t, 2, -1 do
+    local j = math.random(i)
+    t[i], t[j] = t[j], t[i]
+  end
+end
+
+-- Selects candidates and locks one, in one transaction. Candidates are
+-- tried in random order so slots that read the same candidates spread
+-- over them instead of colliding on the first.
+local function claim(def)
+  local sess = core.session(1)
+  local machine, attempt = transact_on(sess, function(tx)
+    local rows = def.select(tx, def.batch)
+    if type(rows) ~= "table" then
+      error("worker " .. def.process .. ": select must return a list of rows, got " .. type(rows), 0)
+    end
+    local ids = {}
+    for i, r in ipairs(rows) do ids[i] = type(r) == "table" and r.machine_id or r end
+    shuffle(ids)
+    for _, id in ipairs(ids) do
+      local status, a = core.lock(tx, id, def.process)
+      if status == "locked" then return id, a end
+    end
+  end)
+  if machine then return bmdb._new_work(sess, machine, def.process, attempt, def.backoff) end
+end
+
+-- One slot's loop: claim, run, decide, until the host drains ("stop"), the
+-- code changes ("reload") or this slot's worker is gone ("removed").
+function bmdb._serve(result, process, index, generation)
+  local def
+  for _, d in ipairs(bmdb._workers(result) or {}) do
+    if d.process == process then def = d end
+  end
+  if not def or index > def.concurrency then return "removed" end
+  math.randomseed(core.seed())
+  while true do
+    if core.state() ~= "running" then return "stop" end
+    if core.generation() ~= generation then return "reload" end
+    local ok, w = pcall(claim, def)
+    if not ok then
+      if core.state() == "running" then
+        core.log("warn", "claim failed", { process = def.process, error = tostring(w) })
+      end
+      core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
+    elseif w then
+      core.wake_local(def.process) -- there may be more: pass the baton
+      pcall(bmdb.run, w, def.run)  -- the decision is recorded and logged
+    else
+      core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
+    end
+  end
 end
 
 return bmdb

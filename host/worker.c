@@ -1,0 +1,303 @@
+/* worker.c -- the worker loop's threads: slots, idle waits, the listener.
+ *
+ * Each slot thread owns one lua_State and loops in Lua (bmdb._serve) until
+ * the host drains, the code is reloaded (it then loads the new code into a
+ * fresh state and carries on), or its worker is gone. A slot only leaves
+ * the Lua loop at an item boundary, so an item in flight always finishes
+ * on the code that started it.
+ *
+ * Idle slots wait per process. A wake-up is a token handed to ONE waiter;
+ * a slot that then claims something passes a token on (bmdb._serve calls
+ * worker_wake), so a burst of new machines ramps every slot up while a
+ * single NOTIFY costs a single query. A token left when nobody waits is
+ * kept (one), closing the race between "found nothing" and going to sleep. */
+#include "worker.h"
+
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <lua.h>
+
+#include "lbmdb.h"
+#include "lifecycle.h"
+#include "log.h"
+
+/* ---- idle waits ---------------------------------------------------------- */
+
+typedef struct idle_queue {
+    char process[64];
+    int waiting, tokens;
+    pthread_cond_t cv;
+    struct idle_queue *next;
+} idle_queue;
+
+static pthread_mutex_t idle_mu = PTHREAD_MUTEX_INITIALIZER;
+static idle_queue *queues;
+static unsigned everyone_gen; /* bumped by worker_wake_everyone */
+
+static idle_queue *queue_for(const char *process) {
+    for (idle_queue *q = queues; q; q = q->next)
+        if (!strcmp(q->process, process)) return q;
+    idle_queue *q = calloc(1, sizeof *q);
+    snprintf(q->process, sizeof q->process, "%s", process);
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&q->cv, &a);
+    pthread_condattr_destroy(&a);
+    q->next = queues;
+    queues = q;
+    return q;
+}
+
+int worker_idle_wait(const char *process, double seconds) {
+    struct timespec until;
+    clock_gettime(CLOCK_MONOTONIC, &until);
+    double end = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + (seconds > 0 ? seconds : 0);
+    until.tv_sec = (time_t)end;
+    until.tv_nsec = (long)((end - (double)until.tv_sec) * 1e9);
+    pthread_mutex_lock(&idle_mu);
+    idle_queue *q = queue_for(process);
+    unsigned gen = everyone_gen;
+    int woken = 0;
+    q->waiting++;
+    while (!q->tokens && gen == everyone_gen && lifecycle_state() == HOST_RUNNING)
+        if (pthread_cond_timedwait(&q->cv, &idle_mu, &until) == ETIMEDOUT) break;
+    if (q->tokens) {
+        q->tokens--;
+        woken = 1;
+    }
+    q->waiting--;
+    pthread_mutex_unlock(&idle_mu);
+    return woken;
+}
+
+static void wake_one(idle_queue *q) {
+    /* At most one token per waiter, and one in reserve for a slot that is
+     * about to wait. */
+    if (q->tokens < (q->waiting > 0 ? q->waiting : 1)) q->tokens++;
+    pthread_cond_signal(&q->cv);
+}
+
+void worker_wake(const char *process) {
+    pthread_mutex_lock(&idle_mu);
+    if (!process || !*process)
+        for (idle_queue *q = queues; q; q = q->next) wake_one(q);
+    else
+        wake_one(queue_for(process));
+    pthread_mutex_unlock(&idle_mu);
+}
+
+void worker_wake_everyone(void) {
+    pthread_mutex_lock(&idle_mu);
+    everyone_gen++;
+    for (idle_queue *q = queues; q; q = q->next) pthread_cond_broadcast(&q->cv);
+    pthread_mutex_unlock(&idle_mu);
+}
+
+/* ---- generations ----------------------------------------------------------- */
+
+static unsigned generation = 1;
+
+unsigned workers_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
+
+void workers_bump_generation(void) {
+    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    worker_wake_everyone(); /* idle slots are at a boundary: switch now */
+}
+
+/* ---- slots ------------------------------------------------------------------- */
+
+typedef struct slot {
+    char process[64];
+    int index; /* 1-based within its worker */
+    int ended; /* under slots_mu */
+    pthread_t thread;
+    struct slot *next;
+} slot;
+
+static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t slots_changed = PTHREAD_COND_INITIALIZER;
+static slot *slots;
+static int live;
+static const char *script_path;
+static int script_argc;
+static char **script_argv;
+
+static void *slot_main(void *arg) {
+    slot *s = arg;
+    char err[4096];
+    unsigned gen = workers_generation();
+    lua_State *L = lbmdb_script_state(script_path, script_argc, script_argv, err, sizeof err);
+    if (!L) log_kv(LOG_ERROR, "slot cannot load the script", "process", s->process, "error", err, NULL);
+    while (L) {
+        int r = lbmdb_serve(L, s->process, s->index, gen, err, sizeof err);
+        if (r == SERVE_ERROR) {
+            log_kv(LOG_ERROR, "slot stopped by an error", "process", s->process, "error", err, NULL);
+            /* do not spin on a persistent error; a reload may fix it */
+            lifecycle_wait(1.0, HOST_DRAINING, NULL);
+            if (lifecycle_state() != HOST_RUNNING) break;
+            continue;
+        }
+        if (r != SERVE_RELOAD) break;
+        /* Load the new code into a fresh state first: if that fails (an
+         * edit broke it after the host validated it), keep the old one. */
+        unsigned next = workers_generation();
+        lua_State *fresh = lbmdb_script_state(script_path, script_argc, script_argv, err, sizeof err);
+        if (!fresh) {
+            log_kv(LOG_ERROR, "reload failed in a slot; it keeps the old code", "process", s->process,
+                   "error", err, NULL);
+        } else {
+            lbmdb_close_state(L);
+            L = fresh;
+        }
+        gen = next;
+    }
+    if (L) lbmdb_close_state(L);
+    pthread_mutex_lock(&slots_mu);
+    s->ended = 1;
+    live--;
+    pthread_cond_broadcast(&slots_changed);
+    pthread_mutex_unlock(&slots_mu);
+    return NULL;
+}
+
+/* ---- the listener ------------------------------------------------------------ */
+
+static pool *the_pool;
+static pthread_t listener;
+static int listener_started, notify_enabled;
+
+int worker_notify_enabled(void) { return __atomic_load_n(&notify_enabled, __ATOMIC_ACQUIRE); }
+
+static PGconn *listen_conn(void) {
+    char err[512];
+    PGconn *c = pool_get(the_pool, err, sizeof err);
+    if (!c) return NULL;
+    PGresult *r = PQexec(c, "LISTEN bmdb_wake");
+    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    if (!ok && state && !strcmp(state, "0A000")) {
+        /* CockroachDB: no LISTEN. Slots poll; nothing else changes. */
+        log_kv(LOG_INFO, "server has no LISTEN; idle slots poll", NULL);
+        PQclear(r);
+        pool_put(the_pool, c);
+        return (PGconn *)-1;
+    }
+    PQclear(r);
+    if (!ok) {
+        pool_put(the_pool, c);
+        return NULL;
+    }
+    __atomic_store_n(&notify_enabled, 1, __ATOMIC_RELEASE);
+    worker_wake(NULL); /* we may have missed notifications while away */
+    return c;
+}
+
+static void *listener_main(void *arg) {
+    (void)arg;
+    PGconn *c = NULL;
+    while (lifecycle_state() == HOST_RUNNING) {
+        if (!c) {
+            c = listen_conn();
+            if (c == (PGconn *)-1) return NULL;
+            if (!c) {
+                lifecycle_wait(1.0, HOST_DRAINING, NULL);
+                continue;
+            }
+        }
+        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
+        int n = poll(&pfd, 1, 250); /* short: notices shutdown promptly */
+        if (n > 0 && !PQconsumeInput(c)) {
+            log_kv(LOG_WARN, "listener connection lost; reconnecting", NULL);
+            pool_put(the_pool, c); /* broken: the pool closes it */
+            c = NULL;
+            continue;
+        }
+        PGnotify *note;
+        while ((note = PQnotifies(c))) {
+            worker_wake(note->extra);
+            PQfreemem(note);
+        }
+    }
+    if (c) {
+        PQclear(PQexec(c, "UNLISTEN *"));
+        pool_put(the_pool, c);
+    }
+    return NULL;
+}
+
+/* ---- the supervisor ----------------------------------------------------------- */
+
+int workers_start(pool *p, const char *script, int argc, char **argv, const worker_spec *specs, int nspecs) {
+    the_pool = p;
+    script_path = script;
+    script_argc = argc;
+    script_argv = argv;
+    if (!listener_started && pthread_create(&listener, NULL, listener_main, NULL) == 0) listener_started = 1;
+    pthread_mutex_lock(&slots_mu);
+    for (int i = 0; i < nspecs; i++) {
+        /* Slots above a lowered concurrency end themselves (bmdb._serve
+         * returns "removed"); only missing ones are started here. Records
+         * of ended slots stay until workers_stop() joins them. */
+        for (int idx = 1; idx <= specs[i].concurrency; idx++) {
+            int running = 0;
+            for (slot *s = slots; s; s = s->next)
+                if (!strcmp(s->process, specs[i].process) && s->index == idx && !s->ended) running = 1;
+            if (running) continue;
+            slot *s = calloc(1, sizeof *s);
+            snprintf(s->process, sizeof s->process, "%s", specs[i].process);
+            s->index = idx;
+            if (pthread_create(&s->thread, NULL, slot_main, s) != 0) {
+                free(s);
+                continue;
+            }
+            s->next = slots;
+            slots = s;
+            live++;
+        }
+    }
+    pthread_mutex_unlock(&slots_mu);
+    return 0;
+}
+
+int workers_live(void) {
+    pthread_mutex_lock(&slots_mu);
+    int n = live;
+    pthread_mutex_unlock(&slots_mu);
+    return n;
+}
+
+int workers_wait(double seconds) {
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    double end = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + seconds;
+    until.tv_sec = (time_t)end;
+    until.tv_nsec = (long)((end - (double)until.tv_sec) * 1e9);
+    pthread_mutex_lock(&slots_mu);
+    while (live > 0)
+        if (pthread_cond_timedwait(&slots_changed, &slots_mu, &until) == ETIMEDOUT) break;
+    int n = live;
+    pthread_mutex_unlock(&slots_mu);
+    return n;
+}
+
+void workers_stop(void) {
+    if (listener_started) pthread_join(listener, NULL);
+    listener_started = 0;
+    pthread_mutex_lock(&slots_mu);
+    slot *s = slots;
+    slots = NULL;
+    pthread_mutex_unlock(&slots_mu);
+    while (s) {
+        slot *next = s->next;
+        pthread_join(s->thread, NULL);
+        free(s);
+        s = next;
+    }
+}

@@ -1,0 +1,46 @@
+/* worker.h -- the worker loop: slot threads, idle waits, the listener.
+ *
+ * A worker script returns bmdb.worker definitions; each gets `concurrency`
+ * slots. A slot is a thread with its own lua_State running the script; the
+ * loop itself (claim, run, decide) is Lua, in bmdb._serve. This module owns
+ * the threads and the waits between items: an idle slot sleeps until its
+ * poll interval passes or a wake-up for its process arrives, and a wake-up
+ * releases ONE idle slot, which passes it on only if it found work, so one
+ * NOTIFY never stampedes every slot into the same query. */
+#ifndef BMDB_WORKER_H
+#define BMDB_WORKER_H
+
+#include "pool.h"
+
+typedef struct worker_spec {
+    char process[64];
+    int concurrency;
+} worker_spec;
+
+/* Starts the slots for the script's workers (and, once, the listener).
+ * Called again after a reload with the new list: slots are added where
+ * concurrency grew; surplus slots end themselves at their next boundary. */
+int workers_start(pool *p, const char *script, int argc, char **argv, const worker_spec *specs,
+                  int nspecs);
+/* Slots still running. */
+int workers_live(void);
+/* Waits up to seconds for every slot to end; 0 when they all did. */
+int workers_wait(double seconds);
+/* Ends the listener and joins every slot thread (after workers_wait). */
+void workers_stop(void);
+
+/* The code generation: bumped by a successful reload; slots compare it at
+ * every item boundary. */
+unsigned workers_generation(void);
+void workers_bump_generation(void);
+
+/* Idle slots: sleep up to seconds; 1 when woken for work, 0 otherwise. */
+int worker_idle_wait(const char *process, double seconds);
+/* One idle slot of process (every process if NULL or "") gets a wake-up. */
+void worker_wake(const char *process);
+/* Every idle slot wakes (shutdown, reload). */
+void worker_wake_everyone(void);
+/* True once the listener has LISTEN running: release may NOTIFY. */
+int worker_notify_enabled(void);
+
+#endif

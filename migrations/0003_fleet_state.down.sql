@@ -1,0 +1,2 @@
+DROP TABLE machine_failures;
+DROP TABLE machine_provided;
