@@ -411,6 +411,7 @@ function bmdb._serve(result, process, index, generation)
       core.wake_local(def.process) -- there may be more: pass the baton
       pcall(bmdb.run, w, def.run)  -- the decision is recorded and logged
     else
+      core.log("debug", "slot idle", { "process", def.process, "slot", index })
       core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
     end
   end

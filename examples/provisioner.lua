@@ -1,0 +1,33 @@
+-- provisioner.lua: takes new machines through the provider.
+--   bmdb-host examples/provisioner.lua
+-- A machine is a candidate while it has no machine_provided row and no
+-- live work or backoff for Provision. Run as many copies as you like: the
+-- work rows keep any machine from being provisioned twice.
+local bmdb = require "bmdb"
+local provider = require "provider"
+
+return {
+  bmdb.worker {
+    process = "Provision",
+    concurrency = 4,
+    backoff = { initial = 5, maximum = 300, exponent = 2 },
+    select = function(tx, limit)
+      return tx:query([[
+        SELECT m.machine_id FROM machines m
+        WHERE NOT EXISTS (SELECT 1 FROM machine_provided p WHERE p.machine_id = m.machine_id)
+          AND NOT EXISTS (SELECT 1 FROM work_blocked b
+                          WHERE b.machine_id = m.machine_id AND b.process = 'Provision')
+        ORDER BY m.created_at
+        LIMIT $1]], limit)
+    end,
+    run = function(w)
+      -- Outside any transaction: the provider call may take minutes.
+      local id = provider.call("create", w.machine)
+      w:finish(function(tx)
+        tx:exec("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', $2)",
+                w.machine, id)
+      end)
+      bmdb.log.info("provisioned", { machine = w.machine, provider_id = id })
+    end,
+  },
+}

@@ -1,0 +1,216 @@
+-- Worker scripts: several hosts, several slots, one database.
+local H = require "support.helpers"
+local core = require "bmdb.core"
+
+describe("workers", function()
+  local dsn, admin, dir
+
+  local function count(sql, ...)
+    return admin:one("SELECT count(*) AS n FROM (" .. sql .. ") q", ...).n
+  end
+
+  local function start_host(script, args, extra_env)
+    local argv = { H.bin, "--interval", "2", "--component", "worker_spec" }
+    for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+    argv[#argv + 1] = script
+    local env = { BMDB_DSN = dsn }
+    for k, v in pairs(extra_env or {}) do env[k] = v end
+    return H.spawn { argv = argv, env = env }
+  end
+
+  local function machines(n)
+    local ids = {}
+    for i = 1, n do ids[i] = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id end
+    return ids
+  end
+
+  local function events(m)
+    local out = {}
+    for _, r in ipairs(admin:query("SELECT event FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id", m)) do
+      out[#out + 1] = r.event
+    end
+    return out
+  end
+
+  setup(function()
+    dsn = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
+    admin = core.connect(dsn)
+    dir = H.tmpdir("worker")
+    admin:exec([[CREATE TABLE passes (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)]])
+    admin:exec("CREATE TABLE wanted (machine_id UUID PRIMARY KEY REFERENCES machines)")
+    admin:exec([[CREATE TABLE intervals (machine_id UUID NOT NULL, host TEXT NOT NULL,
+                 started_at TIMESTAMPTZ NOT NULL, ended_at TIMESTAMPTZ NOT NULL)]])
+  end)
+
+  teardown(function() admin:close() end)
+
+  it("never overlaps two holders of a machine and processes each eligible machine once per pass", function()
+    H.write_file(dir .. "/passes.lua", [[
+      local bmdb = require "bmdb"
+      return {
+        bmdb.worker {
+          process = "Pass", concurrency = 3, poll = 0.2,
+          select = function(tx, limit)
+            return tx:query([=[SELECT p.machine_id FROM passes p
+              WHERE p.n < 3 AND NOT EXISTS (SELECT 1 FROM work_blocked b
+                WHERE b.machine_id = p.machine_id AND b.process = 'Pass') LIMIT $1]=], limit)
+          end,
+          run = function(w)
+            local started = bmdb.transact(function(tx) return tx:one("SELECT clock_timestamp()::TEXT AS t").t end)
+            bmdb.sleep(math.random() * 0.05)
+            w:finish(function(tx)
+              tx:exec("INSERT INTO intervals VALUES ($1, $2, $3, clock_timestamp())", w.machine, arg[0] .. os.getenv("HOSTNO"), started)
+              tx:exec("UPDATE passes SET n = n + 1 WHERE machine_id = $1", w.machine)
+            end)
+          end,
+        },
+      }
+    ]])
+    local ids = machines(20)
+    for _, m in ipairs(ids) do admin:exec("INSERT INTO passes (machine_id) VALUES ($1)", m) end
+    local hosts = {}
+    for i = 1, 3 do hosts[i] = start_host(dir .. "/passes.lua", {}, { HOSTNO = tostring(i) }) end
+    H.wait_until(function() return count("SELECT 1 FROM passes WHERE n < 3") == 0 end, 120, "three passes over every machine")
+    for _, h in ipairs(hosts) do h:kill("TERM") end
+    for _, h in ipairs(hosts) do assert.equal(0, h:wait(30), h:stderr()) end
+    for _, m in ipairs(ids) do
+      local rows = admin:query("SELECT started_at, ended_at FROM intervals WHERE machine_id = $1 ORDER BY started_at", m)
+      assert.equal(3, #rows, "machine " .. m .. " processed exactly three times")
+      for i = 2, #rows do
+        assert.is_true(admin:one("SELECT $1::TIMESTAMPTZ >= $2::TIMESTAMPTZ AS ok", rows[i].started_at, rows[i - 1].ended_at).ok,
+          "intervals of " .. m .. " overlap")
+      end
+    end
+    -- the work spread over the hosts rather than one taking everything
+    assert.is_true(count("SELECT DISTINCT host FROM intervals") >= 2)
+    assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
+  it("fails a raising body into backoff and retries after it", function()
+    H.write_file(dir .. "/flaky.lua", [[
+      local bmdb = require "bmdb"
+      return {
+        bmdb.worker {
+          process = "Flaky", poll = 0.2, backoff = { initial = 1 },
+          select = function(tx, limit)
+            return tx:query([=[SELECT m.machine_id FROM machines m
+              WHERE m.machine_id = $2 AND NOT EXISTS (SELECT 1 FROM work_history h
+                WHERE h.machine_id = m.machine_id AND h.process = 'Flaky' AND h.event = 'Finished')
+              AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = m.machine_id AND b.process = 'Flaky')
+              LIMIT $1]=], limit, os.getenv("MACHINE"))
+          end,
+          run = function(w)
+            if w.attempt == 1 then error("first try fails") end
+          end,
+        },
+      }
+    ]])
+    local m = machines(1)[1]
+    local h = start_host(dir .. "/flaky.lua", {}, { MACHINE = m })
+    H.wait_until(function() return #events(m) >= 4 end, 30, "a failure and a retry")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.same({ "Started", "Failed", "Started", "Finished" }, events(m))
+    local gap = admin:one([[SELECT (SELECT occurred_at FROM work_history WHERE machine_id = $1 AND event = 'Started'
+                                    ORDER BY occurred_at DESC LIMIT 1)
+                                 - (SELECT occurred_at FROM work_history WHERE machine_id = $1 AND event = 'Failed')
+                                 >= INTERVAL '1 second' AS waited]], m)
+    assert.is_true(gap.waited, "the retry came before the backoff ended")
+    assert.matches("first try fails", admin:one("SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Failed'", m).cause)
+    assert.matches('msg="work failed"', h:stderr(), 1, true)
+  end)
+
+  -- Works the machines listed in `wanted` once each; HOLD seconds per item.
+  local blocker = [[
+    local bmdb = require "bmdb"
+    return {
+      bmdb.worker {
+        process = "Block", concurrency = 2, poll = tonumber(os.getenv("POLL") or "0.2"),
+        select = function(tx, limit)
+          return tx:query([=[SELECT w.machine_id FROM wanted w
+            WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
+                              AND h.process = 'Block' AND h.event IN ('Finished', 'Canceled'))
+            AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Block')
+            LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
+          bmdb.sleep(tonumber(os.getenv("HOLD")))
+        end,
+      },
+    }
+  ]]
+
+  local function want(ids)
+    for _, m in ipairs(ids) do admin:exec("INSERT INTO wanted VALUES ($1)", m) end
+  end
+
+  it("lets another host take a machine within about one interval after kill -9", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    local m = machines(1)[1]
+    want { m }
+    local a = start_host(dir .. "/block.lua", {}, { HOLD = "600" })
+    H.wait_until(function() return a:stdout():match("running") end, 20, "host A to take the machine")
+    local b = start_host(dir .. "/block.lua", {}, { HOLD = "0" })
+    H.wait_until(function() return b:stderr():match("workers started") end, 20, "host B to start")
+    local killed = H.now()
+    a:kill("KILL")
+    H.wait_until(function() return b:stdout():match("running") end, 2 * 2 + 5, "host B to take over")
+    print(string.format("\n  takeover after kill -9: %.2fs (interval 2s)", H.now() - killed))
+    H.wait_until(function() return events(m)[4] == "Finished" end, 10, "host B to finish")
+    assert.same({ "Started", "Abandoned", "Started", "Finished" }, events(m))
+    b:kill("TERM")
+    assert.equal(0, b:wait(30))
+  end)
+
+  it("drains on SIGTERM: the item in flight finishes, nothing new is claimed", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    local ids = machines(3)
+    want { ids[1] }
+    local h = start_host(dir .. "/block.lua", {}, { HOLD = "1" })
+    H.wait_until(function() return h:stdout():match("running") end, 20, "an item in flight")
+    -- the other two become eligible only now: a draining host must not take them
+    h:kill("TERM")
+    H.wait_until(function() return h:stderr():match("draining") end, 10, "the drain to start")
+    want { ids[2], ids[3] }
+    admin:exec("SELECT pg_notify('bmdb_wake', 'Block')")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.same({ "Started", "Finished" }, events(ids[1]))
+    assert.same({}, events(ids[2]))
+    assert.equal(0, count("SELECT 1 FROM sessions WHERE component_name = 'worker_spec'"))
+  end)
+
+  it("cancels items in flight on a second signal and records them", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    local m = machines(1)[1]
+    want { m }
+    local h = start_host(dir .. "/block.lua", { "--grace", "600" }, { HOLD = "600" })
+    H.wait_until(function() return h:stdout():match("running") end, 20, "an item in flight")
+    h:kill("TERM")
+    H.wait_until(function() return h:stderr():match("draining") end, 10, "the drain to start")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.same({ "Started", "Canceled" }, events(m))
+    assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
+  it("picks up a newly eligible machine on NOTIFY without waiting for the poll interval", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    -- poll 60 s: only a wake-up can explain a pick-up within the bound below
+    local h = start_host(dir .. "/block.lua", { "--log-level", "debug" }, { HOLD = "0", POLL = "60" })
+    H.wait_until(function()
+      local _, idle = h:stderr():gsub('msg="slot idle"', "")
+      return idle >= 2
+    end, 20, "both slots to go idle")
+    local m = machines(1)[1]
+    local t0 = H.now()
+    want { m }
+    admin:exec("SELECT pg_notify('bmdb_wake', 'Block')")
+    H.wait_until(function() return h:stdout():match("running") end, 10, "the wake-up to reach a slot")
+    print(string.format("\n  NOTIFY to pick-up: %.3fs (poll interval 60s)", H.now() - t0))
+    H.wait_until(function() return events(m)[2] == "Finished" end, 10, "the item to finish")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+end)
