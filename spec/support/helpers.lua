@@ -92,6 +92,16 @@ function H.read_file(path)
   return s
 end
 
+-- Paths matching a shell pattern, sorted.
+function H.glob(pattern)
+  local out = {}
+  local p = io.popen("ls -1d " .. pattern .. " 2>/dev/null")
+  for line in p:lines() do out[#out + 1] = line end
+  p:close()
+  table.sort(out)
+  return out
+end
+
 -- ---------------------------------------------------------------- cleanup
 
 local tmpdirs, processes, servers = {}, {}, {}
