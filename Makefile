@@ -70,8 +70,16 @@ bench: deps
 	@$(MAKE) --no-print-directory all
 	luajit bench/run.lua
 
+# The binary carries its Lua library; the module files are installed too so
+# operators' busted specs can `require "bmdb.testing"` under LuaJIT.
+LUA_SHARE ?= $(PREFIX)/share/lua/5.1
+LUA_LIB   ?= $(PREFIX)/lib/lua/5.1
+
 install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
+	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
+	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
+	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 
 clean:
 	rm -rf build

@@ -320,11 +320,17 @@ static int is_boilerplate(const char *l) {
     return 0;
 }
 
-/* Drops the server's "2024-01-01 00:00:00.000 UTC [123] " prefix and the
- * newline, and squeezes runs of blanks ("FATAL:  could not ..."). */
+/* Drops the server's "2024-01-01 00:00:00.000 UTC [123] " prefix (and
+ * pg_ctl's "waiting for server to start...." glued in front of the first
+ * one), the newline, and runs of blanks ("FATAL:  could not ..."). */
 static void tidy(char *line) {
     line[strcspn(line, "\r\n")] = '\0';
     char *from = line;
+    char *dots = strstr(line, "....");
+    if (strncmp(line, "waiting for server", 18) == 0 && dots) {
+        dots += strspn(dots, ".");
+        if (*dots) memmove(line, dots, strlen(dots) + 1);
+    }
     char *bracket = strstr(line, "] ");
     if (line[0] >= '0' && line[0] <= '9' && bracket) from = bracket + 2;
     char *o = line;
@@ -399,22 +405,16 @@ static int run_logged(const embedded *e, char *const argv[], const char *what, c
 
 /* ---- the cluster -------------------------------------------------------- */
 
-/* unix_socket_directories as a postgresql.conf line. The file's strings
- * double ' and escape \; inside, the value is a list that double-quotes
- * an element holding '"' (commas are refused earlier: libpq cannot). */
+/* unix_socket_directories as a postgresql.conf line: the file's strings
+ * double a '. (Characters that would need more are refused earlier.) */
 static void socket_conf_line(const embedded *e, char *out, size_t len) {
-    char run[EPATH], val[EPATH * 4];
+    char run[EPATH], val[EPATH * 2];
     sub(run, e, "run");
-    int dq = strchr(run, '"') != NULL;
     size_t o = 0;
-    if (dq) val[o++] = '"';
-    for (const char *s = run; *s && o + 6 < sizeof val; s++) {
+    for (const char *s = run; *s; s++) {
         if (*s == '\'') val[o++] = '\'';
-        else if (*s == '\\') val[o++] = '\\';
-        else if (*s == '"') val[o++] = '"';
         val[o++] = *s;
     }
-    if (dq) val[o++] = '"';
     val[o] = '\0';
     snprintf(out, len, "unix_socket_directories = '%s'", val);
 }
@@ -565,6 +565,12 @@ static void leave(embedded *e) {
     }
 }
 
+/* The server's own words, without "ERROR:  " and the DETAIL lines. */
+static const char *pg_message(const PGresult *r) {
+    const char *m = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
+    return m ? m : PQresultErrorMessage(r);
+}
+
 /* The database "bmdb". Another host may create it between our check and
  * our CREATE; duplicate_database (42P04) then means it exists, as wanted. */
 static int ensure_database(const embedded *e, char *err, size_t errlen) {
@@ -575,13 +581,13 @@ static int ensure_database(const embedded *e, char *err, size_t errlen) {
     PGresult *r = PQexecParams(c, "SELECT 1 FROM pg_database WHERE datname = $1", 1, NULL, params, NULL, NULL, 0);
     int rc = 0, exists = 0;
     if (PQresultStatus(r) == PGRES_TUPLES_OK) exists = PQntuples(r) > 0;
-    else rc = fail(err, errlen, "cannot look up database bmdb: %s", PQresultErrorMessage(r));
+    else rc = fail(err, errlen, "cannot look up database bmdb: %s", pg_message(r));
     PQclear(r);
     if (rc == 0 && !exists) {
         r = PQexec(c, "CREATE DATABASE bmdb");
         const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
         if (PQresultStatus(r) != PGRES_COMMAND_OK && !(state && strcmp(state, "42P04") == 0))
-            rc = fail(err, errlen, "cannot create database bmdb: %s", PQresultErrorMessage(r));
+            rc = fail(err, errlen, "cannot create database bmdb: %s", pg_message(r));
         PQclear(r);
     }
     PQfinish(c);
@@ -617,12 +623,13 @@ embedded *embedded_open(const char *data_dir, char **conninfo, char *err, size_t
              "choose a shorter --data-dir", real, DIRMAX - 1);
         goto fail;
     }
-    /* libpq splits host= at commas and cannot escape them; newlines would
-     * break postgresql.conf. */
+    /* libpq splits host= at commas and cannot escape them; pg_ctl pastes
+     * paths into a shell command inside "..."; a newline would break
+     * postgresql.conf. */
     for (const char *s = real; *s; s++) {
-        if (*s == ',' || (unsigned char)*s < 0x20) {
-            fail(err, errlen, "the data dir %s holds a comma or control character, which libpq cannot "
-                 "take in a socket path; choose another --data-dir", real);
+        if (strchr(",\"$`\\", *s) || (unsigned char)*s < 0x20) {
+            fail(err, errlen, "the data dir %s holds a character PostgreSQL's tools cannot take in a path "
+                 "(one of , \" $ ` \\ or a control character); choose another --data-dir", real);
             goto fail;
         }
     }

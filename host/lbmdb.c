@@ -22,7 +22,10 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
+#include <errno.h>
+#include <sys/stat.h>
 
+#include "embedded.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "migrate.h"
@@ -36,6 +39,7 @@
 #define SESSION_MT "bmdb.session"
 #define TX_MT "bmdb.tx"
 #define CONN_MT "bmdb.conn"
+#define EMBEDDED_MT "bmdb.embedded"
 
 static pool *the_pool;
 static int opened_here; /* core.open() made the pool and the sessions */
@@ -360,7 +364,7 @@ static session *check_session(lua_State *L, int idx) {
  * heartbeat replaces a lost one. */
 static int l_session(lua_State *L) {
     check_running(L);
-    if (!sessions_started()) return luaL_error(L, "bmdb: no session (the host is not connected)");
+    if (!sessions_started()) return luaL_error(L, "bmdb: not connected to a database (no session)");
     double wait = luaL_optnumber(L, 1, 10);
     session *s = session_current(wait);
     if (!s) return raise_kind(L, TXE_SESSION_EXPIRED, "session expired (no live session)");
@@ -756,6 +760,43 @@ static int l_close(lua_State *L) {
     return 0;
 }
 
+/* core.tmpdir(prefix): a fresh directory under $TMPDIR or /tmp that an
+ * unprivileged server user can enter (bmdb.testing). */
+static int l_tmpdir(lua_State *L) {
+    const char *base = getenv("TMPDIR");
+    char path[PATH_MAX];
+    snprintf(path, sizeof path, "%s/%s-XXXXXX", base && *base ? base : "/tmp", luaL_optstring(L, 1, "bmdb"));
+    if (!mkdtemp(path)) return luaL_error(L, "tmpdir: %s: %s", path, strerror(errno));
+    chmod(path, 0755);
+    lua_pushstring(L, path);
+    return 1;
+}
+
+typedef struct { embedded *e; } lembedded;
+
+/* core.embedded(data_dir) -> handle, conninfo: the embedded database, as
+ * the binary runs it without --dsn. */
+static int l_embedded(lua_State *L) {
+    const char *dir = luaL_checkstring(L, 1);
+    char err[1024], *conninfo = NULL;
+    lembedded *u = lua_newuserdata(L, sizeof *u);
+    u->e = NULL;
+    luaL_getmetatable(L, EMBEDDED_MT);
+    lua_setmetatable(L, -2);
+    u->e = embedded_open(dir, &conninfo, err, sizeof err);
+    if (!u->e) return luaL_error(L, "%s", err);
+    lua_pushstring(L, conninfo);
+    free(conninfo);
+    return 2;
+}
+
+static int embedded_close_l(lua_State *L) {
+    lembedded *u = luaL_checkudata(L, 1, EMBEDDED_MT);
+    if (u->e) embedded_close(u->e);
+    u->e = NULL;
+    return 0;
+}
+
 static const luaL_Reg core_funcs[] = {
     {"open", l_open},           {"close", l_close},
     {"session", l_session},     {"begin", l_begin},
@@ -769,7 +810,8 @@ static const luaL_Reg core_funcs[] = {
     {"pause_heartbeat", l_pause_heartbeat},
     {"idle_wait", l_idle_wait}, {"wake_local", l_wake_local},
     {"generation", l_generation}, {"notify_enabled", l_notify_enabled},
-    {"seed", l_seed},
+    {"seed", l_seed},           {"tmpdir", l_tmpdir},
+    {"embedded", l_embedded},
     {"now", l_now},             {NULL, NULL}};
 
 static const luaL_Reg session_methods[] = {
@@ -778,6 +820,8 @@ static const luaL_Reg session_methods[] = {
 static const luaL_Reg tx_methods[] = {{"query", tx_query},   {"one", tx_one},
                                       {"exec", tx_execute},  {"commit", tx_commit_l},
                                       {"rollback", tx_rollback_l}, {NULL, NULL}};
+
+static const luaL_Reg embedded_methods[] = {{"close", embedded_close_l}, {NULL, NULL}};
 
 static const luaL_Reg conn_methods[] = {
     {"query", conn_query}, {"one", conn_one}, {"exec", conn_exec}, {"close", conn_close}, {NULL, NULL}};
@@ -800,6 +844,7 @@ int luaopen_bmdb_core(lua_State *L) {
     new_class(L, SESSION_MT, session_methods, sess_gc);
     new_class(L, TX_MT, tx_methods, tx_rollback_l);
     new_class(L, CONN_MT, conn_methods, conn_close);
+    new_class(L, EMBEDDED_MT, embedded_methods, embedded_close_l);
     lua_newtable(L);
     luaL_register(L, NULL, core_funcs);
     return 1;
@@ -943,4 +988,21 @@ int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generatio
     if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb._serve returned %s", r ? r : "nothing");
     lua_pop(L, 1);
     return out;
+}
+
+int lbmdb_script_files(lua_State *L, const char *script, char ***files) {
+    char buf[PATH_MAX], err[1024];
+    snprintf(buf, sizeof buf, "%s", script);
+    lua_pushstring(L, dirname(buf));
+    *files = NULL;
+    if (call_bmdb(L, "_script_files", 1, 1, err, sizeof err) < 0) return 0;
+    int n = (int)lua_objlen(L, -1);
+    *files = calloc((size_t)n + 1, sizeof **files);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        (*files)[i] = strdup(lua_tostring(L, -1));
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    return n;
 }

@@ -51,6 +51,10 @@ int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, siz
 enum { SERVE_STOP, SERVE_RELOAD, SERVE_REMOVED, SERVE_ERROR };
 int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen);
 
+/* Files of Lua modules the state loaded from the script's directory
+ * (malloc'd list of malloc'd paths); the count. */
+int lbmdb_script_files(lua_State *L, const char *script, char ***files);
+
 /* Error objects: pushes a bmdb error (with tostring) for a tx_error. */
 struct tx_error;
 void lbmdb_push_error(lua_State *L, const struct tx_error *e);

@@ -31,6 +31,7 @@
 #include "log.h"
 #include "migrate.h"
 #include "pool.h"
+#include "reload.h"
 #include "report.h"
 #include "session.h"
 #include "worker.h"
@@ -283,8 +284,8 @@ static void *script_thread(void *arg) {
     return NULL;
 }
 
-/* Waits for the script's end or a signal. Returns the signal seen, 0 if
- * the script ended first, or -1 on timeout. */
+/* Waits for a signal or for fd (the script's end, file events) to be
+ * readable. Returns the signal seen, 0 for fd, -1 on timeout. */
 static int wait_for(int sigfd, int donefd, double timeout_s) {
     struct pollfd fds[2] = {{.fd = sigfd, .events = POLLIN}, {.fd = donefd, .events = POLLIN}};
     int ms = timeout_s < 0 ? -1 : (int)(timeout_s * 1000);
@@ -305,6 +306,7 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     int slots = 0;
     for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
     pool_grow(db->pool, slots + 4); /* + heartbeat, listener, slack */
+    reloader *rl = reload_create(run->path, run->argc, run->argv, o->watch);
     workers_start(db->pool, run->path, run->argc, run->argv, run->specs, run->nspecs);
     char n[16];
     snprintf(n, sizeof n, "%d", slots);
@@ -313,10 +315,13 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     double grace_end = 0;
     int status = 0;
     while (workers_live() > 0) {
-        int sig = wait_for(sigfd, -1, 0.2);
+        double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
+        int sig = wait_for(sigfd, reload_fd(rl), timeout);
         host_state st = lifecycle_state();
+        if (sig == 0) reload_read_events(rl);
+        if (st == HOST_RUNNING && reload_due_in(rl) == 0) reload_run(rl, db->pool, 0);
         if (sig == SIGHUP) {
-            log_kv(LOG_INFO, "SIGHUP: reload is not available yet", NULL);
+            if (st == HOST_RUNNING) reload_run(rl, db->pool, 1);
         } else if (sig > 0 && st == HOST_RUNNING) {
             log_kv(LOG_INFO, "draining: no new claims", "signal", strsignal(sig), NULL);
             lifecycle_advance(HOST_DRAINING);
@@ -331,6 +336,7 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
             if (workers_wait(10) > 0) {
                 log_kv(LOG_WARN, "slots did not stop within 10 s; exiting without them", NULL);
                 db->pool = NULL; /* still in their hands: leave it to exit() */
+                reload_destroy(rl);
                 return status;
             }
         }
@@ -341,6 +347,7 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     }
     lifecycle_advance(HOST_DRAINING); /* stops the listener */
     workers_stop();
+    reload_destroy(rl);
     log_kv(LOG_INFO, "workers stopped", NULL);
     return status;
 }
@@ -356,6 +363,44 @@ static int check_script_file(const char *path) {
     if (rc != 0) die(EXIT_USAGE, "%s", lua_tostring(L, -1));
     lua_close(L);
     return rc ? EXIT_USAGE : 0;
+}
+
+/* check SCRIPT: compile, run the top level without a database, validate
+ * the worker definitions. 0 when fine, 2 with the problems listed. */
+static int cmd_check(int argc, char **argv) {
+    if (argc != 1) return die(EXIT_USAGE, "check: expected one script");
+    const char *script = argv[0];
+    int rc = check_script_file(script);
+    if (rc) return rc;
+    char err[8192];
+    lua_State *L = lbmdb_script_state(script, 1, argv, err, sizeof err);
+    if (!L) {
+        if (strstr(err, "bmdb: not connected to a database")) {
+            printf("%s: compiles; a one-off that uses the database at load time (not run)\n", script);
+            return 0;
+        }
+        err[strcspn(err, "\n")] = '\0'; /* the problem, not the traceback */
+        fprintf(stderr, "%s: problems:\n", script);
+        for (char *p = strtok(err, ";"); p; p = strtok(NULL, ";")) fprintf(stderr, "  %s\n", p + (*p == ' '));
+        return EXIT_USAGE;
+    }
+    worker_spec specs[MAX_WORKERS];
+    int n = lbmdb_worker_specs(L, specs, MAX_WORKERS, err, sizeof err);
+    lbmdb_close_state(L);
+    if (n < 0) {
+        err[strcspn(err, "\n")] = '\0';
+        fprintf(stderr, "%s: problems:\n", script);
+        for (char *p = strtok(err, ";"); p; p = strtok(NULL, ";")) fprintf(stderr, "  %s\n", p + (*p == ' '));
+        return EXIT_USAGE;
+    }
+    if (n == 0) {
+        printf("%s: ok, a one-off script (returns no workers)\n", script);
+        return 0;
+    }
+    printf("%s: ok,", script);
+    for (int i = 0; i < n; i++) printf("%s %s x%d", i ? "," : "", specs[i].process, specs[i].concurrency);
+    printf("\n");
+    return 0;
 }
 
 static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
@@ -452,6 +497,7 @@ int main(int argc, char **argv) {
     if (sigfd < 0) return die(EXIT_FAILED, "signalfd: %s", strerror(errno));
 
     const char *cmd = args[0];
+    if (strcmp(cmd, "check") == 0) return cmd_check(nargs - 1, args + 1);
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
     if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
         return cmd_report(&o, cmd, nargs - 1, args + 1);

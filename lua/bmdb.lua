@@ -361,6 +361,17 @@ function bmdb._specs(result)
   return specs
 end
 
+-- Files of the modules this state loaded from dir (for --watch).
+function bmdb._script_files(dir)
+  local files = {}
+  for name in pairs(package.loaded) do
+    local path = package.searchpath(name, package.path)
+    if path and path:sub(1, #dir + 1) == dir .. "/" then files[#files + 1] = path end
+  end
+  table.sort(files)
+  return files
+end
+
 local function shuffle(t)
   for i = #t, 2, -1 do
     local j = math.random(i)
@@ -370,8 +381,9 @@ end
 
 -- Selects candidates and locks one, in one transaction. Candidates are
 -- tried in random order so slots that read the same candidates spread
--- over them instead of colliding on the first.
-local function claim(def)
+-- over them instead of colliding on the first. opts (bmdb.testing):
+-- ordered = keep select's order; machine = only that candidate.
+local function claim(def, opts)
   local sess = core.session(1)
   local machine, attempt = transact_on(sess, function(tx)
     local rows = def.select(tx, def.batch)
@@ -379,8 +391,11 @@ local function claim(def)
       error("worker " .. def.process .. ": select must return a list of rows, got " .. type(rows), 0)
     end
     local ids = {}
-    for i, r in ipairs(rows) do ids[i] = type(r) == "table" and r.machine_id or r end
-    shuffle(ids)
+    for _, r in ipairs(rows) do
+      local id = type(r) == "table" and r.machine_id or r
+      if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
+    end
+    if not (opts and opts.ordered) then shuffle(ids) end
     for _, id in ipairs(ids) do
       local status, a = core.lock(tx, id, def.process)
       if status == "locked" then return id, a end
@@ -388,6 +403,7 @@ local function claim(def)
   end)
   if machine then return bmdb._new_work(sess, machine, def.process, attempt, def.backoff) end
 end
+bmdb._claim = claim
 
 -- One slot's loop: claim, run, decide, until the host drains ("stop"), the
 -- code changes ("reload") or this slot's worker is gone ("removed").
