@@ -61,6 +61,7 @@ struct embedded {
 
 /* Errors are one line, prefixed, and never end in libpq's newline. */
 static int fail(char *err, size_t errlen, const char *fmt, ...) {
+    if (!err || errlen == 0) return -1;
     va_list ap;
     va_start(ap, fmt);
     int n = snprintf(err, errlen, "embedded database: ");
@@ -129,8 +130,9 @@ static int find_bindir(char out[PATH_MAX], char *err, size_t errlen) {
 /* ---- the data dir -------------------------------------------------------- */
 
 /* mkdir -p. New directories get 0755 whatever the umask: the server user
- * must be able to pass through them to reach pgdata and run. */
-static int mkdir_p(const char *dir, char *err, size_t errlen) {
+ * must be able to pass through them to reach pgdata and run. The first
+ * directory created goes into made, so unmake() can take them back. */
+static int mkdir_p(const char *dir, char made[PATH_MAX], char *err, size_t errlen) {
     char p[PATH_MAX];
     if (snprintf(p, sizeof p, "%s", dir) >= (int)sizeof p) return fail(err, errlen, "data dir path too long");
     for (char *s = p + 1;; s++) {
@@ -138,12 +140,31 @@ static int mkdir_p(const char *dir, char *err, size_t errlen) {
         char c = *s;
         *s = '\0';
         if (mkdir(p, 0755) == 0) {
+            if (!made[0]) memcpy(made, p, strlen(p) + 1);
             if (chmod(p, 0755) < 0) return fail(err, errlen, "cannot chmod %s: %s", p, strerror(errno));
         } else if (errno != EEXIST) {
             return fail(err, errlen, "cannot create %s: %s", p, strerror(errno));
         }
         *s = c;
         if (!c) return 0;
+    }
+}
+
+/* Removes what mkdir_p made, deepest first, when we fail before using it:
+ * a refused --data-dir should not leave empty directories behind. rmdir
+ * only ever removes empty directories, so nobody's files are at risk. */
+static void unmake(const char *dir, const char *made) {
+    char p[PATH_MAX];
+    snprintf(p, sizeof p, "%s", dir);
+    size_t stop = strlen(made);
+    for (;;) {
+        size_t n = strlen(p);
+        while (n > 1 && p[n - 1] == '/') p[--n] = '\0'; /* "a//b/" */
+        if (n < stop) return;
+        if (rmdir(p) < 0 && errno != EINVAL) return; /* EINVAL: a "." */
+        char *slash = strrchr(p, '/');
+        if (!slash || n == stop) return;
+        *slash = '\0';
     }
 }
 
@@ -603,11 +624,12 @@ embedded *embedded_open(const char *data_dir, char **conninfo, char *err, size_t
     if (!e) return fail(err, errlen, "out of memory"), NULL;
     e->users_fd = -1;
     int control = -1;
+    char made[PATH_MAX] = "";
 
     /* Before creating anything, so a machine without PostgreSQL is told so
      * and left without an empty data dir. */
     if (find_bindir(e->bindir, err, errlen) < 0) goto fail;
-    if (mkdir_p(data_dir, err, errlen) < 0) goto fail;
+    if (mkdir_p(data_dir, made, err, errlen) < 0) goto fail;
     char real[PATH_MAX];
     if (!realpath(data_dir, real)) {
         fail(err, errlen, "cannot resolve %s: %s", data_dir, strerror(errno));
@@ -672,6 +694,7 @@ embedded *embedded_open(const char *data_dir, char **conninfo, char *err, size_t
 fail:
     if (e->users_fd >= 0) leave(e); /* stops a server nobody else uses */
     if (control >= 0) close(control);
+    else if (made[0]) unmake(data_dir, made);
     free(e);
     return NULL;
 }
