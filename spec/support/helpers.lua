@@ -65,7 +65,8 @@ function H.sleep(seconds)
   C.nanosleep(ts, nil)
 end
 
-function H.wait_until(fn, timeout, what)
+-- step: seconds between polls (default 20 ms; benchmarks poll finer).
+function H.wait_until(fn, timeout, what, step)
   timeout = timeout or 10
   local deadline = H.now() + timeout
   while true do
@@ -74,7 +75,7 @@ function H.wait_until(fn, timeout, what)
     if H.now() > deadline then
       error(string.format("timed out after %gs waiting for %s", timeout, what or "a condition"), 2)
     end
-    H.sleep(0.02)
+    H.sleep(step or 0.02)
   end
 end
 
