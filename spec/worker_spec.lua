@@ -45,6 +45,9 @@ describe("workers", function()
 
   teardown(function() admin:close() end)
 
+  -- each test wants only its own machines
+  before_each(function() admin:exec("DELETE FROM wanted") end)
+
   it("never overlaps two holders of a machine and processes each eligible machine once per pass", function()
     H.write_file(dir .. "/passes.lua", [[
       local bmdb = require "bmdb"
@@ -212,5 +215,91 @@ describe("workers", function()
     H.wait_until(function() return events(m)[2] == "Finished" end, 10, "the item to finish")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  it("lets items in flight see a lost session, then carries on with a new one", function()
+    H.write_file(dir .. "/lose.lua", [[
+      local bmdb = require "bmdb"
+      return {
+        bmdb.worker {
+          process = "Lose", poll = 0.1,
+          select = function(tx, limit)
+            return tx:query([=[SELECT w.machine_id FROM wanted w
+              WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
+                                AND h.process = 'Lose' AND h.event = 'Finished')
+              AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Lose')
+              LIMIT $1]=], limit)
+          end,
+          run = function(w)
+            io.stdout:write("running ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+            local mark = os.getenv("MARK")
+            if os.getenv("LOSE") == w.machine and not io.open(mark) then
+              io.open(mark, "w"):close() -- only the first time
+              while w:alive() do pcall(bmdb.sleep, 0.05) end
+              local ok, err = pcall(bmdb.transact, function(tx) tx:exec("INSERT INTO machines DEFAULT VALUES") end)
+              io.stdout:write("lost ", tostring(ok), " ", tostring(err), "\n"); io.stdout:flush()
+            end
+          end,
+        },
+      }
+    ]])
+    local m = machines(1)[1]
+    want { m }
+    local before = count("SELECT 1 FROM machines")
+    local h = start_host(dir .. "/lose.lua", {}, { LOSE = m, MARK = dir .. "/lost-once" })
+    local session = H.wait_until(function() return h:stdout():match("running " .. m:gsub("%-", "%%-") .. " (%S+)") end,
+      20, "the item")
+    admin:exec("DELETE FROM sessions WHERE session_id = $1", session)
+    H.wait_until(function() return h:stdout():match("lost") end, 20, "the body to see the loss")
+    assert.matches("lost false session expired", h:stdout(), 1, true)
+    assert.equal(before, count("SELECT 1 FROM machines")) -- the dead session committed nothing
+    local m2 = machines(1)[1]
+    want { m2 }
+    local other = H.wait_until(function() return h:stdout():match("running " .. m2:gsub("%-", "%%-") .. " (%S+)") end,
+      20, "the next item")
+    assert.not_equal(session, other)
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  it("survives a database outage and works on with a new session", function()
+    local pg = H.postgres { fresh = true }
+    local odsn = pg:create_db()
+    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = odsn } })))
+    local c = core.connect(odsn)
+    c:exec("CREATE TABLE wanted (machine_id UUID PRIMARY KEY REFERENCES machines)")
+    c:close()
+    H.write_file(dir .. "/block.lua", blocker)
+    local h = H.spawn { argv = { H.bin, "--interval", "1", dir .. "/block.lua" }, env = { BMDB_DSN = odsn, HOLD = "0" } }
+    H.wait_until(function() return h:stderr():match("workers started") end, 20, "the host")
+    pg:stop("fast")
+    H.wait_until(function() return h:stderr():match("session lost") end, 20, "the host to give up its session")
+    pg:start()
+    H.wait_until(function() return select(2, h:stderr():gsub('msg="session started"', "")) >= 2 end, 30,
+      "a new session after the outage")
+    assert.is_true(h:running())
+    c = core.connect(odsn)
+    local m = c:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    c:exec("INSERT INTO wanted VALUES ($1)", m)
+    H.wait_until(function() return h:stdout():find("running " .. m, 1, true) end, 20, "work after the outage")
+    c:close()
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    pg:stop()
+  end)
+
+  it("logs work events as JSON with --log-format json", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    local m = machines(1)[1]
+    want { m }
+    local h = start_host(dir .. "/block.lua", { "--log-format", "json" }, { HOLD = "0" })
+    H.wait_until(function() return h:stderr():find('"msg":"work finished"', 1, true) end, 20, "a JSON work line")
+    local line = h:stderr():match('[^\n]*"msg":"work finished"[^\n]*')
+    assert.matches('^{"time":"[^"]+","level":"info","msg":"work finished",', line)
+    assert.matches('"machine":"' .. m .. '"', line, 1, true)
+    assert.matches('"process":"Block"', line, 1, true)
+    assert.matches('"duration":"[%d.]+s"', line)
+    h:kill("TERM")
+    assert.equal(0, h:wait(30))
   end)
 end)
