@@ -9,6 +9,8 @@
 #include <stddef.h>
 #include <lua.h>
 
+#include "worker.h"
+
 typedef struct embedded_lua_module {
     const char *name;       /* "bmdb", "bmdb.worker" */
     const char *chunkname;  /* "@lua/bmdb.lua", for tracebacks */
@@ -44,7 +46,6 @@ void lbmdb_close_state(lua_State *L);
 /* The worker definitions a script returned (result on top of L): fills
  * specs and returns their count, 0 for a one-off, -1 with err when the
  * definitions are invalid. */
-#include "worker.h"
 int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen);
 
 /* Runs one slot's loop (bmdb._serve) until it must stop or reload. */

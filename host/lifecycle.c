@@ -29,6 +29,20 @@ double mono_now(void) {
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
+struct timespec time_after(clockid_t clock, double seconds) {
+    struct timespec ts;
+    clock_gettime(clock, &ts);
+    if (seconds < 0) seconds = 0;
+    double whole = floor(seconds);
+    ts.tv_sec += (time_t)whole;
+    ts.tv_nsec += (long)((seconds - whole) * 1e9);
+    if (ts.tv_nsec >= 1000000000L) {
+        ts.tv_sec++;
+        ts.tv_nsec -= 1000000000L;
+    }
+    return ts;
+}
+
 void mono_sleep(double seconds) {
     if (seconds <= 0) return;
     struct timespec ts = {.tv_sec = (time_t)seconds};
@@ -70,16 +84,7 @@ unsigned lifecycle_kick_gen(void) {
 
 int lifecycle_wait(double seconds, host_state stop_at, unsigned *kick_seen) {
     pthread_once(&once, init_cond);
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    if (seconds < 0) seconds = 0;
-    double whole = floor(seconds);
-    until.tv_sec += (time_t)whole;
-    until.tv_nsec += (long)((seconds - whole) * 1e9);
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
     int early = 0;
     pthread_mutex_lock(&lock);
     for (;;) {

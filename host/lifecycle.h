@@ -23,6 +23,9 @@ unsigned lifecycle_kick_gen(void);
 
 /* Monotonic seconds, the one clock for local deadlines. */
 double mono_now(void);
+/* The absolute time `seconds` from now on clock, for timed waits. */
+#include <time.h>
+struct timespec time_after(clockid_t clock, double seconds);
 /* Sleeps regardless of state changes (retry pauses). */
 void mono_sleep(double seconds);
 

@@ -152,12 +152,7 @@ static void set_current(session *s) {
 static void heartbeat_sleep(double until) {
     pthread_mutex_lock(&mu);
     while (!stopping && cur && mono_now() < until) {
-        double left = until - mono_now();
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        double end = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9 + left;
-        ts.tv_sec = (time_t)end;
-        ts.tv_nsec = (long)((end - (double)ts.tv_sec) * 1e9);
+        struct timespec ts = time_after(CLOCK_REALTIME, until - mono_now());
         pthread_cond_timedwait(&wake_heartbeat, &mu, &ts);
     }
     pthread_mutex_unlock(&mu);
@@ -278,11 +273,7 @@ int sessions_start(pool *p, const struct session_config *config, char *err, size
 int sessions_started(void) { return started; }
 
 session *session_current(double timeout_s) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    double end = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9 + timeout_s;
-    ts.tv_sec = (time_t)end;
-    ts.tv_nsec = (long)((end - (double)ts.tv_sec) * 1e9);
+    struct timespec ts = time_after(CLOCK_REALTIME, timeout_s);
     pthread_mutex_lock(&mu);
     while (!cur && !stopping && lifecycle_state() < HOST_CANCELLING)
         if (pthread_cond_timedwait(&cur_changed, &mu, &ts) != 0) break;

@@ -56,11 +56,7 @@ static idle_queue *queue_for(const char *process) {
 }
 
 int worker_idle_wait(const char *process, double seconds) {
-    struct timespec until;
-    clock_gettime(CLOCK_MONOTONIC, &until);
-    double end = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + (seconds > 0 ? seconds : 0);
-    until.tv_sec = (time_t)end;
-    until.tv_nsec = (long)((end - (double)until.tv_sec) * 1e9);
+    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
     pthread_mutex_lock(&idle_mu);
     idle_queue *q = queue_for(process);
     unsigned gen = everyone_gen;
@@ -274,11 +270,7 @@ int workers_live(void) {
 }
 
 int workers_wait(double seconds) {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    double end = (double)until.tv_sec + (double)until.tv_nsec / 1e9 + seconds;
-    until.tv_sec = (time_t)end;
-    until.tv_nsec = (long)((end - (double)until.tv_sec) * 1e9);
+    struct timespec until = time_after(CLOCK_REALTIME, seconds);
     pthread_mutex_lock(&slots_mu);
     while (live > 0)
         if (pthread_cond_timedwait(&slots_changed, &slots_mu, &until) == ETIMEDOUT) break;

@@ -3,25 +3,16 @@ local H = require "support.helpers"
 local bmdb = require "bmdb"
 local core = require "bmdb.core"
 
-local function failure(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local failure = H.failure
 
 describe("sessions", function()
   local dsn, admin
 
-  setup(function()
-    dsn = H.postgres():create_db()
-    core.open { dsn = dsn, component = "session_spec", interval = 2 }
-    admin = core.connect(dsn)
-  end)
+  setup(function() dsn, admin = H.open_core("session_spec") end)
 
   teardown(function()
     core.pause_heartbeat(false)
-    core.close()
-    admin:close()
+    H.close_core(admin)
   end)
 
   after_each(function() core.pause_heartbeat(false) end)

@@ -3,25 +3,14 @@ local H = require "support.helpers"
 local bmdb = require "bmdb"
 local core = require "bmdb.core"
 
-local function failure(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local failure = H.failure
 
 describe("bmdb.transact", function()
   local dsn, admin
 
-  setup(function()
-    dsn = H.postgres():create_db()
-    core.open { dsn = dsn, component = "transact_spec", interval = 2 }
-    admin = core.connect(dsn)
-  end)
+  setup(function() dsn, admin = H.open_core("transact_spec") end)
 
-  teardown(function()
-    core.close()
-    admin:close()
-  end)
+  teardown(function() H.close_core(admin) end)
 
   it("returns typed rows: integers, floats, booleans, text, uuid, NULL", function()
     local row = bmdb.transact(function(tx)

@@ -3,11 +3,7 @@ local H = require "support.helpers"
 local bmdb = require "bmdb"
 local core = require "bmdb.core"
 
-local function failure(fn, ...)
-  local ok, err = pcall(fn, ...)
-  assert.is_false(ok, "expected an error")
-  return err
-end
+local failure = H.failure
 
 describe("bmdb.work", function()
   local dsn, admin
@@ -38,16 +34,9 @@ describe("bmdb.work", function()
     return other
   end
 
-  setup(function()
-    dsn = H.postgres():create_db()
-    core.open { dsn = dsn, component = "work_spec", interval = 2 }
-    admin = core.connect(dsn)
-  end)
+  setup(function() dsn, admin = H.open_core("work_spec") end)
 
-  teardown(function()
-    core.close()
-    admin:close()
-  end)
+  teardown(function() H.close_core(admin) end)
 
   it("locks, runs the body and finishes on return", function()
     local m = new_machine()

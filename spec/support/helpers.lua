@@ -93,6 +93,27 @@ function H.read_file(path)
   return s
 end
 
+-- Calls fn(...) expecting it to raise; returns the error.
+function H.failure(fn, ...)
+  local ok, err = pcall(fn, ...)
+  assert(not ok, "expected an error")
+  return err
+end
+
+-- A fresh database with bmdb.core opened on it (this process's session,
+-- interval 2 s) and a plain admin connection: dsn, admin.
+function H.open_core(component)
+  local core = require "bmdb.core"
+  local dsn = H.postgres():create_db()
+  core.open { dsn = dsn, component = component, interval = 2 }
+  return dsn, core.connect(dsn)
+end
+
+function H.close_core(admin)
+  require("bmdb.core").close()
+  admin:close()
+end
+
 -- Paths matching a shell pattern, sorted.
 function H.glob(pattern)
   local out = {}
