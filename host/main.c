@@ -34,6 +34,7 @@
 #include "reload.h"
 #include "report.h"
 #include "session.h"
+#include "work.h"
 #include "worker.h"
 
 #define EXIT_FAILED 1 /* the script or the database failed at run time */
@@ -228,6 +229,8 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
         return die(EXIT_USAGE, "history: expected one machine id");
     if (strcmp(what, "status") == 0 && argc != 0)
         return die(EXIT_USAGE, "status: takes no arguments");
+    if (what[0] == 'h' && !work_valid_uuid(argv[0]))
+        return die(EXIT_USAGE, "history: machine id is not a UUID: %s", argv[0]);
     struct database db;
     if (database_open(o, 1, &db) < 0) return database_close(&db), EXIT_FAILED;
     char err[1024];

@@ -87,6 +87,37 @@ describe("bmdb-host", function()
     end)
   end)
 
+  describe("status and history", function()
+    it("show sessions and work in flight, and one machine's audit trail", function()
+      local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+      local s = script("hold2.lua", [[
+        local bmdb = require "bmdb"
+        bmdb.work(arg[1], "Inspect", function(w)
+          io.stdout:write("holding\n"); io.stdout:flush()
+          while not io.open(arg[2]) do bmdb.sleep(0.02) end
+        end)
+      ]])
+      local p = H.spawn { argv = { H.bin, "--component", "inspector", s, m, dir .. "/release" }, env = { BMDB_DSN = dsn } }
+      H.wait_until(function() return p:stdout():match("holding") end, 20, "the lock")
+      local code, out, err = host { "status" }
+      assert.equal(0, code, err)
+      assert.matches("sessions %(%d+%)", out)
+      assert.matches("inspector%s+%S+:%d+%s+live", out)
+      assert.matches(m .. "  Inspect", out, 1, true)
+      H.write_file(dir .. "/release", "")
+      assert.equal(0, p:wait(20), p:stderr())
+      code, out = host { "history", m }
+      assert.equal(0, code)
+      assert.matches("Inspect%s+Started.*Inspect%s+Finished", out)
+    end)
+
+    it("history refuses a machine id that is not a UUID, before touching any database", function()
+      local code, _, err = host({ "history", "rack-7" }, { env = { BMDB_DSN = "host=/nonexistent dbname=x" } })
+      assert.equal(2, code)
+      assert.matches("history: machine id is not a UUID: rack-7", err, 1, true)
+    end)
+  end)
+
   describe("bad input", function()
     it("an unknown flag prints usage and exits 2", function()
       local code, _, err = host { "--frobnicate", "x.lua" }
