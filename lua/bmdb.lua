@@ -398,7 +398,12 @@ local function claim(def, opts)
     if not (opts and opts.ordered) then shuffle(ids) end
     for _, id in ipairs(ids) do
       local status, a = core.lock(tx, id, def.process)
-      if status == "locked" then return id, a end
+      if status == "locked" then
+        -- A drain that began while we selected wins: roll the claim back.
+        -- A select that starts after the drain always sees it here.
+        if core.state() ~= "running" then error(core.error("draining", "draining: no new claims"), 0) end
+        return id, a
+      end
     end
   end)
   if machine then return bmdb._new_work(sess, machine, def.process, attempt, def.backoff) end
