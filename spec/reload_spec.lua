@@ -84,13 +84,12 @@ describe("hot reload", function()
     local e = { BMDB_DSN = dsn }
     for k, v in pairs(env or {}) do e[k] = v end
     host = H.spawn { argv = argv, env = e }
-    H.wait_until(function() return host:stderr():match("workers started") end, 20, "the host to start")
+    host:await("stderr", "workers started")
     return host
   end
 
   local function wait_generation(n)
-    H.wait_until(function() return host:stderr():match("msg=reloaded generation=" .. n .. " ") end, 20,
-      "reload generation " .. n)
+    host:await("stderr", "msg=reloaded generation=" .. n .. " ")
   end
 
   before_each(function()
@@ -116,7 +115,7 @@ describe("hot reload", function()
     local gate = dir .. "/gate"
     start({ "--watch" }, { GATE = gate })
     local m1 = want()
-    H.wait_until(function() return host:stdout():find("running " .. m1 .. " v1", 1, true) end, 20, "the first item")
+    host:await("stdout", "running " .. m1 .. " v1")
     rename_over(path, script("v2"))
     wait_generation(2)
     assert.matches("took=[%d.]+ms", host:stderr())
@@ -132,7 +131,7 @@ describe("hot reload", function()
   it("keeps the old code on a broken edit and logs file:line", function()
     start { "--watch" }
     rename_over(path, "local bmdb = require 'bmdb'\nreturn {\n  bmdb.worker { process = = 1 }\n}\n")
-    H.wait_until(function() return host:stderr():match("reload refused") end, 20, "the refusal")
+    host:await("stderr", "reload refused")
     assert.matches('reload refused; the old code keeps running" error="' .. path .. ':3:', host:stderr(), 1, true)
     rename_over(path, "local bmdb = require 'bmdb'\nerror('not today')\n")
     H.wait_until(function() return count(host:stderr(), "reload refused") == 2 end, 20, "the second refusal")

@@ -210,8 +210,7 @@ describe("workers", function()
     local t0 = H.now()
     want { m }
     admin:exec("SELECT pg_notify('bmdb_wake', 'Block')")
-    local ok, err = pcall(H.wait_until, function() return h:stdout():match("running") end, 10, "the wake-up to reach a slot")
-    if not ok then error(err .. "\nhost log:\n" .. h:stderr(), 0) end
+    h:await("stdout", "running", 10)
     print(string.format("\n  NOTIFY to pick-up: %.3fs (poll interval 60s)", H.now() - t0))
     H.wait_until(function() return events(m)[2] == "Finished" end, 10, "the item to finish")
     h:kill("TERM")

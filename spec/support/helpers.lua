@@ -172,6 +172,16 @@ function Process:wait(timeout)
   return self.code
 end
 
+-- Waits until the process's stream ("stdout" or "stderr") contains text
+-- (plain, not a pattern); on timeout the error carries the process's log.
+function Process:await(stream, text, timeout)
+  local ok, err = pcall(H.wait_until, function() return self[stream](self):find(text, 1, true) end,
+    timeout or 20, string.format("%q on %s", text, stream))
+  if not ok then
+    error(err .. "\n--- stderr of " .. self.argv[#self.argv] .. ":\n" .. self:stderr(), 2)
+  end
+end
+
 function Process:stdout() return H.read_file(self.out) or "" end
 function Process:stderr() return H.read_file(self.err) or "" end
 function Process:output() return self:stdout() .. self:stderr() end
