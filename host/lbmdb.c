@@ -681,6 +681,14 @@ static int l_wake_local(lua_State *L) {
     return 0;
 }
 
+/* core.count("claim" | "retry") */
+static int l_count(lua_State *L) {
+    static const char *const what[] = {"claim", "retry", NULL};
+    if (luaL_checkoption(L, 1, NULL, what) == 0) worker_count_claim();
+    else worker_count_retry();
+    return 0;
+}
+
 static int l_generation(lua_State *L) {
     lua_pushnumber(L, workers_generation());
     return 1;
@@ -811,6 +819,7 @@ static const luaL_Reg core_funcs[] = {
     {"idle_wait", l_idle_wait}, {"wake_local", l_wake_local},
     {"generation", l_generation}, {"notify_enabled", l_notify_enabled},
     {"seed", l_seed},           {"tmpdir", l_tmpdir},
+    {"count", l_count},
     {"embedded", l_embedded},
     {"now", l_now},             {NULL, NULL}};
 

@@ -351,7 +351,12 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     lifecycle_advance(HOST_DRAINING); /* stops the listener */
     workers_stop();
     reload_destroy(rl);
-    log_kv(LOG_INFO, "workers stopped", NULL);
+    unsigned long claims, retries;
+    worker_counts(&claims, &retries);
+    char c[32], r[32];
+    snprintf(c, sizeof c, "%lu", claims);
+    snprintf(r, sizeof r, "%lu", retries);
+    log_kv(LOG_INFO, "workers stopped", "claims", c, "retries", r, NULL);
     return status;
 }
 

@@ -96,6 +96,18 @@ void worker_wake_everyone(void) {
     pthread_mutex_unlock(&idle_mu);
 }
 
+/* ---- counters --------------------------------------------------------------- */
+
+static unsigned long claims_total, retries_total;
+
+void worker_count_claim(void) { __atomic_add_fetch(&claims_total, 1, __ATOMIC_RELAXED); }
+void worker_count_retry(void) { __atomic_add_fetch(&retries_total, 1, __ATOMIC_RELAXED); }
+
+void worker_counts(unsigned long *claims, unsigned long *retries) {
+    *claims = __atomic_load_n(&claims_total, __ATOMIC_RELAXED);
+    *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
+}
+
 /* ---- generations ----------------------------------------------------------- */
 
 static unsigned generation = 1;

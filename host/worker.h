@@ -40,6 +40,12 @@ int worker_idle_wait(const char *process, double seconds);
 void worker_wake(const char *process);
 /* Every idle slot wakes (shutdown, reload). */
 void worker_wake_everyone(void);
+/* Counters for the log line at stop: items claimed, and transactions the
+ * slots had to retry (40001/40P01), the price of SERIALIZABLE claims. */
+void worker_count_claim(void);
+void worker_count_retry(void);
+void worker_counts(unsigned long *claims, unsigned long *retries);
+
 /* True once the listener has LISTEN running: release may NOTIFY. */
 int worker_notify_enabled(void);
 

@@ -40,6 +40,7 @@ local function transact_on(sess, fn, ...)
     local retryable = is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01")
     local delay = retryable and core.retry_delay(attempt) or -1
     if delay < 0 then error(err, 0) end
+    core.count("retry")
     core.sleep(delay)
   end
 end
@@ -406,7 +407,10 @@ local function claim(def, opts)
       end
     end
   end)
-  if machine then return bmdb._new_work(sess, machine, def.process, attempt, def.backoff) end
+  if machine then
+    core.count("claim")
+    return bmdb._new_work(sess, machine, def.process, attempt, def.backoff)
+  end
 end
 bmdb._claim = claim
 
