@@ -152,14 +152,21 @@ end
 local function settle_failure(w, err, msg)
   if w._decided then return end
   if is_error(err, "cancelled") or is_error(err, "session_expired") or not w:alive() then
-    -- The host records Canceled at shutdown; a lost lock is the collector's.
-    pcall(w.cancel, w)
+    -- Nothing this session can record any more: at shutdown the host
+    -- records Canceled for every lock it still holds; a lost lock is
+    -- recorded Abandoned by whoever collects or takes it over.
+    if not pcall(w.cancel, w) then
+      local shutdown = core.state() == "cancelling"
+      w._decided = shutdown and "Canceled" or "Lost"
+      log_event(w, shutdown and "canceled" or "lost", {
+        { "result", shutdown and "canceled" or "lost" },
+        { "cause", shutdown and "host shutdown" or "session expired" } })
+    end
     return
   end
   local ok, ferr = pcall(w.fail, w, msg)
   if not ok then
-    core.log("error", "could not record the failure", {
-      machine = w.machine, process = w.process, error = tostring(ferr) })
+    log_event(w, "failed", { { "result", "unrecorded" }, { "cause", tostring(ferr):match("^[^\n]*") } })
   end
 end
 
@@ -205,7 +212,13 @@ function bmdb.run(w, body)
   local results = { xpcall(body, traceback, w) }
   current_work = outer
   if results[1] then
-    if not w._decided then w:finish() end
+    if not w._decided then
+      local ok, err = pcall(w.finish, w)
+      if not ok then
+        settle_failure(w, err, tostring(err))
+        error(err, 0)
+      end
+    end
     return unpack(results, 2, table.maxn(results))
   end
   local err = results[2]

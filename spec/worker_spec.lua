@@ -196,6 +196,7 @@ describe("workers", function()
     assert.equal(0, h:wait(30), h:stderr())
     assert.same({ "Started", "Canceled" }, events(m))
     assert.equal(0, count("SELECT 1 FROM work"))
+    assert.matches('msg="work canceled".*result=canceled cause="host shutdown"', h:stderr())
   end)
 
   it("picks up a newly eligible machine on NOTIFY without waiting for the poll interval", function()
@@ -252,6 +253,7 @@ describe("workers", function()
     admin:exec("DELETE FROM sessions WHERE session_id = $1", session)
     H.wait_until(function() return h:stdout():match("lost") end, 20, "the body to see the loss")
     assert.matches("lost false session expired", h:stdout(), 1, true)
+    h:await("stderr", 'msg="work lost"')
     assert.equal(before, count("SELECT 1 FROM machines")) -- the dead session committed nothing
     local m2 = machines(1)[1]
     want { m2 }
