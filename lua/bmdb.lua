@@ -273,7 +273,12 @@ function bmdb.wake(process)
   if not core.valid_process(process) then
     error("bmdb.wake: invalid process name " .. string.format("%q", tostring(process)), 2)
   end
-  bmdb.transact(function(tx) tx:exec("SELECT pg_notify('bmdb_wake', $1)", process) end)
+  local ok, err = pcall(bmdb.transact, function(tx) tx:exec("SELECT pg_notify('bmdb_wake', $1)", process) end)
+  -- A server without notifications (CockroachDB): slots poll instead.
+  if not ok and not (is_error(err, "sql") and (err.sqlstate == "42883" or err.sqlstate == "0A000")) then
+    error(err, 2)
+  end
+  return ok
 end
 
 -- ------------------------------------------------------------------ workers

@@ -126,6 +126,18 @@ describe("bmdb-host", function()
       assert.matches("usage: bmdb-host", err, 1, true)
     end)
 
+    it("invalid worker definitions stop the host with exit 2 before any work", function()
+      local s = script("badworkers.lua", "local bmdb = require 'bmdb'\nreturn { bmdb.worker { process = 'Ok', select = function() end, run = function() end }, 42 }\n")
+      local code, _, err = host { s }
+      assert.equal(2, code)
+      assert.matches("returned value #2 is not a bmdb.worker{...} definition", err, 1, true)
+      s = script("badworker.lua", "local bmdb = require 'bmdb'\nreturn { bmdb.worker { process = 'Ok', poll = 0 } }\n")
+      code, _, err = host { s }
+      assert.equal(1, code)
+      assert.matches("badworker.lua:2: worker Ok: select must be a function(tx, limit), got nil", err, 1, true)
+      assert.matches("poll must be a number of seconds above 0, got 0", err, 1, true)
+    end)
+
     it("a bad flag value names the flag", function()
       local code, _, err = host { "--interval", "soon", "x.lua" }
       assert.equal(2, code)
