@@ -409,10 +409,12 @@ static int l_begin(lua_State *L) {
     memset(u, 0, sizeof *u);
     luaL_getmetatable(L, TX_MT);
     lua_setmetatable(L, -2);
+    /* The tx keeps its session alive as long as it exists, and its __gc
+     * lets go. tx_begin records the session even when it fails, so the
+     * reference is taken first: one ref for the one unref, whatever happens. */
+    session_ref(s);
     tx_error e;
     if (tx_begin(&u->t, the_pool, s, &e) < 0) return raise_error(L, &e);
-    /* The tx keeps its session alive as long as it exists. */
-    session_ref(s);
     return 1;
 }
 

@@ -37,7 +37,9 @@ typedef struct tx {
     int failed;      /* a statement failed: the server will only roll back */
 } tx;
 
-/* sess may be NULL for housekeeping transactions. 0, or -1 with e set. */
+/* sess may be NULL for housekeeping transactions. 0, or -1 with e set;
+ * t->sess is set either way, so a caller holding a reference for the tx
+ * releases it the same way on both paths. */
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
