@@ -6,10 +6,12 @@ DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
              uuid-dev lua-busted postgresql
 PREFIX    ?= /usr/local
 
+# CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the
+# flags the code needs are kept apart so an override cannot drop them.
 CFLAGS    ?= -O2 -g
-CFLAGS    += -std=gnu11 -Wall -Wextra -pthread -fPIC
-CPPFLAGS  += -Ihost -Ibuild $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
-LDLIBS    += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
+BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
+override CPPFLAGS += -Ihost -Ibuild $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
 MOD_LIBS  := $(shell pkg-config --libs libpq uuid 2>/dev/null) -pthread
 
@@ -40,17 +42,17 @@ build/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | build
 	luajit host/embed.lua $@ $(LUA_SRC) $(MIGRATIONS)
 
 build/%.o: host/%.c $(wildcard host/*.h) | build
-	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 build/bundle.o: build/bundle.c host/lbmdb.h host/migrate.h
-	$(CC) $(CPPFLAGS) $(CFLAGS) -c -o $@ $<
+	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 build/bmdb-host: build/main.o $(CORE_OBJ)
-	$(CC) $(CFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS)
 
 build/bmdb/core.so: $(CORE_OBJ) | build
 	@mkdir -p build/bmdb
-	$(CC) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS) $(MOD_LIBS)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS) $(MOD_LIBS)
 
 build:
 	@mkdir -p build
