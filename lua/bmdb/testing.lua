@@ -34,7 +34,8 @@ function Database:close()
 end
 
 -- A fresh database with every migration applied, and bmdb connected to it
--- with a live session. opts: component, interval (seconds).
+-- with a live session. opts: component, interval (seconds), log_level
+-- (what bmdb logs to stderr meanwhile; default "warn").
 function T.database(opts)
   opts = opts or {}
   local dir = core.tmpdir("bmdb-testing")
@@ -43,7 +44,8 @@ function T.database(opts)
     os.execute("rm -rf '" .. dir .. "'")
     error(server, 2)
   end
-  core.open { dsn = dsn, component = opts.component or "bmdb.testing", interval = opts.interval or 5 }
+  core.open { dsn = dsn, component = opts.component or "bmdb.testing", interval = opts.interval or 5,
+              log_level = opts.log_level }
   return setmetatable({ dir = dir, dsn = dsn, _server = server, _conn = core.connect(dsn) }, Database)
 end
 
