@@ -9,22 +9,23 @@ PREFIX    ?= /usr/local
 # CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the
 # flags the code needs are kept apart so an override cannot drop them.
 CFLAGS    ?= -O2 -g
+BUILD     ?= build
 BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
-override CPPFLAGS += -Ihost -Ibuild $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+override CPPFLAGS += -Ihost -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
 MOD_LIBS  := $(shell pkg-config --libs libpq uuid 2>/dev/null) -pthread
 
 CORE_SRC  := $(filter-out host/main.c,$(wildcard host/*.c))
-CORE_OBJ  := $(CORE_SRC:host/%.c=build/%.o) build/bundle.o
+CORE_OBJ  := $(CORE_SRC:host/%.c=$(BUILD)/%.o) $(BUILD)/bundle.o
 LUA_SRC   := $(shell find lua -name '*.lua' | sort)
 MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps run check spec bench install clean
+.PHONY: all deps run check check-asan bench install clean
 
-all: build/bmdb-host build/bmdb/core.so
+all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
 # Installs only what is missing; silent when everything is there.
 deps:
@@ -38,24 +39,24 @@ deps:
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
 	fi
 
-build/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | build
+$(BUILD)/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | $(BUILD)
 	luajit host/embed.lua $@ $(LUA_SRC) $(MIGRATIONS)
 
-build/%.o: host/%.c $(wildcard host/*.h) | build
+$(BUILD)/%.o: host/%.c $(wildcard host/*.h) | $(BUILD)
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
-build/bundle.o: build/bundle.c host/lbmdb.h host/migrate.h
+$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lbmdb.h host/migrate.h
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
-build/bmdb-host: build/main.o $(CORE_OBJ)
+$(BUILD)/bmdb-host: $(BUILD)/main.o $(CORE_OBJ)
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $^ $(LDFLAGS) $(LDLIBS)
 
-build/bmdb/core.so: $(CORE_OBJ) | build
-	@mkdir -p build/bmdb
+$(BUILD)/bmdb/core.so: $(CORE_OBJ) | $(BUILD)
+	@mkdir -p $(BUILD)/bmdb
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS) $(MOD_LIBS)
 
-build:
-	@mkdir -p build
+$(BUILD):
+	@mkdir -p $(BUILD)
 
 # The example worker on the embedded default database (.bmdb/).
 run: deps
@@ -68,6 +69,18 @@ run: deps
 check: deps
 	@$(MAKE) --no-print-directory all
 	$(BUSTED) $(BUSTED_ARGS)
+
+# The specs again, the binary built with AddressSanitizer and leak checks:
+# a memory error or a leak makes the host exit non-zero, which fails the
+# spec that ran it, with the report in the host's log. The in-process specs
+# load the ordinary module (a sanitized module would need libasan preloaded
+# into LuaJIT, and through it into every PostgreSQL the specs start).
+ASAN_CFLAGS := -O1 -g -fsanitize=address -fno-omit-frame-pointer
+check-asan: deps
+	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory BUILD=build/asan CFLAGS='$(ASAN_CFLAGS)' \
+	  LDFLAGS=-fsanitize=address build/asan/bmdb-host
+	BMDB_HOST_BIN=$(CURDIR)/build/asan/bmdb-host ASAN_OPTIONS=detect_leaks=1 $(BUSTED) $(BUSTED_ARGS)
 
 bench: deps
 	@$(MAKE) --no-print-directory all

@@ -50,7 +50,8 @@ local function script_dir()
 end
 
 H.root = script_dir()
-H.bin = H.root .. "/build/bmdb-host"
+-- BMDB_HOST_BIN: another build of the binary (make check-asan)
+H.bin = os.getenv("BMDB_HOST_BIN") or H.root .. "/build/bmdb-host"
 
 function H.now()
   local ts = ffi.new("struct timespec")
