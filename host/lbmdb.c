@@ -73,6 +73,7 @@ void lbmdb_push_error(lua_State *L, const tx_error *e) {
     set_field(L, "message", e->message);
     set_field(L, "detail", e->detail);
     set_field(L, "hint", e->hint);
+    if (e->outcome_unknown) set_field(L, "outcome", "unknown");
     luaL_getmetatable(L, ERROR_MT);
     lua_setmetatable(L, -2);
 }

@@ -164,7 +164,13 @@ int tx_commit(tx *t, tx_error *e) {
     }
     PGresult *r = PQexec(t->conn, "COMMIT");
     int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    if (!ok) tx_error_from_result(e, t->conn, r);
+    if (!ok) {
+        tx_error_from_result(e, t->conn, r);
+        /* A server error to COMMIT means it rolled back; a lost connection
+         * means we cannot know. Callers that must know (a work decision)
+         * look in the database before they retry. */
+        e->outcome_unknown = e->kind == TXE_CONNECTION;
+    }
     PQclear(r);
     t->open = 0;
     pool_put(t->pool, t->conn);

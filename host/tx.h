@@ -27,6 +27,8 @@ typedef struct tx_error {
     char message[1024];
     char detail[512];
     char hint[256];
+    int outcome_unknown;  /* COMMIT was sent but no answer came back: the
+                           * transaction may or may not have committed */
 } tx_error;
 
 typedef struct tx {
