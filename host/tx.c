@@ -2,9 +2,10 @@
  *
  * Every BMDB transaction runs at SERIALIZABLE, as CockroachDB always does:
  * at READ COMMITTED a claim can read a machine whose completion committed a
- * moment earlier and lock it again. The fence is a read of the session row
- * inside the same transaction: if a collector deletes the row, or its
- * deadline has passed by the transaction's now(), nothing of ours commits.
+ * moment earlier and lock it again. The fence is a locking read of the
+ * session row inside the same transaction: if a collector deletes the row,
+ * or its deadline has passed by the transaction's now(), nothing of ours
+ * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
  * always passes before the database's (session.c). */
 #include "tx.h"
@@ -110,8 +111,18 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     if (!sess) return 0;
 
     const char *params[] = {session_id(sess)};
+    /* KEY SHARE, held until COMMIT: the heartbeat's UPDATE of the deadline
+     * does not conflict with it, but the DELETE with which a collector or a
+     * takeover ends an expired session does, so it waits for us. Without
+     * the lock, a COMMIT of ours that stalls (network, fsync, a synchronous
+     * standby) past the deadline could land after another host took our
+     * work over, and SERIALIZABLE would see no conflict: the takeover only
+     * READ the session row. With it, our commit is ordered before the
+     * takeover, which then sees what we committed. On CockroachDB the
+     * takeover's write to a row we read makes our commit fail instead. */
     PGresult *r = exec_params(t->conn,
-                              "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now()",
+                              "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() "
+                              "FOR KEY SHARE",
                               1, params);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
         tx_error_from_result(e, t->conn, r);
