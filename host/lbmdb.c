@@ -55,6 +55,7 @@ static const char *kind_name(tx_error_kind k) {
     case TXE_SESSION_EXPIRED: return "session_expired";
     case TXE_CANCELLED: return "cancelled";
     case TXE_CLOSED: return "closed";
+    case TXE_LOST: return "lost";
     default: return "error";
     }
 }

@@ -138,7 +138,7 @@ static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *c
         PQclear(r);
     }
     if (timed_out) {
-        snprintf(why, whylen, "no answer from the database before the local deadline");
+        snprintf(why, whylen, "no answer from the database in time");
         PGcancel *cancel = PQgetCancel(c);
         char buf[256];
         if (cancel) PQcancel(cancel, buf, sizeof buf);
@@ -417,7 +417,7 @@ void sessions_pause_heartbeat(int pause) {
 static void terminate_lent_backends(PGconn **cp) {
     int pids[256];
     int n = pool_lent_pids(the_pool, pids, 256);
-    if (n == 0 || !*cp) return;
+    if (n == 0 || !(*cp = heartbeat_conn(*cp))) return;
     char list[256 * 12] = "{";
     for (int i = 0; i < n; i++) {
         size_t len = strlen(list);

@@ -18,7 +18,8 @@ typedef enum {
     TXE_CONNECTION,       /* no connection, or it broke mid-transaction */
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
     TXE_CANCELLED,        /* the host is shutting down */
-    TXE_CLOSED            /* the transaction is already over */
+    TXE_CLOSED,           /* the transaction is already over */
+    TXE_LOST              /* the work lock is no longer this session's */
 } tx_error_kind;
 
 typedef struct tx_error {

@@ -139,7 +139,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *ev
                  3, dp, NULL, e);
     if (n < 0) return -1;
     if (n == 0) {
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired: the lock on %s %s is no longer held",
+        tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                      machine, process);
         return -1;
     }

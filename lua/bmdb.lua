@@ -91,9 +91,15 @@ local function log_event(w, event, extra)
   core.log(event == "failed" and "warn" or "info", "work " .. event, kv)
 end
 
+-- Records a decision. It must not be left unrecorded while the session
+-- lives, or the lock stays held until the host exits: a lost connection
+-- is tried again on a fresh one for as long as the session is alive (a
+-- server restart costs a retry, not the item). A COMMIT whose answer was
+-- lost may have landed; the next attempt tells, since a landed release
+-- took our lock with it ("lost").
 local function release(w, event, cause, spec, commit_fn)
   local seconds = 0
-  local results = { transact_on(w._session, function(tx)
+  local function decide(tx)
     if event == "Failed" then
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
@@ -102,7 +108,23 @@ local function release(w, event, cause, spec, commit_fn)
     -- idle slots everywhere (sent at commit, one slot per process).
     if core.notify_enabled() then tx:exec("SELECT pg_notify('bmdb_wake', '')") end
     if commit_fn then return commit_fn(tx) end
-  end) }
+  end
+  local results, uncertain, attempt = nil, false, 0
+  repeat
+    local r = { pcall(transact_on, w._session, decide) }
+    local err = r[2]
+    if r[1] then
+      results = { unpack(r, 2, table.maxn(r)) }
+    elseif uncertain and is_error(err, "lost") then
+      results = {} -- the earlier attempt committed; commit_fn's results went with it
+    elseif is_error(err, "connection") and core.state() ~= "cancelling" and w._session:alive() then
+      uncertain = uncertain or err.outcome == "unknown"
+      attempt = attempt + 1
+      core.sleep(math.min(1, 0.05 * 2 ^ attempt), w._session)
+    else
+      error(err, 0)
+    end
+  until results
   local extra = { { "result", event:lower() } }
   if event == "Failed" then
     extra[2] = { "backoff", seconds .. "s" }
@@ -151,7 +173,8 @@ end
 -- recorded by this session; anything else is a failure with backoff.
 local function settle_failure(w, err, msg)
   if w._decided then return end
-  if is_error(err, "cancelled") or is_error(err, "session_expired") or not w:alive() then
+  if is_error(err, "cancelled") or is_error(err, "session_expired") or is_error(err, "lost")
+     or not w:alive() then
     -- Nothing this session can record any more: at shutdown the host
     -- records Canceled for every lock it still holds; a lost lock is
     -- recorded Abandoned by whoever collects or takes it over.
