@@ -103,7 +103,92 @@ static void notice_to_log(void *arg, const char *msg) {
     log_kv(LOG_DEBUG, "server notice", "notice", line, NULL);
 }
 
+/* libpq's own test for "a connection string, not a database name". */
+static int is_conninfo(const char *s) {
+    return strncmp(s, "postgresql://", 13) == 0 || strncmp(s, "postgres://", 11) == 0 || strchr(s, '=');
+}
+
+/* A quoted fragment worth keeping in a message about a DSN: a connection
+ * keyword ("dbname") or one punctuation mark ("="). Everything else libpq
+ * quotes is a piece of the DSN -- a whole URI, a percent-encoded value --
+ * and may be the password. */
+static int fragment_is_safe(const char *s, size_t n) {
+    if (n == 1) return !((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'));
+    int safe = 0;
+    PQconninfoOption *opts = PQconndefaults();
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strlen(o->keyword) == n && memcmp(o->keyword, s, n) == 0) safe = 1;
+    PQconninfoFree(opts);
+    return safe;
+}
+
+/* Copies libpq's message about a DSN with every unsafe "quoted fragment"
+ * replaced by "...", keeping the first line only. */
+static void redact_quoted(char *dst, size_t len, const char *msg) {
+    size_t o = 0;
+    for (const char *s = msg; *s && *s != '\n' && o + 1 < len;) {
+        const char *end = *s == '"' ? strchr(s + 1, '"') : NULL;
+        if (end && !fragment_is_safe(s + 1, (size_t)(end - s - 1))) {
+            o += (size_t)snprintf(dst + o, len - o, "\"...\"");
+            if (o >= len) o = len - 1;
+            s = end + 1;
+        } else if (end) {
+            size_t n = (size_t)(end - s + 1);
+            if (n > len - 1 - o) n = len - 1 - o;
+            memcpy(dst + o, s, n);
+            o += n;
+            s = end + 1;
+        } else {
+            dst[o++] = *s++;
+        }
+    }
+    dst[o] = '\0';
+}
+
+/* Replaces every occurrence of secret in buf (of size len) by "***". */
+static void scrub(char *buf, size_t len, const char *secret) {
+    size_t n = strlen(secret);
+    char *out = n ? malloc(len) : NULL;
+    if (!out) return;
+    size_t o = 0;
+    for (const char *s = buf; *s && o + 1 < len;) {
+        if (strncmp(s, secret, n) == 0) {
+            for (int i = 0; i < 3 && o + 1 < len; i++) out[o++] = '*';
+            s += n;
+        } else {
+            out[o++] = *s++;
+        }
+    }
+    out[o] = '\0';
+    memcpy(buf, out, o + 1);
+    free(out);
+}
+
+/* Parses conninfo the way libpq will, so a malformed DSN is reported here
+ * with its pieces redacted rather than echoed by PQconnectdb. On success
+ * copies the password (if any) into pw, for scrubbing later messages. */
+static int check_conninfo(const char *conninfo, char *pw, size_t pwlen, char *err, size_t errlen) {
+    pw[0] = '\0';
+    if (!is_conninfo(conninfo)) return 0; /* a bare database name */
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &why);
+    if (!opts) {
+        char safe[512];
+        redact_quoted(safe, sizeof safe, why ? why : "out of memory");
+        snprintf(err, errlen, "cannot connect to database: the DSN is not a valid libpq "
+                              "connection string or URI: %s", safe);
+        PQfreemem(why);
+        return -1;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (strcmp(o->keyword, "password") == 0 && o->val) snprintf(pw, pwlen, "%s", o->val);
+    PQconninfoFree(opts);
+    return 0;
+}
+
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
+    char pw[256];
+    if (check_conninfo(conninfo, pw, sizeof pw, err, errlen) < 0) return NULL;
     /* expand_dbname lets conninfo be a keyword string or a URI; the other
      * keywords are only defaults the caller's string can override. */
     const char *keys[] = {"dbname", "fallback_application_name", "connect_timeout", NULL};
@@ -118,6 +203,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
         pool_describe_conn(c, where, sizeof where);
         first_line(why, sizeof why, PQerrorMessage(c));
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
+        scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
         return NULL;
     }
