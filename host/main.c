@@ -107,7 +107,9 @@ static int parse_options(int argc, char **argv, struct options *o) {
     log_level lvl = LOG_INFO;
     int json = 0, c;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+    /* '+': options end at the script; ':': a missing value is reported as
+     * such (':'), not as an unknown option ('?'). */
+    while ((c = getopt_long(argc, argv, "+:h", longopts, NULL)) != -1) {
         switch (c) {
         case O_DSN: o->dsn = optarg; break;
         case O_DATA_DIR: o->data_dir = optarg; break;

@@ -58,7 +58,14 @@ int tx_error_retryable(const tx_error *e) {
            (strcmp(e->sqlstate, "40001") == 0 || strcmp(e->sqlstate, "40P01") == 0);
 }
 
-#define TX_MAX_ATTEMPTS 12
+/* Retries are bounded by time, not by a small count: ordinary contention
+ * (dozens of slots claiming from the same candidates) can need dozens of
+ * attempts, and giving up then turns contention into failures. 120
+ * attempts wait about 30 s in all (the delay grows to 0.25 s on average
+ * and stays there), the bound bmdb.transact also keeps by the clock. */
+#define TX_MAX_ATTEMPTS 120
+#define TX_DELAY_FIRST 0.002
+#define TX_DELAY_CAP 0.25
 
 double tx_retry_delay(int attempt) {
     /* Full jitter around an exponential base: two transactions that
@@ -66,8 +73,8 @@ double tx_retry_delay(int attempt) {
     static __thread unsigned seed;
     if (!seed) seed = (unsigned)(mono_now() * 1e9) ^ (unsigned)(uintptr_t)pthread_self();
     if (attempt < 1 || attempt > TX_MAX_ATTEMPTS) return -1;
-    double base = 0.002 * (double)(1u << (attempt - 1 < 8 ? attempt - 1 : 8));
-    if (base > 0.25) base = 0.25;
+    double base = TX_DELAY_FIRST * (double)(1u << (attempt - 1 < 8 ? attempt - 1 : 8));
+    if (base > TX_DELAY_CAP) base = TX_DELAY_CAP;
     return base * (0.5 + (double)rand_r(&seed) / ((double)RAND_MAX + 1.0));
 }
 
