@@ -552,5 +552,12 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
     if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
         return cmd_report(&o, cmd, nargs - 1, args + 1);
-    return cmd_run(&o, nargs, args, sigfd);
+    int status = cmd_run(&o, nargs, args, sigfd);
+    if (status == EXIT_STUCK) {
+        /* A thread still runs Lua in our memory: exit without the atexit
+         * handlers and destructors exit() would run under it. */
+        fflush(NULL);
+        _exit(status);
+    }
+    return status;
 }

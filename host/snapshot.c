@@ -178,7 +178,7 @@ void snapshot_install(lua_State *L, snapshot *s) {
     /* The box lives as long as the state: in the registry, and as the
      * searcher's upvalue. */
     lua_pushvalue(L, -1);
-    lua_setfield(L, LUA_REGISTRYINDEX, SNAPSHOT_MT);
+    lua_setfield(L, LUA_REGISTRYINDEX, "bmdb.snapshot.box");
     lua_pushcclosure(L, searcher, 1);
     /* table.insert(package.loaders, 2, searcher): after preload, before
      * the file searchers */

@@ -185,6 +185,41 @@ end]], tampered, tampered, script("v3"))
     assert.not_matches("v3", host:stdout(), 1, true)
   end)
 
+  it("serves modules from the validated snapshot too, with file:line in their errors", function()
+    local helper, tampered = dir .. "/helper.lua", dir .. "/tampered"
+    H.write_file(helper, "return { version = 'h1' }\n")
+    H.write_file(path, script("v1", nil, 'VERSION = require("helper").version'))
+    start()
+    assert.equal("h1", ran(want()).version)
+    -- v2 requires helper h2, then saves h3 over it: never validated
+    H.write_file(helper, "return { version = 'h2' }\n")
+    H.write_file(path, script("v2", nil, string.format([[
+VERSION = require("helper").version
+if not io.open(%q) then
+  io.open(%q, "w"):close()
+  local f = io.open(%q, "wb"); f:write("return { version = 'h3' }\n"); f:close()
+end]], tampered, tampered, helper)))
+    host:kill("HUP")
+    wait_generation(2)
+    assert.equal("return { version = 'h3' }\n", H.read_file(helper))
+    assert.equal("h2", ran(want()).version)
+    H.write_file(helper, "local x = 1\nerror('broken helper')\n")
+    host:kill("HUP")
+    host:await("stderr", "reload refused")
+    assert.matches(helper .. ":2: broken helper", host:stderr(), 1, true)
+  end)
+
+  it("with --watch, follows the modules the script requires from its directory", function()
+    local helper = dir .. "/helper.lua"
+    H.write_file(helper, "return { version = 'h1' }\n")
+    H.write_file(path, script("v1", nil, 'VERSION = require("helper").version'))
+    start { "--watch" }
+    assert.equal("h1", ran(want()).version)
+    rename_over(helper, "return { version = 'h2' }\n")
+    wait_generation(2)
+    assert.equal("h2", ran(want()).version)
+  end)
+
   it("a slot that cannot load the validated code keeps its old code and retries", function()
     start()
     local validated, allow = dir .. "/validated", dir .. "/allow"
