@@ -973,6 +973,11 @@ lua_State *lbmdb_script_state(snapshot *snap, int argc, char **argv, int *kind, 
         return NULL;
     }
     lbmdb_openlibs(L);
+    /* bmdb.core now: its error objects (os.exit raises one) get their
+     * metatable even in a script that never requires bmdb */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "bmdb.core");
+    lua_call(L, 1, 0);
     set_script_path(L, snapshot_script(snap));
     snapshot_install(L, snap);
     set_arg(L, argc, argv);
