@@ -913,7 +913,6 @@ static void set_arg(lua_State *L, int argc, char **argv) {
     lua_setglobal(L, "arg");
 }
 
-
 static int exit_status = -1; /* what os.exit asked for; -1: nothing */
 
 int lbmdb_exit_requested(int *status) {
