@@ -31,6 +31,7 @@
 #include "migrate.h"
 #include "pool.h"
 #include "session.h"
+#include "snapshot.h"
 #include "tx.h"
 #include "work.h"
 #include "worker.h"
@@ -698,6 +699,7 @@ static int l_lock(lua_State *L) {
     tx_error e;
     switch (work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &attempt, until, sizeof until, &e)) {
     case WORK_LOCKED:
+        worker_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
         lua_pushliteral(L, "locked");
         lua_pushinteger(L, attempt);
         return 2;
@@ -723,6 +725,7 @@ static int l_release(lua_State *L) {
     if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), events[ev],
                      luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
         return raise_error(L, &e);
+    worker_note_item(NULL);
     return 0;
 }
 
@@ -1105,21 +1108,90 @@ static void set_arg(lua_State *L, int argc, char **argv) {
     lua_setglobal(L, "arg");
 }
 
-lua_State *lbmdb_script_state(const char *path, int argc, char **argv, char *err, size_t errlen) {
+static int exit_status = -1; /* what os.exit asked for; -1: nothing */
+
+int lbmdb_exit_requested(int *status) {
+    int s = __atomic_load_n(&exit_status, __ATOMIC_ACQUIRE);
+    if (s < 0) return 0;
+    *status = s;
+    return 1;
+}
+
+/* os.exit in a script state: exit() from a slot or the script's thread
+ * would skip ending the session (its row would stay until it expires and
+ * held work would go unrecorded). So it records the status (the first
+ * call wins), moves the host to cancelling, and unwinds the caller with a
+ * cancelled error; the host then stops in order and exits with it. */
+static int l_os_exit(lua_State *L) {
+    int status = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE)
+                                     : (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+    status &= 0xff; /* what the exit status can hold */
+    int none = -1;
+    if (__atomic_compare_exchange_n(&exit_status, &none, status, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        char buf[16];
+        snprintf(buf, sizeof buf, "%d", status);
+        log_kv(LOG_INFO, "os.exit called: stopping the host", "status", buf, NULL);
+    }
+    lifecycle_advance(HOST_CANCELLING);
+    worker_wake_everyone();
+    return raise_kind(L, TXE_CANCELLED, "cancelled: os.exit ends the host");
+}
+
+/* Message handler of a script's top level: notes what kind of error it
+ * was (bmdb.worker raises kind "definition") before the object becomes a
+ * message with a traceback. */
+static int script_msgh(lua_State *L) {
+    int kind = SCRIPT_RUNTIME_ERROR;
+    lua_pushcfunction(L, l_is_error);
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    if (lua_toboolean(L, -1)) {
+        lua_getfield(L, 1, "kind");
+        const char *k = lua_tostring(L, -1);
+        if (k && !strcmp(k, "definition")) kind = SCRIPT_DEFINITION_ERROR;
+        else if (k && !strcmp(k, "cancelled")) kind = SCRIPT_CANCELLED;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_pushinteger(L, kind);
+    lua_setfield(L, LUA_REGISTRYINDEX, "bmdb.error_kind");
+    return lbmdb_traceback(L);
+}
+
+lua_State *lbmdb_script_state(snapshot *snap, int argc, char **argv, int *kind, char *err, size_t errlen) {
+    *kind = SCRIPT_OK;
     lua_State *L = luaL_newstate();
     if (!L) {
         snprintf(err, errlen, "out of memory");
+        *kind = SCRIPT_RUNTIME_ERROR;
         return NULL;
     }
     lbmdb_openlibs(L);
-    set_script_path(L, path);
+    /* bmdb.core now: its error objects (os.exit raises one) get their
+     * metatable even in a script that never requires bmdb */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "bmdb.core");
+    lua_call(L, 1, 0);
+    set_script_path(L, snapshot_script(snap));
+    snapshot_install(L, snap);
     set_arg(L, argc, argv);
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, l_os_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
     lbmdb_register_state(L);
-    lua_pushcfunction(L, lbmdb_traceback);
-    int rc = luaL_loadfile(L, path);
-    if (rc == 0) {
+    lua_pushcfunction(L, script_msgh);
+    int rc = snapshot_load_script(L, snap);
+    if (rc != 0) {
+        *kind = SCRIPT_SYNTAX_ERROR;
+    } else {
         for (int i = 1; i < argc; i++) lua_pushstring(L, argv[i]);
         rc = lua_pcall(L, argc - 1, 1, 1);
+        if (rc != 0) {
+            lua_getfield(L, LUA_REGISTRYINDEX, "bmdb.error_kind");
+            *kind = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : SCRIPT_RUNTIME_ERROR;
+            lua_pop(L, 1);
+        }
     }
     if (rc != 0) {
         const char *msg = lua_tostring(L, -1);
@@ -1162,29 +1234,57 @@ static int call_bmdb(lua_State *L, const char *fname, int nargs, int nresults, c
     return 0;
 }
 
-int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen) {
+int lbmdb_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t errlen) {
+    *specs = NULL;
     lua_pushvalue(L, -1); /* the script's result */
     if (call_bmdb(L, "_specs", 1, 1, err, errlen) < 0) return -1;
-    int n = 0;
-    if (lua_istable(L, -1)) {
-        for (n = 0; n < max; n++) {
-            lua_rawgeti(L, -1, n + 1);
-            if (lua_isnil(L, -1)) {
-                lua_pop(L, 1);
-                break;
-            }
-            lua_getfield(L, -1, "process");
-            snprintf(specs[n].process, sizeof specs[n].process, "%s", lua_tostring(L, -1));
-            lua_getfield(L, -2, "concurrency");
-            specs[n].concurrency = (int)lua_tonumber(L, -1);
-            lua_pop(L, 3);
-        }
+    int n = lua_istable(L, -1) ? (int)lua_objlen(L, -1) : 0;
+    if (n > 0) *specs = calloc((size_t)n, sizeof **specs);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        lua_getfield(L, -1, "process");
+        snprintf((*specs)[i].process, sizeof (*specs)[i].process, "%s", lua_tostring(L, -1));
+        lua_getfield(L, -2, "concurrency");
+        (*specs)[i].concurrency = (int)lua_tonumber(L, -1);
+        lua_pop(L, 3);
     }
     lua_pop(L, 1);
     return n;
 }
 
-int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen) {
+/* core.generation for a slot that failed to load generation `deferred`:
+ * the generation it runs until `until` (monotonic), so bmdb._serve does
+ * not ask for that reload again at every boundary before then. A newer
+ * generation is reported at once. Upvalues: have, deferred, until. */
+static int deferred_generation(lua_State *L) {
+    unsigned now = workers_generation();
+    unsigned deferred = (unsigned)lua_tonumber(L, lua_upvalueindex(2));
+    int defer = now == deferred && mono_now() < lua_tonumber(L, lua_upvalueindex(3));
+    lua_pushnumber(L, defer ? lua_tonumber(L, lua_upvalueindex(1)) : now);
+    return 1;
+}
+
+static void set_generation_fn(lua_State *L, unsigned have, unsigned deferred, double until) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "bmdb.core");
+    if (lua_istable(L, -1)) {
+        if (until > 0) {
+            lua_pushnumber(L, have);
+            lua_pushnumber(L, deferred);
+            lua_pushnumber(L, until);
+            lua_pushcclosure(L, deferred_generation, 3);
+        } else {
+            lua_pushcfunction(L, l_generation);
+        }
+        lua_setfield(L, -2, "generation");
+    }
+    lua_pop(L, 3);
+}
+
+int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, unsigned deferred,
+                double defer_until, char *err, size_t errlen) {
+    set_generation_fn(L, generation, deferred, defer_until);
     lua_pushvalue(L, -1); /* the script's result */
     lua_pushstring(L, process);
     lua_pushinteger(L, index);
@@ -1195,21 +1295,4 @@ int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generatio
     if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb._serve returned %s", r ? r : "nothing");
     lua_pop(L, 1);
     return out;
-}
-
-int lbmdb_script_files(lua_State *L, const char *script, char ***files) {
-    char buf[PATH_MAX], err[1024];
-    snprintf(buf, sizeof buf, "%s", script);
-    lua_pushstring(L, dirname(buf));
-    *files = NULL;
-    if (call_bmdb(L, "_script_files", 1, 1, err, sizeof err) < 0) return 0;
-    int n = (int)lua_objlen(L, -1);
-    *files = calloc((size_t)n + 1, sizeof **files);
-    for (int i = 0; i < n; i++) {
-        lua_rawgeti(L, -1, i + 1);
-        (*files)[i] = strdup(lua_tostring(L, -1));
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    return n;
 }

@@ -567,7 +567,7 @@ end
 -- bmdb.worker{process=, concurrency=, backoff=, select=, run=, poll=, batch=}
 function bmdb.worker(def)
   local problems = bmdb._problems(def)
-  if #problems > 0 then error(table.concat(problems, "; "), 2) end
+  if #problems > 0 then local at = debug.getinfo(2, "Sl"); error(core.error("definition", (at and at.currentline > 0 and at.short_src .. ":" .. at.currentline .. ": " or "") .. table.concat(problems, "; ")), 0) end
   local w = {}
   for k, v in pairs(def) do w[k] = v end
   w.concurrency = w.concurrency or 1
