@@ -361,6 +361,9 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
             cancelled = 1;
             worker_wake_everyone();
             lbmdb_interrupt_all();
+            /* A slot waiting in libpq (on a lock, a slow statement) sees
+             * neither hook nor kick: ask the server to cancel its statement. */
+            pool_cancel_lent(db->pool);
             if (workers_wait(STOP_WAIT_S) > 0) {
                 workers_report_stuck();
                 log_kv(LOG_ERROR, "slots did not stop after the cancel; ending the session without them", NULL);
@@ -498,6 +501,7 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
         if (sig > 0) log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
         lifecycle_advance(HOST_CANCELLING);
         lbmdb_interrupt_all();
+        pool_cancel_lent(db.pool);
         finished = wait_for(-1, pipefd[0], STOP_WAIT_S) == 0;
         break;
     }
