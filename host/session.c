@@ -228,13 +228,17 @@ static int poke(PGconn **cp, session *s) {
     char why[600];
     double sent = mono_now();
     pthread_mutex_lock(&mu);
-    double local = s->deadline;
+    double until = s->deadline;
     pthread_mutex_unlock(&mu);
+    /* One attempt may not take all the time left: a connection that hangs
+     * (a frozen backend, a black-holed route) must leave room for another
+     * attempt on a fresh connection before the local deadline. */
+    if (until > sent + cfg.interval_s / 4.0) until = sent + cfg.interval_s / 4.0;
     PGresult *r = exec_bounded(
         cp,
         "UPDATE sessions SET deadline = now() + interval_seconds * INTERVAL '1 second' "
         "WHERE session_id = $1 AND deadline > now() RETURNING session_id",
-        1, params, local, why, sizeof why);
+        1, params, until, why, sizeof why);
     int outcome = 0;
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
         outcome = PQntuples(r) == 1 ? 1 : -1;

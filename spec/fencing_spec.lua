@@ -196,6 +196,41 @@ describe("hosts under database faults", function()
     pg:stop("immediate")
   end)
 
+  it("keeps its session when the heartbeat's backend hangs, and says why a poke failed", function()
+    local dsn = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
+    local admin = core.connect(dsn)
+    H.write_file(dir .. "/idle.lua", [[
+      local bmdb = require "bmdb"
+      return { bmdb.worker { process = "Idle", poll = 1,
+        select = function(tx, limit) return {} end, run = function(w) end } }
+    ]])
+    local host = H.spawn { argv = { H.bin, "--interval", "3", dir .. "/idle.lua" }, env = { BMDB_DSN = dsn } }
+    host:await("stderr", "workers started")
+    local id = host:stderr():match('session started" session=([%x-]+)')
+    local pid = H.wait_until(function() return backend_running(admin, "UPDATE sessions SET deadline") end,
+      10, "the heartbeat's backend")
+    local stopped_at = admin:one("SELECT now()::TEXT AS t").t
+    os.execute("kill -STOP " .. pid)
+    local ok, err = pcall(function()
+      host:await("stderr", "heartbeat failed, retrying")
+      -- Pushed on a fresh connection past the frozen one's last chance.
+      H.wait_until(function()
+        return admin:one([[SELECT deadline > $1::TIMESTAMPTZ + INTERVAL '6 seconds' AS later
+                           FROM sessions WHERE session_id = $2]], stopped_at, id).later
+      end, 15, "a heartbeat on a fresh connection")
+    end)
+    os.execute("kill -CONT " .. pid)
+    host:kill("TERM")
+    assert(ok, tostring(err))
+    assert.equal(0, host:wait(30), host:stderr())
+    local log = host:stderr()
+    assert.matches('heartbeat failed, retrying" session=' .. id .. ' error="no answer from the database in time"',
+      log, 1, true)
+    assert.is_nil(log:find("session lost", 1, true), log)
+    admin:close()
+  end)
+
   it("stays killable when a slot leaves a transaction open and another waits on its lock", function()
     local dsn = H.postgres():create_db()
     assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
