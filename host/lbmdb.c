@@ -25,6 +25,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "control.h"
 #include "embedded.h"
 #include "lifecycle.h"
 #include "log.h"
@@ -170,6 +171,22 @@ static void cancel_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
     raise_kind(L, TXE_CANCELLED, "cancelled: the host is shutting down");
+}
+
+/* Raises "lost" in a body whose lock was taken away (control.c), at the
+ * next instruction count, unless its item is over by then. */
+static void lost_hook(lua_State *L, lua_Debug *ar) {
+    (void)ar;
+    lua_sethook(L, NULL, 0, 0);
+    char why[512];
+    if (control_state_lost(L, why, sizeof why)) raise_kind(L, TXE_LOST, why);
+}
+
+void lbmdb_interrupt_lost(lua_State *L) {
+    pthread_mutex_lock(&states_mu);
+    for (int i = 0; i < nstates; i++)
+        if (states[i] == L) lua_sethook(L, lost_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+    pthread_mutex_unlock(&states_mu);
 }
 
 void lbmdb_register_state(lua_State *L) {
@@ -558,7 +575,11 @@ static int l_begin(lua_State *L) {
      * reference is taken first: one ref for the one unref, whatever happens. */
     session_ref(s);
     tx_error e;
-    if (tx_begin(&u->t, the_pool, s, &e) < 0) return raise_error(L, &e);
+    /* core.begin(sess, machine, process, token): a body's transaction,
+     * fenced by its item too */
+    tx_item item = {lua_tostring(L, 2), lua_tostring(L, 3), lua_tostring(L, 4)};
+    int fenced = item.machine && item.process && item.token;
+    if (tx_begin_item(&u->t, the_pool, s, fenced ? &item : NULL, &e) < 0) return raise_error(L, &e);
     return 1;
 }
 
@@ -690,39 +711,63 @@ static void check_ids(lua_State *L, int midx, int pidx) {
         luaL_error(L, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", p);
 }
 
-/* core.lock(tx, machine, process) -> "locked", attempt | "held" | "backoff", until */
+/* An optional numeric field of table idx as text, into buf (NULL if absent). */
+static const char *opt_number_text(lua_State *L, int idx, const char *k, char *buf, size_t len) {
+    if (!lua_istable(L, idx)) return NULL;
+    lua_getfield(L, idx, k);
+    const char *v = NULL;
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+        format_number(lua_tonumber(L, -1), buf, len);
+        v = buf;
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.lock(tx, machine, process, {timeout=, initial=, maximum=, exponent=})
+ * -> "locked", attempt, token | "held" | "backoff", until
+ *  | "paused", reason | "onhold", reason */
 static int l_lock(lua_State *L) {
     ltx *u = check_open_tx(L, "lock");
     check_ids(L, 2, 3);
-    int attempt = 0;
-    char until[64] = "";
+    char b[4][40];
+    work_claim c = {opt_number_text(L, 4, "timeout", b[0], 40), opt_number_text(L, 4, "initial", b[1], 40),
+                    opt_number_text(L, 4, "maximum", b[2], 40), opt_number_text(L, 4, "exponent", b[3], 40)};
+    work_locked out;
     tx_error e;
-    switch (work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &attempt, until, sizeof until, &e)) {
+    work_lock_result res = work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
+    switch (res) {
     case WORK_LOCKED:
         worker_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
         lua_pushliteral(L, "locked");
-        lua_pushinteger(L, attempt);
-        return 2;
+        lua_pushinteger(L, out.attempt);
+        lua_pushstring(L, out.token);
+        return 3;
     case WORK_HELD:
         lua_pushliteral(L, "held");
         return 1;
     case WORK_BACKOFF:
         lua_pushliteral(L, "backoff");
-        lua_pushstring(L, until);
+        lua_pushstring(L, out.until);
+        return 2;
+    case WORK_PAUSED:
+    case WORK_ON_HOLD:
+        lua_pushstring(L, res == WORK_PAUSED ? "paused" : "onhold");
+        lua_pushstring(L, out.why);
         return 2;
     default:
         return raise_error(L, &e);
     }
 }
 
-/* core.release(tx, machine, process, event, cause, seconds) */
+/* core.release(tx, machine, process, event, cause, seconds, token) */
 static int l_release(lua_State *L) {
     ltx *u = check_open_tx(L, "release");
     check_ids(L, 2, 3);
     static const char *const events[] = {"Finished", "Failed", "Canceled", NULL};
     int ev = luaL_checkoption(L, 4, NULL, events);
     tx_error e;
-    if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), events[ev],
+    if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 7, NULL), events[ev],
                      luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
         return raise_error(L, &e);
     worker_note_item(NULL);
@@ -792,7 +837,8 @@ static int l_sleep(lua_State *L) {
     double left;
     while ((left = end - mono_now()) > 0) {
         lifecycle_wait(left, HOST_CANCELLING, &gen);
-        if (lifecycle_state() >= HOST_CANCELLING || (s && !session_alive(s))) {
+        if (lifecycle_state() >= HOST_CANCELLING || (s && !session_alive(s)) ||
+            control_state_lost(L, NULL, 0)) {
             lua_pushboolean(L, 0);
             return 1;
         }
@@ -1006,6 +1052,80 @@ static int embedded_close_l(lua_State *L) {
     return 0;
 }
 
+/* ---- work control (control.c) ------------------------------------------ */
+
+/* core.cancel(tx, machine, process, reason) -> token or nil */
+static int l_cancel(lua_State *L) {
+    ltx *u = check_open_tx(L, "cancel");
+    check_ids(L, 2, 3);
+    char token[40] = "";
+    tx_error e;
+    int rc = control_cancel(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 4, NULL),
+                            token, sizeof token, &e);
+    if (rc < 0) return raise_error(L, &e);
+    if (rc == 0) lua_pushnil(L);
+    else lua_pushstring(L, token);
+    return 1;
+}
+
+/* core.control(tx, "pause" | "resume" | "hold" | "unhold", name, reason) -> bool */
+static int l_control(lua_State *L) {
+    ltx *u = check_open_tx(L, "control");
+    static const char *const ops[] = {"pause", "resume", "hold", "unhold", NULL};
+    int op = luaL_checkoption(L, 2, NULL, ops);
+    const char *name = luaL_checkstring(L, 3), *reason = luaL_optstring(L, 4, NULL);
+    if (op < 2 && !work_valid_process(name))
+        return luaL_error(L, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", name);
+    if (op >= 2 && !work_valid_uuid(name)) return luaL_error(L, "machine id is not a UUID: %s", name);
+    tx_error e;
+    int rc = op == 0 ? control_pause(&u->t, name, reason, &e)
+           : op == 1 ? control_resume(&u->t, name, &e)
+           : op == 2 ? control_hold(&u->t, name, reason, &e)
+                     : control_unhold(&u->t, name, reason, &e);
+    if (rc < 0) return raise_error(L, &e);
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* core.paused(tx, process) -> reason or nil, and notes it for the log */
+static int l_paused(lua_State *L) {
+    ltx *u = check_open_tx(L, "paused");
+    const char *process = luaL_checkstring(L, 2);
+    char why[512] = "";
+    tx_error e;
+    int rc = control_paused(&u->t, process, why, sizeof why, &e);
+    if (rc < 0) return raise_error(L, &e);
+    if (rc) lua_pushstring(L, why);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* core.note_pause(process, paused, reason): logged once per change */
+static int l_note_pause(lua_State *L) {
+    control_note_pause(luaL_checkstring(L, 1), lua_toboolean(L, 2), luaL_optstring(L, 3, NULL));
+    return 0;
+}
+
+/* core.track(token, machine, process, slot, timeout, started) / core.untrack(token) */
+static int l_track(lua_State *L) {
+    control_track(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                  (int)luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0), luaL_optnumber(L, 6, mono_now()));
+    return 0;
+}
+
+static int l_untrack(lua_State *L) {
+    control_untrack(luaL_checkstring(L, 1));
+    return 0;
+}
+
+/* core.item_lost(token) -> why or nil */
+static int l_item_lost(lua_State *L) {
+    char why[256];
+    if (control_item_lost(luaL_checkstring(L, 1), why, sizeof why)) lua_pushstring(L, why);
+    else lua_pushnil(L);
+    return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
     {"open", l_open},           {"close", l_close},
     {"session", l_session},     {"begin", l_begin},
@@ -1022,6 +1142,10 @@ static const luaL_Reg core_funcs[] = {
     {"seed", l_seed},           {"tmpdir", l_tmpdir},
     {"count", l_count},
     {"embedded", l_embedded},
+    {"cancel", l_cancel},       {"control", l_control},
+    {"paused", l_paused},       {"note_pause", l_note_pause},
+    {"track", l_track},         {"untrack", l_untrack},
+    {"item_lost", l_item_lost},
     {"now", l_now},             {NULL, NULL}};
 
 static const luaL_Reg session_methods[] = {

@@ -32,6 +32,9 @@ void lbmdb_set_pool(struct pool *p);
 void lbmdb_register_state(lua_State *L);
 void lbmdb_unregister_state(lua_State *L);
 void lbmdb_interrupt_all(void);
+/* Makes L raise "lost" at its next instruction count, if one of its items
+ * is marked lost by then (control.c). */
+void lbmdb_interrupt_lost(lua_State *L);
 
 /* Standard libraries, bmdb.core, and the embedded modules as preloads. */
 void lbmdb_openlibs(lua_State *L);

@@ -25,6 +25,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "control.h"
 #include "embedded.h"
 #include "lbmdb.h"
 #include "lifecycle.h"
@@ -53,6 +54,11 @@ static const char usage_text[] =
     "       bmdb-host migrate [up | down N | status]   manage the schema\n"
     "       bmdb-host status                           sessions, work in flight, backoffs\n"
     "       bmdb-host history MACHINE                  audit trail of one machine\n"
+    "       bmdb-host cancel MACHINE PROCESS [--reason TEXT]  end that lock now (exit 1: none held)\n"
+    "       bmdb-host pause PROCESS [--reason TEXT]    no claims of PROCESS on any host\n"
+    "       bmdb-host resume PROCESS                   claims of PROCESS start again\n"
+    "       bmdb-host hold MACHINE [--reason TEXT]     no process claims MACHINE\n"
+    "       bmdb-host unhold MACHINE [--reason TEXT]   MACHINE can be claimed again\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
@@ -255,6 +261,21 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
     return 0;
 }
 
+/* cancel, pause, resume, hold, unhold (control.c). Exit 0 when done, 1
+ * when there was nothing to do (cancel: no lock held) or the database
+ * failed, 2 for bad arguments. */
+static int cmd_control(const struct options *o, const char *cmd, int argc, char **argv) {
+    control_args a;
+    char err[1024];
+    if (control_parse(cmd, argc, argv, &a, err, sizeof err) < 0) return die(EXIT_USAGE, "%s", err);
+    struct database db;
+    if (database_open(o, 1, &db) < 0 || schema_ready(o, db.pool) < 0) return database_close(&db), EXIT_FAILED;
+    int rc = control_run(db.pool, &a, stdout, err, sizeof err);
+    database_close(&db);
+    if (rc < 0) return die(EXIT_FAILED, "%s", err);
+    return rc == 0 && !strcmp(cmd, "cancel") ? EXIT_FAILED : 0;
+}
+
 /* ---- running a script ------------------------------------------------------ */
 
 struct script_run {
@@ -342,6 +363,7 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     while (workers_live() > 0) {
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
+        control_check_timeouts(); /* bodies past their item's timeout */
         host_state st = lifecycle_state();
         if (sig == 0) reload_read_events(rl);
         if (st == HOST_RUNNING && reload_due_in(rl) == 0) reload_run(rl, db->pool, 0);
@@ -488,6 +510,7 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
         /* short polls: os.exit caught by a pcall leaves the top level
          * running in a cancelled host, to be interrupted like on a signal */
         int sig = wait_for(sigfd, pipefd[0], 0.2);
+        control_check_timeouts();
         if (sig == 0) {
             finished = 1;
             break;
@@ -558,6 +581,9 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
     if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
         return cmd_report(&o, cmd, nargs - 1, args + 1);
+    if (!strcmp(cmd, "cancel") || !strcmp(cmd, "pause") || !strcmp(cmd, "resume") || !strcmp(cmd, "hold") ||
+        !strcmp(cmd, "unhold"))
+        return cmd_control(&o, cmd, nargs - 1, args + 1);
     int status = cmd_run(&o, nargs, args, sigfd);
     if (status == EXIT_STUCK) {
         /* A thread still runs Lua in our memory: exit without the atexit

@@ -48,9 +48,25 @@ int report_status(PGconn *c, FILE *out, char *err, size_t errlen) {
         return -1;
     fputc('\n', out);
     if (print_table(c, out, "work in flight",
-                    "SELECT w.machine_id, w.process, w.session_id, "
-                    "date_trunc('second', w.started_at) AS started_at "
-                    "FROM work w ORDER BY w.started_at",
+                    "SELECT w.machine_id, w.process, w.session_id, s.runtime_info AS runtime, "
+                    "date_trunc('second', w.started_at) AS started_at, "
+                    "date_trunc('second', w.deadline) AS deadline, "
+                    "CASE WHEN s.deadline <= now() THEN 'session expired' "
+                    " WHEN w.deadline <= now() THEN 'timed out; its slot is stuck or stopping' "
+                    " ELSE 'running' END AS state "
+                    "FROM work w JOIN sessions s ON s.session_id = w.session_id ORDER BY w.started_at",
+                    0, NULL, err, errlen) < 0)
+        return -1;
+    fputc('\n', out);
+    if (print_table(c, out, "paused processes",
+                    "SELECT process, date_trunc('second', paused_at) AS since, pause_reason AS reason "
+                    "FROM processes WHERE paused_at IS NOT NULL ORDER BY paused_at",
+                    0, NULL, err, errlen) < 0)
+        return -1;
+    fputc('\n', out);
+    if (print_table(c, out, "machines on hold",
+                    "SELECT machine_id, date_trunc('second', held_at) AS since, reason "
+                    "FROM machine_holds ORDER BY held_at",
                     0, NULL, err, errlen) < 0)
         return -1;
     fputc('\n', out);

@@ -40,10 +40,19 @@ typedef struct tx {
     int failed;      /* a statement failed: the server will only roll back */
 } tx;
 
+/* The work item a body's transaction belongs to: its fence also checks
+ * that the item's work row with this claim's token still exists. */
+typedef struct tx_item {
+    const char *machine, *process, *token;
+} tx_item;
+
 /* sess may be NULL for housekeeping transactions. 0, or -1 with e set;
  * t->sess is set either way, so a caller holding a reference for the tx
  * releases it the same way on both paths. */
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
+/* tx_begin fenced by item too: TXE_LOST, naming why, when its lock was
+ * taken away (timeout, canceled by an operator, taken over). */
+int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */

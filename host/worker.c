@@ -24,6 +24,7 @@
 
 #include <lua.h>
 
+#include "control.h"
 #include "lbmdb.h"
 #include "lifecycle.h"
 #include "log.h"
@@ -260,7 +261,8 @@ static PGconn *listen_conn(void) {
     char err[512];
     PGconn *c = pool_get(the_pool, err, sizeof err);
     if (!c) return NULL;
-    PGresult *r = PQexec(c, "LISTEN bmdb_wake");
+    /* bmdb_cancel: an operator canceled a lock; the payload is its token */
+    PGresult *r = PQexec(c, "LISTEN bmdb_wake; LISTEN bmdb_cancel");
     int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
     const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     if (!ok && state && !strcmp(state, "0A000")) {
@@ -302,7 +304,8 @@ static void *listener_main(void *arg) {
         }
         PGnotify *note;
         while ((note = PQnotifies(c))) {
-            worker_wake(note->extra);
+            if (!strcmp(note->relname, "bmdb_cancel")) control_lost_token(note->extra, "canceled by an operator");
+            else worker_wake(note->extra);
             PQfreemem(note);
         }
     }
@@ -320,6 +323,9 @@ int workers_start(pool *p, int argc, char **argv, const worker_spec *specs, int 
     script_argc = argc;
     script_argv = argv;
     if (!listener_started && pthread_create(&listener, NULL, listener_main, NULL) == 0) listener_started = 1;
+    const char *names[256];
+    for (int i = 0; i < nspecs && i < 256; i++) names[i] = specs[i].process;
+    control_register(p, names, nspecs < 256 ? nspecs : 256); /* holds block them in work_blocked */
     pthread_mutex_lock(&slots_mu);
     for (int i = 0; i < nspecs; i++) {
         /* Slots above a lowered concurrency end themselves (bmdb._serve
