@@ -27,6 +27,7 @@
 #include "lifecycle.h"
 #include "log.h"
 #include "tx.h"
+#include "work.h"
 
 struct session {
     char id[40];
@@ -287,15 +288,29 @@ static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const ch
  * lock on its session row, tx.c), so a zombie's late commit is ordered
  * before the collection, never after it. */
 static void collect_expired(PGconn **cp, double until) {
+    /* Each dead item counts as its failure for backoff (a poison pill must
+     * not crash-loop the fleet); a work row past its own timeout, its
+     * session alive, is ended too (Failed, its timeout as cause). */
     static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
+        "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired', w.token "
         "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+        WORK_PENALTY_SQL("'session expired'",
+                         "w.session_id IN (SELECT session_id FROM sessions WHERE deadline <= now())"),
+        "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+        "SELECT w.machine_id, w.process, w.session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", w.token "
+        "FROM work w JOIN sessions s ON s.session_id = w.session_id "
+        "WHERE s.deadline > now() AND w.deadline <= now()",
+        WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE,
+                         "w.deadline <= now() AND w.session_id IN "
+                         "(SELECT session_id FROM sessions WHERE deadline > now())"),
+        "DELETE FROM work w WHERE w.deadline <= now() AND w.session_id IN "
+        "(SELECT session_id FROM sessions WHERE deadline > now())",
         "DELETE FROM sessions WHERE deadline <= now()",
     };
     char why[600];
     long n = 0;
-    if (housekeeping(cp, sqls, 2, NULL, 0, until, &n, why, sizeof why) < 0) {
+    if (housekeeping(cp, sqls, 6, NULL, 0, until, &n, why, sizeof why) < 0) {
         log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
                NULL);
     } else if (n > 0) {
@@ -448,8 +463,8 @@ static void terminate_lent_backends(PGconn **cp) {
  * releases it. */
 static void end_session(session *s) {
     static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
+        "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+        "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown', token "
         "FROM work WHERE session_id = $1",
         "DELETE FROM sessions WHERE session_id = $1",
     };
