@@ -1126,6 +1126,14 @@ static int l_item_lost(lua_State *L) {
     return 1;
 }
 
+static int l_os_exit(lua_State *L);
+
+/* core.is_os_exit(f): f is the host's os.exit (a script state's) */
+static int l_is_os_exit(lua_State *L) {
+    lua_pushboolean(L, lua_tocfunction(L, 1) == l_os_exit);
+    return 1;
+}
+
 static const luaL_Reg core_funcs[] = {
     {"open", l_open},           {"close", l_close},
     {"session", l_session},     {"begin", l_begin},
@@ -1145,7 +1153,7 @@ static const luaL_Reg core_funcs[] = {
     {"cancel", l_cancel},       {"control", l_control},
     {"paused", l_paused},       {"note_pause", l_note_pause},
     {"track", l_track},         {"untrack", l_untrack},
-    {"item_lost", l_item_lost},
+    {"item_lost", l_item_lost}, {"is_os_exit", l_is_os_exit},
     {"now", l_now},             {NULL, NULL}};
 
 static const luaL_Reg session_methods[] = {

@@ -56,14 +56,26 @@ local function retryable(err)
 end
 
 local send_wake
+local Work = {}
 
 -- Runs fn(tx) in one fenced SERIALIZABLE transaction on sess, retrying
 -- what retryable() allows with jittered backoff, for bmdb._retry_seconds.
-local function transact_on(sess, fn, ...)
+-- on is a session, or a work item: then the fence also checks that the
+-- item's lock is still this claim's (its token), and a "lost" error marks
+-- the item lost for good.
+local function transact_on(on, fn, ...)
   refuse_nested("bmdb.transact")
+  local w = getmetatable(on) == Work and on or nil
+  local sess = w and w._session or on
   local started = core.now()
   for attempt = 1, math.huge do
-    local ok, tx = pcall(core.begin, sess)
+    local ok, tx
+    if w then
+      ok, tx = pcall(core.begin, sess, w.machine, w.process, w._token)
+      if not ok and is_error(tx, "lost") then w._lost = tx.message end
+    else
+      ok, tx = pcall(core.begin, sess)
+    end
     local err, results, wakes = tx, nil, nil
     if ok then
       open_tx, after_commit = tx, {}
@@ -97,7 +109,7 @@ function bmdb.transact(fn, ...)
     error("bmdb.transact: expected a function(tx), got " .. type(fn), 2)
   end
   refuse_nested("bmdb.transact")
-  return transact_on(session_for(current_work), fn, ...)
+  return transact_on(current_work or core.session(), fn, ...)
 end
 
 local function finite(v)
@@ -176,8 +188,6 @@ function bmdb.backoff_next(spec, last)
   return math.min(maximum, grow(last, exponent))
 end
 
-local Work = {}
-
 -- What a work item is: its machine, process, session and attempt. The
 -- release acts on them, so a body can read them but not change them; they
 -- live out of the body's reach, keyed by the item.
@@ -234,7 +244,7 @@ local function release(w, event, cause, spec, commit_fn)
     if event == "Failed" then
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
-    core.release(tx, w.machine, w.process, event, cause, seconds)
+    core.release(tx, w.machine, w.process, event, cause, seconds, w._token)
     -- The release may make machines eligible for other processes: wake
     -- idle slots everywhere (sent at commit, one slot per process).
     if core.notify_enabled() then tx:exec("SELECT pg_notify('bmdb_wake', '')") end
@@ -242,7 +252,7 @@ local function release(w, event, cause, spec, commit_fn)
   end
   local results, uncertain, attempt = nil, false, 0
   repeat
-    local r = { pcall(transact_on, w._session, decide) }
+    local r = { pcall(transact_on, w, decide) }
     local err = r[2]
     if r[1] then
       results = { unpack(r, 2, table.maxn(r)) }
@@ -292,8 +302,19 @@ function Work:cancel()
   self._decided = "Canceled"
 end
 
+-- False once the lock is lost: decided, the host cancelling, the session
+-- gone, or the lock taken away (its timeout passed, an operator canceled
+-- it, another claim took it over).
 function Work:alive()
-  return not self._decided and core.state() ~= "cancelling" and self._session:alive()
+  if self._decided or self._lost or core.state() == "cancelling" or not self._session:alive() then
+    return false
+  end
+  if self._deadline and core.now() >= self._deadline then
+    self._lost = "timeout after " .. self._timeout .. "s"
+  elseif self._token then
+    self._lost = core.item_lost(self._token)
+  end
+  return not self._lost
 end
 
 -- A short, readable text of a table: sorted keys, at most a few entries.
@@ -351,9 +372,10 @@ local function settle_failure(w, err, msg)
     if not pcall(w.cancel, w) then
       local shutdown = core.state() == "cancelling"
       w._decided = shutdown and "Canceled" or "Lost"
+      local why = w._lost or (is_error(err, "lost") and err.message) or "session expired"
       log_event(w, shutdown and "canceled" or "lost", {
         { "result", shutdown and "canceled" or "lost" },
-        { "cause", shutdown and "host shutdown" or "session expired" } })
+        { "cause", shutdown and "host shutdown" or why } })
     end
     return
   end
@@ -373,23 +395,52 @@ function bmdb.lock(machine, process, opts)
     error("bmdb.work: invalid process name " .. string.format("%q", tostring(process)) ..
           " (a letter, then letters, digits or _, at most 63 characters)", 3)
   end
+  local timeout = opts and opts.timeout
+  if timeout ~= nil and not (finite(timeout) and timeout > 0) then
+    error("bmdb.work: timeout must be a number of seconds above 0, got " .. tostring(timeout), 3)
+  end
   local sess = core.session()
-  local status, detail = transact_on(sess, function(tx)
-    return core.lock(tx, machine, process)
+  local started = core.now()
+  local status, detail, token = transact_on(sess, function(tx)
+    return core.lock(tx, machine, process, bmdb._claim_opts(opts and opts.backoff, timeout))
   end)
   if status == "held" then
     error(core.error("held", "machine " .. machine .. " is already held for " .. process), 3)
+  elseif status == "paused" or status == "onhold" then
+    local e = core.error("held", status == "paused"
+      and "process " .. process .. " is paused" .. (detail ~= "" and ": " .. detail or "")
+      or "machine " .. machine .. " is on hold" .. (detail ~= "" and ": " .. detail or ""))
+    e.reason = status
+    error(e, 3)
   elseif status == "backoff" then
     local e = core.error("backoff", "machine " .. machine .. " is in backoff for " .. process ..
                          " until " .. detail)
     e.until_ = detail
     error(e, 3)
   end
-  return bmdb._new_work(sess, machine, process, detail, opts and opts.backoff)
+  return bmdb._new_work(sess, machine, process, detail, opts and opts.backoff, token, timeout, started)
 end
 
-function bmdb._new_work(sess, machine, process, attempt, backoff)
-  local w = setmetatable({ _session = sess, _backoff = backoff, _decided = false, _started = core.now() }, Work)
+-- What a claim stores in its work row: the timeout, and the backoff spec
+-- normalized by backoff_next's rules, which whoever records the item's
+-- death (a takeover, a collection) applies in SQL.
+function bmdb._claim_opts(spec, timeout)
+  local o = { timeout = timeout }
+  if type(spec) == "number" then spec = { initial = spec } end
+  if type(spec) == "table" then
+    o.initial = math.max(1, math.ceil(spec.initial or 1))
+    o.maximum = math.max(o.initial, math.ceil(spec.maximum or o.initial))
+    o.exponent = math.max(1, spec.exponent or 1)
+  end
+  return o
+end
+
+-- started: core.now() before the claim was sent, so the local deadline
+-- passes before the database's.
+function bmdb._new_work(sess, machine, process, attempt, backoff, token, timeout, started)
+  local w = setmetatable({ _session = sess, _backoff = backoff, _decided = false, _started = core.now(),
+                           _token = token, _timeout = timeout,
+                           _deadline = timeout and (started or core.now()) + timeout }, Work)
   fixed[w] = { machine = machine, process = process, session = sess:id(), attempt = attempt }
   log_event(w, "started")
   return w
@@ -397,9 +448,13 @@ end
 
 -- Runs body(w) on a claimed item and settles it: return = finish (unless
 -- the body decided), raise = fail with the error and traceback as cause.
-function bmdb.run(w, body)
+local function run_body(w, body)
   local outer, outer_tx = current_work, open_tx
   current_work = w
+  if w._token then
+    core.track(w._token, w.machine, w.process, bmdb._slot or 0, w._timeout or 0,
+               w._deadline and w._deadline - w._timeout)
+  end
   local results = { xpcall(body, traceback, w) }
   current_work = outer
   if open_tx ~= outer_tx then
@@ -425,6 +480,14 @@ function bmdb.run(w, body)
   settle_failure(w, err, bmdb._describe(err))
   error(err, 0)
 end
+-- The item stays tracked while it is settled: a cancel notified meanwhile
+-- still marks it lost.
+function bmdb.run(w, body)
+  local r = { pcall(run_body, w, body) }
+  if w._token then core.untrack(w._token) end
+  if not r[1] then error(r[2], 0) end
+  return unpack(r, 2, table.maxn(r))
+end
 
 function bmdb.work(machine, process, body, opts)
   if type(body) ~= "function" then
@@ -447,6 +510,10 @@ function bmdb.sleep(seconds)
   if core.sleep(seconds, s) then return end
   if core.state() == "cancelling" then
     error(core.error("cancelled", "cancelled: the host is shutting down"), 2)
+  end
+  if current_work and not current_work:alive() and current_work._lost then
+    error(core.error("lost", "lost: the lock on " .. current_work.machine .. " " .. current_work.process ..
+                     " was taken away: " .. current_work._lost), 2)
   end
   error(core.error("session_expired", "session expired"), 2)
 end
@@ -501,6 +568,75 @@ function bmdb.wake(process)
   return err
 end
 
+-- ------------------------------------------------------------ work control
+
+-- Sends a notification after a commit; a server without them
+-- (CockroachDB) refuses, and the holders learn at their next bmdb call.
+local function notify_after(channel, payload)
+  pcall(transact_on, session_for(current_work), function(tx)
+    tx:exec("SELECT pg_notify($1, $2)", channel, payload)
+  end)
+end
+
+local function control(op, name, reason, fname)
+  refuse_nested(fname)
+  if reason ~= nil and type(reason) ~= "string" then
+    error(fname .. ": reason must be a string, got " .. type(reason), 3)
+  end
+  local ok, r = pcall(transact_on, session_for(current_work), function(tx)
+    return core.control(tx, op, name, reason)
+  end)
+  if not ok then error(r, 3) end
+  if r and (op == "resume" or op == "unhold") then notify_after("bmdb_wake", op == "resume" and name or "") end
+  return r
+end
+
+-- Ends the lock on (machine, process) now, recorded Canceled with the
+-- reason; its holder's body is interrupted and commits nothing. True when
+-- a lock was canceled, false when none was held.
+function bmdb.cancel(machine, process, reason)
+  refuse_nested("bmdb.cancel")
+  if not core.valid_uuid(machine) then error("bmdb.cancel: machine id is not a UUID: " .. tostring(machine), 2) end
+  if not core.valid_process(process) then
+    error("bmdb.cancel: invalid process name " .. string.format("%q", tostring(process)), 2)
+  end
+  if reason ~= nil and type(reason) ~= "string" then
+    error("bmdb.cancel: reason must be a string, got " .. type(reason), 2)
+  end
+  local ok, token = pcall(transact_on, session_for(current_work), function(tx)
+    return core.cancel(tx, machine, process, reason)
+  end)
+  if not ok then error(token, 2) end
+  if not token then return false end
+  notify_after("bmdb_cancel", token)
+  notify_after("bmdb_wake", process)
+  return true
+end
+
+-- Fleet-wide: no claim of process succeeds until it is resumed.
+function bmdb.pause(process, reason) return control("pause", process, reason, "bmdb.pause") end
+-- True when it was paused.
+function bmdb.resume(process) return control("resume", process, nil, "bmdb.resume") end
+-- No process claims machine until it is released; both are recorded in
+-- its history with the reason.
+function bmdb.hold(machine, reason) return control("hold", machine, reason, "bmdb.hold") end
+-- True when it was on hold.
+function bmdb.unhold(machine, reason) return control("unhold", machine, reason, "bmdb.unhold") end
+
+-- os.exit in a body stops the host (lbmdb.c); the item that called it
+-- counts as failed, with its worker's backoff, so a body that exits its
+-- host on every try backs off instead of stopping host after host.
+if core.is_os_exit(os.exit) then
+  local host_exit = os.exit
+  os.exit = function(status, ...)
+    local w = current_work
+    if w and not w._decided and w:alive() then
+      pcall(w.fail, w, "the body called os.exit(" .. tostring(status) .. ")")
+    end
+    return host_exit(status, ...)
+  end
+end
+
 -- ------------------------------------------------------------------ workers
 
 local Worker = {}
@@ -527,7 +663,7 @@ local function check_backoff(spec, where)
 end
 
 local known_fields = { process = true, concurrency = true, backoff = true, select = true, run = true,
-                       poll = true, batch = true }
+                       poll = true, batch = true, timeout = true }
 
 -- Validates a definition; returns the problems found (empty when valid).
 function bmdb._problems(def)
@@ -551,6 +687,9 @@ function bmdb._problems(def)
   if type(def.run) ~= "function" then bad(where .. "run must be a function(w), got " .. type(def.run)) end
   if def.poll ~= nil and (not finite(def.poll) or def.poll <= 0) then
     bad(where .. "poll must be a number of seconds above 0, got " .. tostring(def.poll))
+  end
+  if def.timeout ~= nil and (not finite(def.timeout) or def.timeout <= 0) then
+    bad(where .. "timeout must be a number of seconds above 0, got " .. tostring(def.timeout))
   end
   local b = def.batch
   if b ~= nil and (not finite(b) or b < 1 or b ~= math.floor(b)) then
@@ -646,7 +785,8 @@ local function claim(def, opts)
   end
   for _ = 1, def.batch + 1 do
     local trying
-    local ok, machine, attempt = pcall(transact_on, sess, function(tx)
+    local started = core.now()
+    local ok, machine, attempt, token = pcall(transact_on, sess, function(tx)
       local rows = def.select(tx, def.batch)
       if type(rows) ~= "table" then
         error("worker " .. def.process .. ": select must return a list of rows, got " .. type(rows), 0)
@@ -657,6 +797,12 @@ local function claim(def, opts)
         if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
       end
       if not (opts and opts.ordered) then shuffle(ids) end
+      if #ids == 0 then
+        -- Idle: is it a pause? (work_blocked hides a paused process's
+        -- machines, so select alone cannot tell.) The idle path only.
+        local why = core.paused(tx, def.process)
+        core.note_pause(def.process, why ~= nil, why)
+      end
       for _, id in ipairs(ids) do
         if type(id) ~= "string" or not core.valid_uuid(id) then
           skip(id, "not a machine id (a UUID)")
@@ -664,13 +810,17 @@ local function claim(def, opts)
           skip(id, "no such machine")
         else
           trying = id
-          local status, a = core.lock(tx, id, def.process)
+          local status, a, t = core.lock(tx, id, def.process, def._claim_opts)
           trying = nil
           if status == "locked" then
             -- A drain that began while we selected wins: roll the claim back.
             -- A select that starts after the drain always sees it here.
             if core.state() ~= "running" then error(core.error("draining", "draining: no new claims"), 0) end
-            return id, a
+            core.note_pause(def.process, false)
+            return id, a, t
+          elseif status == "paused" then
+            core.note_pause(def.process, true, a)
+            return nil
           end
         end
       end
@@ -678,7 +828,7 @@ local function claim(def, opts)
     if ok then
       if machine then
         core.count("claim")
-        return bmdb._new_work(sess, machine, def.process, attempt, def.backoff)
+        return bmdb._new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
       end
       return nil
     end
@@ -700,6 +850,8 @@ function bmdb._serve(result, process, index, generation)
     if d.process == process then def = d end
   end
   if not def or index > def.concurrency then return "removed" end
+  def._claim_opts = bmdb._claim_opts(def.backoff, def.timeout)
+  bmdb._slot = index
   math.randomseed(core.seed())
   while true do
     if core.state() ~= "running" then return "stop" end

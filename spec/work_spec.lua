@@ -87,15 +87,21 @@ describe("bmdb.work", function()
     end)
   end)
 
-  it("takes over a lock whose holder's session has expired, at once", function()
+  it("takes over a lock whose holder's session has expired, at once, counting it as a failure", function()
     local m = new_machine()
     local dead = admin:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
                              VALUES ('crashed', 'elsewhere:3', 1, now() - INTERVAL '1 second')
                              RETURNING session_id]]).session_id
     admin:exec("INSERT INTO work (machine_id, process, session_id) VALUES ($1, 'Provision', $2)", m, dead)
+    -- the takeover frees the lock now; the dead holder's item failed, so
+    -- it backs off (1 s: no spec was stored) before it runs again
+    local err = failure(bmdb.work, m, "Provision", function() error("must not run yet") end)
+    assert.equal("backoff", err.kind)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
+    end_backoff(m, "Provision")
     local ran = false
-    bmdb.work(m, "Provision", function() ran = true end)
-    assert.is_true(ran)
+    bmdb.work(m, "Provision", function(w) ran = w.attempt end)
+    assert.equal(2, ran)
     local h = admin:query("SELECT event, session_id FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, event", m)
     assert.same({ event = "Abandoned", session_id = dead }, h[1])
   end)
