@@ -19,8 +19,6 @@
 // 300): a bench run always stops by itself.
 "use strict";
 
-const { run, makeWorkerUtils } = require("graphile-worker");
-
 function usage(msg) {
   process.stderr.write(`run.js: ${msg}\nusage: node run.js JOBS CONCURRENCY default|batched\n`);
   process.exit(2);
@@ -69,6 +67,9 @@ function preset(opts, conn) {
 async function main() {
   const opts = options(process.argv);
   const conn = connectionString();
+  // Required after the arguments are checked, so they are checked even
+  // where the packages are not installed (`make check`).
+  const { run, makeWorkerUtils } = require("graphile-worker");
   const deadline = setTimeout(() => {
     process.stderr.write(`run.js: the ${opts.jobs} jobs were not done within ${opts.timeout} s\n`);
     process.exit(1);
