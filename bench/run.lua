@@ -154,15 +154,28 @@ local function start_hosts(dsn, path, n, args)
   return hosts
 end
 
+-- What the hosts logged at warn or error, over the whole run: a lost
+-- session or failed claims make a figure suspect, so they are reported.
+local warnings = {}
+
 -- Stops the hosts; their claims and retries, summed.
-local function stop_hosts(hosts)
+local function stop_hosts(hosts, what)
   local claims, retries = 0, 0
   for _, h in ipairs(hosts) do
     h:kill("TERM")
     h:wait(60)
-    local cl, re = h:stderr():match('msg="workers stopped" claims=(%d+) retries=(%d+)')
-    assert(cl, "a host did not log its claims and retries:\n" .. h:stderr():sub(-2000))
+    local log = h:stderr()
+    local cl, re = log:match('msg="workers stopped" claims=(%d+) retries=(%d+)')
+    assert(cl, "a host did not log its claims and retries:\n" .. log:sub(-2000))
     claims, retries = claims + tonumber(cl), retries + tonumber(re)
+    for line in log:gmatch("[^\n]+") do
+      local msg = line:match("level=warn (msg=%S+)") or line:match("level=error (msg=%S+)")
+      if msg then
+        local key = what .. ": " .. msg
+        if not warnings[key] then warnings[#warnings + 1] = key end
+        warnings[key] = (warnings[key] or 0) + 1
+      end
+    end
   end
   return claims, retries
 end
@@ -215,7 +228,7 @@ local function bench_reload()
     end, 10, "an item on version " .. v, 0.002)
     active[#active + 1] = H.now() - t0
   end
-  stop_hosts({ p })
+  stop_hosts({ p }, "reload")
   c:close()
   return { logged_median = percentile(logged, 0.5), logged_p90 = percentile(logged, 0.9),
            active_median = percentile(active, 0.5), active_p90 = percentile(active, 0.9) }
@@ -264,7 +277,7 @@ local function bench_wake()
       10, "the pick-up", 0.002)
     lat[#lat + 1] = r.at - t0
   end
-  stop_hosts({ p })
+  stop_hosts({ p }, "wake")
   c:close()
   return { median = percentile(lat, 0.5), p90 = percentile(lat, 0.9), p99 = percentile(lat, 0.99), n = #lat }
 end
@@ -290,7 +303,7 @@ return {
 
 -- ITEMS machines made eligible in one statement while the hosts idle; the
 -- clock runs from its return until the todo table is empty.
-local function bench_host(hosts_n, slots)
+local function bench_host(hosts_n, slots, what)
   local dsn, c = fresh_db()
   c:exec("CREATE TABLE todo (machine_id UUID PRIMARY KEY)")
   c:exec("INSERT INTO machines (machine_id) SELECT gen_random_uuid() FROM generate_series(1, $1)", ITEMS)
@@ -307,7 +320,7 @@ local function bench_host(hosts_n, slots)
     cpu = cpu + cpu_seconds(h.pid)
     peak = math.max(peak, select(2, memory(h.pid)))
   end
-  local claims, retries = stop_hosts(hosts)
+  local claims, retries = stop_hosts(hosts, what)
   c:close()
   return { rate = ITEMS / seconds, retries = retries / math.max(claims, 1),
            cpu = (cpu - cpu0) / ITEMS, peak = peak }
@@ -387,7 +400,7 @@ local function bench_scale(machines)
     if n >= SCALE_WARM + SCALE_TIMED then t1, n1 = H.now(), n end
     return t1
   end, DRAIN_TIMEOUT, SCALE_TIMED .. " more items", 0.005)
-  stop_hosts(hosts)
+  stop_hosts(hosts, "scale " .. machines)
   c:close()
   return (t1 - t0) / (n1 - n0)
 end
@@ -414,14 +427,15 @@ local function bench_idle()
     .. "(SELECT oid FROM pg_database WHERE datname = current_database()) AND " .. mine .. " ORDER BY calls DESC")
   local seconds = H.now() - t0
   local rss = memory(hosts[1].pid)
-  stop_hosts(hosts)
+  stop_hosts(hosts, "idle")
   c:close()
-  local total, top = 0, {}
+  local total, begins, top = 0, 0, {}
   for i, r in ipairs(rows) do
     total = total + r.calls
+    if r.query:match("^%s*BEGIN") then begins = begins + r.calls end
     if i <= 5 then top[#top + 1] = { query = r.query:gsub("%s+", " "), rate = r.calls / seconds } end
   end
-  return { rate = total / seconds, top = top, rss = rss }
+  return { rate = total / seconds, tx_rate = begins / seconds, top = top, rss = rss }
 end
 
 -- ---------------------------------------------------------------- report
@@ -473,13 +487,21 @@ local function report(r)
   add(string.format("| per-item cost, one slot, %s machines | %.3f ms | |", "1,000", r.scale_small * 1000))
   add(string.format("| per-item cost, one slot, %s machines | %.3f ms | |", r.big_label, r.scale_big * 1000))
   add(string.format("| %s ÷ 1,000 | %.2f | ≤ 1.5 |", r.big_label, r.scale_big / r.scale_small))
-  add(string.format("| idle host, 16 slots: statements/s it causes | %.1f | |", r.idle.rate))
+  add(string.format("| idle host, 16 slots (poll 1 s): statements / transactions per second it causes | %.1f / %.1f | |",
+    r.idle.rate, r.idle.tx_rate))
   add(string.format("| RSS, 16 slots: idle / peak after the c=16 run | %s / %s | < 30 MB |", mb(r.idle.rss), mb(host[3] and host[3].peak)))
   add(string.format("| bmdb-host CPU per item at c=16 | %s | |", f("%.3f ms", host[3] and host[3].cpu * 1000)))
   add(string.format("| reload, save → logged: median / p90 (%d saves) | %.1f / %.1f ms | |",
     SAVES, r.reload.logged_median * 1000, r.reload.logged_p90 * 1000))
   add(string.format("| reload, save → new code ran: median / p90 | %.1f / %.1f ms | median < 200 ms |",
     r.reload.active_median * 1000, r.reload.active_p90 * 1000))
+  return table.concat(L, "\n")
+end
+
+local function host_warnings()
+  if #warnings == 0 then return "The hosts logged no warnings or errors." end
+  local L = { "The hosts logged warnings or errors (the figures of those parts are suspect):", "" }
+  for _, k in ipairs(warnings) do L[#L + 1] = string.format("    %dx %s", warnings[k], k) end
   return table.concat(L, "\n")
 end
 
@@ -541,6 +563,8 @@ local function write_benchmarks(r, text)
     add("Note: " .. NOTE)
     add("")
   end
+  add(host_warnings())
+  add("")
   add(idle_statements(r.idle))
   add("")
   add(string.format(HOW, ITEMS, ITEMS, PGBENCH_SECONDS, SCALE_WARM, SCALE_WARM + SCALE_TIMED, IDLE_SECONDS, SAVES))
@@ -552,6 +576,8 @@ local function write_benchmarks(r, text)
     local a = old:find("<!-- bench:begin", 1, true)
     local _, b = old:find("<!-- bench:end -->", 1, true)
     new = old:sub(1, a - 1) .. generated .. old:sub(b + 1)
+  elseif old then
+    new = old:gsub("%s*$", "\n\n") .. generated .. "\n"
   else
     new = "# Benchmarks\n\n`make bench` measures bmdb-host against a peer and against PostgreSQL's own\n"
       .. "ceiling, and rewrites the section below. Nothing is asserted on timing.\n\n" .. generated .. "\n"
@@ -588,12 +614,12 @@ local function main()
   r.reload = step("reload", bench_reload)
   r.wake = step("wake", bench_wake)
   for i, c in ipairs(CONCURRENCY) do
-    r.host[i] = step("bmdb-host c=" .. c, function() return bench_host(1, c) end)
+    r.host[i] = step("bmdb-host c=" .. c, function() return bench_host(1, c, "c=" .. c) end)
     r.peer_default[i] = step("graphile-worker defaults c=" .. c, function() return bench_peer(c, "default") end)
     r.peer_batched[i] = step("graphile-worker batched c=" .. c, function() return bench_peer(c, "batched") end)
     r.pgbench[i] = step("pgbench -N c=" .. c, function() return bench_pgbench(c) end)
   end
-  r.host[4] = step("bmdb-host 3 hosts x 4", function() return bench_host(3, 4) end)
+  r.host[4] = step("bmdb-host 3 hosts x 4", function() return bench_host(3, 4, "3 hosts x 4") end)
   r.scale_small = step("scale 1,000 machines", function() return bench_scale(SMALL) end)
   r.scale_big = step("scale " .. r.big_label .. " machines", function() return bench_scale(BIG) end)
   r.idle = step("idle, 16 slots", bench_idle)
@@ -601,6 +627,8 @@ local function main()
   local text = report(r)
   print("")
   print(text)
+  print("")
+  print(host_warnings())
   print("")
   print(idle_statements(r.idle))
   write_benchmarks(r, text)
