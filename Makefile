@@ -23,7 +23,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps run check check-asan bench install clean
+.PHONY: all deps bench-deps run check check-asan bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
@@ -82,7 +82,24 @@ check-asan: deps
 	  LDFLAGS=-fsanitize=address build/asan/bmdb-host
 	BMDB_HOST_BIN=$(CURDIR)/build/asan/bmdb-host ASAN_OPTIONS=detect_leaks=1 $(BUSTED) $(BUSTED_ARGS)
 
-bench: deps
+# The benchmark (bench/run.lua; figures into BENCHMARKS.md, nothing
+# asserted). Only it needs Node.js: bench-deps installs Debian's nodejs and
+# npm when `node` or `npm` is missing, and the peer's pinned packages
+# (bench/peer/package-lock.json). pgbench and pg_stat_statements come with
+# the postgresql package.
+bench-deps: deps
+	@missing=; command -v node >/dev/null || missing=nodejs; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@cd bench/peer && if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then \
+	  npm ci --no-audit --no-fund --loglevel=error; fi
+
+bench: bench-deps
 	@$(MAKE) --no-print-directory all
 	luajit bench/run.lua
 
