@@ -45,7 +45,7 @@ $(BUILD)/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | $(BUILD)
 $(BUILD)/%.o: host/%.c $(wildcard host/*.h) | $(BUILD)
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
-$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lbmdb.h host/migrate.h
+$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lstate.h host/migrate.h
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(BUILD)/bmdb-host: $(BUILD)/main.o $(CORE_OBJ)

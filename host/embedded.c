@@ -40,6 +40,7 @@
 
 #include "log.h"
 #include "pool.h"
+#include "pqerr.h"
 
 #define PORT "5432"
 #define SOCKET_NAME "/run/.s.PGSQL." PORT
@@ -586,12 +587,6 @@ static void leave(embedded *e) {
     }
 }
 
-/* The server's own words, without "ERROR:  " and the DETAIL lines. */
-static const char *pg_message(const PGresult *r) {
-    const char *m = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
-    return m ? m : PQresultErrorMessage(r);
-}
-
 /* The database "bmdb". Another host may create it between our check and
  * our CREATE; duplicate_database (42P04) then means it exists, as wanted. */
 static int ensure_database(const embedded *e, char *err, size_t errlen) {
@@ -601,14 +596,15 @@ static int ensure_database(const embedded *e, char *err, size_t errlen) {
     const char *params[] = {"bmdb"};
     PGresult *r = PQexecParams(c, "SELECT 1 FROM pg_database WHERE datname = $1", 1, NULL, params, NULL, NULL, 0);
     int rc = 0, exists = 0;
+    char why[1024];
     if (PQresultStatus(r) == PGRES_TUPLES_OK) exists = PQntuples(r) > 0;
-    else rc = fail(err, errlen, "cannot look up database bmdb: %s", pg_message(r));
+    else pq_error_text(c, r, why, sizeof why), rc = fail(err, errlen, "cannot look up database bmdb: %s", why);
     PQclear(r);
     if (rc == 0 && !exists) {
         r = PQexec(c, "CREATE DATABASE bmdb");
         const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
         if (PQresultStatus(r) != PGRES_COMMAND_OK && !(state && strcmp(state, "42P04") == 0))
-            rc = fail(err, errlen, "cannot create database bmdb: %s", pg_message(r));
+            pq_error_text(c, r, why, sizeof why), rc = fail(err, errlen, "cannot create database bmdb: %s", why);
         PQclear(r);
     }
     PQfinish(c);

@@ -7,6 +7,7 @@
 #include "pool.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "pqerr.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -86,20 +87,12 @@ void pool_describe_conn(PGconn *conn, char *buf, size_t len) {
              port && *port ? port : "(default)", db ? db : "?", user ? user : "?");
 }
 
-/* libpq messages end in a newline and may span lines; keep the first. */
-static void first_line(char *dst, size_t len, const char *msg) {
-    size_t n = strcspn(msg, "\n");
-    if (n >= len) n = len - 1;
-    memcpy(dst, msg, n);
-    dst[n] = '\0';
-}
-
 /* Server notices (e.g. "already exists, skipping") are not the operator's
  * business at info level. */
 static void notice_to_log(void *arg, const char *msg) {
     (void)arg;
     char line[512];
-    first_line(line, sizeof line, msg);
+    pq_first_line(line, sizeof line, msg);
     log_kv(LOG_DEBUG, "server notice", "notice", line, NULL);
 }
 
@@ -201,7 +194,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     if (PQstatus(c) != CONNECTION_OK) {
         char where[512], why[512];
         pool_describe_conn(c, where, sizeof where);
-        first_line(why, sizeof why, PQerrorMessage(c));
+        pq_first_line(why, sizeof why, PQerrorMessage(c));
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
         scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
@@ -239,8 +232,8 @@ static PGcancel *unlend(pool *p, PGconn *c) {
     return NULL;
 }
 
-PGconn *pool_get(pool *p, char *err, size_t errlen) {
-    struct timespec until = time_after(CLOCK_MONOTONIC, POOL_WAIT_S);
+PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
+    struct timespec until = time_after(CLOCK_MONOTONIC, wait_s);
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (p->nidle > 0) {
@@ -258,7 +251,7 @@ PGconn *pool_get(pool *p, char *err, size_t errlen) {
             int max = p->max;
             pthread_mutex_unlock(&p->lock);
             snprintf(err, errlen, "no database connection came free within %.0f s (all %d in use)",
-                     POOL_WAIT_S, max);
+                     wait_s, max);
             return NULL;
         }
     }

@@ -22,11 +22,12 @@ void pool_destroy(pool *p);
  * per slot on top of the host's own. */
 void pool_grow(pool *p, int max_conns);
 
-/* Borrow a connection, waiting up to POOL_WAIT_S while every one is lent
- * out. On failure returns NULL and writes a one-line reason into err
- * naming the server (never the password). */
+/* Borrow a connection, waiting up to wait_s seconds (monotonic) while
+ * every one is lent out; POOL_WAIT_S is what the host's callers wait. On
+ * failure returns NULL and writes a one-line reason into err naming the
+ * server (never the password). */
 #define POOL_WAIT_S 30.0
-PGconn *pool_get(pool *p, char *err, size_t errlen);
+PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen);
 void pool_put(pool *p, PGconn *conn);
 
 /* A connection of its own, outside the bound and the accounting, on the

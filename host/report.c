@@ -3,7 +3,7 @@
 
 #include <string.h>
 
-#include "tx.h"
+#include "pqerr.h"
 #include "work.h"
 
 /* Prints a result as aligned columns under a title. */
@@ -11,9 +11,7 @@ static int print_table(PGconn *c, FILE *out, const char *title, const char *sql,
                        const char *const *params, char *err, size_t errlen) {
     PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-        tx_error e;
-        tx_error_from_result(&e, c, r);
-        snprintf(err, errlen, "%s%s%s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+        pq_error_text(c, r, err, errlen);
         PQclear(r);
         return -1;
     }

@@ -26,7 +26,7 @@
 
 #include "lifecycle.h"
 #include "log.h"
-#include "tx.h"
+#include "pqerr.h"
 
 struct session {
     char id[40];
@@ -144,8 +144,7 @@ static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *c
         if (cancel) PQcancel(cancel, buf, sizeof buf);
         PQfreeCancel(cancel);
     } else {
-        snprintf(why, whylen, "database connection lost: %.*s",
-                 (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
+        pq_error_text(c, NULL, why, whylen);
     }
     PQfinish(c);
     *cp = NULL;
@@ -155,9 +154,7 @@ static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *c
 /* After a result: the message of a failed one, and the connection given up
  * if the failure broke it (terminated backend, server restart). */
 static void result_failed(PGconn **cp, PGresult *r, char *why, size_t whylen) {
-    tx_error e;
-    tx_error_from_result(&e, *cp, r);
-    snprintf(why, whylen, "%s%s%.500s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+    pq_error_text(*cp, r, why, whylen);
     if (PQstatus(*cp) != CONNECTION_OK) {
         PQfinish(*cp);
         *cp = NULL;
@@ -278,24 +275,19 @@ static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const ch
     return ok ? 0 : -1;
 }
 
-/* Collects sessions past their deadline: their work rows are recorded as
- * Abandoned and deleted with them. Runs on the heartbeat's connection
- * within `until`. Two collectors racing over the same dead session
+/* Collects sessions past their deadline with cfg.housekeeping->collect
+ * (work.c: their work rows are recorded Abandoned and deleted with them).
+ * Runs on the heartbeat's connection within `until`. Two collectors racing over the same dead session
  * conflict (SERIALIZABLE) and one fails, so history is written once; a
  * failure is simply tried again next round. The DELETE waits for any
  * transaction of the dead session still in flight (each holds a KEY SHARE
  * lock on its session row, tx.c), so a zombie's late commit is ordered
  * before the collection, never after it. */
 static void collect_expired(PGconn **cp, double until) {
-    static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
-        "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
-        "DELETE FROM sessions WHERE deadline <= now()",
-    };
+    const struct session_housekeeping *hk = cfg.housekeeping;
     char why[600];
     long n = 0;
-    if (housekeeping(cp, sqls, 2, NULL, 0, until, &n, why, sizeof why) < 0) {
+    if (housekeeping(cp, hk->collect, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
         log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
                NULL);
     } else if (n > 0) {
@@ -369,6 +361,7 @@ int sessions_start(pool *p, const struct session_config *config, char *err, size
     cfg.component = strdup(config->component);
     cfg.runtime_info = strdup(config->runtime_info);
     cfg.interval_s = config->interval_s;
+    cfg.housekeeping = config->housekeeping;
     stopping = paused = 0;
 
     PGconn *c = pool_connect_own(p, err, errlen);
@@ -440,25 +433,21 @@ static void terminate_lent_backends(PGconn **cp) {
     PQclear(r);
 }
 
-/* Ends s at shutdown: work it still holds is recorded Canceled (we know it
- * stopped) and the row is deleted, which cascades to the work rows. On a
+/* Ends s at shutdown with cfg.housekeeping->end (work.c: work it still
+ * holds is recorded Canceled, since we know it stopped, and the row is
+ * deleted, which cascades to the work rows). On a
  * connection of its own, so an exhausted pool cannot hold it up, and
  * bounded: a slot that never gave its transaction back (it would not stop)
  * holds a lock on the session row, and only ending that slot's backend
  * releases it. */
 static void end_session(session *s) {
-    static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
-        "FROM work WHERE session_id = $1",
-        "DELETE FROM sessions WHERE session_id = $1",
-    };
+    const struct session_housekeeping *hk = cfg.housekeeping;
     const char *params[] = {s->id};
     char why[600] = "";
     PGconn *c = NULL;
     for (int attempt = 1; attempt <= 5; attempt++) {
         if (!(c = heartbeat_conn(c))) break;
-        if (housekeeping(&c, sqls, 2, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
+        if (housekeeping(&c, hk->end, hk->nend, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
             log_kv(LOG_INFO, "session ended", "session", s->id, NULL);
             if (c) PQfinish(c);
             return;

@@ -2,7 +2,7 @@
  *
  * tx_begin() borrows a connection, opens a SERIALIZABLE transaction and,
  * inside it, checks that the session row is still alive: a transaction of
- * a dead session can therefore never commit (DESIGN.md, guarantee 2).
+ * a dead session can therefore never commit (host/README.md, guarantee 2).
  * tx_commit() checks the local deadline once more before COMMIT. Retrying
  * 40001/40P01 is the caller's loop; tx_retry_delay() is its one policy. */
 #ifndef BMDB_TX_H
@@ -17,7 +17,7 @@ typedef enum {
     TXE_SQL,              /* the server raised an error: sqlstate is set */
     TXE_CONNECTION,       /* no connection, or it broke mid-transaction */
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
-    TXE_CANCELLED,        /* the host is shutting down */
+    TXE_CANCELED,         /* the host is shutting down */
     TXE_CLOSED,           /* the transaction is already over */
     TXE_LOST              /* the work lock is no longer this session's */
 } tx_error_kind;

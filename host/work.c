@@ -5,11 +5,28 @@
  * transaction, so a lock changes hands only while its session lives, and a
  * concurrent claim of the same pair either sees our row or conflicts. */
 #include "work.h"
+#include "session.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
+
+static const char *const collect_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+    "DELETE FROM sessions WHERE deadline <= now()",
+};
+
+static const char *const end_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+    "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
+    "FROM work WHERE session_id = $1",
+    "DELETE FROM sessions WHERE session_id = $1",
+};
+
+const struct session_housekeeping work_housekeeping = {collect_sql, 2, end_sql, 2};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"

@@ -19,7 +19,7 @@ return {
       io.stdout:write("running ", w.machine, " ", VERSION, "\n"); io.stdout:flush()
       local gate = os.getenv("GATE")
       if gate then while not io.open(gate) do bmdb.sleep(0.02) end end
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session_id) end)
     end,
   },
   %s
@@ -35,7 +35,7 @@ local extra_worker = [[
         LIMIT $1]=], limit)
     end,
     run = function(w)
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, 'extra', $2)", w.machine, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, 'extra', $2)", w.machine, w.session_id) end)
     end,
   },
 ]]
@@ -251,7 +251,7 @@ end]], validated, allow, validated)
       return tx:query("SELECT machine_id FROM wanted w WHERE process = 'P%d' AND NOT EXISTS (SELECT 1 FROM ran r WHERE r.machine_id = w.machine_id) LIMIT $1", limit)
     end,
     run = function(w)
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session_id) end)
     end,
   },]], i, i)
     end

@@ -42,7 +42,7 @@ describe("bmdb.work", function()
     local m = new_machine()
     local seen
     local r = bmdb.work(m, "Provision", function(w)
-      seen = { machine = w.machine, process = w.process, session = w.session, attempt = w.attempt,
+      seen = { machine = w.machine, process = w.process, session = w.session_id, attempt = w.attempt,
                alive = w:alive() }
       seen.held = admin:one("SELECT session_id FROM work WHERE machine_id = $1", m).session_id
       return "done"
@@ -161,7 +161,7 @@ describe("bmdb.work", function()
 
   it("rejects a machine id that is not a UUID and an invalid process name", function()
     local err = failure(bmdb.work, "machine-1", "Provision", function() end)
-    assert.matches("bmdb.work: machine id is not a UUID: machine-1", tostring(err), 1, true)
+    assert.matches("bad argument #1 to 'work' (machine id is not a UUID: machine-1", tostring(err), 1, true)
     err = failure(bmdb.work, new_machine(), "bad name!", function() end)
     assert.matches('invalid process name "bad name!"', tostring(err), 1, true)
     err = failure(bmdb.work, "00000000-0000-4000-8000-000000000000", "Provision", function() end)
@@ -172,7 +172,7 @@ describe("bmdb.work", function()
     local m = new_machine()
     local alive_after, inner
     local err = failure(bmdb.work, m, "Provision", function(w)
-      admin:exec("DELETE FROM sessions WHERE session_id = $1", w.session)
+      admin:exec("DELETE FROM sessions WHERE session_id = $1", w.session_id)
       inner = failure(bmdb.transact, function(tx) tx:exec("INSERT INTO machines DEFAULT VALUES") end)
       alive_after = w:alive()
       w:finish()

@@ -232,7 +232,7 @@ describe("workers", function()
               LIMIT $1]=], limit)
           end,
           run = function(w)
-            io.stdout:write("running ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+            io.stdout:write("running ", w.machine, " ", w.session_id, "\n"); io.stdout:flush()
             local mark = os.getenv("MARK")
             if os.getenv("LOSE") == w.machine and not io.open(mark) then
               io.open(mark, "w"):close() -- only the first time
