@@ -61,8 +61,8 @@ $(BUILD):
 # The example worker on the embedded default database (.bmdb/).
 run: deps
 	@$(MAKE) --no-print-directory all
-	./build/bmdb-host examples/seed.lua 5
-	./build/bmdb-host examples/provisioner.lua
+	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5
+	./build/bmdb-host --migrations examples/migrations examples/provisioner.lua
 
 # Every spec (spec/ and the operator example in examples/, as .busted
 # lists them), against PostgreSQL servers the specs start themselves.
