@@ -51,7 +51,7 @@ describe("bmdb.work", function()
     assert.same({ machine = m, process = "Provision", session = bmdb.session().id, attempt = 1,
                   alive = true, held = bmdb.session().id }, seen)
     assert.same({ "Started", "Finished" }, events(m, "Provision"))
-    assert.equal(0, admin:one("SELECT count(*) AS n FROM work").n)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
   end)
 
   it("commits finish's function with the release, atomically", function()
