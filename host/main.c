@@ -314,7 +314,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     log_kv(LOG_INFO, "workers started", "slots", n, NULL);
 
     double grace_end = 0;
-    int status = 0, cancelled = 0;
+    int status = 0, canceled = 0;
     while (workers_live() > 0) {
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
@@ -333,8 +333,8 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
                                      : "grace period over: cancelling items in flight", NULL);
             lifecycle_advance(HOST_CANCELLING);
         }
-        if (!cancelled && lifecycle_state() == HOST_CANCELLING) {
-            cancelled = 1;
+        if (!canceled && lifecycle_state() == HOST_CANCELLING) {
+            canceled = 1;
             slot_wake_everyone();
             lstate_interrupt_all();
             /* A slot waiting in libpq (on a lock, a slow statement) sees
@@ -465,7 +465,7 @@ static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p)
     int finished = 0;
     for (;;) {
         /* short polls: os.exit caught by a pcall leaves the top level
-         * running in a cancelled host, to be interrupted like on a signal */
+         * running in a canceled host, to be interrupted like on a signal */
         int sig = wait_for(sigfd, donefd, 0.2);
         if (sig == 0) {
             finished = 1;

@@ -96,7 +96,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, int 
     const char *mp[] = {machine, process};
     PGresult *r;
 
-    /* A holder whose session is past its deadline holds nothing (DESIGN.md):
+    /* A holder whose session is past its deadline holds nothing (host/README.md, guarantee 4):
      * take the row over now rather than wait for a collector. */
     long n = run(t,
                  "SELECT w.session_id, s.deadline > now() FROM work w "
