@@ -3,7 +3,11 @@
  * Idle connections sit on a stack; `in_use + idle` never exceeds the
  * maximum, and a thread that would exceed it waits on a condition variable.
  * Connecting happens outside the lock so one slow server does not stall
- * threads that only return connections. */
+ * threads that only return connections. Who owns which connection:
+ * host/README.md.
+ *
+ * Each pool's fields are under its own lock, which is taken after any
+ * other (log.c's aside): see host/README.md for the order. */
 #include "pool.h"
 #include "lifecycle.h"
 #include "log.h"

@@ -14,7 +14,10 @@
  * A failed poke is retried while the local deadline is ahead (the seed gave
  * up on the first error). Once the session is lost it stays lost; the
  * heartbeat then creates a new one, and items that still hold the old one
- * see their bmdb calls raise "session expired". */
+ * see their bmdb calls raise "session expired". What becomes of a session's
+ * work when it ends is the work module's SQL (work_housekeeping), handed
+ * over in session_config. Threads, connections and lock order:
+ * host/README.md. */
 #include "session.h"
 
 #include <errno.h>
@@ -38,10 +41,13 @@ struct session {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cur_changed, wake_heartbeat; /* CLOCK_MONOTONIC, see cond_init */
+static session *cur;            /* under mu; NULL while between sessions */
+static int stopping, paused;    /* under mu */
+/* Set by sessions_start before the heartbeat thread exists and cleared by
+ * sessions_stop after it was joined: read without a lock in between. */
 static pool *the_pool;
 static struct session_config cfg;
-static session *cur;            /* NULL while between sessions */
-static int started, stopping, paused;
+static int started;             /* the caller's thread only (main, or Lua's) */
 static pthread_t heartbeat;
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 

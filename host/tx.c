@@ -7,7 +7,8 @@
  * or its deadline has passed by the transaction's now(), nothing of ours
  * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
- * always passes before the database's (session.c). */
+ * always passes before the database's (session.c). The guarantees this
+ * keeps, and who else keeps them: host/README.md. */
 #include "tx.h"
 
 #include <pthread.h>

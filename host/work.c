@@ -3,7 +3,8 @@
  * A work row is the lock: its primary key (machine_id, process) admits one
  * holder. Both functions run inside the caller's fenced SERIALIZABLE
  * transaction, so a lock changes hands only while its session lives, and a
- * concurrent claim of the same pair either sees our row or conflicts. */
+ * concurrent claim of the same pair either sees our row or conflicts. The
+ * life of a work item: host/README.md. */
 #include "work.h"
 #include "session.h"
 
