@@ -305,6 +305,51 @@ static void collect_expired(PGconn **cp, double until) {
 
 #define RETRY_S 0.2 /* between heartbeat attempts after a failure */
 
+/* Between sessions: start a new one for new work, retrying (the caller
+ * loops) through a database outage. */
+static void start_next_session(PGconn **cp) {
+    char err[700] = "";
+    session *n = (*cp = heartbeat_conn(*cp)) ? create_session(cp, err, sizeof err) : NULL;
+    if (n) {
+        set_current(n);
+        return;
+    }
+    if (*cp || strstr(err, "local deadline")) log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
+    lifecycle_wait(1.0, HOST_CANCELLING, NULL);
+}
+
+/* One round for the live session s: poke it (unless paused), give it up
+ * once its local deadline passed, collect expired sessions every interval.
+ * Returns the outcome of the poke (1 done, 0 failed, -1 gone; 1 when
+ * paused). */
+static int keep_session(PGconn **cp, session *s, int pause, double *next_gc) {
+    int ok = 1;
+    if (!pause) {
+        ok = (*cp = heartbeat_conn(*cp)) ? poke(cp, s) : 0;
+        if (ok < 0) session_lose(s, "the database no longer has the session");
+    }
+    double now = mono_now();
+    if (!session_alive(s)) {
+        session_lose(s, "local deadline passed without a successful heartbeat");
+    } else if (ok > 0 && !pause && now >= *next_gc) {
+        *next_gc = now + cfg.interval_s;
+        collect_expired(cp, now + cfg.interval_s / 4.0);
+    }
+    return ok;
+}
+
+/* Sleeps until the next poke: interval/2 after a good one; a failed one is
+ * retried soon, while the local deadline is still ahead, so a dropped
+ * connection or a quick server restart does not cost the session. */
+static void wait_next_round(session *s, int ok, int pause) {
+    pthread_mutex_lock(&mu);
+    double local = s->deadline;
+    pthread_mutex_unlock(&mu);
+    double until = mono_now() + (ok || pause ? cfg.interval_s / 2.0 : RETRY_S);
+    if (until > local) until = local;
+    heartbeat_sleep(until);
+}
+
 static void *heartbeat_main(void *arg) {
     PGconn *c = arg;
     double next_gc = mono_now() + cfg.interval_s;
@@ -318,43 +363,12 @@ static void *heartbeat_main(void *arg) {
             session_unref(s);
             break;
         }
-
         if (!s) {
-            /* Between sessions: start a new one for new work, retrying
-             * through a database outage. */
-            char err[700];
-            session *n = (c = heartbeat_conn(c)) ? create_session(&c, err, sizeof err) : NULL;
-            if (n) set_current(n);
-            else {
-                if (c || strstr(err, "local deadline"))
-                    log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
-                lifecycle_wait(1.0, HOST_CANCELLING, NULL);
-            }
+            start_next_session(&c);
             continue;
         }
-
-        int ok = 1;
-        if (!pause) {
-            ok = (c = heartbeat_conn(c)) ? poke(&c, s) : 0;
-            if (ok < 0) session_lose(s, "the database no longer has the session");
-        }
-
-        double now = mono_now();
-        if (!session_alive(s)) {
-            session_lose(s, "local deadline passed without a successful heartbeat");
-        } else if (ok > 0 && !pause && now >= next_gc) {
-            next_gc = now + cfg.interval_s;
-            collect_expired(&c, now + cfg.interval_s / 4.0);
-        }
-        /* Next poke at interval/2. A failed one is retried soon, while the
-         * local deadline is still ahead: a dropped connection or a quick
-         * server restart must not cost the session. */
-        pthread_mutex_lock(&mu);
-        double local = s->deadline;
-        pthread_mutex_unlock(&mu);
-        double until = mono_now() + (ok || pause ? cfg.interval_s / 2.0 : RETRY_S);
-        if (until > local) until = local;
-        heartbeat_sleep(until);
+        int ok = keep_session(&c, s, pause, &next_gc);
+        wait_next_round(s, ok, pause);
         session_unref(s);
     }
     if (c) PQfinish(c);
