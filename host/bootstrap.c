@@ -51,7 +51,8 @@ int bootstrap_schema(pool *p, int mode, const char *migrations_dir, char *err, s
     return rc;
 }
 
-void bootstrap_runtime_info(char *buf, size_t len) {
+/* "host:pid", what sessions.runtime_info says of this process. */
+static void runtime_info(char *buf, size_t len) {
     char host[256] = "";
     gethostname(host, sizeof host - 1);
     snprintf(buf, len, "%s:%d", host, (int)getpid());
@@ -59,7 +60,7 @@ void bootstrap_runtime_info(char *buf, size_t len) {
 
 int bootstrap_session(pool *p, const char *component, int interval_s, char *err, size_t errlen) {
     char runtime[320];
-    bootstrap_runtime_info(runtime, sizeof runtime);
+    runtime_info(runtime, sizeof runtime);
     struct session_config cfg = {component, runtime, interval_s, &work_housekeeping};
     return sessions_start(p, &cfg, err, errlen);
 }

@@ -34,9 +34,6 @@ enum { SCHEMA_MIGRATE, SCHEMA_VERIFY };
  * migrations_dir (NULL: none). 0, or -1 with err. */
 int bootstrap_schema(pool *p, int mode, const char *migrations_dir, char *err, size_t errlen);
 
-/* "host:pid", what sessions.runtime_info says of this process. */
-void bootstrap_runtime_info(char *buf, size_t len);
-
 /* Creates the first session and starts the heartbeat (session.h), with
  * the work module's housekeeping. 0, or -1 with err. */
 int bootstrap_session(pool *p, const char *component, int interval_s, char *err, size_t errlen);

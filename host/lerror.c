@@ -29,7 +29,7 @@ static void set_field(lua_State *L, const char *k, const char *v) {
     }
 }
 
-void lerror_push(lua_State *L, const tx_error *e) {
+static void lerror_push(lua_State *L, const tx_error *e) {
     lua_createtable(L, 0, 6);
     set_field(L, "kind", kind_name(e->kind));
     set_field(L, "sqlstate", e->sqlstate);
@@ -41,7 +41,7 @@ void lerror_push(lua_State *L, const tx_error *e) {
     lua_setmetatable(L, -2);
 }
 
-void lerror_push_kind(lua_State *L, const char *kind, const char *msg) {
+static void lerror_push_kind(lua_State *L, const char *kind, const char *msg) {
     lua_createtable(L, 0, 3);
     set_field(L, "kind", kind);
     set_field(L, "message", msg);
@@ -131,7 +131,7 @@ void *lerror_checkudata(lua_State *L, int narg, const char *mt, const char *what
     return NULL;
 }
 
-int lerror_is(lua_State *L, int idx) {
+static int lerror_is(lua_State *L, int idx) {
     int is = 0;
     if (lua_istable(L, idx) && lua_getmetatable(L, idx)) {
         luaL_getmetatable(L, LERROR_MT);

@@ -20,11 +20,8 @@
 /* Creates the metatable (luaopen_bmdb_core does, once per state). */
 void lerror_open(lua_State *L);
 
-/* Pushes an error object for e (kind, sqlstate, message, detail, hint,
- * outcome = "unknown" for a COMMIT without answer). */
-void lerror_push(lua_State *L, const tx_error *e);
-/* Pushes {kind=kind, message=msg}. */
-void lerror_push_kind(lua_State *L, const char *kind, const char *msg);
+/* Raise an error object for e (kind, sqlstate, message, detail, hint,
+ * outcome = "unknown" for a COMMIT without answer), or {kind=, message=}. */
 int lerror_raise(lua_State *L, const tx_error *e);
 int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...);
 /* A "usage" error worded as luaL_argerror words it, with the caller's
@@ -39,8 +36,6 @@ const char *lerror_checkstring(lua_State *L, int narg);
 double lerror_checknumber(lua_State *L, int narg);
 void *lerror_checkudata(lua_State *L, int narg, const char *mt, const char *what);
 
-/* Whether the value at idx is an error object. */
-int lerror_is(lua_State *L, int idx);
 /* The kind of the error object at idx, or NULL for any other value. */
 const char *lerror_kind(lua_State *L, int idx);
 

@@ -104,7 +104,8 @@ static int load_embedded(lua_State *L) {
     return 1;
 }
 
-void lstate_openlibs(lua_State *L) {
+/* Standard libraries, and bmdb.core and the embedded modules as preloads. */
+static void openlibs(lua_State *L) {
     luaL_openlibs(L);
     lua_getglobal(L, "package");
     lua_getfield(L, -1, "preload");
@@ -157,7 +158,7 @@ struct setup {
 static int setup_state(lua_State *L) {
     struct setup *s = lua_touserdata(L, 1);
     lua_gc(L, LUA_GCSTOP, 0); /* as luajit.c: no collection while libraries open */
-    lstate_openlibs(L);
+    openlibs(L);
     lua_gc(L, LUA_GCRESTART, -1);
     lua_getglobal(L, "require");
     lua_pushliteral(L, "bmdb.core");

@@ -30,9 +30,6 @@ typedef struct worker_spec {
     int concurrency;
 } worker_spec;
 
-/* Standard libraries, and bmdb.core and the embedded modules as preloads. */
-void lstate_openlibs(lua_State *L);
-
 /* How loading a script failed, from the kind of the error object raised
  * (lerror.h): a syntax error and a definition error (an invalid
  * bmdb.worker{}) make the script invalid (exit 2); "canceled": the host is

@@ -84,7 +84,8 @@ void pool_destroy(pool *p) {
     free(p);
 }
 
-void pool_describe_conn(PGconn *conn, char *buf, size_t len) {
+/* "host=... port=... dbname=... user=..." of a connection, for messages. */
+static void describe_conn(PGconn *conn, char *buf, size_t len) {
     const char *host = PQhost(conn), *port = PQport(conn);
     const char *db = PQdb(conn), *user = PQuser(conn);
     snprintf(buf, len, "host=%s port=%s dbname=%s user=%s", host && *host ? host : "(default)",
@@ -197,7 +198,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     }
     if (PQstatus(c) != CONNECTION_OK) {
         char where[512], why[512];
-        pool_describe_conn(c, where, sizeof where);
+        describe_conn(c, where, sizeof where);
         pq_first_line(why, sizeof why, PQerrorMessage(c));
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
         scrub(err, errlen, pw); /* whatever libpq said, never the password */

@@ -43,7 +43,4 @@ int pool_lent_pids(pool *p, int *pids, int max);
 /* Connect outside the pool (the listener, one-shot commands). */
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen);
 
-/* "host=... port=... dbname=... user=..." of a connection, for messages. */
-void pool_describe_conn(PGconn *conn, char *buf, size_t len);
-
 #endif

@@ -30,7 +30,8 @@ void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     va_end(ap);
 }
 
-void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
+/* Fill e from a failed result or connection (pqerr.h). */
+static void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
     pq_error pe;
     pq_error_read(&pe, conn, res);
     memset(e, 0, sizeof *e);
@@ -39,11 +40,6 @@ void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
     memcpy(e->message, pe.message, sizeof e->message);
     memcpy(e->detail, pe.detail, sizeof e->detail);
     memcpy(e->hint, pe.hint, sizeof e->hint);
-}
-
-int tx_error_retryable(const tx_error *e) {
-    return e->kind == TXE_SQL &&
-           (strcmp(e->sqlstate, "40001") == 0 || strcmp(e->sqlstate, "40P01") == 0);
 }
 
 /* Retries are bounded by time, not by a small count: ordinary contention

@@ -61,14 +61,10 @@ int tx_commit(tx *t, tx_error *e);
 /* Safe to call on a closed transaction. Returns the connection. */
 void tx_rollback(tx *t);
 
-/* 40001 serialization failure or 40P01 deadlock. */
-int tx_error_retryable(const tx_error *e);
 /* Seconds to wait before retry number attempt (1-based): jittered,
  * growing, capped; negative once attempts are exhausted. */
 double tx_retry_delay(int attempt);
 
-/* Fill e from a failed result or connection. */
-void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res);
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...);
 
 #endif
