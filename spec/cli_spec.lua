@@ -64,6 +64,14 @@ describe("bmdb-host", function()
       assert.matches("SQL error 42P01: relation \"no_such_table\" does not exist", err, 1, true)
     end)
 
+    it("report cancellation as kind canceled, spelled one way", function()
+      local s = script("exit.lua", [[local ok, e = pcall(os.exit, 3)
+        io.stdout:write(tostring(ok), " ", e.kind, " ", tostring(e), "\n")]])
+      local code, out, err = host { s }
+      assert.equal(3, code, err)
+      assert.matches("false canceled canceled: os.exit ends the host", out, 1, true)
+    end)
+
     it("report a wrong parameter count and an unsupported parameter type, naming them", function()
       local s = script("params.lua", [[require("bmdb").transact(function(tx) tx:one("SELECT $1::INT8 + $2::INT8 AS x", 1) end)]])
       local code, _, err = host { s }

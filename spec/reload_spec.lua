@@ -322,6 +322,17 @@ describe("bmdb-host check", function()
     assert.matches("s.lua:3: attempt to index local 't' (a nil value)", err, 1, true)
   end)
 
+  it("tells a one-off that needs the database by the error's kind, not by its text", function()
+    local code, out = check("require('bmdb').transact(function(tx) end)\n")
+    assert.equal(0, code)
+    assert.matches("compiles; a one-off that uses the database at load time", out, 1, true)
+    -- a script's own error that merely says the same words is a runtime error
+    local err
+    code, _, err = check("error('bmdb: not connected to a database (no session)')\n")
+    assert.equal(1, code)
+    assert.matches("its top level fails at run time", err, 1, true)
+  end)
+
   it("exits 2 on a syntax error with file:line, and on values that are not workers", function()
     local code, _, err = check("return {\n  x = = 1 }\n")
     assert.equal(2, code)
