@@ -3,13 +3,31 @@
  * A work row is the lock: its primary key (machine_id, process) admits one
  * holder. Both functions run inside the caller's fenced SERIALIZABLE
  * transaction, so a lock changes hands only while its session lives, and a
- * concurrent claim of the same pair either sees our row or conflicts. */
+ * concurrent claim of the same pair either sees our row or conflicts. The
+ * life of a work item: host/README.md. */
 #include "work.h"
+#include "session.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
+
+static const char *const collect_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+    "DELETE FROM sessions WHERE deadline <= now()",
+};
+
+static const char *const end_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+    "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
+    "FROM work WHERE session_id = $1",
+    "DELETE FROM sessions WHERE session_id = $1",
+};
+
+const struct session_housekeeping work_housekeeping = {collect_sql, 2, end_sql, 2};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"
@@ -79,7 +97,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, int 
     const char *mp[] = {machine, process};
     PGresult *r;
 
-    /* A holder whose session is past its deadline holds nothing (DESIGN.md):
+    /* A holder whose session is past its deadline holds nothing (host/README.md, guarantee 4):
      * take the row over now rather than wait for a collector. */
     long n = run(t,
                  "SELECT w.session_id, s.deadline > now() FROM work w "
