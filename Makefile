@@ -45,7 +45,7 @@ $(BUILD)/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | $(BUILD)
 $(BUILD)/%.o: host/%.c $(wildcard host/*.h) | $(BUILD)
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
-$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lbmdb.h host/migrate.h
+$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lstate.h host/migrate.h
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(BUILD)/bmdb-host: $(BUILD)/main.o $(CORE_OBJ)
@@ -61,8 +61,8 @@ $(BUILD):
 # The example worker on the embedded default database (.bmdb/).
 run: deps
 	@$(MAKE) --no-print-directory all
-	./build/bmdb-host examples/seed.lua 5
-	./build/bmdb-host examples/provisioner.lua
+	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5
+	./build/bmdb-host --migrations examples/migrations examples/provisioner.lua
 
 # Every spec (spec/ and the operator example in examples/, as .busted
 # lists them), against PostgreSQL servers the specs start themselves.
@@ -111,6 +111,7 @@ LUA_LIB   ?= $(PREFIX)/lib/lua/5.1
 install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
+	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 

@@ -23,7 +23,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "lbmdb.h"
+#include "lstate.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "work.h"
@@ -135,7 +135,7 @@ int control_paused(tx *t, const char *process, char *why, size_t whylen, tx_erro
 
 void control_register(pool *p, const char *const *processes, int n) {
     char err[512];
-    PGconn *c = pool_get(p, err, sizeof err);
+    PGconn *c = pool_get(p, POOL_WAIT_S, err, sizeof err);
     if (!c) return; /* the claim refuses pauses and holds all the same */
     for (int i = 0; i < n; i++) {
         const char *params[] = {processes[i]};
@@ -242,7 +242,7 @@ static void lose(item *it, const char *why) {
     snprintf(slot, sizeof slot, "%d", it->slot);
     log_kv(LOG_WARN, "work lock taken away; interrupting the body", "machine", it->machine, "process",
            it->process, "slot", slot, "reason", why, NULL);
-    lbmdb_interrupt_lost(it->L);
+    lstate_interrupt_lost(it->L);
     lifecycle_kick(); /* a body in bmdb.sleep wakes and raises */
 }
 
@@ -365,7 +365,7 @@ int control_run(pool *p, const control_args *a, FILE *out, char *err, size_t err
             if (rc >= 0 && tx_commit(&t, &e) < 0) rc = -1;
             if (rc < 0) tx_rollback(&t);
             int wake = rc > 0 && (*token || !strcmp(a->cmd, "resume") || !strcmp(a->cmd, "unhold"));
-            PGconn *c = wake ? pool_get(p, err, errlen) : NULL;
+            PGconn *c = wake ? pool_get(p, POOL_WAIT_S, err, errlen) : NULL;
             if (c) {
                 if (*token) notify(c, "bmdb_cancel", token);
                 notify(c, "bmdb_wake", a->process ? a->process : "");
@@ -383,7 +383,9 @@ int control_run(pool *p, const control_args *a, FILE *out, char *err, size_t err
                     : (rc ? "released from hold" : "was not on hold"));
             return rc;
         }
-        double delay = tx_error_retryable(&e) ? tx_retry_delay(attempt) : -1;
+        /* 40001/40P01: another claim or collector touched the same rows */
+        int retry = e.kind == TXE_SQL && (!strcmp(e.sqlstate, "40001") || !strcmp(e.sqlstate, "40P01"));
+        double delay = retry ? tx_retry_delay(attempt) : -1;
         if (delay < 0) {
             snprintf(err, errlen, "%s: %s%s%s", a->cmd, e.sqlstate, *e.sqlstate ? " " : "", e.message);
             return -1;

@@ -7,7 +7,8 @@
  * or its deadline has passed by the transaction's now(), nothing of ours
  * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
- * always passes before the database's (session.c). */
+ * always passes before the database's (session.c). The guarantees this
+ * keeps, and who else keeps them: host/README.md. */
 #include "tx.h"
 
 #include <pthread.h>
@@ -18,14 +19,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
-
-static void copy_line(char *dst, size_t len, const char *src) {
-    if (!src) src = "";
-    size_t n = strcspn(src, "\n");
-    if (n >= len) n = len - 1;
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
+#include "pqerr.h"
 
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     memset(e, 0, sizeof *e);
@@ -36,26 +30,16 @@ void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     va_end(ap);
 }
 
-void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
+/* Fill e from a failed result or connection (pqerr.h). */
+static void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
+    pq_error pe;
+    pq_error_read(&pe, conn, res);
     memset(e, 0, sizeof *e);
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    if (state && PQstatus(conn) == CONNECTION_OK) {
-        e->kind = TXE_SQL;
-        snprintf(e->sqlstate, sizeof e->sqlstate, "%s", state);
-        copy_line(e->message, sizeof e->message, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
-        copy_line(e->detail, sizeof e->detail, PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
-        copy_line(e->hint, sizeof e->hint, PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
-        return;
-    }
-    e->kind = TXE_CONNECTION;
-    snprintf(e->message, sizeof e->message, "database connection lost: ");
-    size_t n = strlen(e->message);
-    copy_line(e->message + n, sizeof e->message - n, PQerrorMessage(conn));
-}
-
-int tx_error_retryable(const tx_error *e) {
-    return e->kind == TXE_SQL &&
-           (strcmp(e->sqlstate, "40001") == 0 || strcmp(e->sqlstate, "40P01") == 0);
+    e->kind = pe.connection_lost ? TXE_CONNECTION : TXE_SQL;
+    memcpy(e->sqlstate, pe.sqlstate, sizeof e->sqlstate);
+    memcpy(e->message, pe.message, sizeof e->message);
+    memcpy(e->detail, pe.detail, sizeof e->detail);
+    memcpy(e->hint, pe.hint, sizeof e->hint);
 }
 
 /* Retries are bounded by time, not by a small count: ordinary contention
@@ -87,7 +71,7 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
 static int open_on_fresh_conn(tx *t, tx_error *e) {
     char err[512];
     for (int tries = 0; tries < 2; tries++) {
-        t->conn = pool_get(t->pool, err, sizeof err);
+        t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err);
         if (!t->conn) {
             tx_error_set(e, TXE_CONNECTION, "%s", err);
             return -1;

@@ -3,13 +3,47 @@
  * A work row is the lock: its primary key (machine_id, process) admits one
  * holder. Both functions run inside the caller's fenced SERIALIZABLE
  * transaction, so a lock changes hands only while its session lives, and a
- * concurrent claim of the same pair either sees our row or conflicts. */
+ * concurrent claim of the same pair either sees our row or conflicts. The
+ * life of a work item: host/README.md. */
 #include "work.h"
+#include "session.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
+
+/* Each dead item counts as its failure for backoff, with the spec stored at
+ * its claim (a poison pill must not crash-loop the fleet); a work row past
+ * its own timeout, its session alive, is ended too (Failed, its timeout as
+ * cause). The events carry the claim's token, so a body told "lost" can
+ * be told why. */
+static const char *const collect_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired', w.token "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+    WORK_PENALTY_SQL("'session expired'",
+                     "w.session_id IN (SELECT session_id FROM sessions WHERE deadline <= now())"),
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", w.token "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id "
+    "WHERE s.deadline > now() AND w.deadline <= now()",
+    WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE,
+                     "w.deadline <= now() AND w.session_id IN "
+                     "(SELECT session_id FROM sessions WHERE deadline > now())"),
+    "DELETE FROM work w WHERE w.deadline <= now() AND w.session_id IN "
+    "(SELECT session_id FROM sessions WHERE deadline > now())",
+    "DELETE FROM sessions WHERE deadline <= now()",
+};
+
+static const char *const end_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown', token "
+    "FROM work WHERE session_id = $1",
+    "DELETE FROM sessions WHERE session_id = $1",
+};
+
+const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"
@@ -154,7 +188,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     if (holder && live && !timed_out) return WORK_HELD;
     if (holder) {
         /* A holder whose session is past its deadline holds nothing
-         * (DESIGN.md), nor one past its own timeout: take the row over now
+         * (host/README.md, guarantee 4), nor one past its own timeout: take the row over now
          * rather than wait for a collector. The takeover counts as the
          * item's failure, so its backoff is read again. */
         if ((live ? take_over_timed_out(t, machine, process, e) : take_over(t, session, e)) < 0 ||

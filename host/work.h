@@ -71,6 +71,12 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
 /* The last backoff period stored for (machine, process), 0 when none. */
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e);
 
+/* What becomes of the work of a session that ends (session.h): an expired
+ * session's locks are recorded Abandoned, ours at shutdown Canceled, and
+ * deleting the session row cascades to its work rows. */
+struct session_housekeeping;
+extern const struct session_housekeeping work_housekeeping;
+
 /* Input checks, so bad values fail before any SQL: */
 int work_valid_uuid(const char *s);
 int work_valid_process(const char *s);

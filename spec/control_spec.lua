@@ -213,7 +213,7 @@ describe("work control", function()
     local again
     local err = H.failure(bmdb.work, m, "Refence", function(w)
       assert.is_true(bmdb.cancel(m, "Refence", "spec"))
-      again = bmdb.lock(m, "Refence") -- same session, new token
+      again = assert(require("bmdb.internal").lock(m, "Refence")) -- same session, new token
       assert.equal(w.session, again.session)
       local e = H.failure(bmdb.transact, function(tx)
         tx:exec("INSERT INTO effects VALUES ($1, 1, 'stale')", w.machine)

@@ -83,7 +83,7 @@ describe("fencing and liveness", function()
     local m = new_machine(admin)
     local taker
     local ok = pcall(bmdb.work, m, "Fence", function(w)
-      taker = H.spawn { argv = { H.bin, "--interval", "30", dir .. "/taker.lua", w.session, m },
+      taker = H.spawn { argv = { H.bin, "--interval", "30", dir .. "/taker.lua", w.session_id, m },
                         env = { BMDB_DSN = dsn } }
       core.pause_heartbeat(true)
       pcall(bmdb.transact, function(tx)

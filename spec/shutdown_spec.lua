@@ -29,7 +29,7 @@ describe("shutdown", function()
             (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Stop') LIMIT $1]=], limit)
         end,
         run = function(w)
-          io.stdout:write("holding ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+          io.stdout:write("holding ", w.machine, " ", w.session_id, "\n"); io.stdout:flush()
           ]] .. src .. [[
         end,
       } }
@@ -84,7 +84,7 @@ describe("shutdown", function()
     local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
     local s = script("exit1.lua", [[
       require("bmdb").work(arg[1], "Stop", function(w)
-        io.stdout:write("holding ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+        io.stdout:write("holding ", w.machine, " ", w.session_id, "\n"); io.stdout:flush()
         os.exit(5)
       end)
     ]])
