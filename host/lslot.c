@@ -34,6 +34,13 @@ static int l_generation(lua_State *L) {
     return 1;
 }
 
+/* core.wake_fleet(): after a commit that may have made work eligible. */
+static int l_wake_fleet(lua_State *L) {
+    (void)L;
+    slot_fleet_wake_request();
+    return 0;
+}
+
 static int l_notify_enabled(lua_State *L) {
     lua_pushboolean(L, slot_notify_enabled());
     return 1;
@@ -44,6 +51,7 @@ static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"count", l_count},
                                  {"generation", l_generation},
                                  {"notify_enabled", l_notify_enabled},
+                                 {"wake_fleet", l_wake_fleet},
                                  {NULL, NULL}};
 
 void lslot_register(lua_State *L) { luaL_register(L, NULL, funcs); }

@@ -6,6 +6,10 @@
  *   generation, claims/retries, notify          atomics, no lock */
 #include "slots.h"
 
+#include <stdint.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
 #include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -103,6 +107,28 @@ void slot_counts(unsigned long *claims, unsigned long *retries) {
 
 int slot_notify_enabled(void) { return __atomic_load_n(&notify_enabled, __ATOMIC_ACQUIRE); }
 void slot_set_notify_enabled(void) { __atomic_store_n(&notify_enabled, 1, __ATOMIC_RELEASE); }
+
+/* ---- fleet wake-ups ----------------------------------------------------------- */
+
+static pthread_once_t fleet_once = PTHREAD_ONCE_INIT;
+static int fleet_fd = -1; /* eventfd: its counter is the pending requests */
+
+static void fleet_init(void) { fleet_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+int slot_fleet_wake_fd(void) {
+    pthread_once(&fleet_once, fleet_init);
+    return fleet_fd;
+}
+
+void slot_fleet_wake_request(void) {
+    uint64_t one = 1;
+    if (slot_fleet_wake_fd() < 0 || write(fleet_fd, &one, sizeof one) < 0) { /* counter full: pending anyway */ }
+}
+
+int slot_fleet_wake_take(void) {
+    uint64_t n = 0;
+    return slot_fleet_wake_fd() >= 0 && read(fleet_fd, &n, sizeof n) == sizeof n && n > 0;
+}
 
 /* ---- the item each slot holds ---------------------------------------------- */
 

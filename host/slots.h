@@ -39,6 +39,19 @@ void slot_counts(unsigned long *claims, unsigned long *retries);
 int slot_notify_enabled(void);
 void slot_set_notify_enabled(void);
 
+/* Fleet wake-ups, coalesced per host. A release asks for one after its
+ * commit; the listener sends a single NOTIFY for every request that
+ * arrived since its last one (at most one per SLOT_FLEET_WAKE_S), on its
+ * own connection. Releases then neither pay a statement for it nor meet
+ * on PostgreSQL's global notify lock at commit, and a burst of releases
+ * wakes the other hosts a few times, not once per item. */
+#define SLOT_FLEET_WAKE_S 0.01
+void slot_fleet_wake_request(void);
+/* The listener: an fd that turns readable when a request is pending, and
+ * taking the pending request (1 if there was one). */
+int slot_fleet_wake_fd(void);
+int slot_fleet_wake_take(void);
+
 /* The item the calling slot holds, for the report on slots that will not
  * stop. A slot thread binds its record (char[SLOT_ITEM_LEN]) once; the
  * lock calls note what they claim (NULL: released), a no-op on threads

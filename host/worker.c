@@ -206,6 +206,25 @@ static PGconn *listen_conn(void) {
     return c;
 }
 
+/* One NOTIFY for every fleet wake-up requested since the last (slots.h),
+ * then a short pause so that the next burst is folded into one again. Its
+ * own notification comes back to this connection and wakes local slots
+ * too. 0, or -1 when the connection broke (then given up). */
+static int send_fleet_wake(PGconn **c) {
+    if (!slot_fleet_wake_take()) return 0;
+    PGresult *r = PQexec(*c, "SELECT pg_notify('bmdb_wake', '')");
+    int ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+    PQclear(r);
+    if (!ok && PQstatus(*c) != CONNECTION_OK) {
+        log_kv(LOG_WARN, "listener connection lost; reconnecting", NULL);
+        pool_put(the_pool, *c);
+        *c = NULL;
+        return -1;
+    }
+    mono_sleep(SLOT_FLEET_WAKE_S);
+    return 0;
+}
+
 static void *listener_main(void *arg) {
     (void)arg;
     PGconn *c = NULL;
@@ -218,9 +237,11 @@ static void *listener_main(void *arg) {
                 continue;
             }
         }
-        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
-        int n = poll(&pfd, 1, 250); /* short: notices shutdown promptly */
-        if (n > 0 && !PQconsumeInput(c)) {
+        struct pollfd pfd[2] = {{.fd = PQsocket(c), .events = POLLIN},
+                                {.fd = slot_fleet_wake_fd(), .events = POLLIN}};
+        int n = poll(pfd, 2, 250); /* short: notices shutdown promptly */
+        if (n > 0 && pfd[1].revents && send_fleet_wake(&c) < 0) continue;
+        if (n > 0 && pfd[0].revents && !PQconsumeInput(c)) {
             log_kv(LOG_WARN, "listener connection lost; reconnecting", NULL);
             pool_put(the_pool, c); /* broken: the pool closes it */
             c = NULL;

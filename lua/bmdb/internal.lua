@@ -275,9 +275,6 @@ local function release(w, event, cause, spec, commit_fn)
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
     core.release(tx, w.machine, w.process, event, cause, seconds, w._token)
-    -- The release may make machines eligible for other processes: wake
-    -- idle slots everywhere (sent at commit, one slot per process).
-    if core.notify_enabled() then tx:exec("SELECT pg_notify('bmdb_wake', '')") end
     if commit_fn then return commit_fn(tx) end
   end
   local results, uncertain, attempt = nil, false, 0
@@ -296,6 +293,10 @@ local function release(w, event, cause, spec, commit_fn)
       error(err, 0)
     end
   until results
+  -- The release may have made machines eligible for other processes: wake
+  -- idle slots everywhere, once the commit is visible. The host folds a
+  -- burst of these into one NOTIFY (slots.h).
+  core.wake_fleet()
   local extra = { { "result", event:lower() } }
   if event == "Failed" then
     extra[2] = { "backoff", seconds .. "s" }
