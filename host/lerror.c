@@ -37,6 +37,10 @@ static void lerror_push(lua_State *L, const tx_error *e) {
     set_field(L, "detail", e->detail);
     set_field(L, "hint", e->hint);
     if (e->outcome_unknown) set_field(L, "outcome", "unknown");
+    if (e->stale_statement) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "stale_statement");
+    }
     luaL_getmetatable(L, LERROR_MT);
     lua_setmetatable(L, -2);
 }

@@ -12,6 +12,7 @@
 #include "lifecycle.h"
 #include "log.h"
 #include "pqerr.h"
+#include "prepared.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -23,13 +24,19 @@
 struct pool {
     char *conninfo;
     int max, open;          /* open = idle + lent out (+ being connected) */
-    int nidle;
-    PGconn **idle;
-    int nlent;
-    struct lent { PGconn *conn; PGcancel *cancel; } *lent;
+    /* What a connection carries for its whole life, idle or lent: made
+     * once at connect, so lending one allocates nothing. */
+    struct pconn { PGconn *conn; PGcancel *cancel; prepared *prep; } *idle, *lent;
+    int nidle, nlent;
     pthread_mutex_t lock;
     pthread_cond_t returned; /* on CLOCK_MONOTONIC: a clock step must not stall waiters */
 };
+
+static void close_pconn(struct pconn *pc) {
+    PQfreeCancel(pc->cancel);
+    prepared_free(pc->prep);
+    PQfinish(pc->conn);
+}
 
 pool *pool_create(const char *conninfo, int max_conns) {
     pool *p = calloc(1, sizeof *p);
@@ -57,9 +64,9 @@ pool *pool_create(const char *conninfo, int max_conns) {
 void pool_grow(pool *p, int max_conns) {
     pthread_mutex_lock(&p->lock);
     if (max_conns > p->max) {
-        PGconn **idle = realloc(p->idle, (size_t)max_conns * sizeof *idle);
+        struct pconn *idle = realloc(p->idle, (size_t)max_conns * sizeof *idle);
         if (idle) p->idle = idle;
-        struct lent *lent = realloc(p->lent, (size_t)max_conns * sizeof *lent);
+        struct pconn *lent = realloc(p->lent, (size_t)max_conns * sizeof *lent);
         if (lent) p->lent = lent;
         if (idle && lent) {
             p->max = max_conns;
@@ -71,11 +78,10 @@ void pool_grow(pool *p, int max_conns) {
 
 void pool_destroy(pool *p) {
     if (!p) return;
-    for (int i = 0; i < p->nidle; i++) PQfinish(p->idle[i]);
+    for (int i = 0; i < p->nidle; i++) close_pconn(&p->idle[i]);
     /* Lent connections belong to threads that never gave them back (a slot
      * that would not stop): closing them under those threads is worse than
-     * leaving them to exit(). Only their cancel objects are ours. */
-    for (int i = 0; i < p->nlent; i++) PQfreeCancel(p->lent[i].cancel);
+     * leaving them to exit(). */
     pthread_mutex_destroy(&p->lock);
     pthread_cond_destroy(&p->returned);
     free(p->idle);
@@ -219,22 +225,19 @@ static int idle_conn_alive(PGconn *c) {
     return PQconsumeInput(c) && PQstatus(c) == CONNECTION_OK;
 }
 
-/* Under p->lock. */
-static void lend(pool *p, PGconn *c, PGcancel *cancel) {
-    p->lent[p->nlent].conn = c;
-    p->lent[p->nlent].cancel = cancel;
-    p->nlent++;
+/* Under p->lock; the lent entry of c, or NULL. */
+static struct pconn *lent_entry(pool *p, PGconn *c) {
+    for (int i = 0; i < p->nlent; i++)
+        if (p->lent[i].conn == c) return &p->lent[i];
+    return NULL;
 }
 
-/* Under p->lock; the cancel object of c, removed from the lent list. */
-static PGcancel *unlend(pool *p, PGconn *c) {
-    for (int i = 0; i < p->nlent; i++) {
-        if (p->lent[i].conn != c) continue;
-        PGcancel *cancel = p->lent[i].cancel;
-        p->lent[i] = p->lent[--p->nlent];
-        return cancel;
-    }
-    return NULL;
+prepared *pool_prepared(pool *p, PGconn *c) {
+    pthread_mutex_lock(&p->lock);
+    struct pconn *pc = lent_entry(p, c);
+    prepared *prep = pc ? pc->prep : NULL;
+    pthread_mutex_unlock(&p->lock);
+    return prep;
 }
 
 PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
@@ -242,13 +245,13 @@ PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (p->nidle > 0) {
-            PGconn *c = p->idle[--p->nidle];
-            if (idle_conn_alive(c)) {
-                lend(p, c, PQgetCancel(c));
+            struct pconn pc = p->idle[--p->nidle];
+            if (idle_conn_alive(pc.conn)) {
+                p->lent[p->nlent++] = pc;
                 pthread_mutex_unlock(&p->lock);
-                return c;
+                return pc.conn;
             }
-            PQfinish(c); /* dead while idle: a fresh one replaces it */
+            close_pconn(&pc); /* dead while idle: a fresh one replaces it */
             p->open--;
         }
         if (p->open < p->max) break;
@@ -263,16 +266,19 @@ PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
     p->open++; /* reserve the slot, then connect without the lock */
     pthread_mutex_unlock(&p->lock);
 
-    PGconn *c = pool_connect(p->conninfo, err, errlen);
-    PGcancel *cancel = c ? PQgetCancel(c) : NULL;
+    struct pconn pc = {.conn = pool_connect(p->conninfo, err, errlen)};
+    if (pc.conn) {
+        pc.cancel = PQgetCancel(pc.conn);
+        pc.prep = prepared_new();
+    }
     pthread_mutex_lock(&p->lock);
-    if (c) lend(p, c, cancel);
+    if (pc.conn) p->lent[p->nlent++] = pc;
     else {
         p->open--;
         pthread_cond_signal(&p->returned);
     }
     pthread_mutex_unlock(&p->lock);
-    return c;
+    return pc.conn;
 }
 
 void pool_put(pool *p, PGconn *conn) {
@@ -280,14 +286,18 @@ void pool_put(pool *p, PGconn *conn) {
     /* Only a clean, idle connection goes back: anything else could leak a
      * transaction (and its fence) into the next borrower. */
     int reusable = PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) == PQTRANS_IDLE;
+    struct pconn pc = {.conn = conn};
     pthread_mutex_lock(&p->lock);
-    PGcancel *cancel = unlend(p, conn);
-    if (reusable) p->idle[p->nidle++] = conn;
+    struct pconn *e = lent_entry(p, conn);
+    if (e) {
+        pc = *e;
+        *e = p->lent[--p->nlent];
+    }
+    if (reusable) p->idle[p->nidle++] = pc;
     else p->open--;
     pthread_cond_signal(&p->returned);
     pthread_mutex_unlock(&p->lock);
-    PQfreeCancel(cancel);
-    if (!reusable) PQfinish(conn);
+    if (!reusable) close_pconn(&pc);
 }
 
 PGconn *pool_connect_own(pool *p, char *err, size_t errlen) {

@@ -30,6 +30,11 @@ void pool_grow(pool *p, int max_conns);
 PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen);
 void pool_put(pool *p, PGconn *conn);
 
+/* The prepared-statement cache of a connection lent out now (prepared.h);
+ * NULL for a connection the pool did not lend. */
+struct prepared;
+struct prepared *pool_prepared(pool *p, PGconn *conn);
+
 /* A connection of its own, outside the bound and the accounting, on the
  * pool's conninfo (the heartbeat: busy slots must never starve it). */
 PGconn *pool_connect_own(pool *p, char *err, size_t errlen);

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
+#include "prepared.h"
 #include "pqerr.h"
 
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
@@ -66,9 +67,53 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
     return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
 }
 
-/* BEGIN on a borrowed connection. An idle pooled connection may have died
- * (server restart); that is worth exactly one fresh connection. */
-static int open_on_fresh_conn(tx *t, tx_error *e) {
+/* Reads one statement's answer in pipeline mode: its result, then the NULL
+ * that ends it. */
+static PGresult *pipeline_result(PGconn *c) {
+    PGresult *r = PQgetResult(c), *extra;
+    if (r && PQresultStatus(r) != PGRES_PIPELINE_SYNC)
+        while ((extra = PQgetResult(c))) PQclear(extra);
+    return r;
+}
+
+/* BEGIN, then fence_sql (if any), sent in ONE round trip: pipeline mode
+ * (libpq >= 14) sends both before it reads an answer, and the server runs
+ * them in order. Returns the BEGIN's result and sets *fence to the
+ * fence's (NULL when it never ran). */
+static PGresult *send_begin(tx *t, const char *fence_sql, int n, const char *const *params,
+                            PGresult **fence) {
+    static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+    PGconn *c = t->conn;
+    *fence = NULL;
+    /* Prepared before the pipeline starts: a PREPARE's answer must be read
+     * before anything else is sent. Once per connection. */
+    const char *fence_name = fence_sql ? prepared_name(t->prep, c, fence_sql, n) : NULL;
+    if (!fence_sql || !PQenterPipelineMode(c)) {
+        PGresult *r = PQexec(c, begin_sql);
+        if (fence_sql && PQresultStatus(r) == PGRES_COMMAND_OK)
+            *fence = prepared_exec(t->prep, c, fence_sql, n, params, NULL, NULL, NULL);
+        return r;
+    }
+    PGresult *begin = NULL;
+    if (PQsendQueryParams(c, begin_sql, 0, NULL, NULL, NULL, NULL, 0) &&
+        (fence_name ? PQsendQueryPrepared(c, fence_name, n, params, NULL, NULL, 0)
+                    : PQsendQueryParams(c, fence_sql, n, NULL, params, NULL, NULL, 0)) &&
+        PQpipelineSync(c)) {
+        begin = pipeline_result(c);
+        *fence = pipeline_result(c);
+        PGresult *sync;
+        while ((sync = PQgetResult(c)) && PQresultStatus(sync) != PGRES_PIPELINE_SYNC) PQclear(sync);
+        PQclear(sync);
+    }
+    PQexitPipelineMode(c); /* fails only on a broken connection, which the caller sees */
+    return begin;
+}
+
+/* BEGIN on a borrowed connection, with the fence in the same flight. An
+ * idle pooled connection may have died (server restart); that is worth
+ * exactly one fresh connection. 0 with *fence set when a fence was sent. */
+static int open_on_fresh_conn(tx *t, const char *fence_sql, int n, const char *const *params,
+                              PGresult **fence, tx_error *e) {
     char err[512];
     for (int tries = 0; tries < 2; tries++) {
         t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err);
@@ -76,12 +121,17 @@ static int open_on_fresh_conn(tx *t, tx_error *e) {
             tx_error_set(e, TXE_CONNECTION, "%s", err);
             return -1;
         }
-        PGresult *r = PQexec(t->conn, "BEGIN ISOLATION LEVEL SERIALIZABLE");
+        t->prep = pool_prepared(t->pool, t->conn);
+        PGresult *r = send_begin(t, fence_sql, n, params, fence);
         int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
         if (!ok) tx_error_from_result(e, t->conn, r);
         PQclear(r);
         if (ok) return 0;
+        PQclear(*fence);
+        *fence = NULL;
         int broken = PQstatus(t->conn) != CONNECTION_OK;
+        if (!broken && PQtransactionStatus(t->conn) != PQTRANS_IDLE)
+            PQclear(PQexec(t->conn, "ROLLBACK"));
         pool_put(t->pool, t->conn);
         t->conn = NULL;
         if (!broken) return -1;
@@ -162,12 +212,14 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
         tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
         return -1;
     }
-    if (open_on_fresh_conn(t, e) < 0) return -1;
+    const char *params[] = {sess ? session_id(sess) : NULL, item ? item->machine : NULL,
+                            item ? item->process : NULL, item ? item->token : NULL};
+    const char *fence_sql = !sess ? NULL : item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
+    PGresult *r;
+    if (open_on_fresh_conn(t, fence_sql, item ? 4 : 1, params, &r, e) < 0) return -1;
     t->open = 1;
     if (!sess) return 0;
 
-    const char *params[] = {session_id(sess), item ? item->machine : NULL,
-                            item ? item->process : NULL, item ? item->token : NULL};
     /* KEY SHARE, held until COMMIT: the heartbeat's UPDATE of the deadline
      * does not conflict with it, but the DELETE with which a collector or a
      * takeover ends an expired session does, so it waits for us. Without
@@ -177,11 +229,16 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
      * READ the session row. With it, our commit is ordered before the
      * takeover, which then sees what we committed. On CockroachDB the
      * takeover's write to a row we read makes our commit fail instead.
-     * A body's transaction checks its work row in the same statement. */
-    PGresult *r = exec_params(t->conn, item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL, item ? 4 : 1,
-                              params);
+     * A body's transaction checks its work row in the same statement,
+     * and the statement travels with the BEGIN (open_on_fresh_conn). */
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
         tx_error_from_result(e, t->conn, r);
+        /* The fence went out by name; the server may have dropped it (a
+         * script's DEALLOCATE). Prepared afresh, the next attempt runs. */
+        if (!strcmp(e->sqlstate, "26000")) {
+            prepared_forget(t->prep);
+            e->stale_statement = 1;
+        }
         PQclear(r);
         tx_rollback(t);
         return -1;
@@ -257,15 +314,24 @@ static int check_binary_params(PGconn *c, const char *sql, int n, const int *for
     return 0;
 }
 
-PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
-                       const int *lengths, const int *formats, tx_error *e) {
+/* One statement on c, prepared through prep when it is not NULL. */
+static PGresult *conn_exec(PGconn *c, struct prepared *prep, const char *sql, int nparams,
+                           const char *const *params, const int *lengths, const int *formats,
+                           tx_error *e) {
     if (check_binary_params(c, sql, nparams, formats, e) < 0) return NULL;
-    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
+    int stale;
+    PGresult *r = prepared_exec(prep, c, sql, nparams, params, lengths, formats, &stale);
     ExecStatusType st = PQresultStatus(r);
     if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
     tx_error_from_result(e, c, r);
+    e->stale_statement = stale;
     PQclear(r);
     return NULL;
+}
+
+PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
+                       const int *lengths, const int *formats, tx_error *e) {
+    return conn_exec(c, NULL, sql, nparams, params, lengths, formats, e);
 }
 
 /* Whether statement result r ended the transaction: the connection is
@@ -289,7 +355,7 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return NULL;
     }
-    PGresult *r = tx_conn_exec(t->conn, sql, nparams, params, lengths, formats, e);
+    PGresult *r = conn_exec(t->conn, t->prep, sql, nparams, params, lengths, formats, e);
     if (!r) {
         t->failed = 1;
         return NULL;

@@ -28,6 +28,8 @@ typedef struct tx_error {
     char message[1024];
     char detail[512];
     char hint[256];
+    int stale_statement;  /* a cached prepared statement met a changed
+                           * schema: running the transaction again works */
     int outcome_unknown;  /* COMMIT was sent but no answer came back: the
                            * transaction may or may not have committed */
 } tx_error;
@@ -35,6 +37,7 @@ typedef struct tx_error {
 typedef struct tx {
     pool *pool;
     PGconn *conn;
+    struct prepared *prep; /* conn's prepared statements (pool.h) */
     session *sess;   /* NULL: no fence (housekeeping without a session) */
     int open;
     int failed;      /* a statement failed: the server will only roll back */

@@ -266,9 +266,10 @@ describe("hosts under database faults", function()
     ]])
     local host = H.spawn { argv = { H.bin, "--interval", "2", "--grace", "1", dir .. "/stuck.lua" },
                            env = { BMDB_DSN = dsn } }
-    H.wait_until(function()
+    local started, err = pcall(H.wait_until, function()
       return admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n == 1
     end, 20, "the item to start")
+    assert(started, tostring(err) .. "\n" .. host:stderr())
     -- Give the body its chance to wedge (or to be refused) before the signal.
     H.wait_until(function()
       return backend_running(admin, "UPDATE counters SET n = n + 10")

@@ -81,7 +81,11 @@ end
 -- twice, so that error goes to the caller unchanged.
 local function retryable(err)
   if not is_error(err) then return false end
-  if err.kind == "sql" then return err.sqlstate == "40001" or err.sqlstate == "40P01" end
+  if err.kind == "sql" then
+    -- stale_statement: a statement this connection had prepared met a
+    -- changed schema (a migration ran); prepared again, it runs.
+    return err.sqlstate == "40001" or err.sqlstate == "40P01" or err.stale_statement == true
+  end
   return err.kind == "connection" and err.outcome ~= "unknown"
 end
 

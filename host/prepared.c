@@ -1,0 +1,107 @@
+/* prepared.c -- statements prepared once per connection (prepared.h).
+ *
+ * The cache is a small array searched by a hash of the text: a host sends
+ * a few dozen distinct statements, so a linear probe over hashes is as
+ * fast as anything and keeps no pointers into Lua strings (texts are
+ * copied). Past PREPARED_MAX statements, the rest run unnamed: a script
+ * that builds SQL text from values (which it should not) cannot grow the
+ * server's memory without bound. */
+#include "prepared.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define PREPARED_MAX 128
+
+struct prepared {
+    int n;
+    unsigned seq; /* names are never reused: a forgotten one may live on in the server */
+    struct entry {
+        uint64_t hash;
+        char *sql;
+        char name[16];
+    } e[PREPARED_MAX];
+};
+
+prepared *prepared_new(void) { return calloc(1, sizeof(prepared)); }
+
+void prepared_free(prepared *pc) {
+    if (!pc) return;
+    for (int i = 0; i < pc->n; i++) free(pc->e[i].sql);
+    free(pc);
+}
+
+static uint64_t hash_of(const char *s) {
+    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
+    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ULL;
+    return h;
+}
+
+static struct entry *lookup(prepared *pc, const char *sql, uint64_t h) {
+    for (int i = 0; i < pc->n; i++)
+        if (pc->e[i].hash == h && !strcmp(pc->e[i].sql, sql)) return &pc->e[i];
+    return NULL;
+}
+
+/* Prepares sql as the next entry. The entry, or NULL with *failed set to
+ * the PREPARE's error result when the server refused it. */
+static struct entry *add(prepared *pc, PGconn *c, const char *sql, uint64_t h, int nparams,
+                         PGresult **failed) {
+    *failed = NULL;
+    if (pc->n == PREPARED_MAX) return NULL;
+    struct entry *e = &pc->e[pc->n];
+    snprintf(e->name, sizeof e->name, "bmdb_%u", pc->seq++);
+    PGresult *r = PQprepare(c, e->name, sql, nparams, NULL);
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        *failed = r;
+        return NULL;
+    }
+    PQclear(r);
+    if (!(e->sql = strdup(sql))) return NULL; /* out of memory: run it unnamed */
+    e->hash = h;
+    pc->n++;
+    return e;
+}
+
+const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams) {
+    if (!pc) return NULL;
+    uint64_t h = hash_of(sql);
+    struct entry *e = lookup(pc, sql, h);
+    PGresult *failed;
+    if (!e) e = add(pc, c, sql, h, nparams, &failed);
+    if (!e) PQclear(failed);
+    return e ? e->name : NULL;
+}
+
+PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
+                        const char *const *params, const int *lengths, const int *formats,
+                        int *stale) {
+    if (stale) *stale = 0;
+    if (!pc) return PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
+    uint64_t h = hash_of(sql);
+    struct entry *e = lookup(pc, sql, h);
+    int cached = e != NULL;
+    PGresult *failed = NULL;
+    if (!e) e = add(pc, c, sql, h, nparams, &failed);
+    if (failed) return failed;
+    if (!e) return PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
+    PGresult *r = PQexecPrepared(c, e->name, nparams, params, lengths, formats, 0);
+    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
+    /* 26000: the statement is gone (DISCARD ALL); 0A000 "cached plan must
+     * not change result type": the schema changed under it. Either way the
+     * cache no longer matches the server: start over on this connection.
+     * This statement's error stands (its transaction is aborted). */
+    if (state && (!strcmp(state, "26000") || !strcmp(state, "0A000"))) {
+        prepared_forget(pc);
+        if (stale) *stale = cached;
+    }
+    return r;
+}
+
+void prepared_forget(prepared *pc) {
+    if (!pc) return;
+    for (int i = 0; i < pc->n; i++) free(pc->e[i].sql);
+    pc->n = 0;
+}

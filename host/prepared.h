@@ -1,0 +1,43 @@
+/* prepared.h -- statements prepared once per connection.
+ *
+ * Unnamed statements are parsed and planned on every execution; the host
+ * sends the same few statements for every work item, and a worker's own
+ * select and commit statements repeat as often. A connection's cache maps
+ * a statement's text to the name it was prepared under, so each is parsed
+ * once per connection. The pool owns one cache per connection (a fresh
+ * connection starts empty, so a reconnect re-prepares). Not thread-safe:
+ * a cache is used only by the thread that holds its connection. */
+#ifndef BMDB_PREPARED_H
+#define BMDB_PREPARED_H
+
+#include <libpq-fe.h>
+
+typedef struct prepared prepared;
+
+prepared *prepared_new(void);
+void prepared_free(prepared *pc);
+
+/* Runs sql with parameters like PQexecParams, as a prepared statement of
+ * c (prepared first when this connection has not seen it). pc NULL, or a
+ * full cache: unnamed, as PQexecParams. A failed PREPARE (a syntax error)
+ * returns the PREPARE's error result, so the caller sees the real error.
+ * *stale is set when a statement prepared earlier failed because the
+ * schema changed under it (0A000 "cached plan must not change result
+ * type"): the cache is forgotten, and the same statement in a new
+ * transaction is prepared afresh and runs. */
+PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
+                        const char *const *params, const int *lengths, const int *formats,
+                        int *stale);
+
+/* The name sql is prepared under on c, preparing it now if needed; NULL
+ * when it cannot be (no cache, full, or the PREPARE failed). For sending a
+ * statement inside a pipeline, where a PREPARE's own answer cannot be
+ * waited for. Call it only outside a transaction block, or with SQL known
+ * to parse: a failed PREPARE aborts an open transaction. */
+const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams);
+
+/* Forget every statement (the server dropped them, or a schema change
+ * invalidated a cached plan's result type); later ones get new names. */
+void prepared_forget(prepared *pc);
+
+#endif
