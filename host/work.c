@@ -76,15 +76,6 @@ static long run(tx *t, const char *sql, int n, const char *const *params, PGresu
     return rows;
 }
 
-static int record(tx *t, const char *machine, const char *process, const char *sess,
-                  const char *event, const char *cause, const char *token, tx_error *e) {
-    const char *p[] = {machine, process, sess, event, cause, token};
-    return run(t,
-               "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
-               "VALUES ($1, $2, $3, $4, $5, $6)",
-               6, p, NULL, e) < 0 ? -1 : 0;
-}
-
 /* Takes over the one work row of (machine, process) whose timeout passed
  * while its session lives: recorded Failed with the timeout as cause and
  * penalized with the holder's backoff spec, like any failure. The DELETE
@@ -150,11 +141,58 @@ static int backoff_state(tx *t, const char *machine, const char *process, int *a
     return 0;
 }
 
+#define WORK_INSERT_LOCK                                                                          \
+    " INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "            \
+    "  backoff_initial, backoff_maximum, backoff_exponent) "                                    \
+    " SELECT $1, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "      \
+    "  $5::INT8, $6::INT8, $7::NUMERIC "
+
+/* The fast claim: WORK_LOCKED with out filled, WORK_HELD when the pair is
+ * not free (the caller then finds out why), WORK_ERROR. */
+static work_lock_result lock_if_free(tx *t, const char *machine, const char *process,
+                                     const work_claim *c, work_locked *out, tx_error *e) {
+    const char *ip[] = {machine, process, session_id(t->sess), c ? c->timeout : NULL,
+                        c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
+                        c ? c->backoff_exponent : NULL};
+    PGresult *r;
+    long n = run(t,
+                 "WITH locked AS (" WORK_INSERT_LOCK
+                 " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
+                 " AND NOT EXISTS (SELECT 1 FROM machine_holds WHERE machine_id = $1)"
+                 " AND NOT EXISTS (SELECT 1 FROM work WHERE machine_id = $1 AND process = $2)"
+                 " AND NOT EXISTS (SELECT 1 FROM work_backoff WHERE machine_id = $1 AND process = $2"
+                 "  AND backoff_until > now())"
+                 " ON CONFLICT (machine_id, process) DO NOTHING"
+                 " RETURNING machine_id, process, session_id, token), "
+                 "started AS (INSERT INTO work_history (machine_id, process, session_id, event, token)"
+                 " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
+                 "SELECT l.token, (SELECT b.attempts FROM work_backoff b"
+                 " WHERE b.machine_id = $1 AND b.process = $2) AS attempts FROM locked l",
+                 7, ip, &r, e);
+    if (n < 0) {
+        if (e->kind == TXE_SQL && strcmp(e->sqlstate, "23503") == 0)
+            snprintf(e->message, sizeof e->message, "machine %s does not exist", machine);
+        return WORK_ERROR;
+    }
+    if (n == 1) {
+        snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 0));
+        out->attempt = (PQgetisnull(r, 0, 1) ? 0 : atoi(PQgetvalue(r, 0, 1))) + 1;
+    }
+    PQclear(r);
+    return n == 1 ? WORK_LOCKED : WORK_HELD;
+}
+
 work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
                            work_locked *out, tx_error *e) {
     const char *mp[] = {machine, process};
     PGresult *r;
     memset(out, 0, sizeof *out);
+
+    /* The common case first, in one statement: nothing pauses, holds,
+     * locks or backs off the pair, so lock it and record Started. Only
+     * when that locks nothing does the claim read why (below). */
+    work_lock_result fast = lock_if_free(t, machine, process, c, out, e);
+    if (fast != WORK_HELD) return fast;
 
     /* One read for everything a claim must know: a pause of the process, a
      * hold of the machine, the holder (if any) and whether its session or
@@ -205,11 +243,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
                         c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
                         c ? c->backoff_exponent : NULL};
     n = run(t,
-            "WITH locked AS ("
-            " INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
-            "  backoff_initial, backoff_maximum, backoff_exponent) "
-            " VALUES ($1, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
-            "  $5::INT8, $6::INT8, $7::NUMERIC) "
+            "WITH locked AS (" WORK_INSERT_LOCK
             " ON CONFLICT (machine_id, process) DO NOTHING RETURNING machine_id, process, session_id, token) "
             "INSERT INTO work_history (machine_id, process, session_id, event, token) "
             "SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING token",
@@ -224,38 +258,46 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     return n == 1 ? WORK_LOCKED : WORK_HELD;
 }
 
+/* The release's first part, shared by both forms below: our work row
+ * (with its token, if any) goes, and the event is recorded. */
+#define WORK_RELEASE_CTE                                                                      \
+    "WITH gone AS (DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3 " \
+    " AND ($4::UUID IS NULL OR token = $4::UUID) RETURNING machine_id, process, session_id, token), " \
+    "recorded AS (INSERT INTO work_history (machine_id, process, session_id, event, cause, token) " \
+    " SELECT machine_id, process, session_id, $5::TEXT, $6::TEXT, token FROM gone RETURNING 1) "
+
 int work_release(tx *t, const char *machine, const char *process, const char *token,
                  const char *event, const char *cause, long backoff_seconds, tx_error *e) {
-    const char *sess = session_id(t->sess);
-    const char *dp[] = {machine, process, sess, token};
-    long n = run(t,
-                 "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3 "
-                 "AND ($4::UUID IS NULL OR token = $4::UUID)",
-                 4, dp, NULL, e);
+    /* One statement, one round trip: the lock, the event and the backoff
+     * change together. Each form returns one row when our lock was there. */
+    char secs[32];
+    snprintf(secs, sizeof secs, "%ld", backoff_seconds < 1 ? 1 : backoff_seconds);
+    const char *p[] = {machine, process, session_id(t->sess), token, event, cause, secs};
+    long n;
+    if (strcmp(event, "Failed") == 0)
+        n = run(t,
+                WORK_RELEASE_CTE
+                "INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause) "
+                "SELECT machine_id, process, now() + $7::INT8 * INTERVAL '1 second', $7::INT8, 1, "
+                " coalesce($6::TEXT, 'failed') FROM gone "
+                "ON CONFLICT (machine_id, process) DO UPDATE SET "
+                "backoff_until = excluded.backoff_until, last_seconds = excluded.last_seconds, "
+                "attempts = work_backoff.attempts + 1, cause = excluded.cause RETURNING 1",
+                7, p, NULL, e);
+    else
+        n = run(t,
+                WORK_RELEASE_CTE
+                ", cleared AS (DELETE FROM work_backoff WHERE $5::TEXT = 'Finished' "
+                " AND machine_id = $1 AND process = $2 AND EXISTS (SELECT 1 FROM gone) RETURNING 1) "
+                "SELECT 1 FROM gone",
+                6, p, NULL, e);
     if (n < 0) return -1;
     if (n == 0) {
         tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                      machine, process);
         return -1;
     }
-    if (record(t, machine, process, sess, event, cause, token, e) < 0) return -1;
-
-    const char *mp[] = {machine, process};
-    if (strcmp(event, "Finished") == 0)
-        return run(t, "DELETE FROM work_backoff WHERE machine_id = $1 AND process = $2", 2, mp,
-                   NULL, e) < 0 ? -1 : 0;
-    if (strcmp(event, "Failed") != 0) return 0;
-
-    char secs[32];
-    snprintf(secs, sizeof secs, "%ld", backoff_seconds < 1 ? 1 : backoff_seconds);
-    const char *bp[] = {machine, process, secs, cause ? cause : "failed"};
-    return run(t,
-               "INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause) "
-               "VALUES ($1, $2, now() + $3::INT8 * INTERVAL '1 second', $3, 1, $4) "
-               "ON CONFLICT (machine_id, process) DO UPDATE SET "
-               "backoff_until = excluded.backoff_until, last_seconds = excluded.last_seconds, "
-               "attempts = work_backoff.attempts + 1, cause = excluded.cause",
-               4, bp, NULL, e) < 0 ? -1 : 0;
+    return 0;
 }
 
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e) {
