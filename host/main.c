@@ -27,11 +27,13 @@
 #include <unistd.h>
 
 #include "bootstrap.h"
+#include "http.h"
 #include "lcore.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "lstate.h"
 #include "migrate.h"
+#include "notify.h"
 #include "pool.h"
 #include "reload.h"
 #include "report.h"
@@ -66,12 +68,14 @@ static const char usage_text[] =
     "  --interval SECS    session heartbeat interval (default: 5)\n"
     "  --grace SECS       drain time for items in flight on SIGTERM (default: 30)\n"
     "  --watch            reload the script when its files change\n"
+    "  --http ADDR        serve /metrics, a status page and /healthz on ADDR: PORT or\n"
+    "                     127.0.0.1:PORT, [::1]:PORT; other addresses only as written\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";
 
 struct options {
-    const char *dsn, *data_dir, *component, *migrations;
+    const char *dsn, *data_dir, *component, *migrations, *http;
     int interval, grace, watch, migrate;
 };
 
@@ -104,7 +108,7 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -114,6 +118,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"interval", required_argument, NULL, O_INTERVAL},
         {"grace", required_argument, NULL, O_GRACE},
         {"watch", no_argument, NULL, O_WATCH},
+        {"http", required_argument, NULL, O_HTTP},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
         {"help", no_argument, NULL, 'h'},
@@ -137,6 +142,15 @@ static int parse_options(int argc, char **argv, struct options *o) {
             if (parse_int("--grace", optarg, 0, 86400, &o->grace) < 0) return -1;
             break;
         case O_WATCH: o->watch = 1; break;
+        case O_HTTP: {
+            char err[256];
+            if (http_check_addr(optarg, err, sizeof err) < 0) {
+                print_error(EXIT_USAGE, "%s", err);
+                return -1;
+            }
+            o->http = optarg;
+            break;
+        }
         case O_LOG_LEVEL:
             if (log_parse_level(optarg, &lvl) < 0) {
                 print_error(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
@@ -312,6 +326,9 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     char n[16];
     snprintf(n, sizeof n, "%d", slots);
     log_kv(LOG_INFO, "workers started", "slots", n, NULL);
+    char summary[64];
+    snprintf(summary, sizeof summary, "serving: %d slot%s", slots, slots == 1 ? "" : "s");
+    notify_ready(summary);
 
     double grace_end = 0;
     int status = 0, canceled = 0;
@@ -325,6 +342,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
             if (st == HOST_RUNNING) reload_run(rl, db->pool, 1);
         } else if (sig > 0 && st == HOST_RUNNING) {
             log_kv(LOG_INFO, "draining: no new claims", "signal", strsignal(sig), NULL);
+            notify_stopping("draining: no new claims");
             lifecycle_advance(HOST_DRAINING);
             slot_wake_everyone();
             grace_end = mono_now() + o->grace;
@@ -450,6 +468,12 @@ static int start_host(const struct options *o, const char *script, host_db *db) 
         return print_error(EXIT_FAILED, "%s", err);
     }
     lcore_set_pool(db->pool);
+    if (o->http && http_start(o->http, db->pool, component, err, sizeof err) < 0) {
+        sessions_stop();
+        lcore_set_pool(NULL);
+        bootstrap_close(db);
+        return print_error(EXIT_USAGE, "%s", err);
+    }
     return 0;
 }
 
@@ -492,6 +516,8 @@ static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p)
  * A script thread that would not stop may still use the pool: it is left
  * to exit() then, and only the embedded server is stopped. */
 static void stop_host(host_db *db, int finished) {
+    notify_stopping("stopping");
+    http_stop();
     sessions_stop();
     lcore_set_pool(NULL);
     if (finished) {
