@@ -56,8 +56,8 @@ static const char usage_text[] =
     "usage: bmdb-host [options] SCRIPT.lua [ARGS...]   run a script (workers or one-off)\n"
     "       bmdb-host check SCRIPT.lua                 compile and validate, no database\n"
     "       bmdb-host migrate [up | down N | status]   manage the schema\n"
-    "       bmdb-host status                           sessions, work in flight, backoffs\n"
-    "       bmdb-host history MACHINE                  audit trail of one machine\n"
+    "       bmdb-host status [--json]                  sessions, work in flight, backoffs\n"
+    "       bmdb-host history MACHINE [--json]         audit trail of one machine\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
@@ -223,10 +223,17 @@ static int cmd_migrate(const struct options *o, int argc, char **argv) {
 }
 
 static int cmd_report(const struct options *o, const char *what, int argc, char **argv) {
+    int json = 0;
+    for (int i = 0; i < argc; i++) /* --json anywhere after the subcommand */
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+            memmove(argv + i, argv + i + 1, (size_t)(argc - i - 1) * sizeof *argv);
+            argc--, i--;
+        }
     if (strcmp(what, "history") == 0 && argc != 1)
-        return print_error(EXIT_USAGE, "history: expected one machine id");
+        return print_error(EXIT_USAGE, "history: expected one machine id (and --json)");
     if (strcmp(what, "status") == 0 && argc != 0)
-        return print_error(EXIT_USAGE, "status: takes no arguments");
+        return print_error(EXIT_USAGE, "status: takes no arguments but --json");
     if (what[0] == 'h' && !work_valid_uuid(argv[0]))
         return print_error(EXIT_USAGE, "history: machine id is not a UUID: %s", argv[0]);
     host_db db;
@@ -235,8 +242,8 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
     int rc = -1;
     PGconn *c = pool_get(db.pool, POOL_WAIT_S, err, sizeof err);
     if (c) {
-        rc = what[0] == 's' ? report_status(c, stdout, err, sizeof err)
-                            : report_history(c, argv[0], stdout, err, sizeof err);
+        rc = what[0] == 's' ? report_status(c, stdout, json, err, sizeof err)
+                            : report_history(c, argv[0], stdout, json, err, sizeof err);
         pool_put(db.pool, c);
     }
     bootstrap_close(&db);
