@@ -200,7 +200,7 @@ static void render_metrics(FILE *out) {
 /* Writes s escaped for HTML text and attributes, cut after max bytes (at a
  * character boundary) with the size of what was left out; control
  * characters become a visible mark, so a newline cannot hide a line. */
-static void html(FILE *out, const char *s, size_t max) {
+static void html_cut(FILE *out, const char *s, size_t max, size_t total) {
     size_t len = strlen(s), n = len;
     if (n > max) {
         n = max;
@@ -220,8 +220,11 @@ static void html(FILE *out, const char *s, size_t max) {
             else fputc(ch, out);
         }
     }
-    if (n < len) fprintf(out, "<span class=cut>&hellip; (%zu more bytes)</span>", len - n);
+    if (total < len) total = len;
+    if (n < total) fprintf(out, "<span class=cut>&hellip; (%zu more bytes)</span>", total - n);
 }
+
+static void html(FILE *out, const char *s, size_t max) { html_cut(out, s, max, 0); }
 
 /* "3d 4h", "2h 05m", "4m 07s", "12s", "0.4s"; negative as "-". */
 static void duration(FILE *out, double s) {
@@ -381,12 +384,19 @@ static void work_row(FILE *out, PGresult *r, int i) {
     cell_duration(out, r, i, 3);
 }
 
+/* A cause the server cut (substr), with its whole length in column j+1. */
+static void cell_cause(FILE *out, PGresult *r, int i, int j, size_t max) {
+    fputs("<td>", out);
+    html_cut(out, PQgetvalue(r, i, j), max, (size_t)atol(PQgetvalue(r, i, j + 1)));
+    fputs("</td>", out);
+}
+
 static void backoff_row(FILE *out, PGresult *r, int i) {
     cell_machine(out, r, i, 0);
     cell(out, r, i, 1, 64);
     cell(out, r, i, 2, 32);
     cell_duration(out, r, i, 3);
-    cell(out, r, i, 4, CELL_MAX);
+    cell_cause(out, r, i, 4, CELL_MAX);
 }
 
 static void history_row(FILE *out, PGresult *r, int i) {
@@ -394,7 +404,7 @@ static void history_row(FILE *out, PGresult *r, int i) {
     cell(out, r, i, 1, 64);
     cell(out, r, i, 2, 32);
     cell(out, r, i, 3, 64);
-    cell(out, r, i, 4, CAUSE_MAX);
+    cell_cause(out, r, i, 4, CAUSE_MAX);
 }
 
 /* Values that may be long are cut by the server too (substr), so a 100 kB
@@ -408,7 +418,7 @@ static const char SQL_WORK[] =
     "FROM work ORDER BY started_at LIMIT " ROWS_MAX;
 static const char SQL_BACKOFFS[] =
     "SELECT machine_id, process, attempts, EXTRACT(EPOCH FROM (backoff_until - now()))::FLOAT8 AS left_s, "
-    "substr(cause, 1, 4000) AS cause FROM work_backoff WHERE backoff_until > now() "
+    "substr(cause, 1, 4000) AS cause, octet_length(cause) FROM work_backoff WHERE backoff_until > now() "
     "ORDER BY backoff_until LIMIT " ROWS_MAX;
 
 static void status_page(FILE *out) {
@@ -447,12 +457,14 @@ static void machine_page(FILE *out, const char *id) {
                      1, params, work_row, "none") == 0 &&
             db_table(out, "backoffs", bcols,
                      "SELECT machine_id, process, attempts, EXTRACT(EPOCH FROM (backoff_until - now()))::FLOAT8, "
-                     "substr(cause, 1, 4000) FROM work_backoff WHERE machine_id = $1 AND backoff_until > now() "
+                     "substr(cause, 1, 4000), octet_length(cause) FROM work_backoff "
+                     "WHERE machine_id = $1 AND backoff_until > now() "
                      "ORDER BY backoff_until LIMIT " ROWS_MAX,
                      1, params, backoff_row, "none") == 0)
             db_table(out, "history, newest first", hcols,
                      "SELECT date_trunc('second', occurred_at)::TEXT, process, event, session_id, "
-                     "COALESCE(substr(cause, 1, 4000), '') FROM work_history WHERE machine_id = $1 "
+                     "COALESCE(substr(cause, 1, 4000), ''), COALESCE(octet_length(cause), 0) "
+                     "FROM work_history WHERE machine_id = $1 "
                      "ORDER BY occurred_at DESC, history_id DESC LIMIT " ROWS_MAX,
                      1, params, history_row, "no events recorded");
         pthread_mutex_unlock(&db_mu);
