@@ -135,15 +135,15 @@ static const struct { const char *key, *title, *text_sql, *json_sql; } status_ta
      "floor(EXTRACT(EPOCH FROM (now() - w.started_at)))::INT8 AS age_s "
      "FROM work w ORDER BY w.started_at",
      "SELECT machine_id, process, session_id, "
-     "started_at::TEXT AS started_at "
-     "FROM work ORDER BY started_at"},
+     "w.started_at::TEXT AS started_at "
+     "FROM work w ORDER BY w.started_at"},
     {"backoffs", "backoffs",
      "SELECT machine_id, process, attempts, "
      "ceil(EXTRACT(EPOCH FROM (backoff_until - now())))::INT8 AS left_s, cause "
      "FROM work_backoff WHERE backoff_until > now() ORDER BY backoff_until",
      "SELECT machine_id, process, attempts, last_seconds, "
-     "backoff_until::TEXT AS until, cause "
-     "FROM work_backoff WHERE backoff_until > now() ORDER BY backoff_until"},
+     "b.backoff_until::TEXT AS until, cause "
+     "FROM work_backoff b WHERE b.backoff_until > now() ORDER BY b.backoff_until"},
 };
 
 int report_status(PGconn *c, FILE *out, int json, char *err, size_t errlen) {
@@ -176,10 +176,10 @@ int report_history(PGconn *c, const char *machine, FILE *out, int json, char *er
     const char *params[] = {machine};
     PGresult *r = query(c,
                         json ? "SELECT occurred_at::TEXT AS occurred_at, process, event, session_id, "
-                               "cause FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id"
+                               "cause FROM work_history h WHERE machine_id = $1 ORDER BY h.occurred_at, h.history_id"
                              : "SELECT date_trunc('second', occurred_at)::TEXT AS occurred_at, "
-                               "process, event, session_id, cause FROM work_history "
-                               "WHERE machine_id = $1 ORDER BY occurred_at, history_id",
+                               "process, event, session_id, cause FROM work_history h "
+                               "WHERE machine_id = $1 ORDER BY h.occurred_at, h.history_id",
                         1, params, err, errlen);
     if (!r) return -1;
     if (json) {
