@@ -209,7 +209,7 @@ describe("--http", function()
 
     it("shows this host's busy slot, a backoff with its cause, and a machine with its history, escaped", function()
       if not browser then
-        pending("chromium is not installed (make check installs it with the Makefile's chromium target)")
+        pending("chromium is not installed (make check installs it: the check-deps target)")
         return
       end
       local held = want("hold")
