@@ -1,9 +1,9 @@
 # bmdb-host: build, test, run. `make run` and `make check` install whatever
 # Debian packages are missing first, so a fresh machine needs nothing else.
 
-PKGS      := luajit libpq uuid
+PKGS      := luajit libpq uuid libmicrohttpd libsystemd
 DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
-             uuid-dev lua-busted postgresql
+             uuid-dev lua-busted postgresql libmicrohttpd-dev libsystemd-dev
 PREFIX    ?= /usr/local
 
 # CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the
@@ -14,7 +14,7 @@ BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
 override CPPFLAGS += -Ihost -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
-MOD_LIBS  := $(shell pkg-config --libs libpq uuid 2>/dev/null) -pthread
+MOD_LIBS  := $(shell pkg-config --libs libpq uuid libmicrohttpd libsystemd 2>/dev/null) -pthread
 
 CORE_SRC  := $(filter-out host/main.c,$(wildcard host/*.c))
 CORE_OBJ  := $(CORE_SRC:host/%.c=$(BUILD)/%.o) $(BUILD)/bundle.o
@@ -23,7 +23,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps bench-deps run check check-asan bench install clean
+.PHONY: all deps check-deps bench-deps run check check-asan bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
@@ -58,6 +58,15 @@ $(BUILD)/bmdb/core.so: $(CORE_OBJ) | $(BUILD)
 $(BUILD):
 	@mkdir -p $(BUILD)
 
+# The specs alone need a browser: spec/http_spec.lua loads the status page
+# in headless Chromium (Debian's chromium), installed only for them.
+check-deps: deps
+	@command -v chromium >/dev/null || { \
+	  echo "installing: chromium (for the status page spec)"; \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
+
 # The example worker on the embedded default database (.bmdb/).
 run: deps
 	@$(MAKE) --no-print-directory all
@@ -66,7 +75,7 @@ run: deps
 
 # Every spec (spec/ and the operator example in examples/, as .busted
 # lists them), against PostgreSQL servers the specs start themselves.
-check: deps
+check: check-deps
 	@$(MAKE) --no-print-directory all
 	$(BUSTED) $(BUSTED_ARGS)
 
@@ -76,7 +85,7 @@ check: deps
 # load the ordinary module (a sanitized module would need libasan preloaded
 # into LuaJIT, and through it into every PostgreSQL the specs start).
 ASAN_CFLAGS := -O1 -g -fsanitize=address -fno-omit-frame-pointer
-check-asan: deps
+check-asan: check-deps
 	@$(MAKE) --no-print-directory all
 	@$(MAKE) --no-print-directory BUILD=build/asan CFLAGS='$(ASAN_CFLAGS)' \
 	  LDFLAGS=-fsanitize=address build/asan/bmdb-host

@@ -3,7 +3,11 @@
  * With no --dsn the host runs PostgreSQL itself, in a data dir laid out as:
  *     pgdata/        the cluster (owned by the server user, 0700)
  *     run/           the Unix socket; the server listens nowhere else
- *     postgres.log   output of the server and of initdb / pg_ctl
+ *     postgres.log   output of initdb / pg_ctl, and of the server until its
+ *                    logging collector runs
+ *     pgdata/log/    the server's log, one file per hour of the day, each
+ *                    truncated when its hour comes round again: a day's
+ *                    worth at most, never growing without bound
  *     control.lock   held exclusively while deciding to init, start or stop
  *     users.lock     held shared by every host using the server
  *
@@ -456,6 +460,27 @@ static int socket_conf_current(const char *conf, const char *want) {
     return strcmp(last, want) == 0;
 }
 
+/* PostgreSQL's own rotation: the logging collector writes
+ * log/postgresql-HH.log, a new file every hour, and truncates a file when
+ * its name comes round again the next day. */
+static const char rotation_conf[] =
+    "\n# bmdb-host: the server's log rotates hourly and keeps one day\n"
+    "logging_collector = on\nlog_directory = 'log'\nlog_filename = 'postgresql-%H.log'\n"
+    "log_rotation_age = 60\nlog_rotation_size = 0\nlog_truncate_on_rotation = on\n";
+
+/* Whether conf sets key anywhere (a cluster made before a setting existed
+ * gets it appended once). */
+static int conf_sets(const char *conf, const char *key) {
+    FILE *f = fopen(conf, "re");
+    if (!f) return 0;
+    char line[1024];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f))
+        found = strncmp(line + strspn(line, " \t"), key, strlen(key)) == 0;
+    fclose(f);
+    return found;
+}
+
 /* Appends our settings; later lines win in postgresql.conf, so appending
  * is enough both after initdb (full) and after a move (socket only). The
  * port is pinned because the server would otherwise take $PGPORT. */
@@ -463,14 +488,16 @@ static int write_conf(const embedded *e, const char *pgdata, int full, char *err
     char conf[EPATH + 32], sock[EPATH * 4 + 64];
     snprintf(conf, sizeof conf, "%s/postgresql.conf", pgdata);
     socket_conf_line(e, sock, sizeof sock);
-    if (!full && socket_conf_current(conf, sock)) return 0;
+    int rotation = full || !conf_sets(conf, "log_truncate_on_rotation");
+    if (!full && !rotation && socket_conf_current(conf, sock)) return 0;
     FILE *f = fopen(conf, "ae");
     if (!f) return fail(err, errlen, "cannot open %s: %s", conf, strerror(errno));
     if (full)
         fprintf(f, "\n# bmdb-host: the embedded database listens on its Unix socket only\n"
                    "listen_addresses = ''\nport = " PORT "\n%s\nmax_connections = 200\n", sock);
-    else
+    else if (!socket_conf_current(conf, sock))
         fprintf(f, "\n# bmdb-host: the data dir moved\n%s\n", sock);
+    if (rotation) fputs(rotation_conf, f);
     if (fclose(f) != 0) return fail(err, errlen, "cannot write %s: %s", conf, strerror(errno));
     return 0;
 }

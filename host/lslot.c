@@ -7,6 +7,7 @@
 
 #include "lcore.h"
 #include "lerror.h"
+#include "metrics.h"
 #include "slots.h"
 
 static int l_idle_wait(lua_State *L) {
@@ -19,11 +20,28 @@ static int l_wake_local(lua_State *L) {
     return 0;
 }
 
-/* core.count("claim" | "retry") */
+/* core.count("claim") | ("retry", sqlstate?) | ("empty", process) |
+ * ("tx_failed"): the stop line's counters and the metrics. */
 static int l_count(lua_State *L) {
-    static const char *const what[] = {"claim", "retry", NULL};
-    if (luaL_checkoption(L, 1, NULL, what) == 0) slot_count_claim();
-    else slot_count_retry();
+    static const char *const what[] = {"claim", "retry", "empty", "tx_failed", NULL};
+    switch (luaL_checkoption(L, 1, NULL, what)) {
+    case 0: slot_count_claim(); break;
+    case 1:
+        slot_count_retry();
+        metrics_tx_retried(luaL_optstring(L, 2, NULL));
+        break;
+    case 2: metrics_claim_empty(lerror_checkstring(L, 2)); break;
+    default: metrics_tx_failed(); break;
+    }
+    return 0;
+}
+
+/* core.observe_work(process, event, machine, seconds): a work item started
+ * or ended ("finished", "failed", "canceled", "lost"), for the metrics and
+ * the calling slot's line on the status page. */
+static int l_observe_work(lua_State *L) {
+    metrics_work(lerror_checkstring(L, 1), lerror_checkstring(L, 2), luaL_optstring(L, 3, NULL),
+                 luaL_optnumber(L, 4, 0));
     return 0;
 }
 
@@ -49,6 +67,7 @@ static int l_notify_enabled(lua_State *L) {
 static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"wake_local", l_wake_local},
                                  {"count", l_count},
+                                 {"observe_work", l_observe_work},
                                  {"generation", l_generation},
                                  {"notify_enabled", l_notify_enabled},
                                  {"wake_fleet", l_wake_fleet},

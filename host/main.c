@@ -28,11 +28,13 @@
 
 #include "bootstrap.h"
 #include "control.h"
+#include "http.h"
 #include "lcore.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "lstate.h"
 #include "migrate.h"
+#include "notify.h"
 #include "pool.h"
 #include "reload.h"
 #include "report.h"
@@ -55,8 +57,8 @@ static const char usage_text[] =
     "usage: bmdb-host [options] SCRIPT.lua [ARGS...]   run a script (workers or one-off)\n"
     "       bmdb-host check SCRIPT.lua                 compile and validate, no database\n"
     "       bmdb-host migrate [up | down N | status]   manage the schema\n"
-    "       bmdb-host status                           sessions, work in flight, backoffs\n"
-    "       bmdb-host history MACHINE                  audit trail of one machine\n"
+    "       bmdb-host status [--json]                  sessions, work in flight, pauses, holds, backoffs\n"
+    "       bmdb-host history MACHINE [--json]         audit trail of one machine\n"
     "       bmdb-host cancel MACHINE PROCESS [--reason TEXT]  end that lock now (exit 1: none held)\n"
     "       bmdb-host pause PROCESS [--reason TEXT]    no claims of PROCESS on any host\n"
     "       bmdb-host resume PROCESS                   claims of PROCESS start again\n"
@@ -72,12 +74,14 @@ static const char usage_text[] =
     "  --interval SECS    session heartbeat interval (default: 5)\n"
     "  --grace SECS       drain time for items in flight on SIGTERM (default: 30)\n"
     "  --watch            reload the script when its files change\n"
+    "  --http ADDR        serve /metrics, a status page and /healthz on ADDR: PORT or\n"
+    "                     127.0.0.1:PORT, [::1]:PORT; other addresses only as written\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";
 
 struct options {
-    const char *dsn, *data_dir, *component, *migrations;
+    const char *dsn, *data_dir, *component, *migrations, *http;
     int interval, grace, watch, migrate;
 };
 
@@ -110,7 +114,7 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -120,6 +124,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"interval", required_argument, NULL, O_INTERVAL},
         {"grace", required_argument, NULL, O_GRACE},
         {"watch", no_argument, NULL, O_WATCH},
+        {"http", required_argument, NULL, O_HTTP},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
         {"help", no_argument, NULL, 'h'},
@@ -143,6 +148,15 @@ static int parse_options(int argc, char **argv, struct options *o) {
             if (parse_int("--grace", optarg, 0, 86400, &o->grace) < 0) return -1;
             break;
         case O_WATCH: o->watch = 1; break;
+        case O_HTTP: {
+            char err[256];
+            if (http_check_addr(optarg, err, sizeof err) < 0) {
+                print_error(EXIT_USAGE, "%s", err);
+                return -1;
+            }
+            o->http = optarg;
+            break;
+        }
         case O_LOG_LEVEL:
             if (log_parse_level(optarg, &lvl) < 0) {
                 print_error(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
@@ -215,10 +229,17 @@ static int cmd_migrate(const struct options *o, int argc, char **argv) {
 }
 
 static int cmd_report(const struct options *o, const char *what, int argc, char **argv) {
+    int json = 0;
+    for (int i = 0; i < argc; i++) /* --json anywhere after the subcommand */
+        if (strcmp(argv[i], "--json") == 0) {
+            json = 1;
+            memmove(argv + i, argv + i + 1, (size_t)(argc - i - 1) * sizeof *argv);
+            argc--, i--;
+        }
     if (strcmp(what, "history") == 0 && argc != 1)
-        return print_error(EXIT_USAGE, "history: expected one machine id");
+        return print_error(EXIT_USAGE, "history: expected one machine id (and --json)");
     if (strcmp(what, "status") == 0 && argc != 0)
-        return print_error(EXIT_USAGE, "status: takes no arguments");
+        return print_error(EXIT_USAGE, "status: takes no arguments but --json");
     if (what[0] == 'h' && !work_valid_uuid(argv[0]))
         return print_error(EXIT_USAGE, "history: machine id is not a UUID: %s", argv[0]);
     host_db db;
@@ -227,8 +248,8 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
     int rc = -1;
     PGconn *c = pool_get(db.pool, POOL_WAIT_S, err, sizeof err);
     if (c) {
-        rc = what[0] == 's' ? report_status(c, stdout, err, sizeof err)
-                            : report_history(c, argv[0], stdout, err, sizeof err);
+        rc = what[0] == 's' ? report_status(c, stdout, json, err, sizeof err)
+                            : report_history(c, argv[0], stdout, json, err, sizeof err);
         pool_put(db.pool, c);
     }
     bootstrap_close(&db);
@@ -334,6 +355,9 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     char n[16];
     snprintf(n, sizeof n, "%d", slots);
     log_kv(LOG_INFO, "workers started", "slots", n, NULL);
+    char summary[64];
+    snprintf(summary, sizeof summary, "serving: %d slot%s", slots, slots == 1 ? "" : "s");
+    notify_ready(summary);
 
     double grace_end = 0;
     int status = 0, canceled = 0;
@@ -348,6 +372,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
             if (st == HOST_RUNNING) reload_run(rl, db->pool, 1);
         } else if (sig > 0 && st == HOST_RUNNING) {
             log_kv(LOG_INFO, "draining: no new claims", "signal", strsignal(sig), NULL);
+            notify_stopping("draining: no new claims");
             lifecycle_advance(HOST_DRAINING);
             slot_wake_everyone();
             grace_end = mono_now() + o->grace;
@@ -473,6 +498,12 @@ static int start_host(const struct options *o, const char *script, host_db *db) 
         return print_error(EXIT_FAILED, "%s", err);
     }
     lcore_set_pool(db->pool);
+    if (o->http && http_start(o->http, db->pool, component, err, sizeof err) < 0) {
+        sessions_stop();
+        lcore_set_pool(NULL);
+        bootstrap_close(db);
+        return print_error(EXIT_USAGE, "%s", err);
+    }
     return 0;
 }
 
@@ -516,6 +547,8 @@ static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p)
  * A script thread that would not stop may still use the pool: it is left
  * to exit() then, and only the embedded server is stopped. */
 static void stop_host(host_db *db, int finished) {
+    notify_stopping("stopping");
+    http_stop();
     sessions_stop();
     lcore_set_pool(NULL);
     if (finished) {

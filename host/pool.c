@@ -61,6 +61,13 @@ pool *pool_create(const char *conninfo, int max_conns) {
     return p;
 }
 
+void pool_stats(pool *p, int *in_use, int *idle) {
+    pthread_mutex_lock(&p->lock);
+    *in_use = p->nlent;
+    *idle = p->nidle;
+    pthread_mutex_unlock(&p->lock);
+}
+
 void pool_grow(pool *p, int max_conns) {
     pthread_mutex_lock(&p->lock);
     if (max_conns > p->max) {

@@ -21,6 +21,8 @@ void pool_destroy(pool *p);
 /* Raises the maximum (never lowers it): a worker script needs a connection
  * per slot on top of the host's own. */
 void pool_grow(pool *p, int max_conns);
+/* Connections lent out and idle now, for the metrics. */
+void pool_stats(pool *p, int *in_use, int *idle);
 
 /* Borrow a connection, waiting up to wait_s seconds (monotonic) while
  * every one is lent out; POOL_WAIT_S is what the host's callers wait. On

@@ -25,6 +25,7 @@
 #include "lstate.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "metrics.h"
 #include "slots.h"
 #include "snapshot.h"
 #include "worker.h"
@@ -143,6 +144,7 @@ double reload_due_in(const reloader *r) {
 static void refuse(reloader *r, snapshot *snap, char *err) {
     err[strcspn(err, "\n")] = '\0'; /* file:line: message, without the traceback */
     log_kv(LOG_ERROR, "reload refused; the old code keeps running", "error", err, NULL);
+    metrics_reload(1);
     if (!snap) return;
     snapshot_unref(r->refused);
     r->refused = snap;
@@ -198,6 +200,7 @@ int reload_run(reloader *r, pool *p, int forced) {
     char gen[16], ms[32];
     snprintf(gen, sizeof gen, "%u", slot_generation());
     snprintf(ms, sizeof ms, "%.1fms", (mono_now() - t0) * 1000);
+    metrics_reload(0);
     log_kv(LOG_INFO, "reloaded", "generation", gen, "took", ms, "trigger", forced ? "SIGHUP" : "file change",
            "workers", list, NULL);
     return 0;

@@ -1,7 +1,9 @@
 /* report.h -- the read-only operator commands: status and history.
  *
- * Plain aligned text on out, one row per line, so the output reads in a
- * terminal and greps in a script. */
+ * Plain aligned text on out, one row per line and at most 100 columns (a
+ * long value is cut, a newline shown as a space), so the output reads in
+ * a terminal and greps in a script; or, with json, one JSON object with
+ * stable keys and values whole, for scripts. */
 #ifndef BMDB_REPORT_H
 #define BMDB_REPORT_H
 
@@ -10,9 +12,9 @@
 #include <libpq-fe.h>
 
 /* Sessions, work in flight and active backoffs. 0, or -1 with err. */
-int report_status(PGconn *c, FILE *out, char *err, size_t errlen);
+int report_status(PGconn *c, FILE *out, int json, char *err, size_t errlen);
 /* The audit trail of one machine, oldest first. -2 when machine is not a
  * UUID, -1 on a database error. */
-int report_history(PGconn *c, const char *machine, FILE *out, char *err, size_t errlen);
+int report_history(PGconn *c, const char *machine, FILE *out, int json, char *err, size_t errlen);
 
 #endif

@@ -29,6 +29,8 @@
 
 #include "lifecycle.h"
 #include "log.h"
+#include "metrics.h"
+#include "notify.h"
 #include "pqerr.h"
 
 struct session {
@@ -108,6 +110,8 @@ void session_lose(session *s, const char *why) {
     pthread_mutex_unlock(&mu);
     if (!was_lost) {
         log_kv(LOG_WARN, "session lost", "session", s->id, "reason", why, NULL);
+        metrics_session_lost();
+        notify_status("session lost: %s", why);
         lifecycle_kick(); /* bmdb.sleep and idle slots must notice */
     }
 }
@@ -201,6 +205,8 @@ static void set_current(session *s) {
     pthread_cond_broadcast(&cur_changed);
     pthread_mutex_unlock(&mu);
     log_kv(LOG_INFO, "session started", "session", s->id, "component", cfg.component, NULL);
+    metrics_session_started();
+    notify_status("session %s live", s->id);
 }
 
 /* Sleeps on the heartbeat's condition until `until` (monotonic) or a stop. */
@@ -249,11 +255,13 @@ static int poke(PGconn **cp, session *s) {
             pthread_mutex_lock(&mu);
             if (!s->lost) s->deadline = sent + cfg.interval_s - margin();
             pthread_mutex_unlock(&mu);
+            notify_watchdog(); /* a wedged heartbeat stops these: systemd restarts us */
         }
     } else if (r) {
         result_failed(cp, r, why, sizeof why);
     }
     PQclear(r);
+    metrics_heartbeat(outcome == 1, mono_now() - sent);
     if (outcome == 0)
         log_kv(LOG_WARN, "heartbeat failed, retrying", "session", s->id, "error", why, NULL);
     return outcome;
@@ -402,6 +410,20 @@ int sessions_start(pool *p, const struct session_config *config, char *err, size
 }
 
 int sessions_started(void) { return started; }
+
+int sessions_describe(char *id, size_t idlen, double *left, char *why, size_t whylen) {
+    pthread_mutex_lock(&mu);
+    session *s = cur;
+    int live = s && !s->lost && mono_now() < s->deadline;
+    snprintf(id, idlen, "%s", s ? s->id : "");
+    *left = s ? s->deadline - mono_now() : 0;
+    if (live) snprintf(why, whylen, "session %s live", s->id);
+    else if (stopping) snprintf(why, whylen, "the host is stopping");
+    else if (s) snprintf(why, whylen, "session %s is past its local deadline", s->id);
+    else snprintf(why, whylen, "no live session; the heartbeat is starting a new one");
+    pthread_mutex_unlock(&mu);
+    return live;
+}
 
 session *session_current(double timeout_s) {
     pthread_once(&conds_once, cond_init);

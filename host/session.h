@@ -44,6 +44,10 @@ int sessions_start(pool *p, const struct session_config *cfg, char *err, size_t 
  * recorded as Canceled and the session row is deleted. */
 void sessions_stop(void);
 int sessions_started(void);
+/* The current session for reports: 1 when it is live. id gets its id (""
+ * between sessions), left the time to its local deadline, why one line
+ * saying so. */
+int sessions_describe(char *id, size_t idlen, double *left, char *why, size_t whylen);
 
 /* The current session as a new reference, waiting up to timeout_s while
  * the host is between sessions. NULL when there is none. */

@@ -19,6 +19,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
+#include "metrics.h"
 #include "prepared.h"
 #include "pqerr.h"
 
@@ -404,6 +405,7 @@ int tx_commit(tx *t, tx_error *e) {
         e->outcome_unknown = e->kind == TXE_CONNECTION;
     }
     PQclear(r);
+    if (ok) metrics_tx_committed();
     t->open = 0;
     pool_put(t->pool, t->conn);
     t->conn = NULL;

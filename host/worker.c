@@ -33,6 +33,7 @@
 #include "control.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "metrics.h"
 #include "lstate.h"
 #include "slots.h"
 #include "snapshot.h"
@@ -146,6 +147,7 @@ static void slot_load(slot *s, slot_code *c) {
 static void *slot_main(void *arg) {
     slot *s = arg;
     slot_bind_item(s->machine);
+    metrics_slot_bind(s->process, s->index);
     char err[4096];
     slot_code c = {0};
     int load = 1;
@@ -168,6 +170,7 @@ static void *slot_main(void *arg) {
         load = 1;
     }
     if (c.L) lstate_close(c.L);
+    metrics_slot_unbind();
     pthread_mutex_lock(&slots_mu);
     s->ended = 1;
     live--;

@@ -43,6 +43,19 @@ describe("the embedded database", function()
     assert.is_false(server_running())
   end)
 
+  it("logs through PostgreSQL's collector, rotated hourly and truncated, so the log stays bounded", function()
+    local code, _, err = host { dir .. "/add.lua", "1" }
+    assert.equal(0, code, err)
+    local conf = H.read_file(data .. "/pgdata/postgresql.conf")
+    for _, line in ipairs { "logging_collector = on", "log_filename = 'postgresql-%H.log'",
+                            "log_rotation_age = 60", "log_truncate_on_rotation = on" } do
+      assert.matches(line, conf, 1, true)
+    end
+    local files = H.glob(data .. "/pgdata/log/postgresql-*.log")
+    assert.is_true(#files >= 1, "the collector wrote its log")
+    for _, f in ipairs(files) do assert.matches("/postgresql%-%d%d%.log$", f) end
+  end)
+
   it("listens on a Unix socket only", function()
     local code, _, err = host { dir .. "/add.lua", "1" }
     assert.equal(0, code, err)

@@ -131,8 +131,11 @@ local function transact_on(on, fn, ...)
     if retryable(err) and core.now() - started < bmdb.retry_seconds then
       delay = core.retry_delay(attempt)
     end
-    if delay < 0 then error(err, 0) end
-    core.count("retry")
+    if delay < 0 then
+      core.count("tx_failed")
+      error(err, 0)
+    end
+    core.count("retry", is_error(err) and err.sqlstate or nil)
     -- Cut short by shutdown or the loss of sess: the next begin says which.
     core.sleep(delay, sess)
   end
@@ -256,9 +259,11 @@ end
 -- One line per work event, fields in a fixed order.
 local function log_event(w, event, extra)
   local kv = { "session", w.session_id, "machine", w.machine, "process", w.process, "attempt", w.attempt }
+  local took = core.now() - w._started
+  core.observe_work(w.process, event, w.machine, took) -- metrics, and this slot on the status page
   if event ~= "started" then
     kv[#kv + 1] = "duration"
-    kv[#kv + 1] = string.format("%.3fs", core.now() - w._started)
+    kv[#kv + 1] = string.format("%.3fs", took)
   end
   for _, pair in ipairs(extra or {}) do
     kv[#kv + 1], kv[#kv + 2] = pair[1], pair[2]
@@ -910,6 +915,7 @@ function bmdb.serve(result, process, index, generation)
       core.wake_local(def.process) -- there may be more: pass the baton
       pcall(bmdb.run, w, def.run)  -- the decision is recorded and logged
     else
+      core.count("empty", def.process)
       core.log("debug", "slot idle", { "process", def.process, "slot", index })
       core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
     end

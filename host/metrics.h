@@ -1,0 +1,58 @@
+/* metrics.h -- the host's counters, gauges and histograms, and its slots.
+ *
+ * One registry per process, under one mutex held only to add to a number
+ * or copy it out: instrumenting a slot or the heartbeat costs a lock and a
+ * few adds, never I/O. The HTTP server (http.c) renders it in the
+ * Prometheus text format and adds what is read at scrape time (the
+ * session's time left, the pool, the fleet from the database).
+ *
+ * The slot table: each slot thread registers itself once; work start and
+ * end on that thread mark it busy with its machine, or idle. The status
+ * page and the slots gauge read it. Threads that registered nothing (a
+ * one-off script) only count. */
+#ifndef BMDB_METRICS_H
+#define BMDB_METRICS_H
+
+#include <stddef.h>
+#include <stdio.h>
+
+void metrics_session_started(void);
+void metrics_session_lost(void);
+/* One heartbeat poke: ok, and how long it took (seconds). */
+void metrics_heartbeat(int ok, double seconds);
+
+void metrics_tx_committed(void);
+/* A transaction retried; why is its SQLSTATE ("40001") or "connection". */
+void metrics_tx_retried(const char *why);
+void metrics_tx_failed(void);
+
+/* event: "started", or how it ended ("finished", "failed", "canceled",
+ * "lost"); machine is noted for the calling slot, seconds is the duration
+ * of an ended item. */
+void metrics_work(const char *process, const char *event, const char *machine, double seconds);
+void metrics_claim_empty(const char *process);
+
+void metrics_reload(int refused);
+
+/* The calling thread is slot `index` of process until metrics_slot_unbind. */
+void metrics_slot_bind(const char *process, int index);
+void metrics_slot_unbind(void);
+
+typedef struct metrics_slot_view {
+    char process[64];
+    int index;
+    int busy;
+    char machine[40];
+    double busy_for; /* seconds, when busy */
+} metrics_slot_view;
+/* Copies up to max slots, sorted by process then index; returns how many
+ * there are (may exceed max). */
+int metrics_slots_read(metrics_slot_view *out, int max);
+
+/* Writes every family of the registry, with HELP and TYPE, to out. */
+void metrics_render(FILE *out);
+
+/* Writes `value` as a Prometheus label value (quotes not included). */
+void metrics_label_value(FILE *out, const char *value);
+
+#endif
