@@ -182,7 +182,7 @@ describe("work control", function()
     H.wait_until(function() return done(free, "Claw") end, 20, "Claw to do the free machine")
     local _, status = cli("status")
     assert.matches("paused processes %(1%)", status)
-    assert.matches("Paw%s+%d%d%d%d%-%d%d%-%d%d [%d:]+%+?%d*%s+db upgrade", status)
+    assert.matches("Paw%s+%d+%s+db upgrade", status) -- process, seconds paused, reason
     assert.matches("machines on hold %(1%)", status)
     assert.matches(esc(held) .. ".-person at the rack", status)
     -- both survive a restart of every host
@@ -204,7 +204,7 @@ describe("work control", function()
     for _, h in ipairs(hosts) do h:kill("TERM") end
     for _, h in ipairs(hosts) do assert.equal(0, h:wait(30), h:stderr()) end
     local _, hist = cli("history", held)
-    assert.matches("Held%s.-person at the rack", hist)
+    assert.matches("Held%s.-person at the", hist) -- the text form fits 100 columns
     assert.matches("Unheld%s.-done", hist)
   end)
 

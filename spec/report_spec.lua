@@ -46,12 +46,14 @@ describe("status and history", function()
     admin:close()
   end)
 
-  it("status --json is one object: sessions, work and backoffs with stable keys", function()
+  it("status --json is one object: sessions, work, pauses, holds and backoffs with stable keys", function()
     local out = host { "status", "--json" }
     assert.equal("object", admin:one("SELECT jsonb_typeof($1::jsonb) AS t", out).t)
-    assert.equal("sessions,work,backoffs", admin:one(
-      "SELECT string_agg(k, ',' ORDER BY CASE k WHEN 'sessions' THEN 1 WHEN 'work' THEN 2 ELSE 3 END) AS k " ..
+    assert.equal("sessions,work,paused,holds,backoffs", admin:one(
+      "SELECT string_agg(k, ',' ORDER BY CASE k WHEN 'sessions' THEN 1 WHEN 'work' THEN 2 " ..
+      "WHEN 'paused' THEN 3 WHEN 'holds' THEN 4 ELSE 5 END) AS k " ..
       "FROM jsonb_object_keys($1::jsonb) AS k", out).k)
+    assert.equal("running", json(out, "{work,0,state}"))
     assert.equal("reporter", json(out, "{sessions,0,component}"))
     assert.equal("live", json(out, "{sessions,0,state}"))
     assert.equal(m, json(out, "{work,0,machine_id}"))
