@@ -89,7 +89,8 @@ end
 -- ---------------------------------------------------------------- the worker
 
 -- The worker every fault spec runs, process "Fault". Environment: CONC
--- (slots), HOLD (a body sleeps a random 0..HOLD s), FAIL (the share of
+-- (slots), HOLD (a body sleeps a random 0..HOLD s, or HOLD s with FIXED
+-- set), FAIL (the share of
 -- bodies that raise), HOST (the name written in intervals). VERSION and
 -- the body's extra lines are the caller's (the reload spec varies them).
 -- A body prints "committed MACHINE PASS" once its finish has returned:
@@ -119,7 +120,9 @@ return {
       local start = bmdb.transact(function(tx)
         return tx:one("SELECT clock_timestamp()::TEXT AS t, n FROM passes WHERE machine_id = $1", w.machine)
       end)
-      bmdb.sleep(math.random() * HOLD)
+      io.stdout:write("running ", w.machine, " ", w.session, "\n")
+      io.stdout:flush()
+      bmdb.sleep(os.getenv("FIXED") and HOLD or math.random() * HOLD)
       %s
       if math.random() < FAIL then error("injected failure") end
       w:finish(function(tx)
