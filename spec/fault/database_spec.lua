@@ -108,8 +108,7 @@ describe("fault: database faults while items run", function()
 
     -- finish: every machine a few more times, then stop
     admin:exec("UPDATE passes SET target = n + 3")
-    H.wait_until(function() return admin:count("SELECT 1 FROM passes WHERE n < target") == 0 end, 180,
-      "every machine to be worked to its target (items stuck after the faults?)")
+    F.wait_complete(admin, { h }, 180)
     h:kill("TERM")
     assert.equal(0, h:wait(60), h:stderr())
     H.wait_until(function() return conns() == 0 end, 30, "the host's connections to close")

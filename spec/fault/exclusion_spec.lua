@@ -30,7 +30,7 @@ describe("fault: exclusion under load #slow", function()
     local function remaining() return admin:count("SELECT 1 FROM passes WHERE n < target") end
     local deadline = H.now() + 900
     while remaining() > 0 do
-      assert(H.now() < deadline, "timed out after 900s with " .. remaining() .. " machines not done")
+      if H.now() > deadline then F.wait_complete(admin, hosts, 1) end
       -- a kill every 1 to 3 s, while work remains; the victim restarts at once
       local pause = H.now() + 1 + 2 * math.random()
       H.wait_until(function() return H.now() > pause or remaining() == 0 end, 10, "the next kill")

@@ -64,7 +64,12 @@ end
 -- Returns dsn, admin, server.
 function F.database(server)
   server = server or H.postgres()
-  local dsn = server:create_db()
+  local dsn, admin = F.prepare(server:create_db())
+  return dsn, admin, server
+end
+
+-- The same on a database that exists (dsn): returns dsn, admin.
+function F.prepare(dsn)
   local code, out, err = H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })
   assert(code == 0, "migrate failed: " .. out .. err)
   local admin = F.admin(dsn)
@@ -73,7 +78,7 @@ function F.database(server)
   admin:exec([[CREATE TABLE intervals (machine_id UUID NOT NULL, pass INT8 NOT NULL, host TEXT NOT NULL,
                session_id UUID NOT NULL, version TEXT NOT NULL, slot TEXT NOT NULL,
                started_at TIMESTAMPTZ NOT NULL, ended_at TIMESTAMPTZ NOT NULL)]])
-  return dsn, admin, server
+  return dsn, admin
 end
 
 -- n machines, each to be worked `target` times.
@@ -164,6 +169,29 @@ function F.committed(p, into)
   into = into or {}
   for m, pass in p:stdout():gmatch("committed (%S+) (%d+)") do into[#into + 1] = { m, tonumber(pass) } end
   return into
+end
+
+-- Waits until every machine is worked to its target; on timeout the error
+-- lists the work rows still held and the hosts' log lines other than
+-- routine starts and finishes.
+function F.wait_complete(admin, hosts, timeout)
+  local ok, err = pcall(H.wait_until, function() return admin:count("SELECT 1 FROM passes WHERE n < target") == 0 end,
+    timeout or 180, "every machine to be worked to its target")
+  if ok then return end
+  local lines = {}
+  for _, r in ipairs(admin:query([[SELECT w.machine_id, w.session_id, s.deadline > now() AS live FROM work w
+      LEFT JOIN sessions s USING (session_id)]])) do
+    lines[#lines + 1] = "held: " .. r.machine_id .. " by " .. r.session_id .. " live=" .. tostring(r.live)
+  end
+  for _, h in ipairs(hosts) do
+    local log = {}
+    for l in h:stderr():gmatch("[^\n]+") do
+      if not l:match('msg="work started"') and not l:match("result=finished") then log[#log + 1] = l end
+    end
+    lines[#lines + 1] = "--- " .. (h.name or h.pid) .. ":"
+    for i = math.max(1, #log - 30), #log do lines[#lines + 1] = log[i] end
+  end
+  error(err .. "\n" .. table.concat(lines, "\n"), 2)
 end
 
 -- ---------------------------------------------------------------- audit
