@@ -186,7 +186,9 @@ function F.wait_complete(admin, hosts, timeout)
   for _, h in ipairs(hosts) do
     local log = {}
     for l in h:stderr():gmatch("[^\n]+") do
-      if not l:match('msg="work started"') and not l:match("result=finished") then log[#log + 1] = l end
+      if not l:match('msg="work started"') and not l:match("result=finished") and not l:match("injected failure") then
+        log[#log + 1] = l
+      end
     end
     lines[#lines + 1] = "--- " .. (h.name or h.pid) .. ":"
     for i = math.max(1, #log - 30), #log do lines[#lines + 1] = log[i] end
