@@ -58,7 +58,7 @@ return {
 
 describe("fault: fencing", function()
   local server, dsn, admin, dir
-  local faults, survived = 0, 0
+  local faults, survived, items, late = 0, 0, 0, 0
 
   setup(function()
     server = H.postgres { fresh = true }
@@ -78,7 +78,7 @@ describe("fault: fencing", function()
   end)
 
   teardown(function()
-    F.figures("fencing", { faults = faults, survived = survived })
+    F.figures("fencing", { items = items, faults = faults, survived = survived, overlaps = late })
     admin:close()
     server:stop()
   end)
@@ -161,6 +161,8 @@ describe("fault: fencing", function()
     a:await("stderr", 'msg="work lost"', 30)
     H.wait_until(function() return F.count_lines(a, 'msg="session started"') >= 2 end, 30, "a new session")
     stop(a, b)
+    items = items + 1
+    late = late + late_commits(m, old)
     assert.equal(0, late_commits(m, old))
     assert.equal(0, admin:count("SELECT 1 FROM zombie_writes WHERE session_id = $1 AND n = -1", old))
     assert.equal(0, admin:count("SELECT 1 FROM work_history WHERE session_id = $1 AND event = 'Finished'", old))
@@ -185,6 +187,8 @@ describe("fault: fencing", function()
     H.wait_until(function() return F.count_lines(a, 'msg="session started"') >= 2 end, 60, "a new session")
     assert.is_true(a:running())
     stop(a, b)
+    items = items + 1
+    late = late + late_commits(m, old)
     assert.equal(0, late_commits(m, old))
     assert.equal(0, admin:count("SELECT 1 FROM work_history WHERE session_id = $1 AND event = 'Finished'", old))
     assert.equal(1, admin:count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished' AND session_id <> $2", m, old))
@@ -222,6 +226,8 @@ describe("fault: fencing", function()
     -- before it or not at all
     assert.equal(1, admin:count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Started' AND session_id <> $2", m, old))
     assert.equal(1, admin:count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished'", m))
+    items = items + 1
+    late = late + late_commits(m, old)
     assert.equal(0, late_commits(m, old), "stallA's stalled write committed after stallB's claim")
     assert.equal(0, F.audit(admin).overlaps)
     survived = survived + 1
@@ -250,6 +256,7 @@ describe("fault: fencing", function()
     signal_backends("localA", "CONT")
     H.wait_until(function() return F.count_lines(a, 'msg="session started"') >= 2 end, 60, "a new session")
     stop(a)
+    items = items + 1
     survived = survived + 1
   end)
 end)

@@ -253,7 +253,7 @@ function F.figures(name, counts)
   local path = os.getenv("BMDB_FIGURES")
   if not path or path == "" then return end
   local f = assert(io.open(path, "a"))
-  local parts = { name }
+  local parts = { name, "run=" .. (os.getenv("BMDB_FIGURES_RUN") or "") }
   for _, k in ipairs { "items", "killed", "faults", "survived", "bad_inputs", "lost", "overlaps" } do
     parts[#parts + 1] = k .. "=" .. tostring(counts[k] or 0)
   end
