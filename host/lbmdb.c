@@ -31,6 +31,7 @@
 #include "migrate.h"
 #include "pool.h"
 #include "session.h"
+#include "snapshot.h"
 #include "tx.h"
 #include "work.h"
 #include "worker.h"
@@ -55,6 +56,7 @@ static const char *kind_name(tx_error_kind k) {
     case TXE_SESSION_EXPIRED: return "session_expired";
     case TXE_CANCELLED: return "cancelled";
     case TXE_CLOSED: return "closed";
+    case TXE_LOST: return "lost";
     default: return "error";
     }
 }
@@ -200,15 +202,44 @@ static void check_running(lua_State *L) {
 
 /* ---- parameters and results ------------------------------------------- */
 
+/* Skips the quoted literal or identifier that starts at s (its opening
+ * quote) and returns what follows. In an E'' string a backslash escapes
+ * the next character, so E'it\'s $1' is one literal. */
+static const char *skip_quoted(const char *s, int backslash_escapes) {
+    char q = *s++;
+    while (*s) {
+        if (backslash_escapes && *s == '\\' && s[1]) s += 2;
+        else if (*s == q && s[1] == q) s += 2;
+        else if (*s == q) return s + 1;
+        else s++;
+    }
+    return s;
+}
+
+/* An E'' string, with the lexer's continuation: 'a' then blanks holding a
+ * newline then 'b' is one literal, still with backslash escapes. */
+static const char *skip_escape_string(const char *s) {
+    for (;;) {
+        s = skip_quoted(s, 1);
+        const char *t = s;
+        int newline = 0;
+        while (*t == ' ' || *t == '\t' || *t == '\n' || *t == '\r' || *t == '\f')
+            newline |= *t++ == '\n';
+        if (!newline || *t != '\'') return s;
+        s = t;
+    }
+}
+
+static int ident_start(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_'; }
+static int ident_char(char c) { return ident_start(c) || (c >= '0' && c <= '9') || c == '$'; }
+
 /* Highest $n in sql, skipping literals, quoted identifiers, comments and
  * dollar quotes, so "$1" inside a string is not mistaken for a parameter. */
 static int max_param(const char *s) {
     int max = 0;
     while (*s) {
         if (*s == '\'' || *s == '"') {
-            char q = *s++;
-            while (*s && !(*s == q && s[1] != q)) s += (*s == q) ? 2 : 1;
-            if (*s) s++;
+            s = skip_quoted(s, 0); /* U&'' and N'' land here too: no escapes */
         } else if (s[0] == '-' && s[1] == '-') {
             while (*s && *s != '\n') s++;
         } else if (s[0] == '/' && s[1] == '*') {
@@ -237,11 +268,11 @@ static int max_param(const char *s) {
                 }
             }
             s++;
-        } else if ((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || *s == '_') {
+        } else if ((*s == 'E' || *s == 'e') && s[1] == '\'') {
+            s = skip_escape_string(s + 1); /* only a lone E starts one */
+        } else if (ident_start(*s)) {
             /* identifiers may contain $ (foo$1): not a parameter */
-            while ((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || *s == '_' || *s == '$' ||
-                   (*s >= '0' && *s <= '9'))
-                s++;
+            while (ident_char(*s)) s++;
         } else {
             s++;
         }
@@ -249,49 +280,147 @@ static int max_param(const char *s) {
     return max;
 }
 
-/* Converts arguments first..top to text parameters in a userdata-free
- * buffer kept on the Lua stack (strings stay referenced while we run). */
-static int collect_params(lua_State *L, const char *fname, const char *sql, int first,
-                          const char **params) {
+/* The shortest text that reads back as d (%.1g up to %.17g): 0.1 is sent
+ * as "0.1", not "0.10000000000000001", which a numeric would keep. */
+static void format_double(double d, char *buf, size_t len) {
+    for (int prec = 1; prec <= 17; prec++) {
+        snprintf(buf, len, "%.*g", prec, d);
+        if (strtod(buf, NULL) == d) return;
+    }
+}
+
+/* A decimal text as sign, significant digits and exponent (value =
+ * 0.digits x 10^exp), so "1.2500", "1.25" and "125e-2" compare equal. */
+typedef struct {
+    int neg;
+    long exp;
+    size_t n;
+    char digits[40];
+} decimal;
+
+/* 0, or -1 when s is not a plain decimal or has more significant digits
+ * than any double's shortest text (17). */
+static int decimal_parse(const char *s, decimal *d) {
+    memset(d, 0, sizeof *d);
+    if (*s == '-' || *s == '+') d->neg = *s++ == '-';
+    int point = 0, any = 0;
+    long zeros = 0; /* zeros after a significant digit, kept only if one follows */
+    for (; (*s >= '0' && *s <= '9') || (*s == '.' && !point); s++) {
+        if (*s == '.') {
+            point = 1;
+            continue;
+        }
+        any = 1;
+        if (d->n == 0 && *s == '0') { /* a leading zero */
+            if (point) d->exp--;
+            continue;
+        }
+        if (!point) d->exp++;
+        if (*s == '0') {
+            zeros++;
+            continue;
+        }
+        if (d->n + (size_t)zeros + 1 > sizeof d->digits) return -1;
+        memset(d->digits + d->n, '0', (size_t)zeros);
+        d->n += (size_t)zeros;
+        zeros = 0;
+        d->digits[d->n++] = *s;
+    }
+    if (!any) return -1;
+    if (*s == 'e' || *s == 'E') {
+        char *end;
+        d->exp += strtol(s + 1, &end, 10);
+        s = end;
+    }
+    if (*s) return -1;
+    if (d->n == 0) d->neg = 0, d->exp = 0; /* zero has one form */
+    return 0;
+}
+
+/* Whether the double read from numeric text v holds exactly that value,
+ * in the only sense a caller can use: its shortest text is v again
+ * (modulo trailing zeros and exponent form). 0.1 fits; 0.10000000000000001
+ * and 9007199254740993 do not. */
+static int numeric_fits_double(const char *v, double d) {
+    if (!strcmp(v, "NaN") || !strcmp(v, "Infinity") || !strcmp(v, "-Infinity")) return 1;
+    if (!isfinite(d)) return 0;
+    char buf[40];
+    format_double(d, buf, sizeof buf);
+    decimal a, b;
+    return decimal_parse(v, &a) == 0 && decimal_parse(buf, &b) == 0 && a.neg == b.neg &&
+           a.exp == b.exp && a.n == b.n && memcmp(a.digits, b.digits, a.n) == 0;
+}
+
+/* A statement's parameters as PQexecParams takes them. A string holding a
+ * NUL byte goes in binary (format 1) with its length: text format would
+ * cut it at the NUL. Binary is exactly what bytea receives; tx_conn_exec
+ * refuses it for any other type, naming the parameter. */
+typedef struct {
+    int n;
+    const char **values;
+    int *lengths;
+    int *formats;
+} params;
+
+static void format_number(double d, char *buf, size_t len) {
+    if (isnan(d)) snprintf(buf, len, "NaN");
+    else if (isinf(d)) snprintf(buf, len, "%s", d > 0 ? "Infinity" : "-Infinity");
+    else if (d == 0 && signbit(d)) snprintf(buf, len, "-0"); /* float8 keeps the sign */
+    else if (d == floor(d) && fabs(d) < 9.2e18)
+        snprintf(buf, len, "%lld", (long long)d); /* exact integers as integers: "3", not "3.0" */
+    else format_double(d, buf, len);
+}
+
+/* Converts arguments first..top into p; the arrays live in a userdata
+ * pushed at first (the arguments move up by one) and the texts stay
+ * referenced on the Lua stack while the statement runs. */
+static void collect_params(lua_State *L, const char *fname, const char *sql, int first, params *p) {
     int n = lua_gettop(L) - first + 1;
     int want = max_param(sql);
     if (n < want)
-        return luaL_error(L, "%s: parameter $%d is missing (the query uses $1..$%d, got %d argument%s)",
-                          fname, n + 1, want, n, n == 1 ? "" : "s");
+        luaL_error(L, "%s: parameter $%d is missing (the query uses $1..$%d, got %d argument%s)",
+                   fname, n + 1, want, n, n == 1 ? "" : "s");
     if (n > want)
-        return luaL_error(L, "%s: argument #%d has no parameter (the query uses %d parameter%s, got %d)",
-                          fname, want + 1, want, want == 1 ? "" : "s", n);
+        luaL_error(L, "%s: argument #%d has no parameter (the query uses %d parameter%s, got %d)",
+                   fname, want + 1, want, want == 1 ? "" : "s", n);
+    memset(p, 0, sizeof *p);
+    p->n = n;
+    if (n == 0) return;
+    size_t each = sizeof(char *) + 2 * sizeof(int);
+    char *mem = lua_newuserdata(L, each * (size_t)n);
+    lua_insert(L, first++);
+    p->values = (const char **)mem;
+    p->lengths = (int *)(mem + sizeof(char *) * (size_t)n);
+    p->formats = p->lengths + n;
     for (int i = 0; i < n; i++) {
         int idx = first + i;
+        size_t len = 0;
+        p->lengths[i] = p->formats[i] = 0;
         switch (lua_type(L, idx)) {
-        case LUA_TNIL: params[i] = NULL; break;
-        case LUA_TBOOLEAN: params[i] = lua_toboolean(L, idx) ? "true" : "false"; break;
-        case LUA_TSTRING: params[i] = lua_tostring(L, idx); break;
+        case LUA_TNIL: p->values[i] = NULL; break;
+        case LUA_TBOOLEAN: p->values[i] = lua_toboolean(L, idx) ? "true" : "false"; break;
+        case LUA_TSTRING:
+            p->values[i] = lua_tolstring(L, idx, &len);
+            if (memchr(p->values[i], '\0', len)) {
+                if (len > INT_MAX) luaL_error(L, "%s: parameter $%d is too long", fname, i + 1);
+                p->lengths[i] = (int)len;
+                p->formats[i] = 1;
+            }
+            break;
         case LUA_TNUMBER: {
-            double d = lua_tonumber(L, idx);
-            if (isnan(d)) lua_pushliteral(L, "NaN");
-            else if (isinf(d)) lua_pushstring(L, d > 0 ? "Infinity" : "-Infinity");
-            else if (d == floor(d) && fabs(d) < 9.2e18) {
-                char buf[32]; /* exact integers as integers: "3", not "3.0" */
-                snprintf(buf, sizeof buf, "%lld", (long long)d);
-                lua_pushstring(L, buf);
-            }
-            else {
-                char buf[40];
-                snprintf(buf, sizeof buf, "%.17g", d);
-                lua_pushstring(L, buf);
-            }
+            char buf[40];
+            format_number(lua_tonumber(L, idx), buf, sizeof buf);
+            lua_pushstring(L, buf);
             lua_replace(L, idx); /* keep the text alive on the stack */
-            params[i] = lua_tostring(L, idx);
+            p->values[i] = lua_tostring(L, idx);
             break;
         }
         default:
-            return luaL_error(L, "%s: parameter $%d (argument #%d) has unsupported type %s "
-                                 "(expected string, number, boolean or nil)",
-                              fname, i + 1, i + 1, luaL_typename(L, idx));
+            luaL_error(L, "%s: parameter $%d (argument #%d) has unsupported type %s "
+                          "(expected string, number, boolean or nil)",
+                       fname, i + 1, i + 1, luaL_typename(L, idx));
         }
     }
-    return n;
 }
 
 static void push_value(lua_State *L, const PGresult *r, int row, int col) {
@@ -304,6 +433,14 @@ static void push_value(lua_State *L, const PGresult *r, int row, int col) {
     case 16: /* bool */
         lua_pushboolean(L, v[0] == 't');
         return;
+    case 17: { /* bytea: the bytes themselves, NULs included, not "\x..." */
+        size_t len;
+        unsigned char *bytes = PQunescapeBytea((const unsigned char *)v, &len);
+        if (!bytes) luaL_error(L, "out of memory decoding a bytea column");
+        lua_pushlstring(L, (const char *)bytes, len);
+        PQfreemem(bytes);
+        return;
+    }
     case 20: case 21: case 23: case 26: { /* int8, int2, int4, oid */
         long long n = strtoll(v, NULL, 10);
         /* a double holds integers exactly up to 2^53; beyond, keep the text */
@@ -311,9 +448,15 @@ static void push_value(lua_State *L, const PGresult *r, int row, int col) {
         else lua_pushnumber(L, (lua_Number)n);
         return;
     }
-    case 700: case 701: case 1700: /* float4, float8, numeric */
+    case 700: case 701: /* float4, float8: the server sends round-trip text */
         lua_pushnumber(L, strtod(v, NULL));
         return;
+    case 1700: { /* numeric: a number only when the double is that value */
+        double d = strtod(v, NULL);
+        if (numeric_fits_double(v, d)) lua_pushnumber(L, d);
+        else lua_pushstring(L, v);
+        return;
+    }
     default:
         lua_pushstring(L, v);
     }
@@ -431,15 +574,75 @@ static ltx *check_open_tx(lua_State *L, const char *fname) {
     return u;
 }
 
+/* The next word of sql after blanks, semicolons and comments (the server
+ * skips all three before a statement), upper-cased into w; advances *s. */
+static void next_word(const char **s, char *w, size_t len) {
+    const char *p = *s;
+    for (;;) {
+        if (*p == ' ' || *p == '\t' || *p == '\n' || *p == '\r' || *p == '\f' || *p == '\v' || *p == ';') {
+            p++;
+        } else if (p[0] == '-' && p[1] == '-') {
+            while (*p && *p != '\n') p++;
+        } else if (p[0] == '/' && p[1] == '*') { /* comments nest */
+            int depth = 1;
+            for (p += 2; *p && depth; p++) {
+                if (p[0] == '/' && p[1] == '*') depth++, p++;
+                else if (p[0] == '*' && p[1] == '/') depth--, p++;
+            }
+        } else {
+            break;
+        }
+    }
+    size_t n = 0;
+    for (; ident_start(*p) || (*p >= '0' && *p <= '9'); p++)
+        if (n + 1 < len) w[n++] = (char)(*p >= 'a' && *p <= 'z' ? *p - 32 : *p);
+    w[n] = '\0';
+    *s = p;
+}
+
+/* The statement's name when it would start, end or split the transaction
+ * (COMMIT, ROLLBACK, BEGIN, SAVEPOINT, PREPARE TRANSACTION, ...), else
+ * NULL. Inside bmdb.transact the transaction is the host's: ending it ends
+ * the fence, and what ran after would autocommit outside it. */
+static const char *transaction_control(const char *sql, char *name, size_t len) {
+    static const char *const alone[] = {"BEGIN", "COMMIT", "END", "ROLLBACK", "ABORT",
+                                        "SAVEPOINT", "RELEASE", NULL};
+    char first[32], second[32];
+    next_word(&sql, first, sizeof first);
+    for (int i = 0; alone[i]; i++)
+        if (!strcmp(first, alone[i])) return snprintf(name, len, "%s", first), name;
+    if (!strcmp(first, "START")) return snprintf(name, len, "START TRANSACTION"), name;
+    if (strcmp(first, "PREPARE") && strcmp(first, "SET")) return NULL; /* PREPARE name AS ... is fine */
+    next_word(&sql, second, sizeof second);
+    if (strcmp(second, "TRANSACTION")) return NULL;
+    snprintf(name, len, "%s %s", first, second);
+    return name;
+}
+
+/* An error object of kind "usage": the call itself is wrong. */
+static int raise_usage(lua_State *L, const char *fmt, const char *arg, const char *arg2) {
+    lua_createtable(L, 0, 2);
+    lua_pushliteral(L, "usage");
+    lua_setfield(L, -2, "kind");
+    lua_pushfstring(L, fmt, arg, arg2);
+    lua_setfield(L, -2, "message");
+    luaL_getmetatable(L, ERROR_MT);
+    lua_setmetatable(L, -2);
+    return lua_error(L);
+}
+
 static int tx_statement(lua_State *L, const char *fname) {
     ltx *u = check_open_tx(L, fname);
     const char *sql = luaL_checkstring(L, 2);
-    int n = lua_gettop(L) - 2;
-    const char **params = n > 0 ? lua_newuserdata(L, sizeof(char *) * (size_t)n) : NULL;
-    if (params) lua_insert(L, 3); /* below the arguments, which move to 4.. */
-    collect_params(L, fname, sql, params ? 4 : 3, params);
+    char name[64];
+    if (transaction_control(sql, name, sizeof name))
+        return raise_usage(L, "%s: %s is refused inside bmdb.transact: the transaction belongs to "
+                              "the host (return from the function to commit, raise to roll back)",
+                           fname, name);
+    params p;
+    collect_params(L, fname, sql, 3, &p);
     tx_error e;
-    PGresult *r = tx_exec(&u->t, sql, n, params, &e);
+    PGresult *r = tx_exec_params(&u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     if (!r) return raise_error(L, &e);
     return push_result(L, fname, r);
 }
@@ -496,6 +699,7 @@ static int l_lock(lua_State *L) {
     tx_error e;
     switch (work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &attempt, until, sizeof until, &e)) {
     case WORK_LOCKED:
+        worker_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
         lua_pushliteral(L, "locked");
         lua_pushinteger(L, attempt);
         return 2;
@@ -521,6 +725,7 @@ static int l_release(lua_State *L) {
     if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), events[ev],
                      luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
         return raise_error(L, &e);
+    worker_note_item(NULL);
     return 0;
 }
 
@@ -555,18 +760,11 @@ static int conn_statement(lua_State *L, const char *fname) {
     lconn *u = luaL_checkudata(L, 1, CONN_MT);
     if (!u->c) return luaL_error(L, "%s: the connection is closed", fname);
     const char *sql = luaL_checkstring(L, 2);
-    int n = lua_gettop(L) - 2;
-    const char **params = n > 0 ? lua_newuserdata(L, sizeof(char *) * (size_t)n) : NULL;
-    if (params) lua_insert(L, 3);
-    collect_params(L, fname, sql, params ? 4 : 3, params);
-    PGresult *r = PQexecParams(u->c, sql, n, NULL, params, NULL, NULL, 0);
-    ExecStatusType st = PQresultStatus(r);
-    if (st != PGRES_COMMAND_OK && st != PGRES_TUPLES_OK) {
-        tx_error e;
-        tx_error_from_result(&e, u->c, r);
-        PQclear(r);
-        return raise_error(L, &e);
-    }
+    params p;
+    collect_params(L, fname, sql, 3, &p);
+    tx_error e;
+    PGresult *r = tx_conn_exec(u->c, sql, p.n, p.values, p.lengths, p.formats, &e);
+    if (!r) return raise_error(L, &e);
     return push_result(L, fname, r);
 }
 
@@ -910,21 +1108,90 @@ static void set_arg(lua_State *L, int argc, char **argv) {
     lua_setglobal(L, "arg");
 }
 
-lua_State *lbmdb_script_state(const char *path, int argc, char **argv, char *err, size_t errlen) {
+static int exit_status = -1; /* what os.exit asked for; -1: nothing */
+
+int lbmdb_exit_requested(int *status) {
+    int s = __atomic_load_n(&exit_status, __ATOMIC_ACQUIRE);
+    if (s < 0) return 0;
+    *status = s;
+    return 1;
+}
+
+/* os.exit in a script state: exit() from a slot or the script's thread
+ * would skip ending the session (its row would stay until it expires and
+ * held work would go unrecorded). So it records the status (the first
+ * call wins), moves the host to cancelling, and unwinds the caller with a
+ * cancelled error; the host then stops in order and exits with it. */
+static int l_os_exit(lua_State *L) {
+    int status = lua_isboolean(L, 1) ? (lua_toboolean(L, 1) ? EXIT_SUCCESS : EXIT_FAILURE)
+                                     : (int)luaL_optinteger(L, 1, EXIT_SUCCESS);
+    status &= 0xff; /* what the exit status can hold */
+    int none = -1;
+    if (__atomic_compare_exchange_n(&exit_status, &none, status, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE)) {
+        char buf[16];
+        snprintf(buf, sizeof buf, "%d", status);
+        log_kv(LOG_INFO, "os.exit called: stopping the host", "status", buf, NULL);
+    }
+    lifecycle_advance(HOST_CANCELLING);
+    worker_wake_everyone();
+    return raise_kind(L, TXE_CANCELLED, "cancelled: os.exit ends the host");
+}
+
+/* Message handler of a script's top level: notes what kind of error it
+ * was (bmdb.worker raises kind "definition") before the object becomes a
+ * message with a traceback. */
+static int script_msgh(lua_State *L) {
+    int kind = SCRIPT_RUNTIME_ERROR;
+    lua_pushcfunction(L, l_is_error);
+    lua_pushvalue(L, 1);
+    lua_call(L, 1, 1);
+    if (lua_toboolean(L, -1)) {
+        lua_getfield(L, 1, "kind");
+        const char *k = lua_tostring(L, -1);
+        if (k && !strcmp(k, "definition")) kind = SCRIPT_DEFINITION_ERROR;
+        else if (k && !strcmp(k, "cancelled")) kind = SCRIPT_CANCELLED;
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    lua_pushinteger(L, kind);
+    lua_setfield(L, LUA_REGISTRYINDEX, "bmdb.error_kind");
+    return lbmdb_traceback(L);
+}
+
+lua_State *lbmdb_script_state(snapshot *snap, int argc, char **argv, int *kind, char *err, size_t errlen) {
+    *kind = SCRIPT_OK;
     lua_State *L = luaL_newstate();
     if (!L) {
         snprintf(err, errlen, "out of memory");
+        *kind = SCRIPT_RUNTIME_ERROR;
         return NULL;
     }
     lbmdb_openlibs(L);
-    set_script_path(L, path);
+    /* bmdb.core now: its error objects (os.exit raises one) get their
+     * metatable even in a script that never requires bmdb */
+    lua_getglobal(L, "require");
+    lua_pushliteral(L, "bmdb.core");
+    lua_call(L, 1, 0);
+    set_script_path(L, snapshot_script(snap));
+    snapshot_install(L, snap);
     set_arg(L, argc, argv);
+    lua_getglobal(L, "os");
+    lua_pushcfunction(L, l_os_exit);
+    lua_setfield(L, -2, "exit");
+    lua_pop(L, 1);
     lbmdb_register_state(L);
-    lua_pushcfunction(L, lbmdb_traceback);
-    int rc = luaL_loadfile(L, path);
-    if (rc == 0) {
+    lua_pushcfunction(L, script_msgh);
+    int rc = snapshot_load_script(L, snap);
+    if (rc != 0) {
+        *kind = SCRIPT_SYNTAX_ERROR;
+    } else {
         for (int i = 1; i < argc; i++) lua_pushstring(L, argv[i]);
         rc = lua_pcall(L, argc - 1, 1, 1);
+        if (rc != 0) {
+            lua_getfield(L, LUA_REGISTRYINDEX, "bmdb.error_kind");
+            *kind = lua_isnumber(L, -1) ? (int)lua_tointeger(L, -1) : SCRIPT_RUNTIME_ERROR;
+            lua_pop(L, 1);
+        }
     }
     if (rc != 0) {
         const char *msg = lua_tostring(L, -1);
@@ -967,29 +1234,57 @@ static int call_bmdb(lua_State *L, const char *fname, int nargs, int nresults, c
     return 0;
 }
 
-int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen) {
+int lbmdb_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t errlen) {
+    *specs = NULL;
     lua_pushvalue(L, -1); /* the script's result */
     if (call_bmdb(L, "_specs", 1, 1, err, errlen) < 0) return -1;
-    int n = 0;
-    if (lua_istable(L, -1)) {
-        for (n = 0; n < max; n++) {
-            lua_rawgeti(L, -1, n + 1);
-            if (lua_isnil(L, -1)) {
-                lua_pop(L, 1);
-                break;
-            }
-            lua_getfield(L, -1, "process");
-            snprintf(specs[n].process, sizeof specs[n].process, "%s", lua_tostring(L, -1));
-            lua_getfield(L, -2, "concurrency");
-            specs[n].concurrency = (int)lua_tonumber(L, -1);
-            lua_pop(L, 3);
-        }
+    int n = lua_istable(L, -1) ? (int)lua_objlen(L, -1) : 0;
+    if (n > 0) *specs = calloc((size_t)n, sizeof **specs);
+    for (int i = 0; i < n; i++) {
+        lua_rawgeti(L, -1, i + 1);
+        lua_getfield(L, -1, "process");
+        snprintf((*specs)[i].process, sizeof (*specs)[i].process, "%s", lua_tostring(L, -1));
+        lua_getfield(L, -2, "concurrency");
+        (*specs)[i].concurrency = (int)lua_tonumber(L, -1);
+        lua_pop(L, 3);
     }
     lua_pop(L, 1);
     return n;
 }
 
-int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen) {
+/* core.generation for a slot that failed to load generation `deferred`:
+ * the generation it runs until `until` (monotonic), so bmdb._serve does
+ * not ask for that reload again at every boundary before then. A newer
+ * generation is reported at once. Upvalues: have, deferred, until. */
+static int deferred_generation(lua_State *L) {
+    unsigned now = workers_generation();
+    unsigned deferred = (unsigned)lua_tonumber(L, lua_upvalueindex(2));
+    int defer = now == deferred && mono_now() < lua_tonumber(L, lua_upvalueindex(3));
+    lua_pushnumber(L, defer ? lua_tonumber(L, lua_upvalueindex(1)) : now);
+    return 1;
+}
+
+static void set_generation_fn(lua_State *L, unsigned have, unsigned deferred, double until) {
+    lua_getglobal(L, "package");
+    lua_getfield(L, -1, "loaded");
+    lua_getfield(L, -1, "bmdb.core");
+    if (lua_istable(L, -1)) {
+        if (until > 0) {
+            lua_pushnumber(L, have);
+            lua_pushnumber(L, deferred);
+            lua_pushnumber(L, until);
+            lua_pushcclosure(L, deferred_generation, 3);
+        } else {
+            lua_pushcfunction(L, l_generation);
+        }
+        lua_setfield(L, -2, "generation");
+    }
+    lua_pop(L, 3);
+}
+
+int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, unsigned deferred,
+                double defer_until, char *err, size_t errlen) {
+    set_generation_fn(L, generation, deferred, defer_until);
     lua_pushvalue(L, -1); /* the script's result */
     lua_pushstring(L, process);
     lua_pushinteger(L, index);
@@ -1000,21 +1295,4 @@ int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generatio
     if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb._serve returned %s", r ? r : "nothing");
     lua_pop(L, 1);
     return out;
-}
-
-int lbmdb_script_files(lua_State *L, const char *script, char ***files) {
-    char buf[PATH_MAX], err[1024];
-    snprintf(buf, sizeof buf, "%s", script);
-    lua_pushstring(L, dirname(buf));
-    *files = NULL;
-    if (call_bmdb(L, "_script_files", 1, 1, err, sizeof err) < 0) return 0;
-    int n = (int)lua_objlen(L, -1);
-    *files = calloc((size_t)n + 1, sizeof **files);
-    for (int i = 0; i < n; i++) {
-        lua_rawgeti(L, -1, i + 1);
-        (*files)[i] = strdup(lua_tostring(L, -1));
-        lua_pop(L, 1);
-    }
-    lua_pop(L, 1);
-    return n;
 }

@@ -36,25 +36,42 @@ void lbmdb_interrupt_all(void);
 /* Standard libraries, bmdb.core, and the embedded modules as preloads. */
 void lbmdb_openlibs(lua_State *L);
 
+struct snapshot;
+/* How loading a script failed. A definition error (an invalid
+ * bmdb.worker{}, raised as an error object of kind "definition") and a
+ * syntax error make the script invalid (exit 2); anything else raised by
+ * the top level is a runtime error (exit 1); cancelled: the host is
+ * stopping (a signal, or os.exit). */
+enum { SCRIPT_OK, SCRIPT_RUNTIME_ERROR, SCRIPT_DEFINITION_ERROR, SCRIPT_SYNTAX_ERROR, SCRIPT_CANCELLED };
+
 /* A state for a script: libraries, arg, package.path with the script's
- * directory, registered for interruption; the script has run, and its
- * first result is on top of the stack. NULL with err (message and
- * traceback) when loading or running failed. */
-lua_State *lbmdb_script_state(const char *path, int argc, char **argv, char *err, size_t errlen);
+ * directory, the script and its modules loaded from snap (which records
+ * the modules while not sealed), os.exit replaced, registered for
+ * interruption; the script has run, and its first result is on top of the
+ * stack. NULL with *kind and err (message and traceback) when loading or
+ * running failed. */
+lua_State *lbmdb_script_state(struct snapshot *snap, int argc, char **argv, int *kind, char *err,
+                              size_t errlen);
 void lbmdb_close_state(lua_State *L);
 
-/* The worker definitions a script returned (result on top of L): fills
- * specs and returns their count, 0 for a one-off, -1 with err when the
- * definitions are invalid. */
-int lbmdb_worker_specs(lua_State *L, worker_spec *specs, int max, char *err, size_t errlen);
+/* os.exit(status) in a script state does not exit: it records status
+ * (the first call wins), moves the host to cancelling and raises a
+ * cancelled error, so the host ends its session before it exits with it.
+ * 1 with *status once os.exit was called. */
+int lbmdb_exit_requested(int *status);
 
-/* Runs one slot's loop (bmdb._serve) until it must stop or reload. */
+/* The worker definitions a script returned (result on top of L): a
+ * malloc'd list in *specs and its length, 0 for a one-off, -1 with err
+ * when the definitions are invalid. */
+int lbmdb_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t errlen);
+
+/* Runs one slot's loop (bmdb._serve) on code of `generation` until it must
+ * stop or reload. A slot that failed to load generation `deferred` keeps
+ * serving its code and is not sent back for that reload before the
+ * monotonic time defer_until (0: no deferral). */
 enum { SERVE_STOP, SERVE_RELOAD, SERVE_REMOVED, SERVE_ERROR };
-int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, char *err, size_t errlen);
-
-/* Files of Lua modules the state loaded from the script's directory
- * (malloc'd list of malloc'd paths); the count. */
-int lbmdb_script_files(lua_State *L, const char *script, char ***files);
+int lbmdb_serve(lua_State *L, const char *process, int index, unsigned generation, unsigned deferred,
+                double defer_until, char *err, size_t errlen);
 
 /* Error objects: pushes a bmdb error (with tostring) for a tx_error. */
 struct tx_error;

@@ -35,28 +35,65 @@ int log_parse_level(const char *name, log_level *out) {
 
 int log_enabled(log_level lvl) { return lvl >= min_level; }
 
-/* A growing line buffer that truncates instead of failing. */
-typedef struct { char buf[8192]; size_t len; } line;
+/* One line, built before it is written. A line that would not fit is cut
+ * at a field or at a character, never inside an escape or a UTF-8
+ * sequence, and ends with truncated=true: the room for that marker and the
+ * line's end ("}\n" in JSON) is kept back, so the line is always whole. */
+#define LINE_MAX_BYTES 8192
+#define LINE_RESERVE 32 /* > strlen("\",\"truncated\":true}\n") */
 
-static void put(line *l, const char *s, size_t n) {
-    if (l->len + n >= sizeof l->buf - 2) n = sizeof l->buf - 2 - l->len;
+typedef struct {
+    char buf[LINE_MAX_BYTES];
+    size_t len;
+    int truncated;
+} line;
+
+static int fits(const line *l, size_t n) { return l->len + n <= sizeof l->buf - LINE_RESERVE; }
+
+/* Appends s whole, or nothing and marks the line truncated. */
+static int put(line *l, const char *s, size_t n) {
+    if (l->truncated || !fits(l, n)) {
+        l->truncated = 1;
+        return -1;
+    }
     memcpy(l->buf + l->len, s, n);
     l->len += n;
+    return 0;
 }
-static void puts_(line *l, const char *s) { put(l, s, strlen(s)); }
+static int puts_(line *l, const char *s) { return put(l, s, strlen(s)); }
 
+/* The bytes of one character starting at s: an ASCII byte, or a UTF-8 lead
+ * byte and the continuation bytes that follow it (invalid input passes
+ * byte by byte, as it came). */
+static size_t char_len(const unsigned char *s) {
+    size_t want = *s >= 0xF0 ? 4 : *s >= 0xE0 ? 3 : *s >= 0xC0 ? 2 : 1, n = 1;
+    while (n < want && (s[n] & 0xC0) == 0x80) n++;
+    return n;
+}
+
+/* A quoted, escaped string. When it does not fit it is cut at a character
+ * and still closed: the caller made room for both quotes, and every
+ * character is written only if the closing quote still fits after it. */
 static void put_json_string(line *l, const char *s) {
     put(l, "\"", 1);
-    for (; *s; s++) {
+    while (*s) {
         unsigned char c = (unsigned char)*s;
         char esc[8];
-        if (c == '"' || c == '\\') { esc[0] = '\\'; esc[1] = (char)c; put(l, esc, 2); }
-        else if (c == '\n') put(l, "\\n", 2);
-        else if (c == '\t') put(l, "\\t", 2);
-        else if (c < 0x20) { snprintf(esc, sizeof esc, "\\u%04x", c); put(l, esc, 6); }
-        else put(l, (const char *)&c, 1);
+        const char *out = esc;
+        size_t n, used = 1; /* bytes written, bytes of s consumed */
+        if (c == '"' || c == '\\') esc[0] = '\\', esc[1] = (char)c, n = 2;
+        else if (c == '\n') out = "\\n", n = 2;
+        else if (c == '\t') out = "\\t", n = 2;
+        else if (c < 0x20) n = (size_t)snprintf(esc, sizeof esc, "\\u%04x", c);
+        else out = s, n = used = char_len((const unsigned char *)s);
+        if (!fits(l, n + 1)) {
+            l->truncated = 1;
+            break;
+        }
+        put(l, out, n);
+        s += used;
     }
-    put(l, "\"", 1);
+    l->buf[l->len++] = '"';
 }
 
 /* logfmt quotes a value when it is empty or holds a space, quote or '='. */
@@ -64,22 +101,47 @@ static void put_logfmt_value(line *l, const char *s) {
     int quote = (*s == '\0');
     for (const char *p = s; *p && !quote; p++)
         if (*p == ' ' || *p == '"' || *p == '=' || (unsigned char)*p < 0x20) quote = 1;
-    if (!quote) { puts_(l, s); return; }
-    put_json_string(l, s); /* same escaping rules */
+    if (quote) {
+        put_json_string(l, s); /* same escaping rules */
+        return;
+    }
+    while (*s) { /* cut at a character, as put_json_string does */
+        size_t n = char_len((const unsigned char *)s);
+        if (put(l, s, n) < 0) return;
+        s += n;
+    }
 }
 
+/* A field goes in only if its key, separators and the value's quotes fit
+ * (a key escapes to at most 6 bytes a byte); its value may then be cut.
+ * After a cut, later fields are dropped. */
 static void put_field(line *l, const char *key, const char *value, int first) {
+    if (l->truncated) return;
+    if (!fits(l, 6 * strlen(key) + 6)) { /* ,"key":"" */
+        l->truncated = 1;
+        return;
+    }
+    if (!value) value = "";
     if (json_format) {
         if (!first) put(l, ",", 1);
         put_json_string(l, key);
         put(l, ":", 1);
-        put_json_string(l, value ? value : "");
+        put_json_string(l, value);
     } else {
         if (!first) put(l, " ", 1);
         puts_(l, key);
         put(l, "=", 1);
-        put_logfmt_value(l, value ? value : "");
+        put_logfmt_value(l, value);
     }
+}
+
+/* The line's end, always within LINE_RESERVE. */
+static void put_end(line *l) {
+    const char *end = !l->truncated ? (json_format ? "}\n" : "\n")
+                      : (json_format ? ",\"truncated\":true}\n" : " truncated=true\n");
+    size_t n = strlen(end);
+    memcpy(l->buf + l->len, end, n);
+    l->len += n;
 }
 
 void log_kvv(log_level lvl, const char *msg, const char *const *kv, size_t npairs) {
@@ -94,13 +156,13 @@ void log_kvv(log_level lvl, const char *msg, const char *const *kv, size_t npair
 
     line l;
     l.len = 0;
+    l.truncated = 0;
     if (json_format) put(&l, "{", 1);
     put_field(&l, "time", ts, 1);
     put_field(&l, "level", level_names[lvl], 0);
     put_field(&l, "msg", msg, 0);
     for (size_t i = 0; i < npairs; i++) put_field(&l, kv[2 * i], kv[2 * i + 1], 0);
-    if (json_format) put(&l, "}", 1);
-    put(&l, "\n", 1);
+    put_end(&l);
 
     pthread_mutex_lock(&log_lock);
     fwrite(l.buf, 1, l.len, stderr);

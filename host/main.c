@@ -34,11 +34,18 @@
 #include "reload.h"
 #include "report.h"
 #include "session.h"
+#include "snapshot.h"
 #include "work.h"
 #include "worker.h"
 
 #define EXIT_FAILED 1 /* the script or the database failed at run time */
 #define EXIT_USAGE 2  /* the command line or the script is invalid */
+#define EXIT_STUCK 4  /* code that ignores cancellation kept running; left behind */
+
+/* After cancelling, how long slots (or a one-off) get to stop. Lua code is
+ * interrupted at once; this bounds a statement in flight. A loop compiled
+ * by the JIT never sees the interrupt: it is left behind after this. */
+#define STOP_WAIT_S 10
 
 static const char usage_text[] =
     "usage: bmdb-host [options] SCRIPT.lua [ARGS...]   run a script (workers or one-off)\n"
@@ -107,7 +114,9 @@ static int parse_options(int argc, char **argv, struct options *o) {
     log_level lvl = LOG_INFO;
     int json = 0, c;
     opterr = 0;
-    while ((c = getopt_long(argc, argv, "+h", longopts, NULL)) != -1) {
+    /* '+': options end at the script; ':': a missing value is reported as
+     * such (':'), not as an unknown option ('?'). */
+    while ((c = getopt_long(argc, argv, "+:h", longopts, NULL)) != -1) {
         switch (c) {
         case O_DSN: o->dsn = optarg; break;
         case O_DATA_DIR: o->data_dir = optarg; break;
@@ -248,33 +257,42 @@ static int cmd_report(const struct options *o, const char *what, int argc, char 
 
 /* ---- running a script ------------------------------------------------------ */
 
-#define MAX_WORKERS 64
-
 struct script_run {
     const char *path;
     int argc;
     char **argv;       /* argv[0] is the script */
     int status;        /* 0 ok, else an exit code */
-    worker_spec specs[MAX_WORKERS];
+    snapshot *code;    /* what the top level ran: the slots load the same */
+    worker_spec *specs;
     int nspecs;        /* > 0: a worker script */
     int done_fd;       /* written when the script's top level is done */
 };
+
+/* Exit status for a script that failed to load: an invalid script (syntax
+ * error, invalid bmdb.worker{}) is 2, a runtime error 1. */
+static int load_status(int kind) {
+    return kind == SCRIPT_DEFINITION_ERROR || kind == SCRIPT_SYNTAX_ERROR ? EXIT_USAGE : EXIT_FAILED;
+}
 
 /* Runs the script's top level. A one-off does its work right here; a
  * worker script only returns definitions, which the slots then serve. */
 static void *script_thread(void *arg) {
     struct script_run *r = arg;
     char err[8192];
-    lua_State *L = lbmdb_script_state(r->path, r->argc, r->argv, err, sizeof err);
+    int kind = SCRIPT_OK;
+    lua_State *L = NULL;
+    r->code = snapshot_open(r->path, err, sizeof err);
+    if (r->code) L = lbmdb_script_state(r->code, r->argc, r->argv, &kind, err, sizeof err);
+    else kind = SCRIPT_SYNTAX_ERROR; /* unreadable: invalid, as at start */
     if (!L) {
-        if (lifecycle_state() >= HOST_CANCELLING) {
-            log_kv(LOG_INFO, "script stopped by signal", "script", r->path, NULL);
+        if (kind == SCRIPT_CANCELLED || lifecycle_state() >= HOST_CANCELLING) {
+            log_kv(LOG_INFO, "script stopped", "script", r->path, NULL);
         } else {
-            die(EXIT_FAILED, "%s", err);
-            r->status = EXIT_FAILED;
+            r->status = load_status(kind);
+            die(r->status, "%s", err);
         }
     } else {
-        r->nspecs = lbmdb_worker_specs(L, r->specs, MAX_WORKERS, err, sizeof err);
+        r->nspecs = lbmdb_worker_specs(L, &r->specs, err, sizeof err);
         if (r->nspecs < 0) {
             die(EXIT_USAGE, "%s", err);
             r->status = EXIT_USAGE;
@@ -282,6 +300,7 @@ static void *script_thread(void *arg) {
         }
         lbmdb_close_state(L);
     }
+    if (r->code) snapshot_seal(r->code);
     char one = 1;
     if (write(r->done_fd, &one, 1) < 0) { /* main times out instead */ }
     return NULL;
@@ -304,19 +323,22 @@ static int wait_for(int sigfd, int donefd, double timeout_s) {
 
 /* Runs the slots until a signal drains them. First SIGTERM/SIGINT: no new
  * claims, items in flight get --grace seconds. Second signal, or grace
- * over: cancel what is left (the session end records it Canceled). */
+ * over: cancel what is left (the session end records it Canceled). os.exit
+ * in a script state cancels too. Slots that still run STOP_WAIT_S after
+ * the cancel are named in the log and left behind: EXIT_STUCK. */
 static int serve_workers(const struct options *o, struct database *db, struct script_run *run, int sigfd) {
     int slots = 0;
     for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
     pool_grow(db->pool, slots + 4); /* + heartbeat, listener, slack */
-    reloader *rl = reload_create(run->path, run->argc, run->argv, o->watch);
-    workers_start(db->pool, run->path, run->argc, run->argv, run->specs, run->nspecs);
+    workers_set_code(run->code);    /* the bytes the top level was validated on */
+    reloader *rl = reload_create(run->code, run->argc, run->argv, o->watch);
+    workers_start(db->pool, run->argc, run->argv, run->specs, run->nspecs);
     char n[16];
     snprintf(n, sizeof n, "%d", slots);
     log_kv(LOG_INFO, "workers started", "slots", n, NULL);
 
     double grace_end = 0;
-    int status = 0;
+    int status = 0, cancelled = 0;
     while (workers_live() > 0) {
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
@@ -334,13 +356,20 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
             log_kv(LOG_INFO, sig > 0 ? "second signal: cancelling items in flight"
                                      : "grace period over: cancelling items in flight", NULL);
             lifecycle_advance(HOST_CANCELLING);
+        }
+        if (!cancelled && lifecycle_state() == HOST_CANCELLING) {
+            cancelled = 1;
             worker_wake_everyone();
             lbmdb_interrupt_all();
-            if (workers_wait(10) > 0) {
-                log_kv(LOG_WARN, "slots did not stop within 10 s; exiting without them", NULL);
+            /* A slot waiting in libpq (on a lock, a slow statement) sees
+             * neither hook nor kick: ask the server to cancel its statement. */
+            pool_cancel_lent(db->pool);
+            if (workers_wait(STOP_WAIT_S) > 0) {
+                workers_report_stuck();
+                log_kv(LOG_ERROR, "slots did not stop after the cancel; ending the session without them", NULL);
                 db->pool = NULL; /* still in their hands: leave it to exit() */
                 reload_destroy(rl);
-                return status;
+                return EXIT_STUCK;
             }
         }
     }
@@ -373,34 +402,41 @@ static int check_script_file(const char *path) {
     return rc ? EXIT_USAGE : 0;
 }
 
+static int list_problems(const char *script, char *err) {
+    err[strcspn(err, "\n")] = '\0'; /* the problem, not the traceback */
+    fprintf(stderr, "%s: problems:\n", script);
+    for (char *p = strtok(err, ";"); p; p = strtok(NULL, ";")) fprintf(stderr, "  %s\n", p + (*p == ' '));
+    return EXIT_USAGE;
+}
+
 /* check SCRIPT: compile, run the top level without a database, validate
- * the worker definitions. 0 when fine, 2 with the problems listed. */
+ * the worker definitions. 0 when fine, 2 with the problems listed when
+ * the script is invalid, 1 when its top level fails at run time (the
+ * same statuses a run would give). */
 static int cmd_check(int argc, char **argv) {
     if (argc != 1) return die(EXIT_USAGE, "check: expected one script");
     const char *script = argv[0];
     int rc = check_script_file(script);
     if (rc) return rc;
     char err[8192];
-    lua_State *L = lbmdb_script_state(script, 1, argv, err, sizeof err);
+    snapshot *code = snapshot_open(script, err, sizeof err);
+    if (!code) return die(EXIT_USAGE, "%s", err);
+    int kind;
+    lua_State *L = lbmdb_script_state(code, 1, argv, &kind, err, sizeof err);
+    snapshot_unref(code);
     if (!L) {
         if (strstr(err, "bmdb: not connected to a database")) {
             printf("%s: compiles; a one-off that uses the database at load time (not run)\n", script);
             return 0;
         }
-        err[strcspn(err, "\n")] = '\0'; /* the problem, not the traceback */
-        fprintf(stderr, "%s: problems:\n", script);
-        for (char *p = strtok(err, ";"); p; p = strtok(NULL, ";")) fprintf(stderr, "  %s\n", p + (*p == ' '));
-        return EXIT_USAGE;
+        if (load_status(kind) == EXIT_USAGE) return list_problems(script, err);
+        fprintf(stderr, "%s: its top level fails at run time:\n%s\n", script, err);
+        return EXIT_FAILED;
     }
-    worker_spec specs[MAX_WORKERS];
-    int n = lbmdb_worker_specs(L, specs, MAX_WORKERS, err, sizeof err);
+    worker_spec *specs = NULL;
+    int n = lbmdb_worker_specs(L, &specs, err, sizeof err);
     lbmdb_close_state(L);
-    if (n < 0) {
-        err[strcspn(err, "\n")] = '\0';
-        fprintf(stderr, "%s: problems:\n", script);
-        for (char *p = strtok(err, ";"); p; p = strtok(NULL, ";")) fprintf(stderr, "  %s\n", p + (*p == ' '));
-        return EXIT_USAGE;
-    }
+    if (n < 0) return list_problems(script, err);
     if (n == 0) {
         printf("%s: ok, a one-off script (returns no workers)\n", script);
         return 0;
@@ -408,6 +444,7 @@ static int cmd_check(int argc, char **argv) {
     printf("%s: ok,", script);
     for (int i = 0; i < n; i++) printf("%s %s x%d", i ? "," : "", specs[i].process, specs[i].concurrency);
     printf("\n");
+    free(specs);
     return 0;
 }
 
@@ -448,7 +485,9 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
 
     int finished = 0, status = 0;
     for (;;) {
-        int sig = wait_for(sigfd, pipefd[0], -1);
+        /* short polls: os.exit caught by a pcall leaves the top level
+         * running in a cancelled host, to be interrupted like on a signal */
+        int sig = wait_for(sigfd, pipefd[0], 0.2);
         if (sig == 0) {
             finished = 1;
             break;
@@ -457,11 +496,13 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
             log_kv(LOG_INFO, "SIGHUP ignored while the script's top level runs", NULL);
             continue;
         }
-        /* SIGTERM / SIGINT during the top level: nothing to drain. */
-        log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
+        if (sig < 0 && lifecycle_state() < HOST_CANCELLING) continue;
+        /* SIGTERM / SIGINT (or os.exit) during the top level: nothing to drain. */
+        if (sig > 0) log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
         lifecycle_advance(HOST_CANCELLING);
         lbmdb_interrupt_all();
-        finished = wait_for(-1, pipefd[0], 10) == 0;
+        pool_cancel_lent(db.pool);
+        finished = wait_for(-1, pipefd[0], STOP_WAIT_S) == 0;
         break;
     }
     if (finished) {
@@ -470,7 +511,9 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
         if (run.nspecs > 0 && lifecycle_state() == HOST_RUNNING)
             status = serve_workers(o, &db, &run, sigfd);
     } else {
-        log_kv(LOG_WARN, "script did not stop within 10 s; ending the session anyway", NULL);
+        log_kv(LOG_ERROR, "script did not stop after the cancel; ending the session without it", "script", script,
+               NULL);
+        status = EXIT_STUCK;
     }
 
     sessions_stop();
@@ -479,6 +522,12 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
     else if (db.emb) embedded_close(db.emb); /* the pool may still be in use: leave it */
     close(pipefd[0]);
     close(pipefd[1]);
+    int requested;
+    if (status != EXIT_STUCK && lbmdb_exit_requested(&requested)) status = requested;
+    if (finished) {
+        free(run.specs);
+        snapshot_unref(run.code);
+    }
     return status;
 }
 
@@ -509,5 +558,12 @@ int main(int argc, char **argv) {
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
     if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
         return cmd_report(&o, cmd, nargs - 1, args + 1);
-    return cmd_run(&o, nargs, args, sigfd);
+    int status = cmd_run(&o, nargs, args, sigfd);
+    if (status == EXIT_STUCK) {
+        /* A thread still runs Lua in our memory: exit without the atexit
+         * handlers and destructors exit() would run under it. */
+        fflush(NULL);
+        _exit(status);
+    }
+    return status;
 }

@@ -5,8 +5,11 @@
  * Connecting happens outside the lock so one slow server does not stall
  * threads that only return connections. */
 #include "pool.h"
+#include "lifecycle.h"
 #include "log.h"
 
+#include <errno.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,11 +17,13 @@
 
 struct pool {
     char *conninfo;
-    int max, open;          /* open = idle + lent out */
+    int max, open;          /* open = idle + lent out (+ being connected) */
     int nidle;
     PGconn **idle;
+    int nlent;
+    struct lent { PGconn *conn; PGcancel *cancel; } *lent;
     pthread_mutex_t lock;
-    pthread_cond_t returned;
+    pthread_cond_t returned; /* on CLOCK_MONOTONIC: a clock step must not stall waiters */
 };
 
 pool *pool_create(const char *conninfo, int max_conns) {
@@ -27,14 +32,20 @@ pool *pool_create(const char *conninfo, int max_conns) {
     p->conninfo = strdup(conninfo);
     p->max = max_conns < 1 ? 1 : max_conns;
     p->idle = calloc((size_t)p->max, sizeof *p->idle);
-    if (!p->conninfo || !p->idle) {
+    p->lent = calloc((size_t)p->max, sizeof *p->lent);
+    if (!p->conninfo || !p->idle || !p->lent) {
         free(p->conninfo);
         free(p->idle);
+        free(p->lent);
         free(p);
         return NULL;
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_cond_init(&p->returned, NULL);
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&p->returned, &a);
+    pthread_condattr_destroy(&a);
     return p;
 }
 
@@ -42,8 +53,10 @@ void pool_grow(pool *p, int max_conns) {
     pthread_mutex_lock(&p->lock);
     if (max_conns > p->max) {
         PGconn **idle = realloc(p->idle, (size_t)max_conns * sizeof *idle);
-        if (idle) {
-            p->idle = idle;
+        if (idle) p->idle = idle;
+        struct lent *lent = realloc(p->lent, (size_t)max_conns * sizeof *lent);
+        if (lent) p->lent = lent;
+        if (idle && lent) {
             p->max = max_conns;
             pthread_cond_broadcast(&p->returned);
         }
@@ -54,9 +67,14 @@ void pool_grow(pool *p, int max_conns) {
 void pool_destroy(pool *p) {
     if (!p) return;
     for (int i = 0; i < p->nidle; i++) PQfinish(p->idle[i]);
+    /* Lent connections belong to threads that never gave them back (a slot
+     * that would not stop): closing them under those threads is worse than
+     * leaving them to exit(). Only their cancel objects are ours. */
+    for (int i = 0; i < p->nlent; i++) PQfreeCancel(p->lent[i].cancel);
     pthread_mutex_destroy(&p->lock);
     pthread_cond_destroy(&p->returned);
     free(p->idle);
+    free(p->lent);
     free(p->conninfo);
     free(p);
 }
@@ -85,7 +103,92 @@ static void notice_to_log(void *arg, const char *msg) {
     log_kv(LOG_DEBUG, "server notice", "notice", line, NULL);
 }
 
+/* libpq's own test for "a connection string, not a database name". */
+static int is_conninfo(const char *s) {
+    return strncmp(s, "postgresql://", 13) == 0 || strncmp(s, "postgres://", 11) == 0 || strchr(s, '=');
+}
+
+/* A quoted fragment worth keeping in a message about a DSN: a connection
+ * keyword ("dbname") or one punctuation mark ("="). Everything else libpq
+ * quotes is a piece of the DSN -- a whole URI, a percent-encoded value --
+ * and may be the password. */
+static int fragment_is_safe(const char *s, size_t n) {
+    if (n == 1) return !((*s >= '0' && *s <= '9') || (*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z'));
+    int safe = 0;
+    PQconninfoOption *opts = PQconndefaults();
+    for (PQconninfoOption *o = opts; o && o->keyword; o++)
+        if (strlen(o->keyword) == n && memcmp(o->keyword, s, n) == 0) safe = 1;
+    PQconninfoFree(opts);
+    return safe;
+}
+
+/* Copies libpq's message about a DSN with every unsafe "quoted fragment"
+ * replaced by "...", keeping the first line only. */
+static void redact_quoted(char *dst, size_t len, const char *msg) {
+    size_t o = 0;
+    for (const char *s = msg; *s && *s != '\n' && o + 1 < len;) {
+        const char *end = *s == '"' ? strchr(s + 1, '"') : NULL;
+        if (end && !fragment_is_safe(s + 1, (size_t)(end - s - 1))) {
+            o += (size_t)snprintf(dst + o, len - o, "\"...\"");
+            if (o >= len) o = len - 1;
+            s = end + 1;
+        } else if (end) {
+            size_t n = (size_t)(end - s + 1);
+            if (n > len - 1 - o) n = len - 1 - o;
+            memcpy(dst + o, s, n);
+            o += n;
+            s = end + 1;
+        } else {
+            dst[o++] = *s++;
+        }
+    }
+    dst[o] = '\0';
+}
+
+/* Replaces every occurrence of secret in buf (of size len) by "***". */
+static void scrub(char *buf, size_t len, const char *secret) {
+    size_t n = strlen(secret);
+    char *out = n ? malloc(len) : NULL;
+    if (!out) return;
+    size_t o = 0;
+    for (const char *s = buf; *s && o + 1 < len;) {
+        if (strncmp(s, secret, n) == 0) {
+            for (int i = 0; i < 3 && o + 1 < len; i++) out[o++] = '*';
+            s += n;
+        } else {
+            out[o++] = *s++;
+        }
+    }
+    out[o] = '\0';
+    memcpy(buf, out, o + 1);
+    free(out);
+}
+
+/* Parses conninfo the way libpq will, so a malformed DSN is reported here
+ * with its pieces redacted rather than echoed by PQconnectdb. On success
+ * copies the password (if any) into pw, for scrubbing later messages. */
+static int check_conninfo(const char *conninfo, char *pw, size_t pwlen, char *err, size_t errlen) {
+    pw[0] = '\0';
+    if (!is_conninfo(conninfo)) return 0; /* a bare database name */
+    char *why = NULL;
+    PQconninfoOption *opts = PQconninfoParse(conninfo, &why);
+    if (!opts) {
+        char safe[512];
+        redact_quoted(safe, sizeof safe, why ? why : "out of memory");
+        snprintf(err, errlen, "cannot connect to database: the DSN is not a valid libpq "
+                              "connection string or URI: %s", safe);
+        PQfreemem(why);
+        return -1;
+    }
+    for (PQconninfoOption *o = opts; o->keyword; o++)
+        if (strcmp(o->keyword, "password") == 0 && o->val) snprintf(pw, pwlen, "%s", o->val);
+    PQconninfoFree(opts);
+    return 0;
+}
+
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
+    char pw[256];
+    if (check_conninfo(conninfo, pw, sizeof pw, err, errlen) < 0) return NULL;
     /* expand_dbname lets conninfo be a keyword string or a URI; the other
      * keywords are only defaults the caller's string can override. */
     const char *keys[] = {"dbname", "fallback_application_name", "connect_timeout", NULL};
@@ -100,6 +203,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
         pool_describe_conn(c, where, sizeof where);
         first_line(why, sizeof why, PQerrorMessage(c));
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
+        scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
         return NULL;
     }
@@ -107,24 +211,69 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     return c;
 }
 
+/* An idle connection has nothing to say: if its socket is readable, the
+ * server closed it (restart, pg_terminate_backend) or is about to. Costs a
+ * poll(), no round trip. */
+static int idle_conn_alive(PGconn *c) {
+    if (PQstatus(c) != CONNECTION_OK) return 0;
+    struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
+    if (poll(&pfd, 1, 0) <= 0) return 1;
+    return PQconsumeInput(c) && PQstatus(c) == CONNECTION_OK;
+}
+
+/* Under p->lock. */
+static void lend(pool *p, PGconn *c, PGcancel *cancel) {
+    p->lent[p->nlent].conn = c;
+    p->lent[p->nlent].cancel = cancel;
+    p->nlent++;
+}
+
+/* Under p->lock; the cancel object of c, removed from the lent list. */
+static PGcancel *unlend(pool *p, PGconn *c) {
+    for (int i = 0; i < p->nlent; i++) {
+        if (p->lent[i].conn != c) continue;
+        PGcancel *cancel = p->lent[i].cancel;
+        p->lent[i] = p->lent[--p->nlent];
+        return cancel;
+    }
+    return NULL;
+}
+
 PGconn *pool_get(pool *p, char *err, size_t errlen) {
+    struct timespec until = time_after(CLOCK_MONOTONIC, POOL_WAIT_S);
     pthread_mutex_lock(&p->lock);
-    while (p->nidle == 0 && p->open >= p->max) pthread_cond_wait(&p->returned, &p->lock);
-    if (p->nidle > 0) {
-        PGconn *c = p->idle[--p->nidle];
-        pthread_mutex_unlock(&p->lock);
-        return c;
+    for (;;) {
+        while (p->nidle > 0) {
+            PGconn *c = p->idle[--p->nidle];
+            if (idle_conn_alive(c)) {
+                lend(p, c, PQgetCancel(c));
+                pthread_mutex_unlock(&p->lock);
+                return c;
+            }
+            PQfinish(c); /* dead while idle: a fresh one replaces it */
+            p->open--;
+        }
+        if (p->open < p->max) break;
+        if (pthread_cond_timedwait(&p->returned, &p->lock, &until) == ETIMEDOUT) {
+            int max = p->max;
+            pthread_mutex_unlock(&p->lock);
+            snprintf(err, errlen, "no database connection came free within %.0f s (all %d in use)",
+                     POOL_WAIT_S, max);
+            return NULL;
+        }
     }
     p->open++; /* reserve the slot, then connect without the lock */
     pthread_mutex_unlock(&p->lock);
 
     PGconn *c = pool_connect(p->conninfo, err, errlen);
-    if (!c) {
-        pthread_mutex_lock(&p->lock);
+    PGcancel *cancel = c ? PQgetCancel(c) : NULL;
+    pthread_mutex_lock(&p->lock);
+    if (c) lend(p, c, cancel);
+    else {
         p->open--;
         pthread_cond_signal(&p->returned);
-        pthread_mutex_unlock(&p->lock);
     }
+    pthread_mutex_unlock(&p->lock);
     return c;
 }
 
@@ -133,10 +282,38 @@ void pool_put(pool *p, PGconn *conn) {
     /* Only a clean, idle connection goes back: anything else could leak a
      * transaction (and its fence) into the next borrower. */
     int reusable = PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) == PQTRANS_IDLE;
-    if (!reusable) PQfinish(conn);
     pthread_mutex_lock(&p->lock);
+    PGcancel *cancel = unlend(p, conn);
     if (reusable) p->idle[p->nidle++] = conn;
     else p->open--;
     pthread_cond_signal(&p->returned);
     pthread_mutex_unlock(&p->lock);
+    PQfreeCancel(cancel);
+    if (!reusable) PQfinish(conn);
+}
+
+PGconn *pool_connect_own(pool *p, char *err, size_t errlen) {
+    return pool_connect(p->conninfo, err, errlen);
+}
+
+void pool_cancel_lent(pool *p) {
+    char buf[256];
+    pthread_mutex_lock(&p->lock);
+    /* PQcancel is meant to be called from another thread than the one using
+     * the connection; it opens a short connection of its own. */
+    for (int i = 0; i < p->nlent; i++)
+        if (p->lent[i].cancel) PQcancel(p->lent[i].cancel, buf, sizeof buf);
+    pthread_mutex_unlock(&p->lock);
+}
+
+int pool_lent_pids(pool *p, int *pids, int max) {
+    int n = 0;
+    pthread_mutex_lock(&p->lock);
+    for (int i = 0; i < p->nlent && n < max; i++) {
+        /* PQbackendPID only reads a field set at connect time. */
+        int pid = PQbackendPID(p->lent[i].conn);
+        if (pid > 0) pids[n++] = pid;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return n;
 }

@@ -1,8 +1,12 @@
 /* pool.h -- the bounded libpq connection pool every thread shares.
  *
  * Connections are opened on demand up to a maximum. A thread that finds the
- * pool exhausted waits for one to come back. A connection returned broken,
- * or still inside a transaction, is closed rather than reused. */
+ * pool exhausted waits, for a bounded time, for one to come back. A
+ * connection returned broken, or still inside a transaction, is closed
+ * rather than reused, and an idle one whose server went away (restart,
+ * pg_terminate_backend) is noticed and dropped before it is lent. The pool
+ * knows what it has lent, so shutdown can cancel statements that would
+ * otherwise wait forever. */
 #ifndef BMDB_POOL_H
 #define BMDB_POOL_H
 
@@ -18,10 +22,22 @@ void pool_destroy(pool *p);
  * per slot on top of the host's own. */
 void pool_grow(pool *p, int max_conns);
 
-/* Borrow a connection. On failure returns NULL and writes a one-line
- * reason into err naming the server (never the password). */
+/* Borrow a connection, waiting up to POOL_WAIT_S while every one is lent
+ * out. On failure returns NULL and writes a one-line reason into err
+ * naming the server (never the password). */
+#define POOL_WAIT_S 30.0
 PGconn *pool_get(pool *p, char *err, size_t errlen);
 void pool_put(pool *p, PGconn *conn);
+
+/* A connection of its own, outside the bound and the accounting, on the
+ * pool's conninfo (the heartbeat: busy slots must never starve it). */
+PGconn *pool_connect_own(pool *p, char *err, size_t errlen);
+
+/* Shutdown: asks the server to cancel whatever statement each lent
+ * connection is running (a slot blocked on a lock returns with an error). */
+void pool_cancel_lent(pool *p);
+/* Backend pids of the connections lent out now; returns how many (<= max). */
+int pool_lent_pids(pool *p, int *pids, int max);
 
 /* Connect outside the pool (the listener, one-shot commands). */
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen);

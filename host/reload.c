@@ -4,13 +4,18 @@
  * write a temp file and rename it over the original, or move the original
  * away first. So we watch the DIRECTORIES of the watched files, match
  * events by name, and wait for a short quiet period after the last one.
- * A content hash of every watched file then decides: a save that changed
- * nothing (or a second event for the same save) does not reload again. */
+ * The files' bytes are then compared with the snapshot the slots run (and
+ * the one last refused): a save that changed nothing (or a second event
+ * for the same save) does not reload again.
+ *
+ * A reload reads the files ONCE, into a snapshot (snapshot.h): the state
+ * that validates the new code records exactly what it loaded, and the
+ * slots load that snapshot, never the files, so a save after validation
+ * cannot reach a slot unvalidated. */
 #include "reload.h"
 
 #include <errno.h>
 #include <limits.h>
-#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -20,6 +25,7 @@
 #include "lbmdb.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "snapshot.h"
 #include "worker.h"
 
 #define QUIET_S 0.05   /* after the last event of a save */
@@ -27,7 +33,6 @@
 #define MAX_DIRS 16
 
 struct reloader {
-    const char *script;
     int argc;
     char **argv;
     int fd;                        /* inotify, or -1 */
@@ -36,32 +41,9 @@ struct reloader {
     struct { int wd; char path[PATH_MAX]; } dirs[MAX_DIRS];
     int ndirs;
     double due;                    /* monotonic time of the armed reload, 0: none */
-    uint64_t loaded_hash;          /* content the running code came from */
-    uint64_t refused_hash;         /* content last refused, not to be retried */
+    snapshot *loaded;              /* the code the slots run */
+    snapshot *refused;             /* the code last refused, not to be retried */
 };
-
-static uint64_t fnv(uint64_t h, const unsigned char *p, size_t n) {
-    for (size_t i = 0; i < n; i++) {
-        h ^= p[i];
-        h *= 1099511628211ULL;
-    }
-    return h;
-}
-
-/* One hash over the names and contents of every watched file. */
-static uint64_t content_hash(const reloader *r) {
-    uint64_t h = 1469598103934665603ULL;
-    unsigned char buf[8192];
-    for (int i = 0; i < r->nfiles; i++) {
-        h = fnv(h, (const unsigned char *)r->files[i], strlen(r->files[i]) + 1);
-        FILE *f = fopen(r->files[i], "rb");
-        if (!f) continue;
-        size_t n;
-        while ((n = fread(buf, 1, sizeof buf, f)) > 0) h = fnv(h, buf, n);
-        fclose(f);
-    }
-    return h;
-}
 
 static void clear_files(reloader *r) {
     for (int i = 0; i < r->nfiles; i++) free(r->files[i]);
@@ -92,36 +74,23 @@ static void add_file(reloader *r, const char *path) {
     r->ndirs++;
 }
 
-/* The script and the Lua files its state loaded from the script's dir. */
-static void collect_files(reloader *r, lua_State *L) {
+/* Watch the files of the running code and of the code last refused: the
+ * script and the modules each loaded from its directory (a refused edit
+ * may have added a require). */
+static void watch_files(reloader *r) {
     clear_files(r);
-    add_file(r, r->script);
-    char **files = NULL;
-    int n = lbmdb_script_files(L, r->script, &files);
-    for (int i = 0; i < n; i++) {
-        add_file(r, files[i]);
-        free(files[i]);
-    }
-    free(files);
+    for (int i = 0; i < snapshot_nfiles(r->loaded); i++) add_file(r, snapshot_file(r->loaded, i));
+    for (int i = 0; r->refused && i < snapshot_nfiles(r->refused); i++) add_file(r, snapshot_file(r->refused, i));
 }
 
-reloader *reload_create(const char *script, int argc, char **argv, int watch) {
+reloader *reload_create(snapshot *loaded, int argc, char **argv, int watch) {
     reloader *r = calloc(1, sizeof *r);
-    r->script = script;
     r->argc = argc;
     r->argv = argv;
     r->fd = watch ? inotify_init1(IN_NONBLOCK | IN_CLOEXEC) : -1;
     if (watch && r->fd < 0) log_kv(LOG_WARN, "cannot watch files; reload with SIGHUP", "error", strerror(errno), NULL);
-    /* What the slots are about to load: the baseline for "changed". */
-    char err[4096];
-    lua_State *L = lbmdb_script_state(script, argc, argv, err, sizeof err);
-    if (L) {
-        collect_files(r, L);
-        lbmdb_close_state(L);
-    } else {
-        add_file(r, script);
-    }
-    r->loaded_hash = content_hash(r);
+    r->loaded = snapshot_ref(loaded);
+    watch_files(r);
     return r;
 }
 
@@ -129,6 +98,8 @@ void reload_destroy(reloader *r) {
     if (!r) return;
     clear_files(r);
     if (r->fd >= 0) close(r->fd);
+    snapshot_unref(r->loaded);
+    snapshot_unref(r->refused);
     free(r);
 }
 
@@ -168,41 +139,61 @@ double reload_due_in(const reloader *r) {
     return left > 0 ? left : 0;
 }
 
+static void refuse(reloader *r, snapshot *snap, char *err) {
+    err[strcspn(err, "\n")] = '\0'; /* file:line: message, without the traceback */
+    log_kv(LOG_ERROR, "reload refused; the old code keeps running", "error", err, NULL);
+    if (!snap) return;
+    snapshot_unref(r->refused);
+    r->refused = snap;
+    watch_files(r);
+}
+
+/* "Provision x4, Recover x2", cut short past a few hundred characters. */
+static void describe(const worker_spec *specs, int n, char *list, size_t len) {
+    list[0] = '\0';
+    for (int i = 0; i < n; i++) {
+        size_t used = strlen(list);
+        if (used + 80 > len) {
+            snprintf(list + used, len - used, ", ... (%d workers)", n);
+            return;
+        }
+        snprintf(list + used, len - used, "%s%.63s x%d", i ? ", " : "", specs[i].process, specs[i].concurrency);
+    }
+}
+
 int reload_run(reloader *r, pool *p, int forced) {
     r->due = 0;
-    uint64_t hash = content_hash(r);
-    if (!forced && (hash == r->loaded_hash || hash == r->refused_hash)) return 1;
+    if (!forced && (snapshot_matches_disk(r->loaded) || (r->refused && snapshot_matches_disk(r->refused))))
+        return 1;
     double t0 = mono_now();
     char err[8192];
-    lua_State *L = lbmdb_script_state(r->script, r->argc, r->argv, err, sizeof err);
-    worker_spec specs[64];
-    int n = L ? lbmdb_worker_specs(L, specs, 64, err, sizeof err) : -1;
-    if (n == 0) snprintf(err, sizeof err, "%s returns no worker definitions", r->script);
+    snapshot *snap = snapshot_open(snapshot_script(r->loaded), err, sizeof err);
+    if (!snap) return refuse(r, NULL, err), -1;
+    int kind;
+    lua_State *L = lbmdb_script_state(snap, r->argc, r->argv, &kind, err, sizeof err);
+    worker_spec *specs = NULL;
+    int n = L ? lbmdb_worker_specs(L, &specs, err, sizeof err) : -1;
+    if (L) lbmdb_close_state(L);
+    snapshot_seal(snap); /* what was validated is what the slots load */
+    if (n == 0) snprintf(err, sizeof err, "%s returns no worker definitions", snapshot_script(snap));
     if (n <= 0) {
-        err[strcspn(err, "\n")] = '\0'; /* file:line: message, without the traceback */
-        log_kv(LOG_ERROR, "reload refused; the old code keeps running", "error", err, NULL);
-        if (L) {
-            collect_files(r, L); /* a new require may have come with it */
-            lbmdb_close_state(L);
-        }
-        r->refused_hash = content_hash(r);
-        return -1;
+        free(specs);
+        return refuse(r, snap, err), -1;
     }
-    collect_files(r, L);
-    lbmdb_close_state(L);
-    r->loaded_hash = content_hash(r);
-    r->refused_hash = 0;
+    snapshot_unref(r->loaded);
+    r->loaded = snap;
+    snapshot_unref(r->refused);
+    r->refused = NULL;
+    watch_files(r);
 
     int slots = 0;
-    char list[512] = "";
-    for (int i = 0; i < n; i++) {
-        slots += specs[i].concurrency;
-        size_t len = strlen(list);
-        snprintf(list + len, sizeof list - len, "%s%.63s x%d", i ? ", " : "", specs[i].process, specs[i].concurrency);
-    }
+    for (int i = 0; i < n; i++) slots += specs[i].concurrency;
+    char list[512];
+    describe(specs, n, list, sizeof list);
     pool_grow(p, slots + 4);
-    workers_bump_generation();
-    workers_start(p, r->script, r->argc, r->argv, specs, n);
+    workers_set_code(snap);
+    workers_start(p, r->argc, r->argv, specs, n);
+    free(specs);
     char gen[16], ms[32];
     snprintf(gen, sizeof gen, "%u", workers_generation());
     snprintf(ms, sizeof ms, "%.1fms", (mono_now() - t0) * 1000);

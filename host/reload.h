@@ -12,9 +12,11 @@
 
 typedef struct reloader reloader;
 
-/* watch: follow the script and the Lua files it loaded from its directory
- * with inotify. Without it only reload_run() (SIGHUP) reloads. */
-reloader *reload_create(const char *script, int argc, char **argv, int watch);
+struct snapshot;
+/* loaded: the code the slots were started on. watch: follow its files
+ * (the script and the Lua files it loaded from its directory) with
+ * inotify. Without it only reload_run() (SIGHUP) reloads. */
+reloader *reload_create(struct snapshot *loaded, int argc, char **argv, int watch);
 void reload_destroy(reloader *r);
 
 /* The inotify descriptor to poll, or -1. */

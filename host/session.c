@@ -37,13 +37,24 @@ struct session {
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t cur_changed = PTHREAD_COND_INITIALIZER; /* realtime clock */
+static pthread_cond_t cur_changed, wake_heartbeat; /* CLOCK_MONOTONIC, see cond_init */
 static pool *the_pool;
 static struct session_config cfg;
 static session *cur;            /* NULL while between sessions */
 static int started, stopping, paused;
 static pthread_t heartbeat;
-static pthread_cond_t wake_heartbeat = PTHREAD_COND_INITIALIZER;
+static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
+
+/* Timed waits measure on the monotonic clock: stepping the wall clock
+ * back must not stall the heartbeat. */
+static void cond_init(void) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&cur_changed, &a);
+    pthread_cond_init(&wake_heartbeat, &a);
+    pthread_condattr_destroy(&a);
+}
 
 static double margin(void) {
     /* A tenth of the interval: generous against scheduling delays, and the
@@ -95,40 +106,81 @@ void session_lose(session *s, const char *why) {
     }
 }
 
-/* One statement on the heartbeat's connection, bounded by the local
- * deadline: a hung server must not keep us believing in a dead session. */
-static PGresult *exec_bounded(PGconn *c, const char *sql, int n, const char *const *params,
-                              double until) {
-    if (!PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0)) return NULL;
-    while (PQisBusy(c)) {
+/* Every statement of the heartbeat is bounded: a hung server must not keep
+ * us believing in a dead session. A statement that got no answer in time
+ * leaves the connection mid-query, and every later send on it would fail
+ * ("another command is already in progress"), so the connection is given
+ * up: the server is asked to cancel the statement (a backend left waiting
+ * on a lock would hold its own locks) and the connection is closed. The
+ * next round opens a fresh one. Returns the result, or NULL with why set,
+ * *cp then being NULL. */
+static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *const *params,
+                              double until, char *why, size_t whylen) {
+    PGconn *c = *cp;
+    int sent = PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0);
+    int timed_out = 0;
+    while (sent && PQisBusy(c)) {
         double left = until - mono_now();
-        if (left <= 0) return NULL;
+        if (left <= 0) {
+            timed_out = 1;
+            break;
+        }
         struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
         int rc = poll(&pfd, 1, (int)(left * 1000) + 1);
-        if (rc < 0 && errno != EINTR) return NULL;
-        if (rc > 0 && !PQconsumeInput(c)) return NULL;
+        if (rc < 0 && errno != EINTR) break;
+        if (rc > 0 && !PQconsumeInput(c)) break;
     }
-    PGresult *r = PQgetResult(c), *extra;
-    while ((extra = PQgetResult(c))) PQclear(extra);
-    return r;
+    if (sent && !timed_out && !PQisBusy(c)) {
+        PGresult *r = PQgetResult(c), *extra;
+        while ((extra = PQgetResult(c))) PQclear(extra);
+        if (r && PQstatus(c) == CONNECTION_OK) return r;
+        if (r && PQresultErrorField(r, PG_DIAG_SQLSTATE)) return r; /* e.g. 57P01, then closed below */
+        PQclear(r);
+    }
+    if (timed_out) {
+        snprintf(why, whylen, "no answer from the database in time");
+        PGcancel *cancel = PQgetCancel(c);
+        char buf[256];
+        if (cancel) PQcancel(cancel, buf, sizeof buf);
+        PQfreeCancel(cancel);
+    } else {
+        snprintf(why, whylen, "database connection lost: %.*s",
+                 (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
+    }
+    PQfinish(c);
+    *cp = NULL;
+    return NULL;
 }
 
-static session *create_session(PGconn *c, char *err, size_t errlen) {
-    char interval[32];
+/* After a result: the message of a failed one, and the connection given up
+ * if the failure broke it (terminated backend, server restart). */
+static void result_failed(PGconn **cp, PGresult *r, char *why, size_t whylen) {
+    tx_error e;
+    tx_error_from_result(&e, *cp, r);
+    snprintf(why, whylen, "%s%s%.500s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+    if (PQstatus(*cp) != CONNECTION_OK) {
+        PQfinish(*cp);
+        *cp = NULL;
+    }
+}
+
+static session *create_session(PGconn **cp, char *err, size_t errlen) {
+    char interval[32], why[600];
     snprintf(interval, sizeof interval, "%d", cfg.interval_s);
     const char *params[] = {cfg.component, cfg.runtime_info, interval};
     double sent = mono_now();
     PGresult *r = exec_bounded(
-        c,
+        cp,
         "INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline) "
         "VALUES ($1, $2, $3, now() + $3::INT8 * INTERVAL '1 second') RETURNING session_id",
-        3, params, sent + cfg.interval_s);
-    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-        tx_error e;
-        tx_error_from_result(&e, c, r);
-        snprintf(err, errlen, "cannot create session: %s%s%s", e.sqlstate, *e.sqlstate ? " " : "",
-                 e.message);
+        3, params, sent + cfg.interval_s, why, sizeof why);
+    if (r && (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1)) {
+        result_failed(cp, r, why, sizeof why);
         PQclear(r);
+        r = NULL;
+    }
+    if (!r) {
+        snprintf(err, errlen, "cannot create session: %s", why);
         return NULL;
     }
     session *s = calloc(1, sizeof *s);
@@ -152,20 +204,108 @@ static void set_current(session *s) {
 static void heartbeat_sleep(double until) {
     pthread_mutex_lock(&mu);
     while (!stopping && cur && mono_now() < until) {
-        struct timespec ts = time_after(CLOCK_REALTIME, until - mono_now());
+        struct timespec ts = time_after(CLOCK_MONOTONIC, until - mono_now());
         pthread_cond_timedwait(&wake_heartbeat, &mu, &ts);
     }
     pthread_mutex_unlock(&mu);
 }
 
+/* The heartbeat's connection is its own, not the pool's: slots that hold
+ * every pooled connection must never stall the session. */
 static PGconn *heartbeat_conn(PGconn *c) {
     if (c && PQstatus(c) == CONNECTION_OK) return c;
-    if (c) pool_put(the_pool, c); /* closes it */
+    if (c) PQfinish(c);
     char err[512];
-    c = pool_get(the_pool, err, sizeof err);
+    c = pool_connect_own(the_pool, err, sizeof err);
     if (!c) log_kv(LOG_WARN, "heartbeat cannot connect", "error", err, NULL);
     return c;
 }
+
+/* Pushes s's deadline forward. 1 done, 0 failed (retry while the local
+ * deadline is ahead), -1 the database no longer has the session. */
+static int poke(PGconn **cp, session *s) {
+    const char *params[] = {s->id};
+    char why[600];
+    double sent = mono_now();
+    pthread_mutex_lock(&mu);
+    double until = s->deadline;
+    pthread_mutex_unlock(&mu);
+    /* One attempt may not take all the time left: a connection that hangs
+     * (a frozen backend, a black-holed route) must leave room for another
+     * attempt on a fresh connection before the local deadline. */
+    if (until > sent + cfg.interval_s / 4.0) until = sent + cfg.interval_s / 4.0;
+    PGresult *r = exec_bounded(
+        cp,
+        "UPDATE sessions SET deadline = now() + interval_seconds * INTERVAL '1 second' "
+        "WHERE session_id = $1 AND deadline > now() RETURNING session_id",
+        1, params, until, why, sizeof why);
+    int outcome = 0;
+    if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
+        outcome = PQntuples(r) == 1 ? 1 : -1;
+        if (outcome == 1) {
+            pthread_mutex_lock(&mu);
+            if (!s->lost) s->deadline = sent + cfg.interval_s - margin();
+            pthread_mutex_unlock(&mu);
+        }
+    } else if (r) {
+        result_failed(cp, r, why, sizeof why);
+    }
+    PQclear(r);
+    if (outcome == 0)
+        log_kv(LOG_WARN, "heartbeat failed, retrying", "session", s->id, "error", why, NULL);
+    return outcome;
+}
+
+/* Runs sqls in one SERIALIZABLE transaction on *cp (no fence: these act on
+ * other sessions, or on our own as it ends), every statement bounded by
+ * `until`. 0, or -1 with why set; the caller decides whether to retry. */
+static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const char *const *params,
+                        int nparams, double until, long *rows_of_last, char *why, size_t whylen) {
+    PGresult *r = exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
+    int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (r && !ok) result_failed(cp, r, why, whylen);
+    PQclear(r);
+    for (int i = 0; ok && i <= nsql; i++) {
+        const char *sql = i < nsql ? sqls[i] : "COMMIT";
+        r = exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
+        ExecStatusType st = PQresultStatus(r);
+        ok = r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
+        if (r && !ok) result_failed(cp, r, why, whylen);
+        else if (ok && i == nsql - 1 && rows_of_last) *rows_of_last = atol(PQcmdTuples(r));
+        PQclear(r);
+    }
+    if (!ok && *cp && PQtransactionStatus(*cp) != PQTRANS_IDLE) PQclear(PQexec(*cp, "ROLLBACK"));
+    return ok ? 0 : -1;
+}
+
+/* Collects sessions past their deadline: their work rows are recorded as
+ * Abandoned and deleted with them. Runs on the heartbeat's connection
+ * within `until`. Two collectors racing over the same dead session
+ * conflict (SERIALIZABLE) and one fails, so history is written once; a
+ * failure is simply tried again next round. The DELETE waits for any
+ * transaction of the dead session still in flight (each holds a KEY SHARE
+ * lock on its session row, tx.c), so a zombie's late commit is ordered
+ * before the collection, never after it. */
+static void collect_expired(PGconn **cp, double until) {
+    static const char *const sqls[] = {
+        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
+        "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+        "DELETE FROM sessions WHERE deadline <= now()",
+    };
+    char why[600];
+    long n = 0;
+    if (housekeeping(cp, sqls, 2, NULL, 0, until, &n, why, sizeof why) < 0) {
+        log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
+               NULL);
+    } else if (n > 0) {
+        char buf[32];
+        snprintf(buf, sizeof buf, "%ld", n);
+        log_kv(LOG_INFO, "collected expired sessions", "count", buf, NULL);
+    }
+}
+
+#define RETRY_S 0.2 /* between heartbeat attempts after a failure */
 
 static void *heartbeat_main(void *arg) {
     PGconn *c = arg;
@@ -183,87 +323,65 @@ static void *heartbeat_main(void *arg) {
 
         if (!s) {
             /* Between sessions: start a new one for new work, retrying
-             * once a second through a database outage. */
-            char err[512];
-            session *n = (c = heartbeat_conn(c)) ? create_session(c, err, sizeof err) : NULL;
+             * through a database outage. */
+            char err[700];
+            session *n = (c = heartbeat_conn(c)) ? create_session(&c, err, sizeof err) : NULL;
             if (n) set_current(n);
             else {
-                if (c) log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
+                if (c || strstr(err, "local deadline"))
+                    log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
                 lifecycle_wait(1.0, HOST_CANCELLING, NULL);
             }
             continue;
         }
 
-        if (!pause && (c = heartbeat_conn(c))) {
-            const char *params[] = {s->id};
-            double sent = mono_now();
-            pthread_mutex_lock(&mu);
-            double local = s->deadline;
-            pthread_mutex_unlock(&mu);
-            PGresult *r = exec_bounded(
-                c,
-                "UPDATE sessions SET deadline = now() + interval_seconds * INTERVAL '1 second' "
-                "WHERE session_id = $1 AND deadline > now() RETURNING session_id",
-                1, params, local);
-            if (PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1) {
-                pthread_mutex_lock(&mu);
-                if (!s->lost) s->deadline = sent + cfg.interval_s - margin();
-                pthread_mutex_unlock(&mu);
-            } else if (PQresultStatus(r) == PGRES_TUPLES_OK) {
-                session_lose(s, "the database no longer has the session");
-            } else {
-                tx_error e;
-                tx_error_from_result(&e, c, r);
-                log_kv(LOG_WARN, "heartbeat failed, retrying", "session", s->id, "error", e.message,
-                       NULL);
-                if (!r) { /* timed out or broken mid-query: start clean */
-                    pool_put(the_pool, c);
-                    c = NULL;
-                }
-            }
-            PQclear(r);
+        int ok = 1;
+        if (!pause) {
+            ok = (c = heartbeat_conn(c)) ? poke(&c, s) : 0;
+            if (ok < 0) session_lose(s, "the database no longer has the session");
         }
 
         double now = mono_now();
         if (!session_alive(s)) {
             session_lose(s, "local deadline passed without a successful heartbeat");
-        } else if (now >= next_gc && c) {
+        } else if (ok > 0 && !pause && now >= next_gc) {
             next_gc = now + cfg.interval_s;
-            sessions_collect_expired(the_pool);
+            collect_expired(&c, now + cfg.interval_s / 4.0);
         }
-        /* Next poke at interval/2; after a failure, retry sooner, but never
-         * sleep past the local deadline. */
+        /* Next poke at interval/2. A failed one is retried soon, while the
+         * local deadline is still ahead: a dropped connection or a quick
+         * server restart must not cost the session. */
         pthread_mutex_lock(&mu);
         double local = s->deadline;
         pthread_mutex_unlock(&mu);
-        double until = mono_now() + cfg.interval_s / 2.0;
-        if (!pause && !c) until = mono_now() + 0.25;
+        double until = mono_now() + (ok || pause ? cfg.interval_s / 2.0 : RETRY_S);
         if (until > local) until = local;
         heartbeat_sleep(until);
         session_unref(s);
     }
-    if (c) pool_put(the_pool, c);
+    if (c) PQfinish(c);
     return NULL;
 }
 
 int sessions_start(pool *p, const struct session_config *config, char *err, size_t errlen) {
+    pthread_once(&conds_once, cond_init);
     the_pool = p;
     cfg.component = strdup(config->component);
     cfg.runtime_info = strdup(config->runtime_info);
     cfg.interval_s = config->interval_s;
     stopping = paused = 0;
 
-    PGconn *c = pool_get(p, err, errlen);
+    PGconn *c = pool_connect_own(p, err, errlen);
     if (!c) return -1;
-    session *s = create_session(c, err, errlen);
+    session *s = create_session(&c, err, errlen);
     if (!s) {
-        pool_put(p, c);
+        if (c) PQfinish(c);
         return -1;
     }
     set_current(s);
     if (pthread_create(&heartbeat, NULL, heartbeat_main, c) != 0) {
         snprintf(err, errlen, "cannot start the heartbeat thread");
-        pool_put(p, c);
+        PQfinish(c);
         return -1;
     }
     started = 1;
@@ -273,7 +391,8 @@ int sessions_start(pool *p, const struct session_config *config, char *err, size
 int sessions_started(void) { return started; }
 
 session *session_current(double timeout_s) {
-    struct timespec ts = time_after(CLOCK_REALTIME, timeout_s);
+    pthread_once(&conds_once, cond_init);
+    struct timespec ts = time_after(CLOCK_MONOTONIC, timeout_s);
     pthread_mutex_lock(&mu);
     while (!cur && !stopping && lifecycle_state() < HOST_CANCELLING)
         if (pthread_cond_timedwait(&cur_changed, &mu, &ts) != 0) break;
@@ -290,49 +409,67 @@ void sessions_pause_heartbeat(int pause) {
     pthread_mutex_unlock(&mu);
 }
 
-/* Runs the statements in one housekeeping transaction (no fence: these
- * act on other sessions, or on our own as it ends), retrying 40001. */
-static int housekeeping(pool *p, const char *const *sqls, int nsql, const char *const *params, int nparams,
-                        long *rows_of_last) {
-    for (int attempt = 1;; attempt++) {
-        tx t;
-        tx_error e;
-        int ok = tx_begin(&t, p, NULL, &e) == 0;
-        for (int i = 0; ok && i < nsql; i++) {
-            PGresult *r = tx_exec(&t, sqls[i], nparams, params, &e);
-            if (!r) ok = 0;
-            else if (i == nsql - 1 && rows_of_last) *rows_of_last = atol(PQcmdTuples(r));
-            PQclear(r);
-        }
-        if (ok && tx_commit(&t, &e) == 0) return 0;
-        tx_rollback(&t);
-        double delay = tx_error_retryable(&e) ? tx_retry_delay(attempt) : -1;
-        if (delay < 0) {
-            log_kv(LOG_WARN, "housekeeping failed", "error", e.message, "sqlstate", e.sqlstate,
-                   NULL);
-            return -1;
-        }
-        mono_sleep(delay);
+#define END_WAIT_S 3.0 /* per attempt at ending the session */
+
+/* The backends of connections slots still hold at shutdown: a slot that did
+ * not stop may sit in an open transaction (a body suspended inside its
+ * commit function) or wait on a lock forever. Cancelling its statement is
+ * not enough for the first, so its backend is ended; the slot's next libpq
+ * call then fails, and its locks are gone. PostgreSQL lets a role end its
+ * own backends; where the server has no pg_terminate_backend (CockroachDB)
+ * this does nothing and the session expires at its deadline instead. */
+static void terminate_lent_backends(PGconn **cp) {
+    int pids[256];
+    int n = pool_lent_pids(the_pool, pids, 256);
+    if (n == 0 || !(*cp = heartbeat_conn(*cp))) return;
+    char list[256 * 12] = "{";
+    for (int i = 0; i < n; i++) {
+        size_t len = strlen(list);
+        snprintf(list + len, sizeof list - len, "%s%d", i ? "," : "", pids[i]);
     }
+    strcat(list, "}");
+    const char *params[] = {list};
+    char why[600];
+    PGresult *r = exec_bounded(cp, "SELECT pg_terminate_backend(pid) FROM unnest($1::INT4[]) AS pid",
+                               1, params, mono_now() + END_WAIT_S, why, sizeof why);
+    if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
+        char count[16];
+        snprintf(count, sizeof count, "%d", n);
+        log_kv(LOG_WARN, "ended the database backends of slots that did not stop", "count", count, NULL);
+    }
+    PQclear(r);
 }
 
-int sessions_collect_expired(pool *p) {
-    /* One SERIALIZABLE transaction: two collectors racing over the same
-     * dead session conflict and one retries, so history is written once. */
+/* Ends s at shutdown: work it still holds is recorded Canceled (we know it
+ * stopped) and the row is deleted, which cascades to the work rows. On a
+ * connection of its own, so an exhausted pool cannot hold it up, and
+ * bounded: a slot that never gave its transaction back (it would not stop)
+ * holds a lock on the session row, and only ending that slot's backend
+ * releases it. */
+static void end_session(session *s) {
     static const char *const sqls[] = {
         "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
-        "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
-        "DELETE FROM sessions WHERE deadline <= now()",
+        "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
+        "FROM work WHERE session_id = $1",
+        "DELETE FROM sessions WHERE session_id = $1",
     };
-    long n = 0;
-    if (housekeeping(p, sqls, 2, NULL, 0, &n) < 0) return -1;
-    if (n > 0) {
-        char buf[32];
-        snprintf(buf, sizeof buf, "%ld", n);
-        log_kv(LOG_INFO, "collected expired sessions", "count", buf, NULL);
+    const char *params[] = {s->id};
+    char why[600] = "";
+    PGconn *c = NULL;
+    for (int attempt = 1; attempt <= 5; attempt++) {
+        if (!(c = heartbeat_conn(c))) break;
+        if (housekeeping(&c, sqls, 2, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
+            log_kv(LOG_INFO, "session ended", "session", s->id, NULL);
+            if (c) PQfinish(c);
+            return;
+        }
+        log_kv(LOG_WARN, "ending the session failed; retrying", "session", s->id, "error", why, NULL);
+        terminate_lent_backends(&c);
+        mono_sleep(0.1 * attempt);
     }
-    return (int)n;
+    if (c) PQfinish(c);
+    log_kv(LOG_ERROR, "could not end the session; it expires at its deadline", "session", s->id,
+           "error", why, NULL);
 }
 
 void sessions_stop(void) {
@@ -349,17 +486,7 @@ void sessions_stop(void) {
     cur = NULL;
     pthread_mutex_unlock(&mu);
     if (s) {
-        /* Work still held is cancelled, not abandoned: we know it stopped.
-         * Deleting the row cascades to the work rows. */
-        static const char *const sqls[] = {
-            "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-            "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
-            "FROM work WHERE session_id = $1",
-            "DELETE FROM sessions WHERE session_id = $1",
-        };
-        const char *params[] = {s->id};
-        if (housekeeping(the_pool, sqls, 2, params, 1, NULL) == 0)
-            log_kv(LOG_INFO, "session ended", "session", s->id, NULL);
+        end_session(s);
         session_unref(s);
     }
     free((char *)cfg.component);

@@ -44,10 +44,6 @@ int session_alive(session *s);
 /* Marks s lost (the database no longer has it); wakes every waiter. */
 void session_lose(session *s, const char *why);
 
-/* Collect sessions past their deadline: their work rows are recorded as
- * Abandoned and deleted with them. Returns rows collected, or -1. */
-int sessions_collect_expired(pool *p);
-
 /* For specs: stop poking (the session then expires) or resume. */
 void sessions_pause_heartbeat(int paused);
 

@@ -2,9 +2,10 @@
  *
  * Every BMDB transaction runs at SERIALIZABLE, as CockroachDB always does:
  * at READ COMMITTED a claim can read a machine whose completion committed a
- * moment earlier and lock it again. The fence is a read of the session row
- * inside the same transaction: if a collector deletes the row, or its
- * deadline has passed by the transaction's now(), nothing of ours commits.
+ * moment earlier and lock it again. The fence is a locking read of the
+ * session row inside the same transaction: if a collector deletes the row,
+ * or its deadline has passed by the transaction's now(), nothing of ours
+ * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
  * always passes before the database's (session.c). */
 #include "tx.h"
@@ -57,7 +58,14 @@ int tx_error_retryable(const tx_error *e) {
            (strcmp(e->sqlstate, "40001") == 0 || strcmp(e->sqlstate, "40P01") == 0);
 }
 
-#define TX_MAX_ATTEMPTS 12
+/* Retries are bounded by time, not by a small count: ordinary contention
+ * (dozens of slots claiming from the same candidates) can need dozens of
+ * attempts, and giving up then turns contention into failures. 120
+ * attempts wait about 30 s in all (the delay grows to 0.25 s on average
+ * and stays there), the bound bmdb.transact also keeps by the clock. */
+#define TX_MAX_ATTEMPTS 120
+#define TX_DELAY_FIRST 0.002
+#define TX_DELAY_CAP 0.25
 
 double tx_retry_delay(int attempt) {
     /* Full jitter around an exponential base: two transactions that
@@ -65,8 +73,8 @@ double tx_retry_delay(int attempt) {
     static __thread unsigned seed;
     if (!seed) seed = (unsigned)(mono_now() * 1e9) ^ (unsigned)(uintptr_t)pthread_self();
     if (attempt < 1 || attempt > TX_MAX_ATTEMPTS) return -1;
-    double base = 0.002 * (double)(1u << (attempt - 1 < 8 ? attempt - 1 : 8));
-    if (base > 0.25) base = 0.25;
+    double base = TX_DELAY_FIRST * (double)(1u << (attempt - 1 < 8 ? attempt - 1 : 8));
+    if (base > TX_DELAY_CAP) base = TX_DELAY_CAP;
     return base * (0.5 + (double)rand_r(&seed) / ((double)RAND_MAX + 1.0));
 }
 
@@ -110,8 +118,18 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     if (!sess) return 0;
 
     const char *params[] = {session_id(sess)};
+    /* KEY SHARE, held until COMMIT: the heartbeat's UPDATE of the deadline
+     * does not conflict with it, but the DELETE with which a collector or a
+     * takeover ends an expired session does, so it waits for us. Without
+     * the lock, a COMMIT of ours that stalls (network, fsync, a synchronous
+     * standby) past the deadline could land after another host took our
+     * work over, and SERIALIZABLE would see no conflict: the takeover only
+     * READ the session row. With it, our commit is ordered before the
+     * takeover, which then sees what we committed. On CockroachDB the
+     * takeover's write to a row we read makes our commit fail instead. */
     PGresult *r = exec_params(t->conn,
-                              "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now()",
+                              "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() "
+                              "FOR KEY SHARE",
                               1, params);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
         tx_error_from_result(e, t->conn, r);
@@ -130,18 +148,113 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     return 0;
 }
 
+/* The name of a parameter type, for a message. */
+static const char *type_name(Oid t) {
+    switch (t) {
+    case 16: return "boolean";
+    case 19: return "name";
+    case 20: return "bigint";
+    case 21: return "smallint";
+    case 23: return "integer";
+    case 25: return "text";
+    case 114: return "json";
+    case 700: return "real";
+    case 701: return "double precision";
+    case 1042: return "character";
+    case 1043: return "character varying";
+    case 1700: return "numeric";
+    case 2950: return "uuid";
+    case 3802: return "jsonb";
+    default: return NULL;
+    }
+}
+
+/* Binary parameters (format 1) carry what text cannot: a NUL byte. Only
+ * bytea reads binary as the bytes themselves; text refuses a NUL and an
+ * integer would read four bytes as a number. So when there is one, the
+ * statement is described first and a binary parameter of any other type
+ * is refused, naming it. 0, or -1 with e set. */
+static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e) {
+    int binary = 0;
+    for (int i = 0; formats && i < n; i++) binary |= formats[i];
+    if (!binary) return 0;
+    PGresult *r = PQprepare(c, "", sql, n, NULL);
+    if (PQresultStatus(r) == PGRES_COMMAND_OK) {
+        PQclear(r);
+        r = PQdescribePrepared(c, "");
+    }
+    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
+        tx_error_from_result(e, c, r);
+        PQclear(r);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        Oid type = PQparamtype(r, i);
+        if (!formats[i] || type == 17) continue;
+        const char *name = type_name(type);
+        char oid[32];
+        snprintf(oid, sizeof oid, "type oid %u", type);
+        tx_error_set(e, TXE_SQL, "parameter $%d holds a NUL byte, which only a bytea parameter can "
+                     "take (the statement reads $%d as %s)", i + 1, i + 1, name ? name : oid);
+        memcpy(e->sqlstate, "22021", 6); /* what the server says of a NUL in text */
+        PQclear(r);
+        return -1;
+    }
+    PQclear(r);
+    return 0;
+}
+
+PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
+                       const int *lengths, const int *formats, tx_error *e) {
+    if (check_binary_params(c, sql, nparams, formats, e) < 0) return NULL;
+    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
+    ExecStatusType st = PQresultStatus(r);
+    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
+    tx_error_from_result(e, c, r);
+    PQclear(r);
+    return NULL;
+}
+
+/* Whether statement result r ended the transaction: the connection is
+ * idle, or the command tag says so (COMMIT AND CHAIN leaves it in a new
+ * transaction that never read the session row). ROLLBACK AND CHAIN is
+ * left to the callers' refusal: its tag is also that of ROLLBACK TO
+ * SAVEPOINT, which keeps the transaction. */
+static int ended_transaction(PGconn *c, PGresult *r) {
+    const char *tag = PQcmdStatus(r);
+    return PQtransactionStatus(c) == PQTRANS_IDLE || !strcmp(tag, "COMMIT") ||
+           !strcmp(tag, "PREPARE TRANSACTION");
+}
+
 PGresult *tx_exec(tx *t, const char *sql, int nparams, const char *const *params, tx_error *e) {
+    return tx_exec_params(t, sql, nparams, params, NULL, NULL, e);
+}
+
+PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
+                         const int *lengths, const int *formats, tx_error *e) {
     if (!t->open) {
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return NULL;
     }
-    PGresult *r = exec_params(t->conn, sql, nparams, params);
-    ExecStatusType st = PQresultStatus(r);
-    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
-    tx_error_from_result(e, t->conn, r);
-    PQclear(r);
-    t->failed = 1;
-    return NULL;
+    PGresult *r = tx_conn_exec(t->conn, sql, nparams, params, lengths, formats, e);
+    if (!r) {
+        t->failed = 1;
+        return NULL;
+    }
+    if (ended_transaction(t->conn, r)) {
+        /* The statement ended the transaction (a COMMIT or ROLLBACK that got
+         * past the caller's check): the fence went with it, and anything
+         * run on this connection now would autocommit, or run in a chained
+         * transaction that never read the session row. Close the tx so
+         * nothing more runs on it. */
+        tx_error_set(e, TXE_CLOSED, "the statement ended the transaction (%s); its fence is gone, "
+                     "so nothing more runs in it", PQcmdStatus(r));
+        PQclear(r);
+        t->failed = 1;
+        tx_rollback(t);
+        return NULL;
+    }
+    return r;
 }
 
 int tx_commit(tx *t, tx_error *e) {

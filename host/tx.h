@@ -18,7 +18,8 @@ typedef enum {
     TXE_CONNECTION,       /* no connection, or it broke mid-transaction */
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
     TXE_CANCELLED,        /* the host is shutting down */
-    TXE_CLOSED            /* the transaction is already over */
+    TXE_CLOSED,           /* the transaction is already over */
+    TXE_LOST              /* the work lock is no longer this session's */
 } tx_error_kind;
 
 typedef struct tx_error {
@@ -47,6 +48,15 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */
 PGresult *tx_exec(tx *t, const char *sql, int nparams, const char *const *params, tx_error *e);
+/* tx_exec with PQexecParams' lengths and formats (1 = binary), for
+ * parameters that text cannot carry (a bytea with NUL bytes). A statement
+ * that ends the transaction closes the tx and fails with TXE_CLOSED. */
+PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
+                         const int *lengths, const int *formats, tx_error *e);
+/* The same on a bare connection, outside any tx. A binary parameter the
+ * statement does not read as bytea is refused before it runs. */
+PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
+                       const int *lengths, const int *formats, tx_error *e);
 int tx_commit(tx *t, tx_error *e);
 /* Safe to call on a closed transaction. Returns the connection. */
 void tx_rollback(tx *t);

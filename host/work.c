@@ -11,6 +11,9 @@
 #include <string.h>
 #include <uuid/uuid.h>
 
+/* How long a takeover waits for the old session's last transaction. */
+#define TAKEOVER_LOCK_TIMEOUT "5s"
+
 int work_valid_uuid(const char *s) {
     uuid_t u;
     return s && strlen(s) == 36 && uuid_parse(s, u) == 0;
@@ -48,6 +51,29 @@ static int record(tx *t, const char *machine, const char *process, const char *s
                5, p, NULL, e) < 0 ? -1 : 0;
 }
 
+/* Ends the expired session `holder` inside our claim, as a collector would:
+ * every work row it holds is recorded Abandoned and goes with the session
+ * row. Deleting the session row (not just our pair's work row) is what
+ * makes the takeover conflict with a transaction of the old session still
+ * in flight: that transaction holds a KEY SHARE lock on the row (tx.c), so
+ * we wait for its COMMIT, and then either see its effects or fail with a
+ * serialization error and retry. The wait is bounded: a zombie whose
+ * backend hangs must not hang our slot with it (55P03, the claim is tried
+ * again at the next poll). */
+static int take_over(tx *t, const char *holder, tx_error *e) {
+    const char *hp[] = {holder};
+    const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
+    if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
+        run(t,
+            "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
+            "SELECT machine_id, process, session_id, 'Abandoned', 'session expired' "
+            "FROM work WHERE session_id = $1",
+            1, hp, NULL, e) < 0 ||
+        run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0)
+        return -1;
+    return 0;
+}
+
 work_lock_result work_lock(tx *t, const char *machine, const char *process, int *attempt,
                            char *until, size_t untillen, tx_error *e) {
     const char *mp[] = {machine, process};
@@ -67,11 +93,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, int 
         snprintf(holder, sizeof holder, "%s", PQgetvalue(r, 0, 0));
         PQclear(r);
         if (live) return WORK_HELD;
-        const char *dp[] = {machine, process, holder};
-        if (record(t, machine, process, holder, "Abandoned", "session expired", e) < 0 ||
-            run(t, "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3",
-                3, dp, NULL, e) < 0)
-            return WORK_ERROR;
+        if (take_over(t, holder, e) < 0) return WORK_ERROR;
     } else {
         PQclear(r);
     }
@@ -117,7 +139,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *ev
                  3, dp, NULL, e);
     if (n < 0) return -1;
     if (n == 0) {
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired: the lock on %s %s is no longer held",
+        tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                      machine, process);
         return -1;
     }

@@ -23,7 +23,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process,
 
 /* event is "Finished", "Failed" or "Canceled". Finished clears the backoff;
  * Failed stores backoff_seconds (>= 1) and counts the attempt. A lock that
- * is no longer this session's is reported as TXE_SESSION_EXPIRED. */
+ * is no longer this session's is reported as TXE_LOST. */
 int work_release(tx *t, const char *machine, const char *process, const char *event,
                  const char *cause, long backoff_seconds, tx_error *e);
 

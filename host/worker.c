@@ -1,10 +1,11 @@
 /* worker.c -- the worker loop's threads: slots, idle waits, the listener.
  *
  * Each slot thread owns one lua_State and loops in Lua (bmdb._serve) until
- * the host drains, the code is reloaded (it then loads the new code into a
- * fresh state and carries on), or its worker is gone. A slot only leaves
- * the Lua loop at an item boundary, so an item in flight always finishes
- * on the code that started it.
+ * the host drains, the code is reloaded (it then loads the new snapshot
+ * into a fresh state and carries on), or its worker is gone. A slot only
+ * leaves the Lua loop at an item boundary, so an item in flight always
+ * finishes on the code that started it. A slot whose load of the new code
+ * fails keeps its old state and tries again at a later boundary.
  *
  * Idle slots wait per process. A wake-up is a token handed to ONE waiter;
  * a slot that then claims something passes a token on (bmdb._serve calls
@@ -26,6 +27,7 @@
 #include "lbmdb.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "snapshot.h"
 
 /* ---- idle waits ---------------------------------------------------------- */
 
@@ -108,23 +110,43 @@ void worker_counts(unsigned long *claims, unsigned long *retries) {
     *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
 }
 
-/* ---- generations ----------------------------------------------------------- */
+/* ---- the code and its generation --------------------------------------- */
 
-static unsigned generation = 1;
+static pthread_mutex_t code_mu = PTHREAD_MUTEX_INITIALIZER;
+static snapshot *code;          /* under code_mu */
+static unsigned generation = 1; /* written under code_mu, read atomically */
 
 unsigned workers_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
 
-void workers_bump_generation(void) {
-    __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+void workers_set_code(snapshot *next) {
+    pthread_mutex_lock(&code_mu);
+    snapshot *old = code;
+    code = snapshot_ref(next);
+    if (old) __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    pthread_mutex_unlock(&code_mu);
+    if (!old) return;
+    snapshot_unref(old);
     worker_wake_everyone(); /* idle slots are at a boundary: switch now */
+}
+
+/* The current code as a new reference, and its generation. */
+static snapshot *current_code(unsigned *gen) {
+    pthread_mutex_lock(&code_mu);
+    snapshot *s = snapshot_ref(code);
+    *gen = generation;
+    pthread_mutex_unlock(&code_mu);
+    return s;
 }
 
 /* ---- slots ------------------------------------------------------------------- */
 
+#define RETRY_MAX_S 30.0 /* a slot retries a code load that failed, backing off to this */
+
 typedef struct slot {
     char process[64];
-    int index; /* 1-based within its worker */
-    int ended; /* under slots_mu */
+    int index;        /* 1-based within its worker */
+    int ended;        /* under slots_mu */
+    char machine[40]; /* last claimed, "" after release; under slots_mu */
     pthread_t thread;
     struct slot *next;
 } slot;
@@ -133,40 +155,91 @@ static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t slots_changed = PTHREAD_COND_INITIALIZER;
 static slot *slots;
 static int live;
-static const char *script_path;
 static int script_argc;
 static char **script_argv;
+static __thread slot *self; /* the calling thread's slot, NULL elsewhere */
+
+void worker_note_item(const char *machine) {
+    if (!self) return;
+    pthread_mutex_lock(&slots_mu);
+    snprintf(self->machine, sizeof self->machine, "%s", machine ? machine : "");
+    pthread_mutex_unlock(&slots_mu);
+}
+
+/* A slot's code: the state it runs, its generation, and the retry of a
+ * load that failed. */
+typedef struct slot_code {
+    lua_State *L;      /* NULL until a load succeeds */
+    unsigned have;     /* the generation L runs */
+    unsigned deferred; /* a generation that failed to load */
+    double retry_at;   /* monotonic; 0: no retry pending */
+    double delay;
+} slot_code;
+
+/* Loads the current code into a fresh state. On success it replaces the
+ * old state; on failure (the validated snapshot ran into a runtime error
+ * in this state: something random, the environment) the slot keeps its
+ * old state and generation and retries later, backing off: a slot never
+ * counts itself on code it could not load. */
+static void slot_load(slot *s, slot_code *c) {
+    char err[4096];
+    unsigned gen;
+    snapshot *snap = current_code(&gen);
+    int kind;
+    lua_State *fresh = lbmdb_script_state(snap, script_argc, script_argv, &kind, err, sizeof err);
+    snapshot_unref(snap);
+    char idx[16], g[16], had[16];
+    snprintf(idx, sizeof idx, "%d", s->index);
+    snprintf(g, sizeof g, "%u", gen);
+    snprintf(had, sizeof had, "%u", c->have);
+    if (fresh) {
+        if (c->L) lbmdb_close_state(c->L);
+        if (c->retry_at > 0)
+            log_kv(LOG_INFO, "slot loaded the code after failing", "process", s->process, "slot", idx,
+                   "generation", g, NULL);
+        *c = (slot_code){.L = fresh, .have = gen, .delay = 1};
+        return;
+    }
+    if (lifecycle_state() != HOST_RUNNING) return; /* stopping: nothing to retry */
+    if (c->delay <= 0) c->delay = 1;
+    c->deferred = gen;
+    c->retry_at = mono_now() + c->delay;
+    char retry[32];
+    snprintf(retry, sizeof retry, "%.0fs", c->delay);
+    c->delay = c->delay * 2 > RETRY_MAX_S ? RETRY_MAX_S : c->delay * 2;
+    if (c->L)
+        log_kv(LOG_ERROR, "slot cannot load the new code; it keeps its old code and retries", "process",
+               s->process, "slot", idx, "generation", g, "running", had, "retry_in", retry, "error", err, NULL);
+    else
+        log_kv(LOG_ERROR, "slot cannot load the code; it retries", "process", s->process, "slot", idx,
+               "generation", g, "retry_in", retry, "error", err, NULL);
+}
 
 static void *slot_main(void *arg) {
     slot *s = arg;
+    self = s;
     char err[4096];
-    unsigned gen = workers_generation();
-    lua_State *L = lbmdb_script_state(script_path, script_argc, script_argv, err, sizeof err);
-    if (!L) log_kv(LOG_ERROR, "slot cannot load the script", "process", s->process, "error", err, NULL);
-    while (L) {
-        int r = lbmdb_serve(L, s->process, s->index, gen, err, sizeof err);
+    slot_code c = {0};
+    int load = 1;
+    while (lifecycle_state() == HOST_RUNNING) {
+        if (load) slot_load(s, &c);
+        load = 0;
+        if (!c.L) { /* nothing to run yet: wait for the retry */
+            lifecycle_wait(c.retry_at - mono_now(), HOST_DRAINING, NULL);
+            load = 1;
+            continue;
+        }
+        int r = lbmdb_serve(c.L, s->process, s->index, c.have, c.deferred, c.retry_at, err, sizeof err);
         if (r == SERVE_ERROR) {
             log_kv(LOG_ERROR, "slot stopped by an error", "process", s->process, "error", err, NULL);
             /* do not spin on a persistent error; a reload may fix it */
             lifecycle_wait(1.0, HOST_DRAINING, NULL);
-            if (lifecycle_state() != HOST_RUNNING) break;
             continue;
         }
         if (r != SERVE_RELOAD) break;
-        /* Load the new code into a fresh state first: if that fails (an
-         * edit broke it after the host validated it), keep the old one. */
-        unsigned next = workers_generation();
-        lua_State *fresh = lbmdb_script_state(script_path, script_argc, script_argv, err, sizeof err);
-        if (!fresh) {
-            log_kv(LOG_ERROR, "reload failed in a slot; it keeps the old code", "process", s->process,
-                   "error", err, NULL);
-        } else {
-            lbmdb_close_state(L);
-            L = fresh;
-        }
-        gen = next;
+        load = 1;
     }
-    if (L) lbmdb_close_state(L);
+    if (c.L) lbmdb_close_state(c.L);
     pthread_mutex_lock(&slots_mu);
     s->ended = 1;
     live--;
@@ -242,9 +315,8 @@ static void *listener_main(void *arg) {
 
 /* ---- the supervisor ----------------------------------------------------------- */
 
-int workers_start(pool *p, const char *script, int argc, char **argv, const worker_spec *specs, int nspecs) {
+int workers_start(pool *p, int argc, char **argv, const worker_spec *specs, int nspecs) {
     the_pool = p;
-    script_path = script;
     script_argc = argc;
     script_argv = argv;
     if (!listener_started && pthread_create(&listener, NULL, listener_main, NULL) == 0) listener_started = 1;
@@ -291,6 +363,21 @@ int workers_wait(double seconds) {
     return n;
 }
 
+int workers_report_stuck(void) {
+    int n = 0;
+    pthread_mutex_lock(&slots_mu);
+    for (slot *s = slots; s; s = s->next) {
+        if (s->ended) continue;
+        char idx[16];
+        snprintf(idx, sizeof idx, "%d", s->index);
+        log_kv(LOG_ERROR, "slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)",
+               "process", s->process, "slot", idx, "machine", *s->machine ? s->machine : "none", NULL);
+        n++;
+    }
+    pthread_mutex_unlock(&slots_mu);
+    return n;
+}
+
 void workers_stop(void) {
     if (listener_started) pthread_join(listener, NULL);
     listener_started = 0;
@@ -304,4 +391,9 @@ void workers_stop(void) {
         free(s);
         s = next;
     }
+    pthread_mutex_lock(&code_mu);
+    snapshot *old = code;
+    code = NULL;
+    pthread_mutex_unlock(&code_mu);
+    snapshot_unref(old);
 }

@@ -17,22 +17,31 @@ typedef struct worker_spec {
     int concurrency;
 } worker_spec;
 
+struct snapshot;
+/* The code the slots run: set once before the first workers_start()
+ * (generation 1), then by every successful reload, which moves the
+ * generation on; slots compare it at every item boundary and load exactly
+ * this snapshot. Takes its own reference. */
+void workers_set_code(struct snapshot *code);
 /* Starts the slots for the script's workers (and, once, the listener).
  * Called again after a reload with the new list: slots are added where
  * concurrency grew; surplus slots end themselves at their next boundary. */
-int workers_start(pool *p, const char *script, int argc, char **argv, const worker_spec *specs,
-                  int nspecs);
+int workers_start(pool *p, int argc, char **argv, const worker_spec *specs, int nspecs);
 /* Slots still running. */
 int workers_live(void);
 /* Waits up to seconds for every slot to end; 0 when they all did. */
 int workers_wait(double seconds);
+/* Logs every slot still running (process, slot, the machine it claimed
+ * last), after workers_wait() gave up on them; returns how many. */
+int workers_report_stuck(void);
 /* Ends the listener and joins every slot thread (after workers_wait). */
 void workers_stop(void);
 
-/* The code generation: bumped by a successful reload; slots compare it at
- * every item boundary. */
+/* The code generation slots compare at every item boundary. */
 unsigned workers_generation(void);
-void workers_bump_generation(void);
+/* The calling slot claimed machine (NULL: released it), for the report
+ * on slots that will not stop; a no-op outside slot threads. */
+void worker_note_item(const char *machine);
 
 /* Idle slots: sleep up to seconds; 1 when woken for work, 0 otherwise. */
 int worker_idle_wait(const char *process, double seconds);

@@ -24,24 +24,71 @@ local function session_for(work)
   return core.session()
 end
 
+-- How long transact keeps retrying before it raises, in seconds. Ordinary
+-- contention (many slots claiming from the same candidates) can take
+-- dozens of attempts; a bound by time rather than by a small count keeps
+-- it from surfacing as a failure. Specs shorten it.
+bmdb._retry_seconds = 30
+
+-- The transaction open in this Lua state, if any. A second one opened while
+-- it is open would be another connection of the same session: it would
+-- wait forever on a row its own outer transaction wrote. So nesting is
+-- refused, and bmdb.wake rides on the open transaction instead.
+local open_tx = nil
+-- Wake-ups asked for inside the open transaction, sent after it commits.
+local after_commit = nil
+
+local function refuse_nested(what)
+  if open_tx then
+    error(core.error("nested", what .. ": a transaction is already open in this Lua state; " ..
+      "use the tx you have (a second transaction would wait on the first one's locks)"), 3)
+  end
+end
+
+-- What transact retries: serialization failures and deadlocks, and a lost
+-- connection (on a fresh one), except when it was lost during COMMIT: the
+-- transaction may have committed, and running fn again could do its work
+-- twice, so that error goes to the caller unchanged.
+local function retryable(err)
+  if not is_error(err) then return false end
+  if err.kind == "sql" then return err.sqlstate == "40001" or err.sqlstate == "40P01" end
+  return err.kind == "connection" and err.outcome ~= "unknown"
+end
+
+local send_wake
+
 -- Runs fn(tx) in one fenced SERIALIZABLE transaction on sess, retrying
--- serialization failures and deadlocks with jittered backoff.
+-- what retryable() allows with jittered backoff, for bmdb._retry_seconds.
 local function transact_on(sess, fn, ...)
+  refuse_nested("bmdb.transact")
+  local started = core.now()
   for attempt = 1, math.huge do
-    local tx = core.begin(sess)
-    local results = { pcall(fn, tx, ...) }
-    local ok, err = results[1], results[2]
+    local ok, tx = pcall(core.begin, sess)
+    local err, results, wakes = tx, nil, nil
     if ok then
-      ok, err = pcall(tx.commit, tx)
-      if ok then return unpack(results, 2, table.maxn(results)) end
-    else
-      tx:rollback()
+      open_tx, after_commit = tx, {}
+      results = { pcall(fn, tx, ...) }
+      wakes = after_commit
+      if open_tx == tx then open_tx, after_commit = nil, nil end
+      ok, err = results[1], results[2]
+      if ok then
+        ok, err = pcall(tx.commit, tx)
+      else
+        tx:rollback()
+      end
     end
-    local retryable = is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01")
-    local delay = retryable and core.retry_delay(attempt) or -1
+    if ok then
+      for _, process in ipairs(wakes) do pcall(send_wake, process) end
+      return unpack(results, 2, table.maxn(results))
+    end
+    local delay = -1
+    if retryable(err) and core.now() - started < bmdb._retry_seconds then
+      delay = core.retry_delay(attempt)
+    end
     if delay < 0 then error(err, 0) end
     core.count("retry")
-    core.sleep(delay)
+    -- Cut short by shutdown or the loss of sess: the next begin says which.
+    core.sleep(delay, sess)
   end
 end
 
@@ -49,31 +96,115 @@ function bmdb.transact(fn, ...)
   if type(fn) ~= "function" then
     error("bmdb.transact: expected a function(tx), got " .. type(fn), 2)
   end
+  refuse_nested("bmdb.transact")
   return transact_on(session_for(current_work), fn, ...)
+end
+
+local function finite(v)
+  return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge
+end
+
+-- Raises naming what is wrong with a backoff spec: a wrong type, or a field
+-- that is not a finite number (NaN would store "nan" seconds, infinity
+-- never ends). where prefixes the message.
+local function check_backoff_spec(spec, where, level)
+  if spec == nil then return end
+  if type(spec) == "number" then
+    if not finite(spec) then error(where .. "backoff must be a finite number of seconds, got " .. tostring(spec), level + 1) end
+    return
+  end
+  if type(spec) ~= "table" then
+    error(where .. "backoff: expected a table {initial=, maximum=, exponent=} or a number, got " .. type(spec), level + 1)
+  end
+  for _, k in ipairs { "initial", "maximum", "exponent" } do
+    local v = spec[k]
+    if v ~= nil and not finite(v) then
+      error(where .. "backoff." .. k .. " must be a finite number, got " ..
+            (type(v) == "number" and tostring(v) or type(v)), level + 1)
+    end
+  end
+end
+
+-- The exponent as the decimal its user wrote, m / 10^d with m an integer:
+-- the shortest fixed-point text that reads back as the same double.
+local function decimal(x)
+  for d = 0, 17 do
+    local text = string.format("%." .. d .. "f", x)
+    if tonumber(text) == x then return tonumber((text:gsub("%.", ""))), 10 ^ d end
+  end
+end
+
+local EXACT = 2 ^ 53
+
+-- ceil(last * exponent), exact for the decimal the user wrote: 90 * 1.1 is
+-- 99, although the doubles multiply to 99.00000000000001. Splits exponent
+-- into whole and fractional parts so the integer products stay below 2^53.
+local function grow(last, exponent)
+  local m, scale = decimal(exponent)
+  if m and m < EXACT then
+    local whole = math.floor(exponent)
+    local frac = m - whole * scale -- the fractional digits, as an integer
+    local p = last * frac
+    if frac >= 0 and p < EXACT and last * whole < EXACT then
+      local q = math.floor(p / scale)
+      if q * scale < p then q = q + 1 end
+      return last * whole + q
+    end
+  end
+  -- Beyond exact integers (absurd periods): the double is as good as any.
+  return math.ceil(last * exponent)
 end
 
 -- Backoff periods (DESIGN.md): whole seconds, never below 1. Without a spec
 -- the previous period is kept; without exponent > 1 a spec gives `initial`;
 -- otherwise each consecutive failure multiplies, rounds up and caps.
 function bmdb.backoff_next(spec, last)
-  if last ~= nil then last = math.max(1, math.ceil(last)) end
-  if spec == nil then return last or 1 end
-  if type(spec) == "number" then spec = { initial = spec } end
-  if type(spec) ~= "table" then
-    error("backoff: expected a table {initial=, maximum=, exponent=} or a number, got " .. type(spec), 2)
+  if last ~= nil then
+    if not finite(last) then
+      error("backoff_next: the last period must be a finite number of seconds, got " .. tostring(last), 2)
+    end
+    last = math.max(1, math.ceil(last))
   end
-  local initial = math.max(1, math.ceil(tonumber(spec.initial) or 1))
-  local maximum = math.max(initial, math.ceil(tonumber(spec.maximum) or initial))
-  local exponent = math.max(1, tonumber(spec.exponent) or 1)
+  if spec == nil then return last or 1 end
+  check_backoff_spec(spec, "", 2)
+  if type(spec) == "number" then spec = { initial = spec } end
+  local initial = math.max(1, math.ceil(spec.initial or 1))
+  local maximum = math.max(initial, math.ceil(spec.maximum or initial))
+  local exponent = math.max(1, spec.exponent or 1)
   if exponent <= 1 or last == nil then return initial end
-  return math.min(maximum, math.ceil(last * exponent))
+  if last * exponent >= maximum then return maximum end
+  return math.min(maximum, grow(last, exponent))
 end
 
 local Work = {}
-Work.__index = Work
+
+-- What a work item is: its machine, process, session and attempt. The
+-- release acts on them, so a body can read them but not change them; they
+-- live out of the body's reach, keyed by the item.
+local fixed = setmetatable({}, { __mode = "k" })
+
+Work.__index = function(w, k)
+  local method = Work[k]
+  if method ~= nil then return method end
+  local f = fixed[w]
+  return f and f[k]
+end
+
+Work.__newindex = function(w, k, v)
+  local f = fixed[w]
+  if f and f[k] ~= nil then
+    error("w." .. tostring(k) .. " is read-only: the item's machine, process, session and attempt " ..
+          "are fixed when it is locked", 2)
+  end
+  rawset(w, k, v)
+end
 
 local function check_undecided(w, what)
   if w._decided then
+    -- Deciding twice is a bug in the body: say so in the log too, since
+    -- the body may swallow the error.
+    core.log("warn", "work decided twice", { "session", w.session, "machine", w.machine,
+      "process", w.process, "attempt", w.attempt, "decision", w._decided:lower(), "refused", what })
     error("w:" .. what .. ": the work item was already decided (" .. w._decided .. ")", 3)
   end
 end
@@ -91,9 +222,15 @@ local function log_event(w, event, extra)
   core.log(event == "failed" and "warn" or "info", "work " .. event, kv)
 end
 
+-- Records a decision. It must not be left unrecorded while the session
+-- lives, or the lock stays held until the host exits: a lost connection
+-- is tried again on a fresh one for as long as the session is alive (a
+-- server restart costs a retry, not the item). A COMMIT whose answer was
+-- lost may have landed; the next attempt tells, since a landed release
+-- took our lock with it ("lost").
 local function release(w, event, cause, spec, commit_fn)
   local seconds = 0
-  local results = { transact_on(w._session, function(tx)
+  local function decide(tx)
     if event == "Failed" then
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
@@ -102,7 +239,23 @@ local function release(w, event, cause, spec, commit_fn)
     -- idle slots everywhere (sent at commit, one slot per process).
     if core.notify_enabled() then tx:exec("SELECT pg_notify('bmdb_wake', '')") end
     if commit_fn then return commit_fn(tx) end
-  end) }
+  end
+  local results, uncertain, attempt = nil, false, 0
+  repeat
+    local r = { pcall(transact_on, w._session, decide) }
+    local err = r[2]
+    if r[1] then
+      results = { unpack(r, 2, table.maxn(r)) }
+    elseif uncertain and is_error(err, "lost") then
+      results = {} -- the earlier attempt committed; commit_fn's results went with it
+    elseif is_error(err, "connection") and core.state() ~= "cancelling" and w._session:alive() then
+      uncertain = uncertain or err.outcome == "unknown"
+      attempt = attempt + 1
+      core.sleep(math.min(1, 0.05 * 2 ^ attempt), w._session)
+    else
+      error(err, 0)
+    end
+  until results
   local extra = { { "result", event:lower() } }
   if event == "Failed" then
     extra[2] = { "backoff", seconds .. "s" }
@@ -128,7 +281,8 @@ end
 -- given, else the worker's, else the previous period).
 function Work:fail(cause, backoff)
   check_undecided(self, "fail")
-  release(self, "Failed", cause ~= nil and tostring(cause) or "failed", backoff or self._backoff)
+  check_backoff_spec(backoff, "w:fail: ", 2)
+  release(self, "Failed", cause ~= nil and bmdb._describe(cause) or "failed", backoff or self._backoff)
   self._decided = "Failed"
 end
 
@@ -142,16 +296,55 @@ function Work:alive()
   return not self._decided and core.state() ~= "cancelling" and self._session:alive()
 end
 
+-- A short, readable text of a table: sorted keys, at most a few entries.
+local function serialize(t)
+  local keys = {}
+  for k in next, t do keys[#keys + 1] = k end
+  table.sort(keys, function(a, b) return tostring(a) < tostring(b) end)
+  local parts = {}
+  for i, k in ipairs(keys) do
+    if i > 8 then parts[#parts + 1] = "..." break end
+    local v = rawget(t, k)
+    local text = type(v) == "string" and string.format("%q", #v > 80 and v:sub(1, 80) .. "..." or v)
+                 or (type(v) == "number" or type(v) == "boolean") and tostring(v) or type(v)
+    parts[#parts + 1] = (type(k) == "string" and k:match("^[%a_][%w_]*$") and k or "[" .. tostring(k) .. "]") ..
+                        "=" .. text
+  end
+  return "{" .. table.concat(parts, ", ") .. "}"
+end
+
+-- A readable text for any value a body raises: "table: 0x..." tells the
+-- reader of the history nothing. A table's own __tostring or message
+-- field wins; else a short serialization.
+function bmdb._describe(v)
+  local t = type(v)
+  if t == "string" then return v end
+  if t == "number" then return tostring(v) end
+  if t == "table" then
+    local mt = getmetatable(v)
+    if type(mt) == "table" and mt.__tostring then
+      local ok, text = pcall(tostring, v)
+      if ok and type(text) == "string" then return text end
+    end
+    local ok, msg = pcall(function() return v.message end)
+    if ok and (type(msg) == "string" or type(msg) == "number") then return tostring(msg) end
+    return "(error object is a table: " .. serialize(v) .. ")"
+  end
+  if t == "nil" then return "(error object is a nil value)" end
+  return "(error object is a " .. t .. " value: " .. tostring(v) .. ")"
+end
+
 local function traceback(err)
   if is_error(err) then return err end
-  return debug.traceback(tostring(err), 2)
+  return debug.traceback(bmdb._describe(err), 2)
 end
 
 -- What a body's failure decides: cancellation and a lost session cannot be
 -- recorded by this session; anything else is a failure with backoff.
 local function settle_failure(w, err, msg)
   if w._decided then return end
-  if is_error(err, "cancelled") or is_error(err, "session_expired") or not w:alive() then
+  if is_error(err, "cancelled") or is_error(err, "session_expired") or is_error(err, "lost")
+     or not w:alive() then
     -- Nothing this session can record any more: at shutdown the host
     -- records Canceled for every lock it still holds; a lost lock is
     -- recorded Abandoned by whoever collects or takes it over.
@@ -196,10 +389,8 @@ function bmdb.lock(machine, process, opts)
 end
 
 function bmdb._new_work(sess, machine, process, attempt, backoff)
-  local w = setmetatable({
-    machine = machine, process = process, session = sess:id(), attempt = attempt,
-    _session = sess, _backoff = backoff, _decided = false, _started = core.now(),
-  }, Work)
+  local w = setmetatable({ _session = sess, _backoff = backoff, _decided = false, _started = core.now() }, Work)
+  fixed[w] = { machine = machine, process = process, session = sess:id(), attempt = attempt }
   log_event(w, "started")
   return w
 end
@@ -207,22 +398,31 @@ end
 -- Runs body(w) on a claimed item and settles it: return = finish (unless
 -- the body decided), raise = fail with the error and traceback as cause.
 function bmdb.run(w, body)
-  local outer = current_work
+  local outer, outer_tx = current_work, open_tx
   current_work = w
   local results = { xpcall(body, traceback, w) }
   current_work = outer
+  if open_tx ~= outer_tx then
+    -- A coroutine yielded inside a transaction and was never resumed: its
+    -- transaction would hold its locks (and its connection) for good.
+    local tx = open_tx
+    open_tx, after_commit = outer_tx, nil
+    pcall(tx.rollback, tx)
+    core.log("warn", "rolled back a transaction the body left open (a coroutine yielded inside it)",
+             { "machine", w.machine, "process", w.process })
+  end
   if results[1] then
     if not w._decided then
       local ok, err = pcall(w.finish, w)
       if not ok then
-        settle_failure(w, err, tostring(err))
+        settle_failure(w, err, bmdb._describe(err))
         error(err, 0)
       end
     end
     return unpack(results, 2, table.maxn(results))
   end
   local err = results[2]
-  settle_failure(w, err, tostring(err))
+  settle_failure(w, err, bmdb._describe(err))
   error(err, 0)
 end
 
@@ -240,8 +440,8 @@ end
 
 -- Sleeps, but not past shutdown or the loss of the session in use.
 function bmdb.sleep(seconds)
-  if type(seconds) ~= "number" or seconds < 0 then
-    error("bmdb.sleep: expected seconds >= 0, got " .. tostring(seconds), 2)
+  if not finite(seconds) or seconds < 0 then
+    error("bmdb.sleep: expected a finite number of seconds >= 0, got " .. tostring(seconds), 2)
   end
   local s = current_work and current_work._session or nil
   if core.sleep(seconds, s) then return end
@@ -267,18 +467,38 @@ for _, level in ipairs { "debug", "info", "warn", "error" } do
   end
 end
 
--- Wakes idle slots of a process on every host (NOTIFY is transactional:
--- inside transact it is sent at commit).
+-- Sends one wake-up in a transaction of its own. A server without
+-- notifications (CockroachDB) says so: slots poll instead.
+send_wake = function(process)
+  local ok, err = pcall(transact_on, session_for(current_work), function(tx)
+    tx:exec("SELECT pg_notify('bmdb_wake', $1)", process)
+  end)
+  if not ok and not (is_error(err, "sql") and (err.sqlstate == "42883" or err.sqlstate == "0A000")) then
+    error(err, 0)
+  end
+  return ok
+end
+
+-- Wakes idle slots of a process on every host. Inside a transaction it
+-- rides on that transaction (NOTIFY is sent at commit, and not at all if
+-- it rolls back); when this host has not seen the server take LISTEN, the
+-- wake-up is sent right after the commit instead, so a server without
+-- notifications cannot abort the transaction.
 function bmdb.wake(process)
   if not core.valid_process(process) then
     error("bmdb.wake: invalid process name " .. string.format("%q", tostring(process)), 2)
   end
-  local ok, err = pcall(bmdb.transact, function(tx) tx:exec("SELECT pg_notify('bmdb_wake', $1)", process) end)
-  -- A server without notifications (CockroachDB): slots poll instead.
-  if not ok and not (is_error(err, "sql") and (err.sqlstate == "42883" or err.sqlstate == "0A000")) then
-    error(err, 2)
+  if open_tx then
+    if core.notify_enabled() then
+      open_tx:exec("SELECT pg_notify('bmdb_wake', $1)", process)
+    else
+      after_commit[#after_commit + 1] = process
+    end
+    return true
   end
-  return ok
+  local ok, err = pcall(send_wake, process)
+  if not ok then error(err, 2) end
+  return err
 end
 
 -- ------------------------------------------------------------------ workers
@@ -287,7 +507,11 @@ local Worker = {}
 Worker.__index = Worker
 
 local function check_backoff(spec, where)
-  if spec == nil or type(spec) == "number" then return end
+  if spec == nil then return end
+  if type(spec) == "number" then
+    if finite(spec) then return end
+    error(where .. "backoff must be a finite number of seconds, got " .. tostring(spec), 0)
+  end
   if type(spec) ~= "table" then
     error(where .. "backoff must be a table {initial=, maximum=, exponent=}, got " .. type(spec), 0)
   end
@@ -295,8 +519,9 @@ local function check_backoff(spec, where)
     if k ~= "initial" and k ~= "maximum" and k ~= "exponent" then
       error(where .. "unknown backoff field '" .. tostring(k) .. "'", 0)
     end
-    if type(v) ~= "number" then
-      error(where .. "backoff." .. k .. " must be a number, got " .. type(v), 0)
+    if not finite(v) then
+      error(where .. "backoff." .. k .. " must be a finite number, got " ..
+            (type(v) == "number" and tostring(v) or type(v)), 0)
     end
   end
 end
@@ -319,16 +544,17 @@ function bmdb._problems(def)
         string.format("%q", tostring(def.process)))
   end
   local c = def.concurrency
-  if c ~= nil and (type(c) ~= "number" or c < 1 or c ~= math.floor(c) or c > 256) then
+  if c ~= nil and (not finite(c) or c < 1 or c ~= math.floor(c) or c > 256) then
     bad(where .. "concurrency must be a whole number from 1 to 256, got " .. tostring(c))
   end
   if type(def.select) ~= "function" then bad(where .. "select must be a function(tx, limit), got " .. type(def.select)) end
   if type(def.run) ~= "function" then bad(where .. "run must be a function(w), got " .. type(def.run)) end
-  if def.poll ~= nil and (type(def.poll) ~= "number" or def.poll <= 0) then
+  if def.poll ~= nil and (not finite(def.poll) or def.poll <= 0) then
     bad(where .. "poll must be a number of seconds above 0, got " .. tostring(def.poll))
   end
-  if def.batch ~= nil and (type(def.batch) ~= "number" or def.batch < 1) then
-    bad(where .. "batch must be a number of candidates of at least 1, got " .. tostring(def.batch))
+  local b = def.batch
+  if b ~= nil and (not finite(b) or b < 1 or b ~= math.floor(b)) then
+    bad(where .. "batch must be a whole number of candidates of at least 1, got " .. tostring(b))
   end
   local ok, err = pcall(check_backoff, def.backoff, where)
   if not ok then bad(err) end
@@ -341,7 +567,7 @@ end
 -- bmdb.worker{process=, concurrency=, backoff=, select=, run=, poll=, batch=}
 function bmdb.worker(def)
   local problems = bmdb._problems(def)
-  if #problems > 0 then error(table.concat(problems, "; "), 2) end
+  if #problems > 0 then local at = debug.getinfo(2, "Sl"); error(core.error("definition", (at and at.currentline > 0 and at.short_src .. ":" .. at.currentline .. ": " or "") .. table.concat(problems, "; ")), 0) end
   local w = {}
   for k, v in pairs(def) do w[k] = v end
   w.concurrency = w.concurrency or 1
@@ -402,33 +628,67 @@ end
 -- tried in random order so slots that read the same candidates spread
 -- over them instead of colliding on the first. opts (bmdb.testing):
 -- ordered = keep select's order; machine = only that candidate.
+--
+-- A candidate that is not a machine id, or names no machine, is skipped
+-- with a warning: one bad row from select must not stop the worker. Ids
+-- are checked before locking; whether a machine exists is only learned
+-- when the lock's INSERT fails (23503, which aborts the transaction), so
+-- the claim then runs again and checks that id first. A correct select
+-- pays nothing for this.
 local function claim(def, opts)
   local sess = core.session(1)
-  local machine, attempt = transact_on(sess, function(tx)
-    local rows = def.select(tx, def.batch)
-    if type(rows) ~= "table" then
-      error("worker " .. def.process .. ": select must return a list of rows, got " .. type(rows), 0)
-    end
-    local ids = {}
-    for _, r in ipairs(rows) do
-      local id = type(r) == "table" and r.machine_id or r
-      if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
-    end
-    if not (opts and opts.ordered) then shuffle(ids) end
-    for _, id in ipairs(ids) do
-      local status, a = core.lock(tx, id, def.process)
-      if status == "locked" then
-        -- A drain that began while we selected wins: roll the claim back.
-        -- A select that starts after the drain always sees it here.
-        if core.state() ~= "running" then error(core.error("draining", "draining: no new claims"), 0) end
-        return id, a
-      end
-    end
-  end)
-  if machine then
-    core.count("claim")
-    return bmdb._new_work(sess, machine, def.process, attempt, def.backoff)
+  local suspects, warned = {}, {}
+  local function skip(id, why)
+    if warned[id] then return end
+    warned[id] = true
+    core.log("warn", "claim skipped a candidate", { "process", def.process,
+      "candidate", type(id) == "string" and id or bmdb._describe(id), "reason", why })
   end
+  for _ = 1, def.batch + 1 do
+    local trying
+    local ok, machine, attempt = pcall(transact_on, sess, function(tx)
+      local rows = def.select(tx, def.batch)
+      if type(rows) ~= "table" then
+        error("worker " .. def.process .. ": select must return a list of rows, got " .. type(rows), 0)
+      end
+      local ids = {}
+      for _, r in ipairs(rows) do
+        local id = type(r) == "table" and r.machine_id or r
+        if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
+      end
+      if not (opts and opts.ordered) then shuffle(ids) end
+      for _, id in ipairs(ids) do
+        if type(id) ~= "string" or not core.valid_uuid(id) then
+          skip(id, "not a machine id (a UUID)")
+        elseif suspects[id] and not tx:one("SELECT 1 AS x FROM machines WHERE machine_id = $1", id) then
+          skip(id, "no such machine")
+        else
+          trying = id
+          local status, a = core.lock(tx, id, def.process)
+          trying = nil
+          if status == "locked" then
+            -- A drain that began while we selected wins: roll the claim back.
+            -- A select that starts after the drain always sees it here.
+            if core.state() ~= "running" then error(core.error("draining", "draining: no new claims"), 0) end
+            return id, a
+          end
+        end
+      end
+    end)
+    if ok then
+      if machine then
+        core.count("claim")
+        return bmdb._new_work(sess, machine, def.process, attempt, def.backoff)
+      end
+      return nil
+    end
+    local err = machine
+    if not (trying and not suspects[trying] and is_error(err, "sql") and err.sqlstate == "23503") then
+      error(err, 0)
+    end
+    suspects[trying] = true
+  end
+  error(core.error("claim", "worker " .. def.process .. ": too many candidates failed to lock"), 0)
 end
 bmdb._claim = claim
 
@@ -446,8 +706,14 @@ function bmdb._serve(result, process, index, generation)
     if core.generation() ~= generation then return "reload" end
     local ok, w = pcall(claim, def)
     if not ok then
-      if core.state() == "running" then
-        core.log("warn", "claim failed", { process = def.process, error = tostring(w) })
+      if core.state() ~= "running" then
+        -- draining or cancelling: the loop ends at the top
+      elseif is_error(w, "sql") and (w.sqlstate == "40001" or w.sqlstate == "40P01") then
+        -- Contention that outlasted the retries: nothing failed; this
+        -- slot backs off and claims again.
+        core.log("info", "claim contended, backing off", { process = def.process, error = tostring(w) })
+      else
+        core.log("warn", "claim failed", { process = def.process, error = bmdb._describe(w) })
       end
       core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
     elseif w then

@@ -133,7 +133,7 @@ describe("bmdb-host", function()
       assert.matches("returned value #2 is not a bmdb.worker{...} definition", err, 1, true)
       s = script("badworker.lua", "local bmdb = require 'bmdb'\nreturn { bmdb.worker { process = 'Ok', poll = 0 } }\n")
       code, _, err = host { s }
-      assert.equal(1, code)
+      assert.equal(2, code)
       assert.matches("badworker.lua:2: worker Ok: select must be a function(tx, limit), got nil", err, 1, true)
       assert.matches("poll must be a number of seconds above 0, got 0", err, 1, true)
     end)

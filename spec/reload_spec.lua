@@ -5,9 +5,10 @@ local core = require "bmdb.core"
 local template = [[
 local bmdb = require "bmdb"
 local VERSION = "%s"
+%s
 return {
   bmdb.worker {
-    process = "Edit", poll = 0.1,
+    process = "Edit", poll = 0.1, concurrency = tonumber(os.getenv("SLOTS") or "1"),
     select = function(tx, limit)
       return tx:query([=[SELECT w.machine_id FROM wanted w
         WHERE w.process = 'Edit' AND NOT EXISTS (SELECT 1 FROM ran r WHERE r.machine_id = w.machine_id)
@@ -39,8 +40,9 @@ local extra_worker = [[
   },
 ]]
 
-local function script(version, extra)
-  return string.format(template, version, extra or "")
+-- prelude: code the top level runs before it returns the workers
+local function script(version, extra, prelude)
+  return string.format(template, version, prelude or "", extra or "")
 end
 
 local function rename_over(path, content)
@@ -157,6 +159,117 @@ describe("hot reload", function()
     assert.equal("v3", ran(want()).version)
   end)
 
+  it("runs in every slot the bytes it validated, even when the file changes right after", function()
+    local gate, tampered = dir .. "/gate", dir .. "/tampered"
+    start({}, { GATE = gate, SLOTS = "2" })
+    -- v2's top level, run to validate v2, saves v3 over the script at
+    -- once: a valid script, but never validated, so no slot may run it
+    local tamper = string.format([[
+if not io.open(%q) then
+  io.open(%q, "w"):close()
+  local f = io.open(arg[0], "wb"); f:write(%q); f:close()
+end]], tampered, tampered, script("v3"))
+    H.write_file(path, script("v2", nil, tamper))
+    host:kill("HUP")
+    wait_generation(2)
+    assert.equal(script("v3"), H.read_file(path)) -- the save did happen
+    -- both slots hold an item at once: each reports the code it runs
+    local m1, m2 = want(), want()
+    host:await("stdout", "running " .. m1)
+    host:await("stdout", "running " .. m2)
+    assert.matches("running " .. m1 .. " v2\n", host:stdout(), 1, true)
+    assert.matches("running " .. m2 .. " v2\n", host:stdout(), 1, true)
+    H.write_file(gate, "")
+    assert.equal("v2", ran(m1).version)
+    assert.equal("v2", ran(m2).version)
+    assert.not_matches("v3", host:stdout(), 1, true)
+  end)
+
+  it("serves modules from the validated snapshot too, with file:line in their errors", function()
+    local helper, tampered = dir .. "/helper.lua", dir .. "/tampered"
+    H.write_file(helper, "return { version = 'h1' }\n")
+    H.write_file(path, script("v1", nil, 'VERSION = require("helper").version'))
+    start()
+    assert.equal("h1", ran(want()).version)
+    -- v2 requires helper h2, then saves h3 over it: never validated
+    H.write_file(helper, "return { version = 'h2' }\n")
+    H.write_file(path, script("v2", nil, string.format([[
+VERSION = require("helper").version
+if not io.open(%q) then
+  io.open(%q, "w"):close()
+  local f = io.open(%q, "wb"); f:write("return { version = 'h3' }\n"); f:close()
+end]], tampered, tampered, helper)))
+    host:kill("HUP")
+    wait_generation(2)
+    assert.equal("return { version = 'h3' }\n", H.read_file(helper))
+    assert.equal("h2", ran(want()).version)
+    H.write_file(helper, "local x = 1\nerror('broken helper')\n")
+    host:kill("HUP")
+    host:await("stderr", "reload refused")
+    assert.matches(helper .. ":2: broken helper", host:stderr(), 1, true)
+  end)
+
+  it("with --watch, follows the modules the script requires from its directory", function()
+    local helper = dir .. "/helper.lua"
+    H.write_file(helper, "return { version = 'h1' }\n")
+    H.write_file(path, script("v1", nil, 'VERSION = require("helper").version'))
+    start { "--watch" }
+    assert.equal("h1", ran(want()).version)
+    rename_over(helper, "return { version = 'h2' }\n")
+    wait_generation(2)
+    assert.equal("h2", ran(want()).version)
+  end)
+
+  it("a slot that cannot load the validated code keeps its old code and retries", function()
+    start()
+    local validated, allow = dir .. "/validated", dir .. "/allow"
+    -- v2 loads where it is validated, then fails in the slot until allowed
+    local flaky = string.format([[
+if io.open(%q) then
+  if not io.open(%q) then error("flaky start in this slot") end
+else
+  io.open(%q, "w"):close()
+end]], validated, allow, validated)
+    H.write_file(path, script("v2", nil, flaky))
+    host:kill("HUP")
+    wait_generation(2)
+    host:await("stderr", "slot cannot load the new code; it keeps its old code and retries")
+    assert.matches("flaky start in this slot", host:stderr(), 1, true)
+    assert.equal("v1", ran(want()).version)
+    H.write_file(allow, "")
+    host:await("stderr", "slot loaded the code after failing")
+    assert.equal("v2", ran(want()).version)
+  end)
+
+  it("serves more than 64 workers, and reloads them", function()
+    local workers = {}
+    for i = 1, 70 do
+      workers[#workers + 1] = string.format([[
+  bmdb.worker {
+    process = "P%d", poll = 1,
+    select = function(tx, limit)
+      return tx:query("SELECT machine_id FROM wanted w WHERE process = 'P%d' AND NOT EXISTS (SELECT 1 FROM ran r WHERE r.machine_id = w.machine_id) LIMIT $1", limit)
+    end,
+    run = function(w)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session) end)
+    end,
+  },]], i, i)
+    end
+    local many = "local bmdb = require 'bmdb'\nlocal VERSION = '%s'\nreturn {\n" .. table.concat(workers, "\n") .. "\n}\n"
+    H.write_file(path, string.format(many, "v1"))
+    local code, out = H.run({ H.bin, "check", path }, { env = { BMDB_DSN = "host=/nonexistent dbname=none" } })
+    assert.equal(0, code)
+    assert.matches(", P64 x1, P65 x1,", out, 1, true)
+    assert.matches(", P70 x1\n", out, 1, true)
+    start()
+    assert.matches("workers started\" slots=70", host:stderr(), 1, true)
+    assert.equal("v1", ran(want("P70")).version)
+    H.write_file(path, string.format(many, "v2"))
+    host:kill("HUP")
+    wait_generation(2)
+    assert.equal("v2", ran(want("P70")).version)
+  end)
+
   it("reloads on SIGHUP without --watch, and takes added workers into service", function()
     start()
     H.write_file(path, script("v2", extra_worker))
@@ -198,6 +311,15 @@ describe("bmdb-host check", function()
     assert.matches("s.lua:2: worker P: concurrency must be a whole number from 1 to 256, got -1", err, 1, true)
     assert.matches("worker P: select must be a function(tx, limit), got nil", err, 1, true)
     assert.matches("worker P: run must be a function(w), got number", err, 1, true)
+  end)
+
+  it("exits 2 on an invalid definition and 1 on a runtime error, as a run would", function()
+    local code, _, err = check("local bmdb = require 'bmdb'\nlocal w = bmdb.worker { process = 'P' }\nreturn { w }\n")
+    assert.equal(2, code)
+    assert.matches("s.lua:2: worker P: select must be a function(tx, limit), got nil", err, 1, true)
+    code, _, err = check("local bmdb = require 'bmdb'\nlocal t = nil\nreturn { t.x }\n")
+    assert.equal(1, code)
+    assert.matches("s.lua:3: attempt to index local 't' (a nil value)", err, 1, true)
   end)
 
   it("exits 2 on a syntax error with file:line, and on values that are not workers", function()

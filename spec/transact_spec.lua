@@ -123,14 +123,17 @@ describe("bmdb.transact", function()
     local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
     admin:exec("INSERT INTO counters VALUES ($1, 0)", m)
     local attempts = 0
+    local window = bmdb._retry_seconds
+    bmdb._retry_seconds = 1 -- retries are bounded by time (30 s); keep this spec short
     local err = failure(bmdb.transact, function(tx)
       attempts = attempts + 1
       tx:one("SELECT n FROM counters WHERE machine_id = $1", m)
       admin:exec("UPDATE counters SET n = n + 1 WHERE machine_id = $1", m)
       tx:exec("UPDATE counters SET n = -1 WHERE machine_id = $1", m)
     end)
+    bmdb._retry_seconds = window
     assert.equal("40001", err.sqlstate)
-    assert.is_true(attempts > 1 and attempts <= 13, "bounded retries, got " .. attempts)
+    assert.is_true(attempts > 1, "retried, got " .. attempts)
     assert.equal(attempts, admin:one("SELECT n FROM counters WHERE machine_id = $1", m).n)
   end)
 end)

@@ -1,0 +1,105 @@
+-- Ending the host in order: os.exit in a script, bodies that ignore the cancel.
+local H = require "support.helpers"
+local core = require "bmdb.core"
+
+describe("shutdown", function()
+  local dsn, admin, dir
+
+  local function script(name, src)
+    local path = dir .. "/" .. name
+    H.write_file(path, src)
+    return path
+  end
+
+  local function start(args, path)
+    local argv = { H.bin, "--interval", "2" }
+    for _, a in ipairs(args) do argv[#argv + 1] = a end
+    argv[#argv + 1] = path
+    return H.spawn { argv = argv, env = { BMDB_DSN = dsn } }
+  end
+
+  -- A worker whose body is src, over the machines in the table `wanted`.
+  local function worker(name, src)
+    return script(name, [[
+      local bmdb = require "bmdb"
+      return { bmdb.worker {
+        process = "Stop", poll = 0.1,
+        select = function(tx, limit)
+          return tx:query([=[SELECT machine_id FROM wanted w WHERE NOT EXISTS
+            (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Stop') LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          io.stdout:write("holding ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+          ]] .. src .. [[
+        end,
+      } }
+    ]])
+  end
+
+  local function want()
+    local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    admin:exec("INSERT INTO wanted VALUES ($1)", m)
+    return m
+  end
+
+  local function history(m)
+    local out = {}
+    for _, r in ipairs(admin:query("SELECT event FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id", m)) do
+      out[#out + 1] = r.event
+    end
+    return out
+  end
+
+  -- The session ended in order: its row is deleted, and the lock it held
+  -- on m is released and recorded Canceled.
+  local function ended_in_order(session, m)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM sessions WHERE session_id = $1", session).n)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
+    assert.same({ "Started", "Canceled" }, history(m))
+  end
+
+  setup(function()
+    dsn = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
+    admin = core.connect(dsn)
+    admin:exec("CREATE TABLE wanted (machine_id UUID PRIMARY KEY REFERENCES machines)")
+    dir = H.tmpdir("shutdown")
+  end)
+
+  teardown(function() admin:close() end)
+  before_each(function() admin:exec("DELETE FROM wanted") end)
+
+  it("os.exit in a worker's body ends the session, records the item Canceled, and exits with its status", function()
+    local m = want()
+    local p = start({}, worker("exit.lua", "os.exit(3)"))
+    local session = H.wait_until(function() return p:stdout():match("holding %S+ (%S+)") end, 20, "the item")
+    assert.equal(3, p:wait(20), p:stderr())
+    ended_in_order(session, m)
+    assert.matches("os.exit called: stopping the host", p:stderr(), 1, true)
+  end)
+
+  it("os.exit in a one-off's body does the same", function()
+    local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    local s = script("exit1.lua", [[
+      require("bmdb").work(arg[1], "Stop", function(w)
+        io.stdout:write("holding ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+        os.exit(5)
+      end)
+    ]])
+    local p = H.spawn { argv = { H.bin, s, m }, env = { BMDB_DSN = dsn } }
+    assert.equal(5, p:wait(20), p:stderr())
+    ended_in_order(p:stdout():match("holding %S+ (%S+)"), m)
+  end)
+
+  it("a body looping in JIT-compiled code is left behind: the session ends in order and the host exits 4", function()
+    local m = want()
+    local p = start({ "--grace", "1" }, worker("spin.lua", "while true do end"))
+    local session = H.wait_until(function() return p:stdout():match("holding %S+ (%S+)") end, 20, "the item")
+    p:kill("TERM")
+    -- grace (1 s) + the stop wait (10 s), with room for a loaded machine
+    assert.equal(4, p:wait(30), p:stderr())
+    assert.matches('slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)" process=Stop slot=1 machine=' .. m,
+      p:stderr(), 1, true)
+    ended_in_order(session, m)
+  end)
+end)
