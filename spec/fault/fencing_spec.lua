@@ -87,10 +87,17 @@ describe("fault: fencing", function()
     return admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
   end
 
+  -- Each host connects as its own database user (a superuser named after
+  -- it), so a fault can refuse its new connections while its existing ones
+  -- hang: a host cut off from the server, not one that sees errors.
   local function host(name, role, m, extra)
     local env = { ROLE = role, MACHINE = m }
     for k, v in pairs(extra or {}) do env[k] = v end
-    local h = F.host(dsn, name, dir .. "/zombie.lua", { env = env })
+    local user = name:lower()
+    if not admin:one("SELECT 1 AS x FROM pg_roles WHERE rolname = $1", user) then
+      server:psql(dsn, "CREATE ROLE " .. user .. " LOGIN SUPERUSER")
+    end
+    local h = F.host(dsn .. " user=" .. user, name, dir .. "/zombie.lua", { env = env })
     h:await("stderr", "workers started", 30)
     return h
   end
@@ -105,6 +112,18 @@ describe("fault: fencing", function()
       if H.signal(b.pid, sig) then n = n + 1 end
     end
     return n
+  end
+
+  -- The host's server processes stop (its connections hang) and it cannot
+  -- open new ones; thaw undoes both.
+  local function freeze(name)
+    server:psql(dsn, "ALTER ROLE " .. name:lower() .. " NOLOGIN")
+    return signal_backends(name, "STOP")
+  end
+
+  local function thaw(name)
+    server:psql(dsn, "ALTER ROLE " .. name:lower() .. " LOGIN")
+    return signal_backends(name, "CONT")
   end
 
   -- The old holder's session is past its deadline in the database, and the
@@ -178,11 +197,11 @@ describe("fault: fencing", function()
     local old = session_of(a)
     a:await("stdout", "wrote 2", 30)
     local b = host("takerB2", "taker", m)
-    assert.is_true(signal_backends("hungA", "STOP") >= 2, "the host's heartbeat and slot connections")
+    assert.is_true(freeze("hungA") >= 2, "the host's heartbeat and slot connections")
     faults = faults + 1
     a:await("stderr", 'msg="session lost"', 30)
     wait_takeover(m, old, "takerB2")
-    signal_backends("hungA", "CONT")
+    thaw("hungA")
     settled(m)
     H.wait_until(function() return F.count_lines(a, 'msg="session started"') >= 2 end, 60, "a new session")
     assert.is_true(a:running())
@@ -212,11 +231,11 @@ describe("fault: fencing", function()
         if r.state == "active" and r.query == "COMMIT" then return r.pid end
       end
     end, 30, "stallA's COMMIT to be in flight", 0.005)
-    signal_backends("stallA", "STOP")
+    H.signal(pid, "STOP")
+    freeze("stallA")
     faults = faults + 1
-    H.signal(pid, "STOP") -- in case it was not listed yet
     wait_takeover(m, old, "stallB")
-    signal_backends("stallA", "CONT")
+    thaw("stallA")
     H.signal(pid, "CONT")
     settled(m)
     H.wait_until(function() return not admin:one("SELECT 1 AS x FROM pg_stat_activity WHERE query = 'COMMIT' AND state = 'active'") end,
@@ -240,7 +259,7 @@ describe("fault: fencing", function()
     local a = host("localA", "writer", m)
     local sid = session_of(a)
     a:await("stdout", "wrote 2", 30)
-    signal_backends("localA", "STOP")
+    freeze("localA")
     faults = faults + 1
     a:await("stderr", 'msg="session lost"', 30)
     local line = a:stderr():match('[^\n]*msg="session lost" session=' .. sid:gsub("%-", "%%-") .. '[^\n]*')
@@ -253,7 +272,7 @@ describe("fault: fencing", function()
                                  extract(epoch FROM $2::TIMESTAMPTZ - $1::TIMESTAMPTZ)::TEXT AS ahead]], lost_at, db.d)
     print(string.format("\n  local give-up %ss before the database's deadline (interval 2s)", r.ahead))
     assert.is_true(r.first, "local give-up at " .. lost_at .. ", database deadline " .. db.d)
-    signal_backends("localA", "CONT")
+    thaw("localA")
     H.wait_until(function() return F.count_lines(a, 'msg="session started"') >= 2 end, 60, "a new session")
     stop(a)
     items = items + 1
