@@ -12,7 +12,7 @@ describe("fault: database faults while items run", function()
   local server, dsn, admin, dir
 
   setup(function()
-    server = H.postgres { fresh = true }
+    server = F.durable_server()
     dsn, admin = F.database(server)
     dir = H.tmpdir("fault-db")
     -- every body also runs a transaction that takes a while, so a slot can

@@ -16,7 +16,7 @@ local RSS_FACTOR, RSS_SLACK_KB, FD_SLACK, POOL = 1.2, 4096, 4, 8
 describe("fault: soak #slow", function()
   it("keeps memory, descriptors and connections flat through reloads and database restarts", function()
     local duration = tonumber(os.getenv("BMDB_SOAK") or "300")
-    local server = H.postgres { fresh = true }
+    local server = F.durable_server()
     local dsn, admin = F.database(server)
     local dir = H.tmpdir("fault-soak")
     H.write_file(dir .. "/fault.lua", F.script())

@@ -81,6 +81,18 @@ function F.prepare(dsn)
   return dsn, admin
 end
 
+-- A server of the spec's own whose commits are durable once acknowledged
+-- (synchronous_commit = on; the shared server runs with it off for speed,
+-- and an immediate shutdown then loses the last commits it acknowledged,
+-- which no host can make up for). fsync stays off: the machine does not
+-- crash, only the server does.
+function F.durable_server()
+  local server = H.postgres { fresh = true }
+  server:psql(server:dsn(), "ALTER SYSTEM SET synchronous_commit = on")
+  server:restart()
+  return server
+end
+
 -- n machines, each to be worked `target` times.
 function F.machines(admin, n, target)
   local ids = {}
@@ -183,10 +195,19 @@ function F.wait_complete(admin, hosts, timeout)
       LEFT JOIN sessions s USING (session_id)]])) do
     lines[#lines + 1] = "held: " .. r.machine_id .. " by " .. r.session_id .. " live=" .. tostring(r.live)
   end
+  local held = admin:query("SELECT machine_id FROM work")
+  for _, h in ipairs(hosts) do
+    for _, r in ipairs(held) do
+      lines[#lines + 1] = "--- " .. (h.name or h.pid) .. " on " .. r.machine_id .. ":"
+      for l in h:stderr():gmatch("[^\n]+") do
+        if l:find(r.machine_id, 1, true) then lines[#lines + 1] = l end
+      end
+    end
+  end
   for _, h in ipairs(hosts) do
     local log = {}
     for l in h:stderr():gmatch("[^\n]+") do
-      if not l:match('msg="work started"') and not l:match("result=finished") and not l:match("injected failure") then
+      if not l:match('msg="work started"') and not l:match("result=finished") and not l:match("result=failed .*injected failure") then
         log[#log + 1] = l
       end
     end
