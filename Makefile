@@ -23,7 +23,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps run check check-asan asan-host check-all bench install clean
+.PHONY: all deps bench-deps run check check-asan asan-host check-all bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
@@ -45,7 +45,7 @@ $(BUILD)/bundle.c: host/embed.lua $(LUA_SRC) $(MIGRATIONS) | $(BUILD)
 $(BUILD)/%.o: host/%.c $(wildcard host/*.h) | $(BUILD)
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
-$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lbmdb.h host/migrate.h
+$(BUILD)/bundle.o: $(BUILD)/bundle.c host/lstate.h host/migrate.h
 	$(CC) $(CPPFLAGS) $(BASE_CFLAGS) $(CFLAGS) -c -o $@ $<
 
 $(BUILD)/bmdb-host: $(BUILD)/main.o $(CORE_OBJ)
@@ -61,8 +61,8 @@ $(BUILD):
 # The example worker on the embedded default database (.bmdb/).
 run: deps
 	@$(MAKE) --no-print-directory all
-	./build/bmdb-host examples/seed.lua 5
-	./build/bmdb-host examples/provisioner.lua
+	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5
+	./build/bmdb-host --migrations examples/migrations examples/provisioner.lua
 
 # The specs (spec/, spec/fault/ and the operator example in examples/, as
 # .busted lists them), against PostgreSQL servers the specs start
@@ -105,7 +105,24 @@ check-all: deps
 	luajit spec/fault/figures.lua $(FIGURES); \
 	exit $$status
 
-bench: deps
+# The benchmark (bench/run.lua; figures into BENCHMARKS.md, nothing
+# asserted). Only it needs Node.js: bench-deps installs Debian's nodejs and
+# npm when `node` or `npm` is missing, and the peer's pinned packages
+# (bench/peer/package-lock.json). pgbench and pg_stat_statements come with
+# the postgresql package.
+bench-deps: deps
+	@missing=; command -v node >/dev/null || missing=nodejs; \
+	command -v npm >/dev/null || missing="$$missing npm"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing: $$missing"; \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+	@cd bench/peer && if [ ! -d node_modules ] || [ package-lock.json -nt node_modules ]; then \
+	  npm ci --no-audit --no-fund --loglevel=error; fi
+
+bench: bench-deps
 	@$(MAKE) --no-print-directory all
 	luajit bench/run.lua
 
@@ -117,6 +134,7 @@ LUA_LIB   ?= $(PREFIX)/lib/lua/5.1
 install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
+	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 

@@ -5,7 +5,7 @@ local T = require "bmdb.testing"
 describe("the example workers", function()
   local db
 
-  setup(function() db = T.database() end)
+  setup(function() db = T.database { migrations = "examples/migrations" } end)
   teardown(function() db:close() end)
 
   local function new_machine()

@@ -40,6 +40,7 @@
 
 #include "log.h"
 #include "pool.h"
+#include "pqerr.h"
 
 #define PORT "5432"
 #define SOCKET_NAME "/run/.s.PGSQL." PORT
@@ -586,12 +587,6 @@ static void leave(embedded *e) {
     }
 }
 
-/* The server's own words, without "ERROR:  " and the DETAIL lines. */
-static const char *pg_message(const PGresult *r) {
-    const char *m = PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY);
-    return m ? m : PQresultErrorMessage(r);
-}
-
 /* The database "bmdb". Another host may create it between our check and
  * our CREATE; duplicate_database (42P04) then means it exists, as wanted. */
 static int ensure_database(const embedded *e, char *err, size_t errlen) {
@@ -601,14 +596,15 @@ static int ensure_database(const embedded *e, char *err, size_t errlen) {
     const char *params[] = {"bmdb"};
     PGresult *r = PQexecParams(c, "SELECT 1 FROM pg_database WHERE datname = $1", 1, NULL, params, NULL, NULL, 0);
     int rc = 0, exists = 0;
+    char why[1024];
     if (PQresultStatus(r) == PGRES_TUPLES_OK) exists = PQntuples(r) > 0;
-    else rc = fail(err, errlen, "cannot look up database bmdb: %s", pg_message(r));
+    else pq_error_text(c, r, why, sizeof why), rc = fail(err, errlen, "cannot look up database bmdb: %s", why);
     PQclear(r);
     if (rc == 0 && !exists) {
         r = PQexec(c, "CREATE DATABASE bmdb");
         const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
         if (PQresultStatus(r) != PGRES_COMMAND_OK && !(state && strcmp(state, "42P04") == 0))
-            rc = fail(err, errlen, "cannot create database bmdb: %s", pg_message(r));
+            pq_error_text(c, r, why, sizeof why), rc = fail(err, errlen, "cannot create database bmdb: %s", why);
         PQclear(r);
     }
     PQfinish(c);
@@ -616,6 +612,49 @@ static int ensure_database(const embedded *e, char *err, size_t errlen) {
 }
 
 /* ---- the interface ------------------------------------------------------ */
+
+/* The data dir, created if need be (the first directory made goes into
+ * made), resolved and checked: a path the socket, libpq, pg_ctl and
+ * postgresql.conf can all take, reachable by the server user. 0, or -1
+ * with err. */
+static int prepare_dir(embedded *e, const char *data_dir, char made[PATH_MAX], char *err, size_t errlen) {
+    if (mkdir_p(data_dir, made, err, errlen) < 0) return -1;
+    char real[PATH_MAX];
+    if (!realpath(data_dir, real)) return fail(err, errlen, "cannot resolve %s: %s", data_dir, strerror(errno));
+    struct stat st;
+    if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode)) return fail(err, errlen, "%s is not a directory", real);
+    if (strlen(real) + strlen(SOCKET_NAME) >= DIRMAX)
+        return fail(err, errlen, "the socket path %s" SOCKET_NAME " is longer than the %zu bytes a Unix socket "
+                    "allows; choose a shorter --data-dir", real, DIRMAX - 1);
+    /* libpq splits host= at commas and cannot escape them; pg_ctl pastes
+     * paths into a shell command inside "..."; a newline would break
+     * postgresql.conf. */
+    for (const char *s = real; *s; s++)
+        if (strchr(",\"$`\\", *s) || (unsigned char)*s < 0x20)
+            return fail(err, errlen, "the data dir %s holds a character PostgreSQL's tools cannot take in a path "
+                        "(one of , \" $ ` \\ or a control character); choose another --data-dir", real);
+    memcpy(e->dir, real, strlen(real) + 1); /* fits: checked above */
+    if (pick_user(e, err, errlen) < 0) return -1;
+    if (e->switch_user && check_reachable(e, err, errlen) < 0) return -1;
+    return 0;
+}
+
+/* Under control.lock: the cluster exists (initdb on first use) and its
+ * server runs, started here unless another host already runs it. */
+static int start_or_join(embedded *e, char *err, size_t errlen) {
+    char run[EPATH];
+    sub(run, e, "run");
+    /* run/ is 0700: the cluster trusts every local connection, and a
+     * superuser session can run programs as the server user. */
+    if (own_dir(e, run, 0700, err, errlen) < 0) return -1;
+    if (init_cluster(e, err, errlen) < 0) return -1;
+    char cerr[768];
+    PGconn *probe = connect_db(e, "postgres", cerr, sizeof cerr);
+    if (!probe) return start_server(e, err, errlen);
+    PQfinish(probe);
+    log_kv(LOG_INFO, "joined running embedded database", "data_dir", e->dir, NULL);
+    return 0;
+}
 
 embedded *embedded_open(const char *data_dir, char **conninfo, char *err, size_t errlen) {
     *conninfo = NULL;
@@ -626,57 +665,11 @@ embedded *embedded_open(const char *data_dir, char **conninfo, char *err, size_t
     int control = -1;
     char made[PATH_MAX] = "";
 
-    /* Before creating anything, so a machine without PostgreSQL is told so
-     * and left without an empty data dir. */
-    if (find_bindir(e->bindir, err, errlen) < 0) goto fail;
-    if (mkdir_p(data_dir, made, err, errlen) < 0) goto fail;
-    char real[PATH_MAX];
-    if (!realpath(data_dir, real)) {
-        fail(err, errlen, "cannot resolve %s: %s", data_dir, strerror(errno));
-        goto fail;
-    }
-    struct stat st;
-    if (stat(real, &st) < 0 || !S_ISDIR(st.st_mode)) {
-        fail(err, errlen, "%s is not a directory", real);
-        goto fail;
-    }
-    if (strlen(real) + strlen(SOCKET_NAME) >= DIRMAX) {
-        fail(err, errlen, "the socket path %s" SOCKET_NAME " is longer than the %zu bytes a Unix socket allows; "
-             "choose a shorter --data-dir", real, DIRMAX - 1);
-        goto fail;
-    }
-    /* libpq splits host= at commas and cannot escape them; pg_ctl pastes
-     * paths into a shell command inside "..."; a newline would break
-     * postgresql.conf. */
-    for (const char *s = real; *s; s++) {
-        if (strchr(",\"$`\\", *s) || (unsigned char)*s < 0x20) {
-            fail(err, errlen, "the data dir %s holds a character PostgreSQL's tools cannot take in a path "
-                 "(one of , \" $ ` \\ or a control character); choose another --data-dir", real);
-            goto fail;
-        }
-    }
-    memcpy(e->dir, real, strlen(real) + 1); /* fits: checked above */
-    if (pick_user(e, err, errlen) < 0) goto fail;
-    if (e->switch_user && check_reachable(e, err, errlen) < 0) goto fail;
-
+    /* The binaries before creating anything, so a machine without
+     * PostgreSQL is told so and left without an empty data dir. */
+    if (find_bindir(e->bindir, err, errlen) < 0 || prepare_dir(e, data_dir, made, err, errlen) < 0) goto fail;
     control = take_lock(e, "control.lock", LOCK_EX, err, errlen);
-    if (control < 0) goto fail;
-    char run[EPATH], pgdata[EPATH];
-    sub(run, e, "run");
-    sub(pgdata, e, "pgdata");
-    /* run/ is 0700: the cluster trusts every local connection, and a
-     * superuser session can run programs as the server user. */
-    if (own_dir(e, run, 0700, err, errlen) < 0) goto fail;
-    if (init_cluster(e, err, errlen) < 0) goto fail;
-
-    char cerr[768];
-    PGconn *probe = connect_db(e, "postgres", cerr, sizeof cerr);
-    if (probe) {
-        PQfinish(probe);
-        log_kv(LOG_INFO, "joined running embedded database", "data_dir", e->dir, NULL);
-    } else if (start_server(e, err, errlen) < 0) {
-        goto fail;
-    }
+    if (control < 0 || start_or_join(e, err, errlen) < 0) goto fail;
     /* Mark ourselves a user before letting go of control.lock, so a host
      * closing at this moment cannot stop the server under us. */
     e->users_fd = take_lock(e, "users.lock", LOCK_SH, err, errlen);

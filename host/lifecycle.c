@@ -9,6 +9,9 @@
 #include <pthread.h>
 #include <time.h>
 
+/* state and kick_gen are under lock; `changed` waits on CLOCK_MONOTONIC.
+ * lock is taken inside session.c's mu and slots.c's idle_mu, never
+ * around them (host/README.md). */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t changed;
 static pthread_once_t once = PTHREAD_ONCE_INIT;

@@ -12,6 +12,9 @@
 #include <sys/time.h>
 #include <time.h>
 
+/* Set by log_configure before any thread starts (main.c, core.open): read
+ * without a lock after. log_lock keeps lines whole; it is the innermost
+ * lock of all, since any code may log under its own (host/README.md). */
 static log_level min_level = LOG_INFO;
 static int json_format = 0;
 static pthread_mutex_t log_lock = PTHREAD_MUTEX_INITIALIZER;

@@ -2,7 +2,7 @@
  *
  * Callers pass a message and key/value string pairs; the module owns the
  * format, the level filter and the timestamp. Nothing here ever prints a
- * connection string: callers log what pool_describe() returns instead. */
+ * connection string: pool.c names a server by host, port, dbname and user. */
 #ifndef BMDB_LOG_H
 #define BMDB_LOG_H
 

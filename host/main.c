@@ -8,7 +8,8 @@
  *
  * The main thread only waits: every signal is blocked in every thread and
  * read here through a signalfd, so no handler ever runs inside libpq or
- * LuaJIT. */
+ * LuaJIT. The threads, who owns which connection and the order of locks
+ * are in host/README.md. */
 #include <errno.h>
 #include <getopt.h>
 #include <lauxlib.h>
@@ -25,15 +26,18 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#include "embedded.h"
-#include "lbmdb.h"
+#include "bootstrap.h"
+#include "control.h"
+#include "lcore.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "lstate.h"
 #include "migrate.h"
 #include "pool.h"
 #include "reload.h"
 #include "report.h"
 #include "session.h"
+#include "slots.h"
 #include "snapshot.h"
 #include "work.h"
 #include "worker.h"
@@ -53,11 +57,17 @@ static const char usage_text[] =
     "       bmdb-host migrate [up | down N | status]   manage the schema\n"
     "       bmdb-host status                           sessions, work in flight, backoffs\n"
     "       bmdb-host history MACHINE                  audit trail of one machine\n"
+    "       bmdb-host cancel MACHINE PROCESS [--reason TEXT]  end that lock now (exit 1: none held)\n"
+    "       bmdb-host pause PROCESS [--reason TEXT]    no claims of PROCESS on any host\n"
+    "       bmdb-host resume PROCESS                   claims of PROCESS start again\n"
+    "       bmdb-host hold MACHINE [--reason TEXT]     no process claims MACHINE\n"
+    "       bmdb-host unhold MACHINE [--reason TEXT]   MACHINE can be claimed again\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
     "  --data-dir DIR     embedded database directory (default: .bmdb)\n"
     "  --no-migrate       do not apply pending migrations; refuse to run if any\n"
+    "  --migrations DIR   the operator's own migrations, applied after the core's\n"
     "  --component NAME   session component name (default: the script's name)\n"
     "  --interval SECS    session heartbeat interval (default: 5)\n"
     "  --grace SECS       drain time for items in flight on SIGTERM (default: 30)\n"
@@ -67,12 +77,14 @@ static const char usage_text[] =
     "  -h, --help         show this help\n";
 
 struct options {
-    const char *dsn, *data_dir, *component;
+    const char *dsn, *data_dir, *component, *migrations;
     int interval, grace, watch, migrate;
 };
 
-static int die(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-static int die(int code, const char *fmt, ...) {
+/* Prints "bmdb-host: <message>" on stderr and returns code, so a command
+ * can `return print_error(EXIT_USAGE, ...)`. */
+static int print_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static int print_error(int code, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     fputs("bmdb-host: ", stderr);
@@ -87,7 +99,7 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
     errno = 0;
     long n = strtol(v, &end, 10);
     if (errno || *end || end == v || n < min || n > max) {
-        die(EXIT_USAGE, "%s: expected a whole number from %d to %d, got '%s'", flag, min, max, v);
+        print_error(EXIT_USAGE, "%s: expected a whole number from %d to %d, got '%s'", flag, min, max, v);
         return -1;
     }
     *out = (int)n;
@@ -97,12 +109,13 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
 /* Parses options up to the first operand (the script or subcommand); what
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
-    enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
+    enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
            O_LOG_LEVEL, O_LOG_FORMAT };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
         {"no-migrate", no_argument, NULL, O_NO_MIGRATE},
+        {"migrations", required_argument, NULL, O_MIGRATIONS},
         {"component", required_argument, NULL, O_COMPONENT},
         {"interval", required_argument, NULL, O_INTERVAL},
         {"grace", required_argument, NULL, O_GRACE},
@@ -121,6 +134,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         case O_DSN: o->dsn = optarg; break;
         case O_DATA_DIR: o->data_dir = optarg; break;
         case O_NO_MIGRATE: o->migrate = 0; break;
+        case O_MIGRATIONS: o->migrations = optarg; break;
         case O_COMPONENT: o->component = optarg; break;
         case O_INTERVAL:
             if (parse_int("--interval", optarg, 1, 3600, &o->interval) < 0) return -1;
@@ -131,7 +145,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         case O_WATCH: o->watch = 1; break;
         case O_LOG_LEVEL:
             if (log_parse_level(optarg, &lvl) < 0) {
-                die(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
+                print_error(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
                 return -1;
             }
             break;
@@ -139,7 +153,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
             if (strcmp(optarg, "json") == 0) json = 1;
             else if (strcmp(optarg, "logfmt") == 0) json = 0;
             else {
-                die(EXIT_USAGE, "--log-format: expected logfmt or json, got '%s'", optarg);
+                print_error(EXIT_USAGE, "--log-format: expected logfmt or json, got '%s'", optarg);
                 return -1;
             }
             break;
@@ -147,11 +161,11 @@ static int parse_options(int argc, char **argv, struct options *o) {
             fputs(usage_text, stdout);
             exit(0);
         case ':':
-            die(EXIT_USAGE, "option %s needs a value", argv[optind - 1]);
+            print_error(EXIT_USAGE, "option %s needs a value", argv[optind - 1]);
             fputs(usage_text, stderr);
             return -1;
         default:
-            die(EXIT_USAGE, "unknown option '%s'", argv[optind - 1]);
+            print_error(EXIT_USAGE, "unknown option '%s'", argv[optind - 1]);
             fputs(usage_text, stderr);
             return -1;
         }
@@ -162,45 +176,12 @@ static int parse_options(int argc, char **argv, struct options *o) {
 
 /* ---- the database ---------------------------------------------------------- */
 
-struct database {
-    embedded *emb;
-    char *conninfo;
-    pool *pool;
-};
-
-/* --dsn, else BMDB_DSN, else the embedded default. */
-static int database_open(const struct options *o, int pool_size, struct database *db) {
+/* --dsn, else BMDB_DSN, else the embedded default (bootstrap.h). */
+static int database_open(const struct options *o, int pool_size, host_db *db) {
     char err[1024];
-    memset(db, 0, sizeof *db);
     const char *dsn = o->dsn ? o->dsn : getenv("BMDB_DSN");
-    if (dsn && *dsn) {
-        db->conninfo = strdup(dsn);
-    } else {
-        db->emb = embedded_open(o->data_dir, &db->conninfo, err, sizeof err);
-        if (!db->emb) return die(EXIT_FAILED, "%s", err), -1;
-    }
-    db->pool = pool_create(db->conninfo, pool_size);
-    /* Connect once now, so an unreachable server is reported at start. */
-    PGconn *c = pool_get(db->pool, err, sizeof err);
-    if (!c) return die(EXIT_FAILED, "%s", err), -1;
-    pool_put(db->pool, c);
-    return 0;
-}
-
-static void database_close(struct database *db) {
-    if (db->pool) pool_destroy(db->pool);
-    if (db->emb) embedded_close(db->emb);
-    free(db->conninfo);
-    memset(db, 0, sizeof *db);
-}
-
-static int schema_ready(const struct options *o, pool *p) {
-    char err[1024];
-    PGconn *c = pool_get(p, err, sizeof err);
-    if (!c) return die(EXIT_FAILED, "%s", err), -1;
-    int rc = o->migrate ? migrate_up(c, NULL, err, sizeof err) : migrate_verify(c, err, sizeof err);
-    pool_put(p, c);
-    if (rc < 0) return die(EXIT_FAILED, "%s", err), -1;
+    if (bootstrap_database(dsn, o->data_dir, pool_size, db, err, sizeof err) < 0)
+        return print_error(EXIT_FAILED, "%s", err), -1;
     return 0;
 }
 
@@ -210,49 +191,65 @@ static int cmd_migrate(const struct options *o, int argc, char **argv) {
     const char *what = argc > 0 ? argv[0] : "up";
     int n = 0;
     if (strcmp(what, "down") == 0) {
-        if (argc != 2) return die(EXIT_USAGE, "migrate down: expected a count, e.g. 'migrate down 1'");
+        if (argc != 2) return print_error(EXIT_USAGE, "migrate down: expected a count, e.g. 'migrate down 1'");
         if (parse_int("migrate down", argv[1], 1, 9999, &n) < 0) return EXIT_USAGE;
     } else if ((strcmp(what, "up") != 0 && strcmp(what, "status") != 0) || argc > 1) {
-        return die(EXIT_USAGE, "migrate: expected 'up', 'down N' or 'status'");
+        return print_error(EXIT_USAGE, "migrate: expected 'up', 'down N' or 'status'");
     }
-    struct database db;
-    if (database_open(o, 1, &db) < 0) return database_close(&db), EXIT_FAILED;
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
     char err[1024];
-    PGconn *c = pool_get(db.pool, err, sizeof err);
+    PGconn *c = pool_get(db.pool, POOL_WAIT_S, err, sizeof err);
     int rc = -1, applied = 0;
     if (c) {
-        if (what[0] == 'u') rc = migrate_up(c, &applied, err, sizeof err);
-        else if (what[0] == 'd') rc = migrate_down(c, n, err, sizeof err);
-        else rc = migrate_status(c, stdout, err, sizeof err);
+        if (what[0] == 'u') rc = migrate_up(c, o->migrations, &applied, err, sizeof err);
+        else if (what[0] == 'd') rc = migrate_down(c, o->migrations, n, err, sizeof err);
+        else rc = migrate_status(c, o->migrations, stdout, err, sizeof err);
         pool_put(db.pool, c);
     }
     if (rc == 0 && what[0] == 'u') printf("%d migration%s applied\n", applied, applied == 1 ? "" : "s");
     if (rc == 0 && what[0] == 'd') printf("%d migration%s rolled back\n", n, n == 1 ? "" : "s");
-    database_close(&db);
-    if (rc < 0) return die(EXIT_FAILED, "%s", err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(EXIT_FAILED, "%s", err);
     return 0;
 }
 
 static int cmd_report(const struct options *o, const char *what, int argc, char **argv) {
     if (strcmp(what, "history") == 0 && argc != 1)
-        return die(EXIT_USAGE, "history: expected one machine id");
+        return print_error(EXIT_USAGE, "history: expected one machine id");
     if (strcmp(what, "status") == 0 && argc != 0)
-        return die(EXIT_USAGE, "status: takes no arguments");
+        return print_error(EXIT_USAGE, "status: takes no arguments");
     if (what[0] == 'h' && !work_valid_uuid(argv[0]))
-        return die(EXIT_USAGE, "history: machine id is not a UUID: %s", argv[0]);
-    struct database db;
-    if (database_open(o, 1, &db) < 0) return database_close(&db), EXIT_FAILED;
+        return print_error(EXIT_USAGE, "history: machine id is not a UUID: %s", argv[0]);
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
     char err[1024];
     int rc = -1;
-    PGconn *c = pool_get(db.pool, err, sizeof err);
+    PGconn *c = pool_get(db.pool, POOL_WAIT_S, err, sizeof err);
     if (c) {
         rc = what[0] == 's' ? report_status(c, stdout, err, sizeof err)
                             : report_history(c, argv[0], stdout, err, sizeof err);
         pool_put(db.pool, c);
     }
-    database_close(&db);
-    if (rc < 0) return die(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
     return 0;
+}
+
+/* cancel, pause, resume, hold, unhold (control.c). Exit 0 when done, 1
+ * when there was nothing to do (cancel: no lock held) or the database
+ * failed, 2 for bad arguments. */
+static int cmd_control(const struct options *o, const char *cmd, int argc, char **argv) {
+    control_args a;
+    char err[1024];
+    if (control_parse(cmd, argc, argv, &a, err, sizeof err) < 0) return print_error(EXIT_USAGE, "%s", err);
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
+    int rc = bootstrap_schema(db.pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err);
+    if (rc == 0) rc = control_run(db.pool, &a, stdout, err, sizeof err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(EXIT_FAILED, "%s", err);
+    return rc == 0 && !strcmp(cmd, "cancel") ? EXIT_FAILED : 0;
 }
 
 /* ---- running a script ------------------------------------------------------ */
@@ -282,23 +279,23 @@ static void *script_thread(void *arg) {
     int kind = SCRIPT_OK;
     lua_State *L = NULL;
     r->code = snapshot_open(r->path, err, sizeof err);
-    if (r->code) L = lbmdb_script_state(r->code, r->argc, r->argv, &kind, err, sizeof err);
+    if (r->code) L = lstate_new(r->code, r->argc, r->argv, &kind, err, sizeof err);
     else kind = SCRIPT_SYNTAX_ERROR; /* unreadable: invalid, as at start */
     if (!L) {
-        if (kind == SCRIPT_CANCELLED || lifecycle_state() >= HOST_CANCELLING) {
+        if (kind == SCRIPT_CANCELED || lifecycle_state() >= HOST_CANCELLING) {
             log_kv(LOG_INFO, "script stopped", "script", r->path, NULL);
         } else {
             r->status = load_status(kind);
-            die(r->status, "%s", err);
+            print_error(r->status, "%s", err);
         }
     } else {
-        r->nspecs = lbmdb_worker_specs(L, &r->specs, err, sizeof err);
+        r->nspecs = lstate_worker_specs(L, &r->specs, err, sizeof err);
         if (r->nspecs < 0) {
-            die(EXIT_USAGE, "%s", err);
+            print_error(EXIT_USAGE, "%s", err);
             r->status = EXIT_USAGE;
             r->nspecs = 0;
         }
-        lbmdb_close_state(L);
+        lstate_close(L);
     }
     if (r->code) snapshot_seal(r->code);
     char one = 1;
@@ -326,22 +323,24 @@ static int wait_for(int sigfd, int donefd, double timeout_s) {
  * over: cancel what is left (the session end records it Canceled). os.exit
  * in a script state cancels too. Slots that still run STOP_WAIT_S after
  * the cancel are named in the log and left behind: EXIT_STUCK. */
-static int serve_workers(const struct options *o, struct database *db, struct script_run *run, int sigfd) {
+static int serve_workers(const struct options *o, host_db *db, struct script_run *run, int sigfd) {
     int slots = 0;
     for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
     pool_grow(db->pool, slots + 4); /* + heartbeat, listener, slack */
     workers_set_code(run->code);    /* the bytes the top level was validated on */
     reloader *rl = reload_create(run->code, run->argc, run->argv, o->watch);
-    workers_start(db->pool, run->argc, run->argv, run->specs, run->nspecs);
+    workers_init(db->pool, run->argc, run->argv);
+    workers_start(run->specs, run->nspecs);
     char n[16];
     snprintf(n, sizeof n, "%d", slots);
     log_kv(LOG_INFO, "workers started", "slots", n, NULL);
 
     double grace_end = 0;
-    int status = 0, cancelled = 0;
+    int status = 0, canceled = 0;
     while (workers_live() > 0) {
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
+        control_check_timeouts(); /* bodies past their item's timeout */
         host_state st = lifecycle_state();
         if (sig == 0) reload_read_events(rl);
         if (st == HOST_RUNNING && reload_due_in(rl) == 0) reload_run(rl, db->pool, 0);
@@ -350,17 +349,17 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
         } else if (sig > 0 && st == HOST_RUNNING) {
             log_kv(LOG_INFO, "draining: no new claims", "signal", strsignal(sig), NULL);
             lifecycle_advance(HOST_DRAINING);
-            worker_wake_everyone();
+            slot_wake_everyone();
             grace_end = mono_now() + o->grace;
         } else if ((sig > 0 && st == HOST_DRAINING) || (st == HOST_DRAINING && mono_now() >= grace_end)) {
             log_kv(LOG_INFO, sig > 0 ? "second signal: cancelling items in flight"
                                      : "grace period over: cancelling items in flight", NULL);
             lifecycle_advance(HOST_CANCELLING);
         }
-        if (!cancelled && lifecycle_state() == HOST_CANCELLING) {
-            cancelled = 1;
-            worker_wake_everyone();
-            lbmdb_interrupt_all();
+        if (!canceled && lifecycle_state() == HOST_CANCELLING) {
+            canceled = 1;
+            slot_wake_everyone();
+            lstate_interrupt_all();
             /* A slot waiting in libpq (on a lock, a slow statement) sees
              * neither hook nor kick: ask the server to cancel its statement. */
             pool_cancel_lent(db->pool);
@@ -381,7 +380,7 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
     workers_stop();
     reload_destroy(rl);
     unsigned long claims, retries;
-    worker_counts(&claims, &retries);
+    slot_counts(&claims, &retries);
     char c[32], r[32];
     snprintf(c, sizeof c, "%lu", claims);
     snprintf(r, sizeof r, "%lu", retries);
@@ -391,13 +390,13 @@ static int serve_workers(const struct options *o, struct database *db, struct sc
 
 static int check_script_file(const char *path) {
     FILE *f = fopen(path, "r");
-    if (!f) return die(EXIT_USAGE, "cannot read script %s: %s", path, strerror(errno));
+    if (!f) return print_error(EXIT_USAGE, "cannot read script %s: %s", path, strerror(errno));
     fclose(f);
     /* Compile once here: a syntax error (file:line) ends the run before any
      * database is touched. */
     lua_State *L = luaL_newstate();
     int rc = luaL_loadfile(L, path);
-    if (rc != 0) die(EXIT_USAGE, "%s", lua_tostring(L, -1));
+    if (rc != 0) print_error(EXIT_USAGE, "%s", lua_tostring(L, -1));
     lua_close(L);
     return rc ? EXIT_USAGE : 0;
 }
@@ -414,18 +413,18 @@ static int list_problems(const char *script, char *err) {
  * the script is invalid, 1 when its top level fails at run time (the
  * same statuses a run would give). */
 static int cmd_check(int argc, char **argv) {
-    if (argc != 1) return die(EXIT_USAGE, "check: expected one script");
+    if (argc != 1) return print_error(EXIT_USAGE, "check: expected one script");
     const char *script = argv[0];
     int rc = check_script_file(script);
     if (rc) return rc;
     char err[8192];
     snapshot *code = snapshot_open(script, err, sizeof err);
-    if (!code) return die(EXIT_USAGE, "%s", err);
+    if (!code) return print_error(EXIT_USAGE, "%s", err);
     int kind;
-    lua_State *L = lbmdb_script_state(code, 1, argv, &kind, err, sizeof err);
+    lua_State *L = lstate_new(code, 1, argv, &kind, err, sizeof err);
     snapshot_unref(code);
     if (!L) {
-        if (strstr(err, "bmdb: not connected to a database")) {
+        if (kind == SCRIPT_NOT_CONNECTED) {
             printf("%s: compiles; a one-off that uses the database at load time (not run)\n", script);
             return 0;
         }
@@ -434,8 +433,8 @@ static int cmd_check(int argc, char **argv) {
         return EXIT_FAILED;
     }
     worker_spec *specs = NULL;
-    int n = lbmdb_worker_specs(L, &specs, err, sizeof err);
-    lbmdb_close_state(L);
+    int n = lstate_worker_specs(L, &specs, err, sizeof err);
+    lstate_close(L);
     if (n < 0) return list_problems(script, err);
     if (n == 0) {
         printf("%s: ok, a one-off script (returns no workers)\n", script);
@@ -448,46 +447,50 @@ static int cmd_check(int argc, char **argv) {
     return 0;
 }
 
-static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
-    const char *script = argv[0];
-    int rc = check_script_file(script);
-    if (rc) return rc;
-
-    struct database db;
-    if (database_open(o, 8, &db) < 0 || schema_ready(o, db.pool) < 0) {
-        database_close(&db);
-        return EXIT_FAILED;
+/* The component name: --component, else the script's file name without
+ * ".lua". */
+static void component_name(const struct options *o, const char *script, char *out, size_t len) {
+    if (o->component) {
+        snprintf(out, len, "%s", o->component);
+        return;
     }
+    char buf[PATH_MAX];
+    snprintf(buf, sizeof buf, "%s", script);
+    snprintf(out, len, "%s", basename(buf));
+    char *dot = strrchr(out, '.');
+    if (dot && strcmp(dot, ".lua") == 0) *dot = '\0';
+}
 
-    char component[256], host[256] = "", runtime[320], err[1024];
-    if (o->component) snprintf(component, sizeof component, "%s", o->component);
-    else {
-        char buf[PATH_MAX];
-        snprintf(buf, sizeof buf, "%s", script);
-        snprintf(component, sizeof component, "%s", basename(buf));
-        char *dot = strrchr(component, '.');
-        if (dot && strcmp(dot, ".lua") == 0) *dot = '\0';
+/* Start: database, schema, session (bootstrap.h); the pool is then the one
+ * every bmdb call uses. 0, or an exit status with the error printed. */
+static int start_host(const struct options *o, const char *script, host_db *db) {
+    char component[256], err[1024];
+    if (database_open(o, 8, db) < 0) return bootstrap_close(db), EXIT_FAILED;
+    component_name(o, script, component, sizeof component);
+    if (bootstrap_schema(db->pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err) < 0 ||
+        bootstrap_session(db->pool, component, o->interval, err, sizeof err) < 0) {
+        bootstrap_close(db);
+        return print_error(EXIT_FAILED, "%s", err);
     }
-    gethostname(host, sizeof host - 1);
-    snprintf(runtime, sizeof runtime, "%s:%d", host, (int)getpid());
-    struct session_config cfg = {component, runtime, o->interval};
-    if (sessions_start(db.pool, &cfg, err, sizeof err) < 0) {
-        database_close(&db);
-        return die(EXIT_FAILED, "%s", err);
-    }
-    lbmdb_set_pool(db.pool);
+    lcore_set_pool(db->pool);
+    return 0;
+}
 
-    int pipefd[2];
-    if (pipe(pipefd) < 0) return die(EXIT_FAILED, "pipe: %s", strerror(errno));
-    struct script_run run = {.path = script, .argc = argc, .argv = argv, .done_fd = pipefd[1]};
+/* Runs the script's top level on its own thread and waits for it, or for a
+ * signal or os.exit, which cancel it. 1 when it ended (the thread is
+ * joined), 0 when it would not stop within STOP_WAIT_S of the cancel. */
+static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p) {
     pthread_t th;
-    pthread_create(&th, NULL, script_thread, &run);
-
-    int finished = 0, status = 0;
+    if (pthread_create(&th, NULL, script_thread, run) != 0) {
+        run->status = print_error(EXIT_FAILED, "cannot start the script's thread");
+        return 1;
+    }
+    int finished = 0;
     for (;;) {
         /* short polls: os.exit caught by a pcall leaves the top level
-         * running in a cancelled host, to be interrupted like on a signal */
-        int sig = wait_for(sigfd, pipefd[0], 0.2);
+         * running in a canceled host, to be interrupted like on a signal */
+        int sig = wait_for(sigfd, donefd, 0.2);
+        control_check_timeouts();
         if (sig == 0) {
             finished = 1;
             break;
@@ -500,30 +503,54 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
         /* SIGTERM / SIGINT (or os.exit) during the top level: nothing to drain. */
         if (sig > 0) log_kv(LOG_INFO, "signal received, stopping", "signal", strsignal(sig), NULL);
         lifecycle_advance(HOST_CANCELLING);
-        lbmdb_interrupt_all();
-        pool_cancel_lent(db.pool);
-        finished = wait_for(-1, pipefd[0], STOP_WAIT_S) == 0;
+        lstate_interrupt_all();
+        pool_cancel_lent(p);
+        finished = wait_for(-1, donefd, STOP_WAIT_S) == 0;
         break;
     }
+    if (finished) pthread_join(th, NULL);
+    return finished;
+}
+
+/* Stop: the session ends (held work recorded Canceled), then the database.
+ * A script thread that would not stop may still use the pool: it is left
+ * to exit() then, and only the embedded server is stopped. */
+static void stop_host(host_db *db, int finished) {
+    sessions_stop();
+    lcore_set_pool(NULL);
     if (finished) {
-        pthread_join(th, NULL);
-        status = run.status;
-        if (run.nspecs > 0 && lifecycle_state() == HOST_RUNNING)
-            status = serve_workers(o, &db, &run, sigfd);
-    } else {
+        bootstrap_close(db);
+    } else if (db->emb) {
+        embedded_close(db->emb);
+        db->emb = NULL;
+    }
+}
+
+static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
+    const char *script = argv[0];
+    int rc = check_script_file(script);
+    if (rc) return rc;
+    host_db db;
+    if ((rc = start_host(o, script, &db))) return rc;
+
+    int pipefd[2];
+    if (pipe(pipefd) < 0) return print_error(EXIT_FAILED, "pipe: %s", strerror(errno));
+    struct script_run run = {.path = script, .argc = argc, .argv = argv, .done_fd = pipefd[1]};
+    int finished = run_top_level(&run, pipefd[0], sigfd, db.pool);
+    int status = run.status;
+    if (!finished) {
         log_kv(LOG_ERROR, "script did not stop after the cancel; ending the session without it", "script", script,
                NULL);
         status = EXIT_STUCK;
+    } else if (run.nspecs > 0 && lifecycle_state() == HOST_RUNNING) {
+        status = serve_workers(o, &db, &run, sigfd);
     }
 
-    sessions_stop();
-    lbmdb_set_pool(NULL);
-    if (finished) database_close(&db);
-    else if (db.emb) embedded_close(db.emb); /* the pool may still be in use: leave it */
+    stop_host(&db, finished && status != EXIT_STUCK);
     close(pipefd[0]);
     close(pipefd[1]);
     int requested;
-    if (status != EXIT_STUCK && lbmdb_exit_requested(&requested)) status = requested;
+    if (status != EXIT_STUCK && lstate_exit_requested(&requested)) status = requested;
     if (finished) {
         free(run.specs);
         snapshot_unref(run.code);
@@ -538,7 +565,7 @@ int main(int argc, char **argv) {
     char **args = argv + optind;
     if (nargs == 0) {
         fputs(usage_text, stderr);
-        return die(EXIT_USAGE, "no script given");
+        return print_error(EXIT_USAGE, "no script given");
     }
 
     /* Block the signals we wait for before any thread exists, so every
@@ -551,13 +578,16 @@ int main(int argc, char **argv) {
     sigaddset(&mask, SIGPIPE);
     pthread_sigmask(SIG_BLOCK, &mask, NULL);
     int sigfd = signalfd(-1, &mask, SFD_CLOEXEC);
-    if (sigfd < 0) return die(EXIT_FAILED, "signalfd: %s", strerror(errno));
+    if (sigfd < 0) return print_error(EXIT_FAILED, "signalfd: %s", strerror(errno));
 
     const char *cmd = args[0];
     if (strcmp(cmd, "check") == 0) return cmd_check(nargs - 1, args + 1);
     if (strcmp(cmd, "migrate") == 0) return cmd_migrate(&o, nargs - 1, args + 1);
     if (strcmp(cmd, "status") == 0 || strcmp(cmd, "history") == 0)
         return cmd_report(&o, cmd, nargs - 1, args + 1);
+    if (!strcmp(cmd, "cancel") || !strcmp(cmd, "pause") || !strcmp(cmd, "resume") || !strcmp(cmd, "hold") ||
+        !strcmp(cmd, "unhold"))
+        return cmd_control(&o, cmd, nargs - 1, args + 1);
     int status = cmd_run(&o, nargs, args, sigfd);
     if (status == EXIT_STUCK) {
         /* A thread still runs Lua in our memory: exit without the atexit

@@ -3,10 +3,15 @@
  * Idle connections sit on a stack; `in_use + idle` never exceeds the
  * maximum, and a thread that would exceed it waits on a condition variable.
  * Connecting happens outside the lock so one slow server does not stall
- * threads that only return connections. */
+ * threads that only return connections. Who owns which connection:
+ * host/README.md.
+ *
+ * Each pool's fields are under its own lock, which is taken after any
+ * other (log.c's aside): see host/README.md for the order. */
 #include "pool.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "pqerr.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -79,19 +84,12 @@ void pool_destroy(pool *p) {
     free(p);
 }
 
-void pool_describe_conn(PGconn *conn, char *buf, size_t len) {
+/* "host=... port=... dbname=... user=..." of a connection, for messages. */
+static void describe_conn(PGconn *conn, char *buf, size_t len) {
     const char *host = PQhost(conn), *port = PQport(conn);
     const char *db = PQdb(conn), *user = PQuser(conn);
     snprintf(buf, len, "host=%s port=%s dbname=%s user=%s", host && *host ? host : "(default)",
              port && *port ? port : "(default)", db ? db : "?", user ? user : "?");
-}
-
-/* libpq messages end in a newline and may span lines; keep the first. */
-static void first_line(char *dst, size_t len, const char *msg) {
-    size_t n = strcspn(msg, "\n");
-    if (n >= len) n = len - 1;
-    memcpy(dst, msg, n);
-    dst[n] = '\0';
 }
 
 /* Server notices (e.g. "already exists, skipping") are not the operator's
@@ -99,7 +97,7 @@ static void first_line(char *dst, size_t len, const char *msg) {
 static void notice_to_log(void *arg, const char *msg) {
     (void)arg;
     char line[512];
-    first_line(line, sizeof line, msg);
+    pq_first_line(line, sizeof line, msg);
     log_kv(LOG_DEBUG, "server notice", "notice", line, NULL);
 }
 
@@ -200,8 +198,8 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     }
     if (PQstatus(c) != CONNECTION_OK) {
         char where[512], why[512];
-        pool_describe_conn(c, where, sizeof where);
-        first_line(why, sizeof why, PQerrorMessage(c));
+        describe_conn(c, where, sizeof where);
+        pq_first_line(why, sizeof why, PQerrorMessage(c));
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
         scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
@@ -239,8 +237,8 @@ static PGcancel *unlend(pool *p, PGconn *c) {
     return NULL;
 }
 
-PGconn *pool_get(pool *p, char *err, size_t errlen) {
-    struct timespec until = time_after(CLOCK_MONOTONIC, POOL_WAIT_S);
+PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
+    struct timespec until = time_after(CLOCK_MONOTONIC, wait_s);
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (p->nidle > 0) {
@@ -258,7 +256,7 @@ PGconn *pool_get(pool *p, char *err, size_t errlen) {
             int max = p->max;
             pthread_mutex_unlock(&p->lock);
             snprintf(err, errlen, "no database connection came free within %.0f s (all %d in use)",
-                     POOL_WAIT_S, max);
+                     wait_s, max);
             return NULL;
         }
     }

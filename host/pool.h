@@ -22,11 +22,12 @@ void pool_destroy(pool *p);
  * per slot on top of the host's own. */
 void pool_grow(pool *p, int max_conns);
 
-/* Borrow a connection, waiting up to POOL_WAIT_S while every one is lent
- * out. On failure returns NULL and writes a one-line reason into err
- * naming the server (never the password). */
+/* Borrow a connection, waiting up to wait_s seconds (monotonic) while
+ * every one is lent out; POOL_WAIT_S is what the host's callers wait. On
+ * failure returns NULL and writes a one-line reason into err naming the
+ * server (never the password). */
 #define POOL_WAIT_S 30.0
-PGconn *pool_get(pool *p, char *err, size_t errlen);
+PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen);
 void pool_put(pool *p, PGconn *conn);
 
 /* A connection of its own, outside the bound and the accounting, on the
@@ -41,8 +42,5 @@ int pool_lent_pids(pool *p, int *pids, int max);
 
 /* Connect outside the pool (the listener, one-shot commands). */
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen);
-
-/* "host=... port=... dbname=... user=..." of a connection, for messages. */
-void pool_describe_conn(PGconn *conn, char *buf, size_t len);
 
 #endif

@@ -22,9 +22,10 @@
 #include <sys/inotify.h>
 #include <unistd.h>
 
-#include "lbmdb.h"
+#include "lstate.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "slots.h"
 #include "snapshot.h"
 #include "worker.h"
 
@@ -170,10 +171,10 @@ int reload_run(reloader *r, pool *p, int forced) {
     snapshot *snap = snapshot_open(snapshot_script(r->loaded), err, sizeof err);
     if (!snap) return refuse(r, NULL, err), -1;
     int kind;
-    lua_State *L = lbmdb_script_state(snap, r->argc, r->argv, &kind, err, sizeof err);
+    lua_State *L = lstate_new(snap, r->argc, r->argv, &kind, err, sizeof err);
     worker_spec *specs = NULL;
-    int n = L ? lbmdb_worker_specs(L, &specs, err, sizeof err) : -1;
-    if (L) lbmdb_close_state(L);
+    int n = L ? lstate_worker_specs(L, &specs, err, sizeof err) : -1;
+    if (L) lstate_close(L);
     snapshot_seal(snap); /* what was validated is what the slots load */
     if (n == 0) snprintf(err, sizeof err, "%s returns no worker definitions", snapshot_script(snap));
     if (n <= 0) {
@@ -192,10 +193,10 @@ int reload_run(reloader *r, pool *p, int forced) {
     describe(specs, n, list, sizeof list);
     pool_grow(p, slots + 4);
     workers_set_code(snap);
-    workers_start(p, r->argc, r->argv, specs, n);
+    workers_start(specs, n);
     free(specs);
     char gen[16], ms[32];
-    snprintf(gen, sizeof gen, "%u", workers_generation());
+    snprintf(gen, sizeof gen, "%u", slot_generation());
     snprintf(ms, sizeof ms, "%.1fms", (mono_now() - t0) * 1000);
     log_kv(LOG_INFO, "reloaded", "generation", gen, "took", ms, "trigger", forced ? "SIGHUP" : "file change",
            "workers", list, NULL);

@@ -3,7 +3,7 @@
 
 #include <string.h>
 
-#include "tx.h"
+#include "pqerr.h"
 #include "work.h"
 
 /* Prints a result as aligned columns under a title. */
@@ -11,9 +11,7 @@ static int print_table(PGconn *c, FILE *out, const char *title, const char *sql,
                        const char *const *params, char *err, size_t errlen) {
     PGresult *r = PQexecParams(c, sql, nparams, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-        tx_error e;
-        tx_error_from_result(&e, c, r);
-        snprintf(err, errlen, "%s%s%s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+        pq_error_text(c, r, err, errlen);
         PQclear(r);
         return -1;
     }
@@ -39,26 +37,36 @@ static int print_table(PGconn *c, FILE *out, const char *title, const char *sql,
 }
 
 int report_status(PGconn *c, FILE *out, char *err, size_t errlen) {
-    if (print_table(c, out, "sessions",
-                    "SELECT session_id, component_name AS component, runtime_info AS runtime, "
-                    "CASE WHEN deadline > now() THEN 'live' ELSE 'expired' END AS state, "
-                    "date_trunc('second', deadline) AS deadline "
-                    "FROM sessions ORDER BY created_at",
-                    0, NULL, err, errlen) < 0)
-        return -1;
-    fputc('\n', out);
-    if (print_table(c, out, "work in flight",
-                    "SELECT w.machine_id, w.process, w.session_id, "
-                    "date_trunc('second', w.started_at) AS started_at "
-                    "FROM work w ORDER BY w.started_at",
-                    0, NULL, err, errlen) < 0)
-        return -1;
-    fputc('\n', out);
-    return print_table(c, out, "backoffs",
-                       "SELECT machine_id, process, attempts, last_seconds, "
-                       "date_trunc('second', backoff_until) AS until, cause "
-                       "FROM work_backoff WHERE backoff_until > now() ORDER BY backoff_until",
-                       0, NULL, err, errlen);
+    static const struct { const char *title, *sql; } tables[] = {
+        {"sessions",
+         "SELECT session_id, component_name AS component, runtime_info AS runtime, "
+         "CASE WHEN deadline > now() THEN 'live' ELSE 'expired' END AS state, "
+         "date_trunc('second', deadline) AS deadline "
+         "FROM sessions ORDER BY created_at"},
+        {"work in flight",
+         "SELECT w.machine_id, w.process, w.session_id, s.runtime_info AS runtime, "
+         "date_trunc('second', w.started_at) AS started_at, "
+         "date_trunc('second', w.deadline) AS deadline, "
+         "CASE WHEN s.deadline <= now() THEN 'session expired' "
+         " WHEN w.deadline <= now() THEN 'timed out; its slot is stuck or stopping' "
+         " ELSE 'running' END AS state "
+         "FROM work w JOIN sessions s ON s.session_id = w.session_id ORDER BY w.started_at"},
+        {"paused processes",
+         "SELECT process, date_trunc('second', paused_at) AS since, pause_reason AS reason "
+         "FROM processes WHERE paused_at IS NOT NULL ORDER BY paused_at"},
+        {"machines on hold",
+         "SELECT machine_id, date_trunc('second', held_at) AS since, reason "
+         "FROM machine_holds ORDER BY held_at"},
+        {"backoffs",
+         "SELECT machine_id, process, attempts, last_seconds, "
+         "date_trunc('second', backoff_until) AS until, cause "
+         "FROM work_backoff WHERE backoff_until > now() ORDER BY backoff_until"},
+    };
+    for (size_t i = 0; i < sizeof tables / sizeof *tables; i++) {
+        if (i) fputc('\n', out);
+        if (print_table(c, out, tables[i].title, tables[i].sql, 0, NULL, err, errlen) < 0) return -1;
+    }
+    return 0;
 }
 
 int report_history(PGconn *c, const char *machine, FILE *out, char *err, size_t errlen) {

@@ -14,7 +14,10 @@
  * A failed poke is retried while the local deadline is ahead (the seed gave
  * up on the first error). Once the session is lost it stays lost; the
  * heartbeat then creates a new one, and items that still hold the old one
- * see their bmdb calls raise "session expired". */
+ * see their bmdb calls raise "session expired". What becomes of a session's
+ * work when it ends is the work module's SQL (work_housekeeping), handed
+ * over in session_config. Threads, connections and lock order:
+ * host/README.md. */
 #include "session.h"
 
 #include <errno.h>
@@ -26,7 +29,7 @@
 
 #include "lifecycle.h"
 #include "log.h"
-#include "tx.h"
+#include "pqerr.h"
 
 struct session {
     char id[40];
@@ -38,10 +41,13 @@ struct session {
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cur_changed, wake_heartbeat; /* CLOCK_MONOTONIC, see cond_init */
+static session *cur;            /* under mu; NULL while between sessions */
+static int stopping, paused;    /* under mu */
+/* Set by sessions_start before the heartbeat thread exists and cleared by
+ * sessions_stop after it was joined: read without a lock in between. */
 static pool *the_pool;
 static struct session_config cfg;
-static session *cur;            /* NULL while between sessions */
-static int started, stopping, paused;
+static int started;             /* the caller's thread only (main, or Lua's) */
 static pthread_t heartbeat;
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 
@@ -144,8 +150,7 @@ static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *c
         if (cancel) PQcancel(cancel, buf, sizeof buf);
         PQfreeCancel(cancel);
     } else {
-        snprintf(why, whylen, "database connection lost: %.*s",
-                 (int)strcspn(PQerrorMessage(c), "\n"), PQerrorMessage(c));
+        pq_error_text(c, NULL, why, whylen);
     }
     PQfinish(c);
     *cp = NULL;
@@ -155,9 +160,7 @@ static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *c
 /* After a result: the message of a failed one, and the connection given up
  * if the failure broke it (terminated backend, server restart). */
 static void result_failed(PGconn **cp, PGresult *r, char *why, size_t whylen) {
-    tx_error e;
-    tx_error_from_result(&e, *cp, r);
-    snprintf(why, whylen, "%s%s%.500s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+    pq_error_text(*cp, r, why, whylen);
     if (PQstatus(*cp) != CONNECTION_OK) {
         PQfinish(*cp);
         *cp = NULL;
@@ -278,24 +281,19 @@ static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const ch
     return ok ? 0 : -1;
 }
 
-/* Collects sessions past their deadline: their work rows are recorded as
- * Abandoned and deleted with them. Runs on the heartbeat's connection
- * within `until`. Two collectors racing over the same dead session
+/* Collects sessions past their deadline with cfg.housekeeping->collect
+ * (work.c: their work rows are recorded Abandoned and deleted with them).
+ * Runs on the heartbeat's connection within `until`. Two collectors racing over the same dead session
  * conflict (SERIALIZABLE) and one fails, so history is written once; a
  * failure is simply tried again next round. The DELETE waits for any
  * transaction of the dead session still in flight (each holds a KEY SHARE
  * lock on its session row, tx.c), so a zombie's late commit is ordered
  * before the collection, never after it. */
 static void collect_expired(PGconn **cp, double until) {
-    static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired' "
-        "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
-        "DELETE FROM sessions WHERE deadline <= now()",
-    };
+    const struct session_housekeeping *hk = cfg.housekeeping;
     char why[600];
     long n = 0;
-    if (housekeeping(cp, sqls, 2, NULL, 0, until, &n, why, sizeof why) < 0) {
+    if (housekeeping(cp, hk->collect, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
         log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
                NULL);
     } else if (n > 0) {
@@ -306,6 +304,51 @@ static void collect_expired(PGconn **cp, double until) {
 }
 
 #define RETRY_S 0.2 /* between heartbeat attempts after a failure */
+
+/* Between sessions: start a new one for new work, retrying (the caller
+ * loops) through a database outage. */
+static void start_next_session(PGconn **cp) {
+    char err[700] = "";
+    session *n = (*cp = heartbeat_conn(*cp)) ? create_session(cp, err, sizeof err) : NULL;
+    if (n) {
+        set_current(n);
+        return;
+    }
+    if (*cp || strstr(err, "local deadline")) log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
+    lifecycle_wait(1.0, HOST_CANCELLING, NULL);
+}
+
+/* One round for the live session s: poke it (unless paused), give it up
+ * once its local deadline passed, collect expired sessions every interval.
+ * Returns the outcome of the poke (1 done, 0 failed, -1 gone; 1 when
+ * paused). */
+static int keep_session(PGconn **cp, session *s, int pause, double *next_gc) {
+    int ok = 1;
+    if (!pause) {
+        ok = (*cp = heartbeat_conn(*cp)) ? poke(cp, s) : 0;
+        if (ok < 0) session_lose(s, "the database no longer has the session");
+    }
+    double now = mono_now();
+    if (!session_alive(s)) {
+        session_lose(s, "local deadline passed without a successful heartbeat");
+    } else if (ok > 0 && !pause && now >= *next_gc) {
+        *next_gc = now + cfg.interval_s;
+        collect_expired(cp, now + cfg.interval_s / 4.0);
+    }
+    return ok;
+}
+
+/* Sleeps until the next poke: interval/2 after a good one; a failed one is
+ * retried soon, while the local deadline is still ahead, so a dropped
+ * connection or a quick server restart does not cost the session. */
+static void wait_next_round(session *s, int ok, int pause) {
+    pthread_mutex_lock(&mu);
+    double local = s->deadline;
+    pthread_mutex_unlock(&mu);
+    double until = mono_now() + (ok || pause ? cfg.interval_s / 2.0 : RETRY_S);
+    if (until > local) until = local;
+    heartbeat_sleep(until);
+}
 
 static void *heartbeat_main(void *arg) {
     PGconn *c = arg;
@@ -320,43 +363,12 @@ static void *heartbeat_main(void *arg) {
             session_unref(s);
             break;
         }
-
         if (!s) {
-            /* Between sessions: start a new one for new work, retrying
-             * through a database outage. */
-            char err[700];
-            session *n = (c = heartbeat_conn(c)) ? create_session(&c, err, sizeof err) : NULL;
-            if (n) set_current(n);
-            else {
-                if (c || strstr(err, "local deadline"))
-                    log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
-                lifecycle_wait(1.0, HOST_CANCELLING, NULL);
-            }
+            start_next_session(&c);
             continue;
         }
-
-        int ok = 1;
-        if (!pause) {
-            ok = (c = heartbeat_conn(c)) ? poke(&c, s) : 0;
-            if (ok < 0) session_lose(s, "the database no longer has the session");
-        }
-
-        double now = mono_now();
-        if (!session_alive(s)) {
-            session_lose(s, "local deadline passed without a successful heartbeat");
-        } else if (ok > 0 && !pause && now >= next_gc) {
-            next_gc = now + cfg.interval_s;
-            collect_expired(&c, now + cfg.interval_s / 4.0);
-        }
-        /* Next poke at interval/2. A failed one is retried soon, while the
-         * local deadline is still ahead: a dropped connection or a quick
-         * server restart must not cost the session. */
-        pthread_mutex_lock(&mu);
-        double local = s->deadline;
-        pthread_mutex_unlock(&mu);
-        double until = mono_now() + (ok || pause ? cfg.interval_s / 2.0 : RETRY_S);
-        if (until > local) until = local;
-        heartbeat_sleep(until);
+        int ok = keep_session(&c, s, pause, &next_gc);
+        wait_next_round(s, ok, pause);
         session_unref(s);
     }
     if (c) PQfinish(c);
@@ -369,6 +381,7 @@ int sessions_start(pool *p, const struct session_config *config, char *err, size
     cfg.component = strdup(config->component);
     cfg.runtime_info = strdup(config->runtime_info);
     cfg.interval_s = config->interval_s;
+    cfg.housekeeping = config->housekeeping;
     stopping = paused = 0;
 
     PGconn *c = pool_connect_own(p, err, errlen);
@@ -440,25 +453,21 @@ static void terminate_lent_backends(PGconn **cp) {
     PQclear(r);
 }
 
-/* Ends s at shutdown: work it still holds is recorded Canceled (we know it
- * stopped) and the row is deleted, which cascades to the work rows. On a
+/* Ends s at shutdown with cfg.housekeeping->end (work.c: work it still
+ * holds is recorded Canceled, since we know it stopped, and the row is
+ * deleted, which cascades to the work rows). On a
  * connection of its own, so an exhausted pool cannot hold it up, and
  * bounded: a slot that never gave its transaction back (it would not stop)
  * holds a lock on the session row, and only ending that slot's backend
  * releases it. */
 static void end_session(session *s) {
-    static const char *const sqls[] = {
-        "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-        "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown' "
-        "FROM work WHERE session_id = $1",
-        "DELETE FROM sessions WHERE session_id = $1",
-    };
+    const struct session_housekeeping *hk = cfg.housekeeping;
     const char *params[] = {s->id};
     char why[600] = "";
     PGconn *c = NULL;
     for (int attempt = 1; attempt <= 5; attempt++) {
         if (!(c = heartbeat_conn(c))) break;
-        if (housekeeping(&c, sqls, 2, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
+        if (housekeeping(&c, hk->end, hk->nend, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
             log_kv(LOG_INFO, "session ended", "session", s->id, NULL);
             if (c) PQfinish(c);
             return;

@@ -4,7 +4,7 @@
  * connection of its own and keeps a LOCAL deadline, measured on the
  * monotonic clock from the moment the last successful poke was sent, minus
  * a margin: since the database computes its deadline from a later now(),
- * the local one always passes first (DESIGN.md, guarantee 3). When the
+ * the local one always passes first (host/README.md, guarantee 3). When the
  * local deadline passes or the database says the row is gone, the session
  * is lost for good; the heartbeat then starts a new one for new work.
  * Sessions are reference counted so a work item can keep the one it was
@@ -17,10 +17,24 @@
 
 typedef struct session session;
 
+/* What happens to the work of a session that ends, in SQL that belongs to
+ * the work module (work_housekeeping in work.h), so this module knows
+ * sessions only. Each list runs in one SERIALIZABLE transaction. */
+struct session_housekeeping {
+    /* Collects every session past its deadline (no parameters); the rows
+     * the last statement affected are the sessions collected. */
+    const char *const *collect;
+    int ncollect;
+    /* Ends our own session at shutdown; $1 is its id. */
+    const char *const *end;
+    int nend;
+};
+
 struct session_config {
     const char *component;     /* sessions.component_name */
     const char *runtime_info;  /* sessions.runtime_info, e.g. host:pid */
     int interval_s;            /* the database deadline is now() + this */
+    const struct session_housekeeping *housekeeping;
 };
 
 /* Creates the first session synchronously (so a bad database is reported

@@ -7,7 +7,8 @@
  * or its deadline has passed by the transaction's now(), nothing of ours
  * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
- * always passes before the database's (session.c). */
+ * always passes before the database's (session.c). The guarantees this
+ * keeps, and who else keeps them: host/README.md. */
 #include "tx.h"
 
 #include <pthread.h>
@@ -18,14 +19,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
-
-static void copy_line(char *dst, size_t len, const char *src) {
-    if (!src) src = "";
-    size_t n = strcspn(src, "\n");
-    if (n >= len) n = len - 1;
-    memcpy(dst, src, n);
-    dst[n] = '\0';
-}
+#include "pqerr.h"
 
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     memset(e, 0, sizeof *e);
@@ -36,26 +30,16 @@ void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     va_end(ap);
 }
 
-void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
+/* Fill e from a failed result or connection (pqerr.h). */
+static void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
+    pq_error pe;
+    pq_error_read(&pe, conn, res);
     memset(e, 0, sizeof *e);
-    const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
-    if (state && PQstatus(conn) == CONNECTION_OK) {
-        e->kind = TXE_SQL;
-        snprintf(e->sqlstate, sizeof e->sqlstate, "%s", state);
-        copy_line(e->message, sizeof e->message, PQresultErrorField(res, PG_DIAG_MESSAGE_PRIMARY));
-        copy_line(e->detail, sizeof e->detail, PQresultErrorField(res, PG_DIAG_MESSAGE_DETAIL));
-        copy_line(e->hint, sizeof e->hint, PQresultErrorField(res, PG_DIAG_MESSAGE_HINT));
-        return;
-    }
-    e->kind = TXE_CONNECTION;
-    snprintf(e->message, sizeof e->message, "database connection lost: ");
-    size_t n = strlen(e->message);
-    copy_line(e->message + n, sizeof e->message - n, PQerrorMessage(conn));
-}
-
-int tx_error_retryable(const tx_error *e) {
-    return e->kind == TXE_SQL &&
-           (strcmp(e->sqlstate, "40001") == 0 || strcmp(e->sqlstate, "40P01") == 0);
+    e->kind = pe.connection_lost ? TXE_CONNECTION : TXE_SQL;
+    memcpy(e->sqlstate, pe.sqlstate, sizeof e->sqlstate);
+    memcpy(e->message, pe.message, sizeof e->message);
+    memcpy(e->detail, pe.detail, sizeof e->detail);
+    memcpy(e->hint, pe.hint, sizeof e->hint);
 }
 
 /* Retries are bounded by time, not by a small count: ordinary contention
@@ -87,7 +71,7 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
 static int open_on_fresh_conn(tx *t, tx_error *e) {
     char err[512];
     for (int tries = 0; tries < 2; tries++) {
-        t->conn = pool_get(t->pool, err, sizeof err);
+        t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err);
         if (!t->conn) {
             tx_error_set(e, TXE_CONNECTION, "%s", err);
             return -1;
@@ -105,7 +89,72 @@ static int open_on_fresh_conn(tx *t, tx_error *e) {
     return -1;
 }
 
+/* The fence of a transaction that belongs to a work item: the session row
+ * and the item's work row with its claim's token, in one statement, both
+ * locked KEY SHARE until COMMIT. A row that an operator's cancel, a
+ * timeout's takeover or a re-claim deleted is not there: nothing of ours
+ * commits. And a DELETE of it waits for our COMMIT, as the session's does. */
+#define FENCE_ITEM_SQL                                                                     \
+    "SELECT 1 FROM sessions s JOIN work w ON w.session_id = s.session_id "                 \
+    "WHERE s.session_id = $1 AND s.deadline > now() AND w.machine_id = $2 "                \
+    "AND w.process = $3 AND w.token = $4 AND (w.deadline IS NULL OR w.deadline > now()) " \
+    "FOR KEY SHARE"
+#define FENCE_SESSION_SQL \
+    "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() FOR KEY SHARE"
+
+/* Only when the item fence failed: why. The session died, or the lock was
+ * taken away, and then how (the event recorded for the claim's token).
+ * Fills e; the failure path pays this round trip, never the others. */
+static void item_lost(tx *t, const tx_item *item, tx_error *e) {
+    const char *params[] = {session_id(t->sess), item->machine, item->process, item->token};
+    PGresult *r = exec_params(
+        t->conn,
+        "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
+        "(SELECT 'timeout after ' || timeout_seconds::TEXT || 's' FROM work "
+        " WHERE machine_id = $2 AND process = $3 AND token = $4 AND deadline <= now()) AS timed_out, "
+        "(SELECT event || coalesce(': ' || cause, '') FROM work_history "
+        " WHERE machine_id = $2 AND process = $3 AND token = $4 AND event <> 'Started' "
+        " ORDER BY occurred_at DESC LIMIT 1) AS ended, "
+        "(SELECT count(*) FROM work WHERE machine_id = $2 AND process = $3) AS held",
+        4, params);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        tx_error_from_result(e, t->conn, r);
+        PQclear(r);
+        return;
+    }
+    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+        PQclear(r);
+        session_lose(t->sess, "session row gone or past its deadline");
+        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        return;
+    }
+    const char *why;
+    char buf[600];
+    if (!PQgetisnull(r, 0, 1)) {
+        why = PQgetvalue(r, 0, 1);
+    } else if (!PQgetisnull(r, 0, 2)) {
+        const char *ended = PQgetvalue(r, 0, 2);
+        if (!strncmp(ended, "Abandoned", 9)) why = "taken over (its session was ended)";
+        else if (!strncmp(ended, "Failed: timeout after", 21)) why = ended + 8;
+        else if (!strncmp(ended, "Canceled: canceled by an operator", 33)) why = ended + 10;
+        else {
+            snprintf(buf, sizeof buf, "already decided (%s)", ended);
+            why = buf;
+        }
+    } else {
+        why = strcmp(PQgetvalue(r, 0, 3), "0") != 0 ? "taken over by another claim"
+                                                    : "taken over (the lock was released)";
+    }
+    tx_error_set(e, TXE_LOST, "lost: the lock on %s %s was taken away: %s", item->machine,
+                 item->process, why);
+    PQclear(r);
+}
+
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
+    return tx_begin_item(t, p, sess, NULL, e);
+}
+
+int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *e) {
     memset(t, 0, sizeof *t);
     t->pool = p;
     t->sess = sess;
@@ -117,7 +166,8 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     t->open = 1;
     if (!sess) return 0;
 
-    const char *params[] = {session_id(sess)};
+    const char *params[] = {session_id(sess), item ? item->machine : NULL,
+                            item ? item->process : NULL, item ? item->token : NULL};
     /* KEY SHARE, held until COMMIT: the heartbeat's UPDATE of the deadline
      * does not conflict with it, but the DELETE with which a collector or a
      * takeover ends an expired session does, so it waits for us. Without
@@ -126,11 +176,10 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
      * work over, and SERIALIZABLE would see no conflict: the takeover only
      * READ the session row. With it, our commit is ordered before the
      * takeover, which then sees what we committed. On CockroachDB the
-     * takeover's write to a row we read makes our commit fail instead. */
-    PGresult *r = exec_params(t->conn,
-                              "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() "
-                              "FOR KEY SHARE",
-                              1, params);
+     * takeover's write to a row we read makes our commit fail instead.
+     * A body's transaction checks its work row in the same statement. */
+    PGresult *r = exec_params(t->conn, item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL, item ? 4 : 1,
+                              params);
     if (PQresultStatus(r) != PGRES_TUPLES_OK) {
         tx_error_from_result(e, t->conn, r);
         PQclear(r);
@@ -140,8 +189,12 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     int live = PQntuples(r) == 1;
     PQclear(r);
     if (!live) {
-        session_lose(sess, "session row gone or past its deadline");
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        if (item) {
+            item_lost(t, item, e);
+        } else {
+            session_lose(sess, "session row gone or past its deadline");
+            tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        }
         tx_rollback(t);
         return -1;
     }

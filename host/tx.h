@@ -2,7 +2,7 @@
  *
  * tx_begin() borrows a connection, opens a SERIALIZABLE transaction and,
  * inside it, checks that the session row is still alive: a transaction of
- * a dead session can therefore never commit (DESIGN.md, guarantee 2).
+ * a dead session can therefore never commit (host/README.md, guarantee 2).
  * tx_commit() checks the local deadline once more before COMMIT. Retrying
  * 40001/40P01 is the caller's loop; tx_retry_delay() is its one policy. */
 #ifndef BMDB_TX_H
@@ -17,7 +17,7 @@ typedef enum {
     TXE_SQL,              /* the server raised an error: sqlstate is set */
     TXE_CONNECTION,       /* no connection, or it broke mid-transaction */
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
-    TXE_CANCELLED,        /* the host is shutting down */
+    TXE_CANCELED,         /* the host is shutting down */
     TXE_CLOSED,           /* the transaction is already over */
     TXE_LOST              /* the work lock is no longer this session's */
 } tx_error_kind;
@@ -40,10 +40,19 @@ typedef struct tx {
     int failed;      /* a statement failed: the server will only roll back */
 } tx;
 
+/* The work item a body's transaction belongs to: its fence also checks
+ * that the item's work row with this claim's token still exists. */
+typedef struct tx_item {
+    const char *machine, *process, *token;
+} tx_item;
+
 /* sess may be NULL for housekeeping transactions. 0, or -1 with e set;
  * t->sess is set either way, so a caller holding a reference for the tx
  * releases it the same way on both paths. */
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
+/* tx_begin fenced by item too: TXE_LOST, naming why, when its lock was
+ * taken away (timeout, canceled by an operator, taken over). */
+int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */
@@ -61,14 +70,10 @@ int tx_commit(tx *t, tx_error *e);
 /* Safe to call on a closed transaction. Returns the connection. */
 void tx_rollback(tx *t);
 
-/* 40001 serialization failure or 40P01 deadlock. */
-int tx_error_retryable(const tx_error *e);
 /* Seconds to wait before retry number attempt (1-based): jittered,
  * growing, capped; negative once attempts are exhausted. */
 double tx_retry_delay(int attempt);
 
-/* Fill e from a failed result or connection. */
-void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res);
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...);
 
 #endif

@@ -3,13 +3,47 @@
  * A work row is the lock: its primary key (machine_id, process) admits one
  * holder. Both functions run inside the caller's fenced SERIALIZABLE
  * transaction, so a lock changes hands only while its session lives, and a
- * concurrent claim of the same pair either sees our row or conflicts. */
+ * concurrent claim of the same pair either sees our row or conflicts. The
+ * life of a work item: host/README.md. */
 #include "work.h"
+#include "session.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <uuid/uuid.h>
+
+/* Each dead item counts as its failure for backoff, with the spec stored at
+ * its claim (a poison pill must not crash-loop the fleet); a work row past
+ * its own timeout, its session alive, is ended too (Failed, its timeout as
+ * cause). The events carry the claim's token, so a body told "lost" can
+ * be told why. */
+static const char *const collect_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired', w.token "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
+    WORK_PENALTY_SQL("'session expired'",
+                     "w.session_id IN (SELECT session_id FROM sessions WHERE deadline <= now())"),
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT w.machine_id, w.process, w.session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", w.token "
+    "FROM work w JOIN sessions s ON s.session_id = w.session_id "
+    "WHERE s.deadline > now() AND w.deadline <= now()",
+    WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE,
+                     "w.deadline <= now() AND w.session_id IN "
+                     "(SELECT session_id FROM sessions WHERE deadline > now())"),
+    "DELETE FROM work w WHERE w.deadline <= now() AND w.session_id IN "
+    "(SELECT session_id FROM sessions WHERE deadline > now())",
+    "DELETE FROM sessions WHERE deadline <= now()",
+};
+
+static const char *const end_sql[] = {
+    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+    "SELECT machine_id, process, session_id, 'Canceled', 'host shutdown', token "
+    "FROM work WHERE session_id = $1",
+    "DELETE FROM sessions WHERE session_id = $1",
+};
+
+const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"
@@ -43,19 +77,43 @@ static long run(tx *t, const char *sql, int n, const char *const *params, PGresu
 }
 
 static int record(tx *t, const char *machine, const char *process, const char *sess,
-                  const char *event, const char *cause, tx_error *e) {
-    const char *p[] = {machine, process, sess, event, cause};
+                  const char *event, const char *cause, const char *token, tx_error *e) {
+    const char *p[] = {machine, process, sess, event, cause, token};
     return run(t,
-               "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-               "VALUES ($1, $2, $3, $4, $5)",
-               5, p, NULL, e) < 0 ? -1 : 0;
+               "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+               "VALUES ($1, $2, $3, $4, $5, $6)",
+               6, p, NULL, e) < 0 ? -1 : 0;
+}
+
+/* Takes over the one work row of (machine, process) whose timeout passed
+ * while its session lives: recorded Failed with the timeout as cause and
+ * penalized with the holder's backoff spec, like any failure. The DELETE
+ * waits (bounded) for the holder's transaction in flight, which holds a
+ * KEY SHARE lock on the row (its fence, tx.c). */
+static int take_over_timed_out(tx *t, const char *machine, const char *process, tx_error *e) {
+    const char *mp[] = {machine, process};
+    const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
+    if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
+        run(t,
+            "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+            "SELECT machine_id, process, session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", token "
+            "FROM work w WHERE machine_id = $1 AND process = $2 AND deadline <= now()",
+            2, mp, NULL, e) < 0 ||
+        run(t, WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE, "w.machine_id = $1 AND w.process = $2 AND w.deadline <= now()"),
+            2, mp, NULL, e) < 0 ||
+        run(t, "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND deadline <= now()", 2,
+            mp, NULL, e) < 0)
+        return -1;
+    return 0;
 }
 
 /* Ends the expired session `holder` inside our claim, as a collector would:
- * every work row it holds is recorded Abandoned and goes with the session
- * row. Deleting the session row (not just our pair's work row) is what
- * makes the takeover conflict with a transaction of the old session still
- * in flight: that transaction holds a KEY SHARE lock on the row (tx.c), so
+ * every work row it holds is recorded Abandoned, counts as a failure for
+ * backoff (a poison pill that kills its host each time backs off instead
+ * of crash-looping the fleet), and goes with the session row. Deleting
+ * the session row (not just our pair's work row) is what makes the
+ * takeover conflict with a transaction of the old session still in
+ * flight: that transaction holds a KEY SHARE lock on the row (tx.c), so
  * we wait for its COMMIT, and then either see its effects or fail with a
  * serialization error and retry. The wait is bounded: a zombie whose
  * backend hangs must not hang our slot with it (55P03, the claim is tried
@@ -65,85 +123,122 @@ static int take_over(tx *t, const char *holder, tx_error *e) {
     const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
     if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
         run(t,
-            "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
-            "SELECT machine_id, process, session_id, 'Abandoned', 'session expired' "
+            "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+            "SELECT machine_id, process, session_id, 'Abandoned', 'session expired', token "
             "FROM work WHERE session_id = $1",
             1, hp, NULL, e) < 0 ||
+        run(t, WORK_PENALTY_SQL("'session expired'", "w.session_id = $1"), 1, hp, NULL, e) < 0 ||
         run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0)
         return -1;
     return 0;
 }
 
-work_lock_result work_lock(tx *t, const char *machine, const char *process, int *attempt,
-                           char *until, size_t untillen, tx_error *e) {
+/* Reads the backoff of (machine, process) after a takeover penalized it. */
+static int backoff_state(tx *t, const char *machine, const char *process, int *active, int *attempts,
+                         char *until, size_t untillen, tx_error *e) {
     const char *mp[] = {machine, process};
     PGresult *r;
-
-    /* A holder whose session is past its deadline holds nothing (DESIGN.md):
-     * take the row over now rather than wait for a collector. */
     long n = run(t,
-                 "SELECT w.session_id, s.deadline > now() FROM work w "
-                 "JOIN sessions s ON s.session_id = w.session_id "
-                 "WHERE w.machine_id = $1 AND w.process = $2",
+                 "SELECT backoff_until > now(), backoff_until, attempts FROM work_backoff "
+                 "WHERE machine_id = $1 AND process = $2",
+                 2, mp, &r, e);
+    if (n < 0) return -1;
+    *active = n == 1 && strcmp(PQgetvalue(r, 0, 0), "t") == 0;
+    *attempts = n == 1 ? atoi(PQgetvalue(r, 0, 2)) : 0;
+    if (*active && until) snprintf(until, untillen, "%s", PQgetvalue(r, 0, 1));
+    PQclear(r);
+    return 0;
+}
+
+work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
+                           work_locked *out, tx_error *e) {
+    const char *mp[] = {machine, process};
+    PGresult *r;
+    memset(out, 0, sizeof *out);
+
+    /* One read for everything a claim must know: a pause of the process, a
+     * hold of the machine, the holder (if any) and whether its session or
+     * its timeout ended, and the backoff. */
+    long n = run(t,
+                 "SELECT (SELECT coalesce(pause_reason, '') FROM processes "
+                 "        WHERE process = $2 AND paused_at IS NOT NULL) AS paused, "
+                 "(SELECT coalesce(reason, '') FROM machine_holds WHERE machine_id = $1) AS held, "
+                 "w.session_id, s.deadline > now(), w.deadline <= now(), "
+                 "b.backoff_until > now(), b.backoff_until, b.attempts "
+                 "FROM (SELECT 1) AS one "
+                 "LEFT JOIN work w ON w.machine_id = $1 AND w.process = $2 "
+                 "LEFT JOIN sessions s ON s.session_id = w.session_id "
+                 "LEFT JOIN work_backoff b ON b.machine_id = $1 AND b.process = $2",
                  2, mp, &r, e);
     if (n < 0) return WORK_ERROR;
-    if (n == 1) {
-        int live = strcmp(PQgetvalue(r, 0, 1), "t") == 0;
-        char holder[40];
-        snprintf(holder, sizeof holder, "%s", PQgetvalue(r, 0, 0));
+    if (!PQgetisnull(r, 0, 0) || !PQgetisnull(r, 0, 1)) {
+        int paused = !PQgetisnull(r, 0, 0);
+        snprintf(out->why, sizeof out->why, "%s", PQgetvalue(r, 0, paused ? 0 : 1));
         PQclear(r);
-        if (live) return WORK_HELD;
-        if (take_over(t, holder, e) < 0) return WORK_ERROR;
-    } else {
-        PQclear(r);
+        return paused ? WORK_PAUSED : WORK_ON_HOLD;
     }
-
-    n = run(t,
-            "SELECT backoff_until > now(), backoff_until, attempts FROM work_backoff "
-            "WHERE machine_id = $1 AND process = $2",
-            2, mp, &r, e);
-    if (n < 0) return WORK_ERROR;
-    *attempt = 1;
-    if (n == 1) {
-        int active = strcmp(PQgetvalue(r, 0, 0), "t") == 0;
-        if (active && until) snprintf(until, untillen, "%s", PQgetvalue(r, 0, 1));
-        *attempt = atoi(PQgetvalue(r, 0, 2)) + 1;
-        PQclear(r);
-        if (active) return WORK_BACKOFF;
-    } else {
-        PQclear(r);
+    int holder = !PQgetisnull(r, 0, 2), live = !strcmp(PQgetvalue(r, 0, 3), "t"),
+        timed_out = !strcmp(PQgetvalue(r, 0, 4), "t");
+    int active = !strcmp(PQgetvalue(r, 0, 5), "t");
+    int attempts = PQgetisnull(r, 0, 7) ? 0 : atoi(PQgetvalue(r, 0, 7));
+    char session[40];
+    snprintf(session, sizeof session, "%s", PQgetvalue(r, 0, 2));
+    if (active) snprintf(out->until, sizeof out->until, "%s", PQgetvalue(r, 0, 6));
+    PQclear(r);
+    if (holder && live && !timed_out) return WORK_HELD;
+    if (holder) {
+        /* A holder whose session is past its deadline holds nothing
+         * (host/README.md, guarantee 4), nor one past its own timeout: take the row over now
+         * rather than wait for a collector. The takeover counts as the
+         * item's failure, so its backoff is read again. */
+        if ((live ? take_over_timed_out(t, machine, process, e) : take_over(t, session, e)) < 0 ||
+            backoff_state(t, machine, process, &active, &attempts, out->until, sizeof out->until, e) < 0)
+            return WORK_ERROR;
     }
+    out->attempt = attempts + 1;
+    if (active) return WORK_BACKOFF;
 
     /* ON CONFLICT keeps the transaction usable when a live holder committed
-     * between our read and our insert (a 23505 would abort it). */
-    const char *ip[] = {machine, process, session_id(t->sess)};
+     * between our read and our insert (a 23505 would abort it). The lock
+     * and its Started event go in one statement. */
+    const char *ip[] = {machine, process, session_id(t->sess), c ? c->timeout : NULL,
+                        c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
+                        c ? c->backoff_exponent : NULL};
     n = run(t,
-            "INSERT INTO work (machine_id, process, session_id) VALUES ($1, $2, $3) "
-            "ON CONFLICT (machine_id, process) DO NOTHING",
-            3, ip, NULL, e);
+            "WITH locked AS ("
+            " INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
+            "  backoff_initial, backoff_maximum, backoff_exponent) "
+            " VALUES ($1, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
+            "  $5::INT8, $6::INT8, $7::NUMERIC) "
+            " ON CONFLICT (machine_id, process) DO NOTHING RETURNING machine_id, process, session_id, token) "
+            "INSERT INTO work_history (machine_id, process, session_id, event, token) "
+            "SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING token",
+            7, ip, &r, e);
     if (n < 0) {
         if (e->kind == TXE_SQL && strcmp(e->sqlstate, "23503") == 0)
             snprintf(e->message, sizeof e->message, "machine %s does not exist", machine);
         return WORK_ERROR;
     }
-    if (n == 0) return WORK_HELD;
-    if (record(t, machine, process, session_id(t->sess), "Started", NULL, e) < 0) return WORK_ERROR;
-    return WORK_LOCKED;
+    if (n == 1) snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 0));
+    PQclear(r);
+    return n == 1 ? WORK_LOCKED : WORK_HELD;
 }
 
-int work_release(tx *t, const char *machine, const char *process, const char *event,
-                 const char *cause, long backoff_seconds, tx_error *e) {
+int work_release(tx *t, const char *machine, const char *process, const char *token,
+                 const char *event, const char *cause, long backoff_seconds, tx_error *e) {
     const char *sess = session_id(t->sess);
-    const char *dp[] = {machine, process, sess};
-    long n = run(t, "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3",
-                 3, dp, NULL, e);
+    const char *dp[] = {machine, process, sess, token};
+    long n = run(t,
+                 "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3 "
+                 "AND ($4::UUID IS NULL OR token = $4::UUID)",
+                 4, dp, NULL, e);
     if (n < 0) return -1;
     if (n == 0) {
         tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                      machine, process);
         return -1;
     }
-    if (record(t, machine, process, sess, event, cause, e) < 0) return -1;
+    if (record(t, machine, process, sess, event, cause, token, e) < 0) return -1;
 
     const char *mp[] = {machine, process};
     if (strcmp(event, "Finished") == 0)

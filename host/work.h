@@ -11,24 +11,71 @@
 #include "tx.h"
 
 typedef enum {
-    WORK_LOCKED = 0,  /* the lock is ours; *attempt is set */
+    WORK_LOCKED = 0,  /* the lock is ours; attempt and token are set */
     WORK_HELD,        /* a live session holds it */
     WORK_BACKOFF,     /* failed recently; until holds the end of backoff */
+    WORK_PAUSED,      /* the process is paused fleet-wide; why: the reason */
+    WORK_ON_HOLD,     /* the machine is on hold; why: the reason */
     WORK_ERROR = -1   /* e is set */
 } work_lock_result;
 
-/* attempt: 1 + consecutive failures so far. */
-work_lock_result work_lock(tx *t, const char *machine, const char *process,
-                           int *attempt, char *until, size_t untillen, tx_error *e);
+/* What a claim stores in its work row, as text parameters (NULL: none):
+ * the timeout in seconds, and the worker's backoff spec already normalized
+ * (bmdb.backoff_next's rules), which whoever records the item's death
+ * applies. */
+typedef struct work_claim {
+    const char *timeout;
+    const char *backoff_initial, *backoff_maximum, *backoff_exponent;
+} work_claim;
+
+typedef struct work_locked {
+    int attempt;      /* 1 + consecutive failures so far */
+    char token[40];   /* the claim's token, for the item fence (tx.h) */
+    char until[64];   /* WORK_BACKOFF: when it ends */
+    char why[512];    /* WORK_PAUSED / WORK_ON_HOLD: the operator's reason */
+} work_locked;
+
+/* c may be NULL (no timeout, no backoff spec). A pause or a hold refuses
+ * the claim; a holder past its session's deadline or its own timeout is
+ * taken over, which counts as the item's failure. */
+work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
+                           work_locked *out, tx_error *e);
 
 /* event is "Finished", "Failed" or "Canceled". Finished clears the backoff;
  * Failed stores backoff_seconds (>= 1) and counts the attempt. A lock that
- * is no longer this session's is reported as TXE_LOST. */
-int work_release(tx *t, const char *machine, const char *process, const char *event,
-                 const char *cause, long backoff_seconds, tx_error *e);
+ * is no longer this session's (or, with a token, this claim's) is
+ * reported as TXE_LOST. */
+int work_release(tx *t, const char *machine, const char *process, const char *token,
+                 const char *event, const char *cause, long backoff_seconds, tx_error *e);
+
+/* The cause of a takeover at timeout, as an SQL expression over work w. */
+#define WORK_TIMEOUT_CAUSE "'timeout after ' || w.timeout_seconds::TEXT || 's'"
+
+/* Counts the death of the work rows of work w matching `where` as a
+ * failure: their backoff grows by the spec stored at claim time (the
+ * previous period, or 1 s, without one), with cause (an SQL expression).
+ * One statement, in the subset PostgreSQL and CockroachDB share. */
+#define WORK_PENALTY_SQL(cause, where)                                                           \
+    "INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause) " \
+    "SELECT p.machine_id, p.process, now() + p.secs * INTERVAL '1 second', p.secs, 1, p.cause "  \
+    "FROM (SELECT w.machine_id, w.process, " cause " AS cause, "                                 \
+    " CASE WHEN w.backoff_initial IS NULL THEN coalesce(b.last_seconds, 1) "                      \
+    "  WHEN w.backoff_exponent <= 1 OR b.last_seconds IS NULL THEN w.backoff_initial "            \
+    "  ELSE least(w.backoff_maximum, ceil(b.last_seconds * w.backoff_exponent)::INT8) END AS secs " \
+    " FROM work w LEFT JOIN work_backoff b "                                                      \
+    "  ON b.machine_id = w.machine_id AND b.process = w.process WHERE " where ") AS p "           \
+    "ON CONFLICT (machine_id, process) DO UPDATE SET backoff_until = excluded.backoff_until, "    \
+    "last_seconds = excluded.last_seconds, attempts = work_backoff.attempts + 1, "                \
+    "cause = excluded.cause"
 
 /* The last backoff period stored for (machine, process), 0 when none. */
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e);
+
+/* What becomes of the work of a session that ends (session.h): an expired
+ * session's locks are recorded Abandoned, ours at shutdown Canceled, and
+ * deleting the session row cascades to its work rows. */
+struct session_housekeeping;
+extern const struct session_housekeeping work_housekeeping;
 
 /* Input checks, so bad values fail before any SQL: */
 int work_valid_uuid(const char *s);

@@ -1,17 +1,23 @@
-/* worker.c -- the worker loop's threads: slots, idle waits, the listener.
+/* worker.c -- the worker loop's threads: slots and the listener.
  *
- * Each slot thread owns one lua_State and loops in Lua (bmdb._serve) until
+ * Each slot thread owns one lua_State and loops in Lua (bmdb.internal's
+ * serve) until
  * the host drains, the code is reloaded (it then loads the new snapshot
  * into a fresh state and carries on), or its worker is gone. A slot only
  * leaves the Lua loop at an item boundary, so an item in flight always
  * finishes on the code that started it. A slot whose load of the new code
  * fails keeps its old state and tries again at a later boundary.
  *
- * Idle slots wait per process. A wake-up is a token handed to ONE waiter;
- * a slot that then claims something passes a token on (bmdb._serve calls
- * worker_wake), so a burst of new machines ramps every slot up while a
- * single NOTIFY costs a single query. A token left when nobody waits is
- * kept (one), closing the race between "found nothing" and going to sleep. */
+ * Idle waits, wake-ups and the code generation the slots compare are in
+ * slots.c, below both this file and the Lua binding.
+ *
+ * Globals and their guards (lock order: host/README.md):
+ *   code                                  code_mu
+ *   slots, live, each slot's ended        slots_mu
+ *   each slot's item record               slots.c's item_mu (slot_item_read)
+ *   the_pool, script_argc, script_argv    set once by workers_init, before
+ *                                         any thread starts; read-only after
+ *   listener, listener_started            main thread only */
 #include "worker.h"
 
 #include <errno.h>
@@ -24,116 +30,34 @@
 
 #include <lua.h>
 
-#include "lbmdb.h"
+#include "control.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "lstate.h"
+#include "slots.h"
 #include "snapshot.h"
-
-/* ---- idle waits ---------------------------------------------------------- */
-
-typedef struct idle_queue {
-    char process[64];
-    int waiting, tokens;
-    pthread_cond_t cv;
-    struct idle_queue *next;
-} idle_queue;
-
-static pthread_mutex_t idle_mu = PTHREAD_MUTEX_INITIALIZER;
-static idle_queue *queues;
-static unsigned everyone_gen; /* bumped by worker_wake_everyone */
-
-static idle_queue *queue_for(const char *process) {
-    for (idle_queue *q = queues; q; q = q->next)
-        if (!strcmp(q->process, process)) return q;
-    idle_queue *q = calloc(1, sizeof *q);
-    snprintf(q->process, sizeof q->process, "%s", process);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&q->cv, &a);
-    pthread_condattr_destroy(&a);
-    q->next = queues;
-    queues = q;
-    return q;
-}
-
-int worker_idle_wait(const char *process, double seconds) {
-    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
-    pthread_mutex_lock(&idle_mu);
-    idle_queue *q = queue_for(process);
-    unsigned gen = everyone_gen;
-    int woken = 0;
-    q->waiting++;
-    while (!q->tokens && gen == everyone_gen && lifecycle_state() == HOST_RUNNING)
-        if (pthread_cond_timedwait(&q->cv, &idle_mu, &until) == ETIMEDOUT) break;
-    if (q->tokens) {
-        q->tokens--;
-        woken = 1;
-    }
-    q->waiting--;
-    pthread_mutex_unlock(&idle_mu);
-    return woken;
-}
-
-static void wake_one(idle_queue *q) {
-    /* At most one token per waiter, and one in reserve for a slot that is
-     * about to wait. */
-    if (q->tokens < (q->waiting > 0 ? q->waiting : 1)) q->tokens++;
-    pthread_cond_signal(&q->cv);
-}
-
-void worker_wake(const char *process) {
-    pthread_mutex_lock(&idle_mu);
-    if (!process || !*process)
-        for (idle_queue *q = queues; q; q = q->next) wake_one(q);
-    else
-        wake_one(queue_for(process));
-    pthread_mutex_unlock(&idle_mu);
-}
-
-void worker_wake_everyone(void) {
-    pthread_mutex_lock(&idle_mu);
-    everyone_gen++;
-    for (idle_queue *q = queues; q; q = q->next) pthread_cond_broadcast(&q->cv);
-    pthread_mutex_unlock(&idle_mu);
-}
-
-/* ---- counters --------------------------------------------------------------- */
-
-static unsigned long claims_total, retries_total;
-
-void worker_count_claim(void) { __atomic_add_fetch(&claims_total, 1, __ATOMIC_RELAXED); }
-void worker_count_retry(void) { __atomic_add_fetch(&retries_total, 1, __ATOMIC_RELAXED); }
-
-void worker_counts(unsigned long *claims, unsigned long *retries) {
-    *claims = __atomic_load_n(&claims_total, __ATOMIC_RELAXED);
-    *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
-}
 
 /* ---- the code and its generation --------------------------------------- */
 
 static pthread_mutex_t code_mu = PTHREAD_MUTEX_INITIALIZER;
-static snapshot *code;          /* under code_mu */
-static unsigned generation = 1; /* written under code_mu, read atomically */
-
-unsigned workers_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
+static snapshot *code; /* under code_mu; its generation moves on under it too */
 
 void workers_set_code(snapshot *next) {
     pthread_mutex_lock(&code_mu);
     snapshot *old = code;
     code = snapshot_ref(next);
-    if (old) __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE);
+    if (old) slot_generation_advance();
     pthread_mutex_unlock(&code_mu);
     if (!old) return;
     snapshot_unref(old);
-    worker_wake_everyone(); /* idle slots are at a boundary: switch now */
+    slot_wake_everyone(); /* idle slots are at a boundary: switch now */
 }
 
 /* The current code as a new reference, and its generation. */
 static snapshot *current_code(unsigned *gen) {
     pthread_mutex_lock(&code_mu);
     snapshot *s = snapshot_ref(code);
-    *gen = generation;
+    *gen = slot_generation();
     pthread_mutex_unlock(&code_mu);
     return s;
 }
@@ -144,26 +68,30 @@ static snapshot *current_code(unsigned *gen) {
 
 typedef struct slot {
     char process[64];
-    int index;        /* 1-based within its worker */
-    int ended;        /* under slots_mu */
-    char machine[40]; /* last claimed, "" after release; under slots_mu */
+    int index;                   /* 1-based within its worker */
+    int ended;                   /* under slots_mu */
+    char machine[SLOT_ITEM_LEN]; /* last claimed, "" after release (slots.h) */
     pthread_t thread;
     struct slot *next;
 } slot;
 
 static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t slots_changed = PTHREAD_COND_INITIALIZER;
+static pthread_cond_t slots_changed; /* CLOCK_MONOTONIC: see workers_init */
 static slot *slots;
 static int live;
+static pool *the_pool;
 static int script_argc;
 static char **script_argv;
-static __thread slot *self; /* the calling thread's slot, NULL elsewhere */
 
-void worker_note_item(const char *machine) {
-    if (!self) return;
-    pthread_mutex_lock(&slots_mu);
-    snprintf(self->machine, sizeof self->machine, "%s", machine ? machine : "");
-    pthread_mutex_unlock(&slots_mu);
+void workers_init(pool *p, int argc, char **argv) {
+    the_pool = p;
+    script_argc = argc;
+    script_argv = argv;
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&slots_changed, &a);
+    pthread_condattr_destroy(&a);
 }
 
 /* A slot's code: the state it runs, its generation, and the retry of a
@@ -186,14 +114,14 @@ static void slot_load(slot *s, slot_code *c) {
     unsigned gen;
     snapshot *snap = current_code(&gen);
     int kind;
-    lua_State *fresh = lbmdb_script_state(snap, script_argc, script_argv, &kind, err, sizeof err);
+    lua_State *fresh = lstate_new(snap, script_argc, script_argv, &kind, err, sizeof err);
     snapshot_unref(snap);
     char idx[16], g[16], had[16];
     snprintf(idx, sizeof idx, "%d", s->index);
     snprintf(g, sizeof g, "%u", gen);
     snprintf(had, sizeof had, "%u", c->have);
     if (fresh) {
-        if (c->L) lbmdb_close_state(c->L);
+        if (c->L) lstate_close(c->L);
         if (c->retry_at > 0)
             log_kv(LOG_INFO, "slot loaded the code after failing", "process", s->process, "slot", idx,
                    "generation", g, NULL);
@@ -217,7 +145,7 @@ static void slot_load(slot *s, slot_code *c) {
 
 static void *slot_main(void *arg) {
     slot *s = arg;
-    self = s;
+    slot_bind_item(s->machine);
     char err[4096];
     slot_code c = {0};
     int load = 1;
@@ -229,7 +157,7 @@ static void *slot_main(void *arg) {
             load = 1;
             continue;
         }
-        int r = lbmdb_serve(c.L, s->process, s->index, c.have, c.deferred, c.retry_at, err, sizeof err);
+        int r = lstate_serve(c.L, s->process, s->index, c.have, c.deferred, c.retry_at, err, sizeof err);
         if (r == SERVE_ERROR) {
             log_kv(LOG_ERROR, "slot stopped by an error", "process", s->process, "error", err, NULL);
             /* do not spin on a persistent error; a reload may fix it */
@@ -239,7 +167,7 @@ static void *slot_main(void *arg) {
         if (r != SERVE_RELOAD) break;
         load = 1;
     }
-    if (c.L) lbmdb_close_state(c.L);
+    if (c.L) lstate_close(c.L);
     pthread_mutex_lock(&slots_mu);
     s->ended = 1;
     live--;
@@ -250,17 +178,15 @@ static void *slot_main(void *arg) {
 
 /* ---- the listener ------------------------------------------------------------ */
 
-static pool *the_pool;
 static pthread_t listener;
-static int listener_started, notify_enabled;
-
-int worker_notify_enabled(void) { return __atomic_load_n(&notify_enabled, __ATOMIC_ACQUIRE); }
+static int listener_started;
 
 static PGconn *listen_conn(void) {
     char err[512];
-    PGconn *c = pool_get(the_pool, err, sizeof err);
+    PGconn *c = pool_get(the_pool, POOL_WAIT_S, err, sizeof err);
     if (!c) return NULL;
-    PGresult *r = PQexec(c, "LISTEN bmdb_wake");
+    /* bmdb_cancel: an operator canceled a lock; the payload is its token */
+    PGresult *r = PQexec(c, "LISTEN bmdb_wake; LISTEN bmdb_cancel");
     int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
     const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
     if (!ok && state && !strcmp(state, "0A000")) {
@@ -275,8 +201,8 @@ static PGconn *listen_conn(void) {
         pool_put(the_pool, c);
         return NULL;
     }
-    __atomic_store_n(&notify_enabled, 1, __ATOMIC_RELEASE);
-    worker_wake(NULL); /* we may have missed notifications while away */
+    slot_set_notify_enabled();
+    slot_wake(NULL); /* we may have missed notifications while away */
     return c;
 }
 
@@ -302,7 +228,8 @@ static void *listener_main(void *arg) {
         }
         PGnotify *note;
         while ((note = PQnotifies(c))) {
-            worker_wake(note->extra);
+            if (!strcmp(note->relname, "bmdb_cancel")) control_lost_token(note->extra, "canceled by an operator");
+            else slot_wake(note->extra);
             PQfreemem(note);
         }
     }
@@ -315,14 +242,14 @@ static void *listener_main(void *arg) {
 
 /* ---- the supervisor ----------------------------------------------------------- */
 
-int workers_start(pool *p, int argc, char **argv, const worker_spec *specs, int nspecs) {
-    the_pool = p;
-    script_argc = argc;
-    script_argv = argv;
+int workers_start(const worker_spec *specs, int nspecs) {
     if (!listener_started && pthread_create(&listener, NULL, listener_main, NULL) == 0) listener_started = 1;
+    const char *names[256];
+    for (int i = 0; i < nspecs && i < 256; i++) names[i] = specs[i].process;
+    control_register(the_pool, names, nspecs < 256 ? nspecs : 256); /* holds block them in work_blocked */
     pthread_mutex_lock(&slots_mu);
     for (int i = 0; i < nspecs; i++) {
-        /* Slots above a lowered concurrency end themselves (bmdb._serve
+        /* Slots above a lowered concurrency end themselves (serve
          * returns "removed"); only missing ones are started here. Records
          * of ended slots stay until workers_stop() joins them. */
         for (int idx = 1; idx <= specs[i].concurrency; idx++) {
@@ -354,7 +281,7 @@ int workers_live(void) {
 }
 
 int workers_wait(double seconds) {
-    struct timespec until = time_after(CLOCK_REALTIME, seconds);
+    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
     pthread_mutex_lock(&slots_mu);
     while (live > 0)
         if (pthread_cond_timedwait(&slots_changed, &slots_mu, &until) == ETIMEDOUT) break;
@@ -368,10 +295,11 @@ int workers_report_stuck(void) {
     pthread_mutex_lock(&slots_mu);
     for (slot *s = slots; s; s = s->next) {
         if (s->ended) continue;
-        char idx[16];
+        char idx[16], machine[SLOT_ITEM_LEN];
         snprintf(idx, sizeof idx, "%d", s->index);
+        slot_item_read(s->machine, machine, sizeof machine);
         log_kv(LOG_ERROR, "slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)",
-               "process", s->process, "slot", idx, "machine", *s->machine ? s->machine : "none", NULL);
+               "process", s->process, "slot", idx, "machine", *machine ? machine : "none", NULL);
         n++;
     }
     pthread_mutex_unlock(&slots_mu);

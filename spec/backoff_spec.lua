@@ -1,4 +1,4 @@
--- The backoff rules of DESIGN.md, as a pure computation.
+-- The backoff rules of README "Backoff", as a pure computation.
 local bmdb = require "bmdb"
 
 describe("bmdb.backoff_next", function()
@@ -56,7 +56,7 @@ describe("bmdb.backoff_next", function()
   it("rejects a spec of the wrong type, naming it", function()
     local ok, err = pcall(next, "soon", nil)
     assert.is_false(ok)
-    assert.matches("backoff: expected a table {initial=, maximum=, exponent=} or a number, got string",
-      err, 1, true)
+    assert.matches("bad argument #1 to 'backoff_next' (backoff: expected a table {initial=, maximum=, exponent=} " ..
+      "or a number, got string)", tostring(err), 1, true)
   end)
 end)

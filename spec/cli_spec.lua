@@ -64,26 +64,34 @@ describe("bmdb-host", function()
       assert.matches("SQL error 42P01: relation \"no_such_table\" does not exist", err, 1, true)
     end)
 
+    it("report cancellation as kind canceled, spelled one way", function()
+      local s = script("exit.lua", [[local ok, e = pcall(os.exit, 3)
+        io.stdout:write(tostring(ok), " ", e.kind, " ", tostring(e), "\n")]])
+      local code, out, err = host { s }
+      assert.equal(3, code, err)
+      assert.matches("false canceled canceled: os.exit ends the host", out, 1, true)
+    end)
+
     it("report a wrong parameter count and an unsupported parameter type, naming them", function()
       local s = script("params.lua", [[require("bmdb").transact(function(tx) tx:one("SELECT $1::INT8 + $2::INT8 AS x", 1) end)]])
       local code, _, err = host { s }
       assert.equal(1, code)
-      assert.matches("params.lua:1: one: parameter $2 is missing", err, 1, true)
+      assert.matches("params.lua:1: bad argument #3 to 'one' (parameter $2 is missing", err, 1, true)
       s = script("ptype.lua", [[require("bmdb").transact(function(tx) tx:exec("SELECT $1::TEXT", print) end)]])
       code, _, err = host { s }
       assert.equal(1, code)
-      assert.matches("ptype.lua:1: exec: parameter $1 (argument #1) has unsupported type function", err, 1, true)
+      assert.matches("ptype.lua:1: bad argument #2 to 'exec' (parameter $1: unsupported type function", err, 1, true)
     end)
 
     it("report an invalid process name and a machine id that is not a UUID", function()
       local s = script("proc.lua", [[require("bmdb").work("7b0c8f0e-1d4e-4f6a-9a53-0c4fa2f5e1b2", "no spaces", function() end)]])
       local code, _, err = host { s }
       assert.equal(1, code)
-      assert.matches('proc.lua:1: bmdb.work: invalid process name "no spaces"', err, 1, true)
+      assert.matches('proc.lua:1: bad argument #2 to \'work\' (invalid process name "no spaces"', err, 1, true)
       s = script("uuid.lua", [[require("bmdb").work("machine-7", "Provision", function() end)]])
       code, _, err = host { s }
       assert.equal(1, code)
-      assert.matches("uuid.lua:1: bmdb.work: machine id is not a UUID: machine-7", err, 1, true)
+      assert.matches("uuid.lua:1: bad argument #1 to 'work' (machine id is not a UUID: machine-7)", err, 1, true)
     end)
   end)
 
@@ -186,7 +194,7 @@ describe("bmdb-host", function()
       local s = script("hold.lua", [[
         local bmdb = require "bmdb"
         bmdb.work(arg[1], "Reboot", function(w)
-          io.stdout:write("holding ", w.session, "\n"); io.stdout:flush()
+          io.stdout:write("holding ", w.session_id, "\n"); io.stdout:flush()
           while true do bmdb.sleep(0.05) end
         end)
       ]])

@@ -6,14 +6,15 @@ describe("examples", function()
   local dsn, admin
 
   local function host(args)
-    local argv = { H.bin, H.root .. "/examples/" .. args[1] }
+    local argv = { H.bin, "--migrations", H.root .. "/examples/migrations", H.root .. "/examples/" .. args[1] }
     for i = 2, #args do argv[#argv + 1] = args[i] end
     return argv
   end
 
   setup(function()
     dsn = H.postgres():create_db()
-    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
+    assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },
+      { env = { BMDB_DSN = dsn } })))
     admin = core.connect(dsn)
   end)
 

@@ -183,7 +183,7 @@ describe("bmdb policies", function()
     local function problems(field, value)
       local def = { process = "P", select = function() end, run = function() end }
       def[field] = value
-      return table.concat(bmdb._problems(def), "; ")
+      return table.concat(require("bmdb.internal").problems(def), "; ")
     end
 
     for _, case in ipairs {
@@ -219,7 +219,7 @@ describe("bmdb policies", function()
 
     it("in bmdb.sleep", function()
       for _, v in ipairs { NAN, INF } do
-        assert.matches("bmdb.sleep: expected a finite number of seconds >= 0", tostring(failure(bmdb.sleep, v)), 1, true)
+        assert.matches("bad argument #1 to 'sleep' (expected a finite number of seconds >= 0", tostring(failure(bmdb.sleep, v)), 1, true)
       end
     end)
 
@@ -227,7 +227,7 @@ describe("bmdb policies", function()
       local m = machine()
       local err = failure(bmdb.work, m, "NanFail", function(w) w:fail("broken", { initial = NAN }) end,
                           { backoff = { initial = 3 } })
-      assert.matches("w:fail: backoff.initial must be a finite number", tostring(err), 1, true)
+      assert.matches("bad argument #2 to 'fail' (backoff.initial must be a finite number", tostring(err), 1, true)
       -- the body's raise failed the item with the worker's own backoff
       local b = admin:one("SELECT last_seconds FROM work_backoff WHERE machine_id = $1 AND process = 'NanFail'", m)
       assert.equal(3, b.last_seconds)
@@ -235,9 +235,9 @@ describe("bmdb policies", function()
   end)
 
   describe("work items", function()
-    it("keep machine, process, session and attempt: a body cannot change them", function()
+    it("keep machine, process, session_id and attempt: a body cannot change them", function()
       local m, other = machine(), machine()
-      for _, field in ipairs { "machine", "process", "session", "attempt" } do
+      for _, field in ipairs { "machine", "process", "session_id", "attempt" } do
         local err = failure(bmdb.work, m, "ReadOnly", function(w)
           w.note = "bodies may keep their own fields"
           assert.equal("bodies may keep their own fields", w.note)

@@ -19,7 +19,7 @@ return {
       io.stdout:write("running ", w.machine, " ", VERSION, "\n"); io.stdout:flush()
       local gate = os.getenv("GATE")
       if gate then while not io.open(gate) do bmdb.sleep(0.02) end end
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session_id) end)
     end,
   },
   %s
@@ -35,7 +35,7 @@ local extra_worker = [[
         LIMIT $1]=], limit)
     end,
     run = function(w)
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, 'extra', $2)", w.machine, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, 'extra', $2)", w.machine, w.session_id) end)
     end,
   },
 ]]
@@ -251,7 +251,7 @@ end]], validated, allow, validated)
       return tx:query("SELECT machine_id FROM wanted w WHERE process = 'P%d' AND NOT EXISTS (SELECT 1 FROM ran r WHERE r.machine_id = w.machine_id) LIMIT $1", limit)
     end,
     run = function(w)
-      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session) end)
+      w:finish(function(tx) tx:exec("INSERT INTO ran VALUES ($1, $2, $3)", w.machine, VERSION, w.session_id) end)
     end,
   },]], i, i)
     end
@@ -320,6 +320,17 @@ describe("bmdb-host check", function()
     code, _, err = check("local bmdb = require 'bmdb'\nlocal t = nil\nreturn { t.x }\n")
     assert.equal(1, code)
     assert.matches("s.lua:3: attempt to index local 't' (a nil value)", err, 1, true)
+  end)
+
+  it("tells a one-off that needs the database by the error's kind, not by its text", function()
+    local code, out = check("require('bmdb').transact(function(tx) end)\n")
+    assert.equal(0, code)
+    assert.matches("compiles; a one-off that uses the database at load time", out, 1, true)
+    -- a script's own error that merely says the same words is a runtime error
+    local err
+    code, _, err = check("error('bmdb: not connected to a database (no session)')\n")
+    assert.equal(1, code)
+    assert.matches("its top level fails at run time", err, 1, true)
   end)
 
   it("exits 2 on a syntax error with file:line, and on values that are not workers", function()

@@ -61,6 +61,7 @@ describe("bmdb.transact", function()
       return tx:one("SELECT generate_series(1, 3) AS x")
     end)
     assert.matches("one: the query returned 3 rows, expected at most one", tostring(err), 1, true)
+    assert.truthy(bmdb.is_error(err, "usage"), tostring(err))
   end)
 
   it("raises SQL errors as objects with sqlstate, message and a readable tostring", function()
@@ -78,9 +79,10 @@ describe("bmdb.transact", function()
     local err = failure(bmdb.transact, function(tx) return tx:one("SELECT $1::INT8 + $2::INT8 AS s", 1) end)
     assert.matches("parameter $2 is missing", tostring(err), 1, true)
     err = failure(bmdb.transact, function(tx) return tx:one("SELECT $1::INT8 AS s", 1, 2) end)
-    assert.matches("argument #2 has no parameter", tostring(err), 1, true)
+    assert.matches("bad argument #3 to 'one' (no parameter $2: the query uses 1 parameter, got 2)", tostring(err), 1, true)
     err = failure(bmdb.transact, function(tx) return tx:one("SELECT $1::TEXT AS s", {}) end)
-    assert.matches("parameter $1 (argument #1) has unsupported type table", tostring(err), 1, true)
+    assert.matches("bad argument #2 to 'one' (parameter $1: unsupported type table", tostring(err), 1, true)
+    assert.truthy(bmdb.is_error(err, "usage"), tostring(err))
     -- "$1" inside a literal or comment is not a parameter
     local row = bmdb.transact(function(tx) return tx:one("SELECT '$1' AS s -- $2") end)
     assert.equal("$1", row.s)
@@ -99,6 +101,7 @@ describe("bmdb.transact", function()
     local kept = bmdb.transact(function(tx) return tx end)
     local err = failure(kept.one, kept, "SELECT 1 AS x")
     assert.matches("the transaction is over", tostring(err), 1, true)
+    assert.truthy(bmdb.is_error(err, "closed"), tostring(err))
   end)
 
   it("retries a serialization failure and commits once", function()
@@ -123,15 +126,15 @@ describe("bmdb.transact", function()
     local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
     admin:exec("INSERT INTO counters VALUES ($1, 0)", m)
     local attempts = 0
-    local window = bmdb._retry_seconds
-    bmdb._retry_seconds = 1 -- retries are bounded by time (30 s); keep this spec short
+    local window = require("bmdb.internal").retry_seconds
+    require("bmdb.internal").retry_seconds = 1 -- retries are bounded by time (30 s); keep this spec short
     local err = failure(bmdb.transact, function(tx)
       attempts = attempts + 1
       tx:one("SELECT n FROM counters WHERE machine_id = $1", m)
       admin:exec("UPDATE counters SET n = n + 1 WHERE machine_id = $1", m)
       tx:exec("UPDATE counters SET n = -1 WHERE machine_id = $1", m)
     end)
-    bmdb._retry_seconds = window
+    require("bmdb.internal").retry_seconds = window
     assert.equal("40001", err.sqlstate)
     assert.is_true(attempts > 1, "retried, got " .. attempts)
     assert.equal(attempts, admin:one("SELECT n FROM counters WHERE machine_id = $1", m).n)

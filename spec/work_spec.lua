@@ -42,7 +42,7 @@ describe("bmdb.work", function()
     local m = new_machine()
     local seen
     local r = bmdb.work(m, "Provision", function(w)
-      seen = { machine = w.machine, process = w.process, session = w.session, attempt = w.attempt,
+      seen = { machine = w.machine, process = w.process, session = w.session_id, attempt = w.attempt,
                alive = w:alive() }
       seen.held = admin:one("SELECT session_id FROM work WHERE machine_id = $1", m).session_id
       return "done"
@@ -51,7 +51,7 @@ describe("bmdb.work", function()
     assert.same({ machine = m, process = "Provision", session = bmdb.session().id, attempt = 1,
                   alive = true, held = bmdb.session().id }, seen)
     assert.same({ "Started", "Finished" }, events(m, "Provision"))
-    assert.equal(0, admin:one("SELECT count(*) AS n FROM work").n)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
   end)
 
   it("commits finish's function with the release, atomically", function()
@@ -87,15 +87,21 @@ describe("bmdb.work", function()
     end)
   end)
 
-  it("takes over a lock whose holder's session has expired, at once", function()
+  it("takes over a lock whose holder's session has expired, at once, counting it as a failure", function()
     local m = new_machine()
     local dead = admin:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
                              VALUES ('crashed', 'elsewhere:3', 1, now() - INTERVAL '1 second')
                              RETURNING session_id]]).session_id
     admin:exec("INSERT INTO work (machine_id, process, session_id) VALUES ($1, 'Provision', $2)", m, dead)
+    -- the takeover frees the lock now; the dead holder's item failed, so
+    -- it backs off (1 s: no spec was stored) before it runs again
+    local err = failure(bmdb.work, m, "Provision", function() error("must not run yet") end)
+    assert.equal("backoff", err.kind)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
+    end_backoff(m, "Provision")
     local ran = false
-    bmdb.work(m, "Provision", function() ran = true end)
-    assert.is_true(ran)
+    bmdb.work(m, "Provision", function(w) ran = w.attempt end)
+    assert.equal(2, ran)
     local h = admin:query("SELECT event, session_id FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, event", m)
     assert.same({ event = "Abandoned", session_id = dead }, h[1])
   end)
@@ -159,9 +165,37 @@ describe("bmdb.work", function()
     assert.matches("already decided (Canceled)", tostring(err), 1, true)
   end)
 
+  it("try_work returns nil and the error for a pair held elsewhere or in backoff, and raises the rest", function()
+    local m = new_machine()
+    local r, err = bmdb.try_work(m, "Try", function(w)
+      local inner_r, inner = bmdb.try_work(m, "Try", function() end)
+      assert.is_nil(inner_r)
+      assert.equal("held", inner.kind)
+      w:fail("broken", 60)
+    end)
+    assert.is_nil(r)
+    assert.is_nil(err)
+    r, err = bmdb.try_work(m, "Try", function() error("must not run") end)
+    assert.is_nil(r)
+    assert.equal("backoff", err.kind)
+    assert.is_string(err.backoff_until)
+    assert.is_nil(rawget(err, "until_"))
+    assert.equal("done", (bmdb.try_work(new_machine(), "Try", function() return "done" end)))
+    err = failure(bmdb.try_work, "machine-1", "Try", function() end)
+    assert.truthy(bmdb.is_error(err, "usage"), tostring(err))
+  end)
+
+  it("exposes only the documented API in require 'bmdb'", function()
+    local names = {}
+    for k in pairs(bmdb) do names[#names + 1] = k end
+    table.sort(names)
+    assert.same({ "backoff_next", "cancel", "hold", "is_error", "log", "pause", "resume", "session", "sleep",
+                  "transact", "try_work", "unhold", "wake", "work", "worker" }, names)
+  end)
+
   it("rejects a machine id that is not a UUID and an invalid process name", function()
     local err = failure(bmdb.work, "machine-1", "Provision", function() end)
-    assert.matches("bmdb.work: machine id is not a UUID: machine-1", tostring(err), 1, true)
+    assert.matches("bad argument #1 to 'work' (machine id is not a UUID: machine-1", tostring(err), 1, true)
     err = failure(bmdb.work, new_machine(), "bad name!", function() end)
     assert.matches('invalid process name "bad name!"', tostring(err), 1, true)
     err = failure(bmdb.work, "00000000-0000-4000-8000-000000000000", "Provision", function() end)
@@ -172,7 +206,7 @@ describe("bmdb.work", function()
     local m = new_machine()
     local alive_after, inner
     local err = failure(bmdb.work, m, "Provision", function(w)
-      admin:exec("DELETE FROM sessions WHERE session_id = $1", w.session)
+      admin:exec("DELETE FROM sessions WHERE session_id = $1", w.session_id)
       inner = failure(bmdb.transact, function(tx) tx:exec("INSERT INTO machines DEFAULT VALUES") end)
       alive_after = w:alive()
       w:finish()

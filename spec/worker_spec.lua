@@ -181,7 +181,7 @@ describe("workers", function()
     assert.equal(0, h:wait(30), h:stderr())
     assert.same({ "Started", "Finished" }, events(ids[1]))
     assert.same({}, events(ids[2]))
-    assert.equal(0, count("SELECT 1 FROM sessions WHERE component_name = 'worker_spec'"))
+    assert.equal(0, count("SELECT 1 FROM sessions WHERE runtime_info LIKE $1", "%:" .. h.pid))
   end)
 
   it("cancels items in flight on a second signal and records them", function()
@@ -232,7 +232,7 @@ describe("workers", function()
               LIMIT $1]=], limit)
           end,
           run = function(w)
-            io.stdout:write("running ", w.machine, " ", w.session, "\n"); io.stdout:flush()
+            io.stdout:write("running ", w.machine, " ", w.session_id, "\n"); io.stdout:flush()
             local mark = os.getenv("MARK")
             if os.getenv("LOSE") == w.machine and not io.open(mark) then
               io.open(mark, "w"):close() -- only the first time

@@ -12,7 +12,7 @@
 -- process, deterministically (candidates in select's order), so a spec can
 -- assert on the database afterwards.
 local core = require "bmdb.core"
-local bmdb = require "bmdb"
+local I = require "bmdb.internal"
 
 local T = {}
 
@@ -35,7 +35,9 @@ end
 
 -- A fresh database with every migration applied, and bmdb connected to it
 -- with a live session. opts: component, interval (seconds), log_level
--- (what bmdb logs to stderr meanwhile; default "warn").
+-- (what bmdb logs to stderr meanwhile; default "warn"), migrations (the
+-- operator's own migrations directory, applied after the core's, as
+-- bmdb-host --migrations DIR does).
 function T.database(opts)
   opts = opts or {}
   local dir = core.tmpdir("bmdb-testing")
@@ -45,7 +47,7 @@ function T.database(opts)
     error(server, 2)
   end
   core.open { dsn = dsn, component = opts.component or "bmdb.testing", interval = opts.interval or 5,
-              log_level = opts.log_level }
+              log_level = opts.log_level, migrations = opts.migrations }
   return setmetatable({ dir = dir, dsn = dsn, _server = server, _conn = core.connect(dsn) }, Database)
 end
 
@@ -64,7 +66,7 @@ function T.load(script, args)
   package.path, _G.arg = saved_path, saved_arg
   if not ok then error(result, 2) end
   local workers = {}
-  for _, def in ipairs(bmdb._workers(result) or {}) do workers[def.process] = def end
+  for _, def in ipairs(I.workers(result) or {}) do workers[def.process] = def end
   return workers
 end
 
@@ -76,9 +78,9 @@ function T.run_one(script, process, opts)
   opts = opts or {}
   local def = T.load(script, opts.args)[process]
   if not def then error(script .. " has no worker for process " .. tostring(process), 2) end
-  local w = bmdb._claim(def, { ordered = true, machine = opts.machine })
+  local w = I.claim(def, { ordered = true, machine = opts.machine })
   if not w then return nil end
-  local ok, err = pcall(bmdb.run, w, def.run)
+  local ok, err = pcall(I.run, w, def.run)
   return { machine = w.machine, attempt = w.attempt, event = w._decided or nil, error = (not ok) and err or nil }
 end
 

@@ -1,0 +1,105 @@
+/* lcontrol.c -- work control as bmdb.core sees it (control.c): cancel,
+ * pause, resume, hold and unhold inside a script's transaction, and the
+ * registry of items whose bodies run here (core.track, core.item_lost). */
+#include <lauxlib.h>
+
+#include "control.h"
+#include "lcore.h"
+#include "lerror.h"
+#include "lifecycle.h"
+#include "lstate.h"
+#include "tx.h"
+#include "work.h"
+
+static void check_ids(lua_State *L) {
+    const char *m = lerror_checkstring(L, 2), *p = lerror_checkstring(L, 3);
+    if (!work_valid_uuid(m)) lerror_argerror(L, 2, "machine id is not a UUID: %s", m);
+    if (!work_valid_process(p))
+        lerror_argerror(L, 3, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", p);
+}
+
+/* core.cancel(tx, machine, process, reason) -> token or nil */
+static int l_cancel(lua_State *L) {
+    tx *t = lcore_check_tx(L, "cancel");
+    check_ids(L);
+    char token[40] = "";
+    tx_error e;
+    int rc = control_cancel(t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 4, NULL),
+                            token, sizeof token, &e);
+    if (rc < 0) return lerror_raise(L, &e);
+    if (rc == 0) lua_pushnil(L);
+    else lua_pushstring(L, token);
+    return 1;
+}
+
+/* core.control(tx, "pause" | "resume" | "hold" | "unhold", name, reason) -> bool */
+static int l_control(lua_State *L) {
+    tx *t = lcore_check_tx(L, "control");
+    static const char *const ops[] = {"pause", "resume", "hold", "unhold", NULL};
+    int op = luaL_checkoption(L, 2, NULL, ops);
+    const char *name = luaL_checkstring(L, 3), *reason = luaL_optstring(L, 4, NULL);
+    if (op < 2 && !work_valid_process(name))
+        return lerror_raise_kind(L, "usage", "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", name);
+    if (op >= 2 && !work_valid_uuid(name)) return lerror_raise_kind(L, "usage", "machine id is not a UUID: %s", name);
+    tx_error e;
+    int rc = op == 0 ? control_pause(t, name, reason, &e)
+           : op == 1 ? control_resume(t, name, &e)
+           : op == 2 ? control_hold(t, name, reason, &e)
+                     : control_unhold(t, name, reason, &e);
+    if (rc < 0) return lerror_raise(L, &e);
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* core.paused(tx, process) -> reason or nil, and notes it for the log */
+static int l_paused(lua_State *L) {
+    tx *t = lcore_check_tx(L, "paused");
+    const char *process = luaL_checkstring(L, 2);
+    char why[512] = "";
+    tx_error e;
+    int rc = control_paused(t, process, why, sizeof why, &e);
+    if (rc < 0) return lerror_raise(L, &e);
+    if (rc) lua_pushstring(L, why);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* core.note_pause(process, paused, reason): logged once per change */
+static int l_note_pause(lua_State *L) {
+    control_note_pause(luaL_checkstring(L, 1), lua_toboolean(L, 2), luaL_optstring(L, 3, NULL));
+    return 0;
+}
+
+/* core.track(token, machine, process, slot, timeout, started) / core.untrack(token) */
+static int l_track(lua_State *L) {
+    control_track(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                  (int)luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0), luaL_optnumber(L, 6, mono_now()));
+    return 0;
+}
+
+static int l_untrack(lua_State *L) {
+    control_untrack(luaL_checkstring(L, 1));
+    return 0;
+}
+
+/* core.item_lost(token) -> why or nil */
+static int l_item_lost(lua_State *L) {
+    char why[256];
+    if (control_item_lost(luaL_checkstring(L, 1), why, sizeof why)) lua_pushstring(L, why);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* core.is_os_exit(f): f is the host's os.exit (a script state's) */
+static int l_is_os_exit(lua_State *L) {
+    lua_pushboolean(L, lua_tocfunction(L, 1) == NULL ? 0 : lstate_is_os_exit(lua_tocfunction(L, 1)));
+    return 1;
+}
+
+static const luaL_Reg funcs[] = {{"cancel", l_cancel},       {"control", l_control},
+                                 {"paused", l_paused},       {"note_pause", l_note_pause},
+                                 {"track", l_track},         {"untrack", l_untrack},
+                                 {"item_lost", l_item_lost}, {"is_os_exit", l_is_os_exit},
+                                 {NULL, NULL}};
+
+void lcontrol_register(lua_State *L) { luaL_register(L, NULL, funcs); }

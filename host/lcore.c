@@ -1,0 +1,412 @@
+/* lcore.c -- the module "bmdb.core": the C core as Lua sees it.
+ *
+ * Sessions, fenced transactions and work locks as userdata, and the host's
+ * services (sleep, log, state, clocks). It only translates: values through
+ * lvalue.c, failures into error objects through lerror.c; policy (retries,
+ * work decisions, backoff) lives in lua/bmdb/internal.lua. The binary and
+ * busted load the same luaopen_bmdb_core(): the binary hands over its pool
+ * with lcore_set_pool(), specs call core.open{dsn=...} (lboot.c) instead.
+ * The slots' services (lslot.c) and the test bootstrap (lboot.c) register
+ * their functions into the same table. */
+#include "lcore.h"
+
+#include "control.h"
+
+#include <lauxlib.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "lerror.h"
+#include "lifecycle.h"
+#include "log.h"
+#include "lvalue.h"
+#include "pool.h"
+#include "session.h"
+#include "slots.h"
+#include "tx.h"
+#include "work.h"
+
+#define SESSION_MT "bmdb.session"
+#define TX_MT "bmdb.tx"
+
+/* The pool every bmdb call uses. Set before any slot or script thread
+ * starts and cleared after they all ended (main.c, core.open/close), so
+ * it is read without a lock. */
+static pool *the_pool;
+
+void lcore_set_pool(pool *p) { the_pool = p; }
+pool *lcore_pool(void) { return the_pool; }
+
+/* Every bmdb call starts here: a canceled host raises before any SQL. */
+static void check_running(lua_State *L) {
+    if (lifecycle_state() >= HOST_CANCELLING) lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
+}
+
+/* ---- sessions ---------------------------------------------------------- */
+
+typedef struct { session *s; } lsession;
+
+static session *check_session(lua_State *L, int idx) {
+    lsession *u = lerror_checkudata(L, idx, SESSION_MT, "bmdb session");
+    return u->s;
+}
+
+/* core.session(): the host's current session, waiting briefly while the
+ * heartbeat replaces a lost one. */
+static int l_session(lua_State *L) {
+    check_running(L);
+    if (!sessions_started())
+        return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no session)");
+    double wait = luaL_optnumber(L, 1, 10);
+    session *s = session_current(wait);
+    if (!s) return lerror_raise_kind(L, "session_expired", "session expired (no live session)");
+    lsession *u = lua_newuserdata(L, sizeof *u);
+    u->s = s;
+    luaL_getmetatable(L, SESSION_MT);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int sess_gc(lua_State *L) {
+    lsession *u = lerror_checkudata(L, 1, SESSION_MT, "bmdb session");
+    session_unref(u->s);
+    u->s = NULL;
+    return 0;
+}
+
+static int sess_id(lua_State *L) {
+    lua_pushstring(L, session_id(check_session(L, 1)));
+    return 1;
+}
+
+static int sess_component(lua_State *L) {
+    lua_pushstring(L, session_component(check_session(L, 1)));
+    return 1;
+}
+
+static int sess_alive(lua_State *L) {
+    lua_pushboolean(L, session_alive(check_session(L, 1)));
+    return 1;
+}
+
+/* ---- transactions ------------------------------------------------------ */
+
+typedef struct { tx t; } ltx;
+
+static int l_begin(lua_State *L) {
+    check_running(L);
+    session *s = check_session(L, 1);
+    if (!the_pool) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
+    ltx *u = lua_newuserdata(L, sizeof *u);
+    memset(u, 0, sizeof *u);
+    luaL_getmetatable(L, TX_MT);
+    lua_setmetatable(L, -2);
+    /* The tx keeps its session alive as long as it exists, and its __gc
+     * lets go. tx_begin records the session even when it fails, so the
+     * reference is taken first: one ref for the one unref, whatever happens. */
+    session_ref(s);
+    tx_error e;
+    /* core.begin(sess, machine, process, token): a body's transaction,
+     * fenced by its item too */
+    tx_item item = {lua_tostring(L, 2), lua_tostring(L, 3), lua_tostring(L, 4)};
+    int fenced = item.machine && item.process && item.token;
+    if (tx_begin_item(&u->t, the_pool, s, fenced ? &item : NULL, &e) < 0) return lerror_raise(L, &e);
+    return 1;
+}
+
+static ltx *check_open_tx(lua_State *L, const char *fname) {
+    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    if (!u->t.open)
+        lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its bmdb.transact "
+                          "function)", fname);
+    check_running(L);
+    if (u->t.sess && !session_alive(u->t.sess)) {
+        tx_rollback(&u->t);
+        lerror_raise_kind(L, "session_expired", "session expired");
+    }
+    return u;
+}
+
+tx *lcore_check_tx(lua_State *L, const char *fname) { return &check_open_tx(L, fname)->t; }
+
+static int tx_statement(lua_State *L, const char *fname) {
+    ltx *u = check_open_tx(L, fname);
+    const char *sql = lerror_checkstring(L, 2);
+    char name[64];
+    if (lvalue_transaction_control(sql, name, sizeof name))
+        return lerror_raise_kind(L, "usage", "%s: %s is refused inside bmdb.transact: the transaction "
+                                 "belongs to the host (return from the function to commit, raise to "
+                                 "roll back)", fname, name);
+    lvalue_params_t p;
+    lvalue_params(L, fname, sql, 3, &p);
+    tx_error e;
+    PGresult *r = tx_exec_params(&u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
+    if (!r) return lerror_raise(L, &e);
+    return lvalue_push_result(L, fname, r);
+}
+
+static int tx_query(lua_State *L) { return tx_statement(L, "query"); }
+static int tx_one(lua_State *L) { return tx_statement(L, "one"); }
+static int tx_execute(lua_State *L) { return tx_statement(L, "exec"); }
+
+static int release_tx_session(ltx *u) {
+    if (u->t.sess) {
+        session_unref(u->t.sess);
+        u->t.sess = NULL;
+    }
+    return 0;
+}
+
+static int tx_commit_l(lua_State *L) {
+    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    if (!u->t.open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
+    tx_error e;
+    if (lifecycle_state() >= HOST_CANCELLING) {
+        tx_rollback(&u->t);
+        release_tx_session(u);
+        return lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
+    }
+    int rc = tx_commit(&u->t, &e);
+    release_tx_session(u);
+    if (rc < 0) return lerror_raise(L, &e);
+    return 0;
+}
+
+static int tx_rollback_l(lua_State *L) {
+    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    tx_rollback(&u->t);
+    release_tx_session(u);
+    return 0;
+}
+
+/* ---- work locks -------------------------------------------------------- */
+
+static void check_ids(lua_State *L, int midx, int pidx) {
+    const char *m = lerror_checkstring(L, midx), *p = lerror_checkstring(L, pidx);
+    if (!work_valid_uuid(m)) lerror_argerror(L, midx, "machine id is not a UUID: %s", m);
+    if (!work_valid_process(p))
+        lerror_argerror(L, pidx, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", p);
+}
+
+/* An optional numeric field of table idx as parameter text, into buf. */
+static const char *opt_number_text(lua_State *L, int idx, const char *k, char *buf, size_t len) {
+    if (!lua_istable(L, idx)) return NULL;
+    lua_getfield(L, idx, k);
+    const char *v = NULL;
+    if (lua_type(L, -1) == LUA_TNUMBER) {
+        lvalue_format_number(lua_tonumber(L, -1), buf, len);
+        v = buf;
+    }
+    lua_pop(L, 1);
+    return v;
+}
+
+/* core.lock(tx, machine, process, {timeout=, initial=, maximum=, exponent=})
+ * -> "locked", attempt, token | "held" | "backoff", until
+ *  | "paused", reason | "onhold", reason */
+static int l_lock(lua_State *L) {
+    ltx *u = check_open_tx(L, "lock");
+    check_ids(L, 2, 3);
+    char b[4][40];
+    work_claim c = {opt_number_text(L, 4, "timeout", b[0], 40), opt_number_text(L, 4, "initial", b[1], 40),
+                    opt_number_text(L, 4, "maximum", b[2], 40), opt_number_text(L, 4, "exponent", b[3], 40)};
+    work_locked out;
+    tx_error e;
+    work_lock_result res = work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
+    switch (res) {
+    case WORK_LOCKED:
+        slot_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
+        lua_pushliteral(L, "locked");
+        lua_pushinteger(L, out.attempt);
+        lua_pushstring(L, out.token);
+        return 3;
+    case WORK_HELD:
+        lua_pushliteral(L, "held");
+        return 1;
+    case WORK_BACKOFF:
+        lua_pushliteral(L, "backoff");
+        lua_pushstring(L, out.until);
+        return 2;
+    case WORK_PAUSED:
+    case WORK_ON_HOLD:
+        lua_pushstring(L, res == WORK_PAUSED ? "paused" : "onhold");
+        lua_pushstring(L, out.why);
+        return 2;
+    default:
+        return lerror_raise(L, &e);
+    }
+}
+
+/* core.release(tx, machine, process, event, cause, seconds, token) */
+static int l_release(lua_State *L) {
+    ltx *u = check_open_tx(L, "release");
+    check_ids(L, 2, 3);
+    static const char *const events[] = {"Finished", "Failed", "Canceled", NULL};
+    int ev = luaL_checkoption(L, 4, NULL, events);
+    tx_error e;
+    if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 7, NULL), events[ev],
+                     luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
+        return lerror_raise(L, &e);
+    slot_note_item(NULL);
+    return 0;
+}
+
+static int l_backoff_last(lua_State *L) {
+    ltx *u = check_open_tx(L, "backoff_last");
+    check_ids(L, 2, 3);
+    tx_error e;
+    long last = work_backoff_last(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &e);
+    if (last < 0) return lerror_raise(L, &e);
+    if (last == 0) lua_pushnil(L);
+    else lua_pushnumber(L, (lua_Number)last);
+    return 1;
+}
+
+/* ---- host services ----------------------------------------------------- */
+
+/* core.sleep(seconds, session?) -> true after the full time, false when cut
+ * short by cancellation or by the loss of session. Draining does not cut
+ * it: items in flight keep their grace period. */
+static int l_sleep(lua_State *L) {
+    double seconds = lerror_checknumber(L, 1);
+    session *s = lua_isnoneornil(L, 2) ? NULL : check_session(L, 2);
+    double end = mono_now() + seconds;
+    unsigned gen = lifecycle_kick_gen();
+    double left;
+    while ((left = end - mono_now()) > 0) {
+        lifecycle_wait(left, HOST_CANCELLING, &gen);
+        if (lifecycle_state() >= HOST_CANCELLING || (s && !session_alive(s)) ||
+            control_state_lost(L, NULL, 0)) {
+            lua_pushboolean(L, 0);
+            return 1;
+        }
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_retry_delay(lua_State *L) {
+    lua_pushnumber(L, tx_retry_delay((int)lerror_checknumber(L, 1)));
+    return 1;
+}
+
+static int l_log(lua_State *L) {
+    static const char *const levels[] = {"debug", "info", "warn", "error", NULL};
+    log_level lvl = (log_level)luaL_checkoption(L, 1, NULL, levels);
+    const char *msg = luaL_checkstring(L, 2);
+    if (!log_enabled(lvl)) return 0;
+    const char *kv[64];
+    size_t n = 0;
+    if (lua_istable(L, 3)) {
+        /* fields is a flat list {k1, v1, k2, v2, ...} (order kept) or a
+         * map; either way the texts go into a scratch table so they stay
+         * referenced while log_kvv reads them. */
+        lua_newtable(L);
+        int texts = lua_gettop(L);
+        if (lua_objlen(L, 3) > 0) {
+            size_t len = lua_objlen(L, 3);
+            for (size_t i = 1; i <= len && n < 32 * 2; i++) {
+                lua_getglobal(L, "tostring");
+                lua_rawgeti(L, 3, (int)i);
+                lua_call(L, 1, 1);
+                lua_rawseti(L, texts, (int)++n);
+            }
+            n /= 2;
+        } else {
+            lua_pushnil(L);
+            while (n < 32 && lua_next(L, 3)) {
+                for (int i = 0; i < 2; i++) {
+                    lua_getglobal(L, "tostring");
+                    lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
+                    lua_call(L, 1, 1);
+                    lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
+                }
+                lua_pop(L, 1);
+                n++;
+            }
+        }
+        for (size_t i = 0; i < 2 * n; i++) {
+            lua_rawgeti(L, texts, (int)i + 1);
+            kv[i] = lua_tostring(L, -1);
+            lua_pop(L, 1);
+        }
+    }
+    log_kvv(lvl, msg, kv, n);
+    return 0;
+}
+
+/* A seed for math.randomseed that differs between slots and hosts. */
+static int l_seed(lua_State *L) {
+    double t = mono_now();
+    lua_pushnumber(L, (double)(((unsigned long)(t * 1e9) ^ ((unsigned long)getpid() << 16) ^
+                                (unsigned long)(uintptr_t)L) % 2147483647UL));
+    return 1;
+}
+
+static int l_now(lua_State *L) {
+    lua_pushnumber(L, mono_now());
+    return 1;
+}
+
+static int l_state(lua_State *L) {
+    static const char *const names[] = {"running", "draining", "cancelling"};
+    lua_pushstring(L, names[lifecycle_state()]);
+    return 1;
+}
+
+static int l_valid_uuid(lua_State *L) {
+    lua_pushboolean(L, lua_type(L, 1) == LUA_TSTRING && work_valid_uuid(lua_tostring(L, 1)));
+    return 1;
+}
+
+static int l_valid_process(lua_State *L) {
+    lua_pushboolean(L, lua_type(L, 1) == LUA_TSTRING && work_valid_process(lua_tostring(L, 1)));
+    return 1;
+}
+
+static int l_pause_heartbeat(lua_State *L) {
+    sessions_pause_heartbeat(lua_toboolean(L, 1));
+    return 0;
+}
+
+static const luaL_Reg core_funcs[] = {
+    {"session", l_session},       {"begin", l_begin},
+    {"lock", l_lock},             {"release", l_release},
+    {"backoff_last", l_backoff_last},
+    {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
+    {"log", l_log},               {"state", l_state},
+    {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
+    {"error", lerror_l_error},    {"is_error", lerror_l_is_error},
+    {"pause_heartbeat", l_pause_heartbeat},
+    {"seed", l_seed},             {"now", l_now},
+    {NULL, NULL}};
+
+static const luaL_Reg session_methods[] = {
+    {"id", sess_id}, {"component", sess_component}, {"alive", sess_alive}, {NULL, NULL}};
+
+static const luaL_Reg tx_methods[] = {{"query", tx_query},   {"one", tx_one},
+                                      {"exec", tx_execute},  {"commit", tx_commit_l},
+                                      {"rollback", tx_rollback_l}, {NULL, NULL}};
+
+void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {
+    luaL_newmetatable(L, name);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, gc);
+    lua_setfield(L, -2, "__gc");
+    lua_pop(L, 1);
+}
+
+int luaopen_bmdb_core(lua_State *L) {
+    lerror_open(L);
+    lcore_class(L, SESSION_MT, session_methods, sess_gc);
+    lcore_class(L, TX_MT, tx_methods, tx_rollback_l);
+    lua_newtable(L);
+    luaL_register(L, NULL, core_funcs);
+    lslot_register(L);
+    lboot_register(L);
+    lcontrol_register(L);
+    return 1;
+}

@@ -1,0 +1,35 @@
+/* lcore.h -- the module "bmdb.core": the C core as Lua sees it.
+ *
+ * One luaopen_bmdb_core() for the binary's states and for busted (build/
+ * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
+ * transactions, locks, host services), of lslot.c (what the slots' loop
+ * uses) and of lboot.c (open, close, embedded, connect: the bootstrap for
+ * specs and bmdb.testing). */
+#ifndef BMDB_LCORE_H
+#define BMDB_LCORE_H
+
+#include <lua.h>
+#include <lauxlib.h>
+
+struct pool;
+/* The pool every bmdb call uses (NULL: none). Set before any state runs a
+ * bmdb call, cleared after they are all gone. */
+void lcore_set_pool(struct pool *p);
+struct pool *lcore_pool(void);
+
+int luaopen_bmdb_core(lua_State *L);
+
+/* A userdata class: metatable name with methods as __index and gc. */
+void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
+
+/* Add their functions to the core table on top of the stack. */
+void lslot_register(lua_State *L);
+void lboot_register(lua_State *L);
+void lcontrol_register(lua_State *L);
+
+/* The open transaction at stack index 1 (raises when it is over, the host
+ * canceled or the session expired), for lcontrol.c. */
+struct tx;
+struct tx *lcore_check_tx(lua_State *L, const char *fname);
+
+#endif

@@ -1,0 +1,250 @@
+-- Work control (issue 12): item fences, timeouts, poison pills, operator
+-- cancel, pause and hold, with real hosts and a real PostgreSQL.
+local H = require "support.helpers"
+local bmdb = require "bmdb"
+local core = require "bmdb.core"
+
+describe("work control", function()
+  local dsn, admin, dir
+
+  local function start_host(script, env)
+    local e = { BMDB_DSN = dsn }
+    for k, v in pairs(env or {}) do e[k] = v end
+    return H.spawn { argv = { H.bin, "--interval", "2", script }, env = e }
+  end
+
+  local function cli(...)
+    return H.run({ H.bin, ... }, { env = { BMDB_DSN = dsn } })
+  end
+
+  local function new_machine()
+    return admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+  end
+
+  local function history(m, process)
+    local out = {}
+    for _, r in ipairs(admin:query([[SELECT event, cause FROM work_history WHERE machine_id = $1
+                                     AND process = $2 ORDER BY occurred_at, history_id]], m, process)) do
+      out[#out + 1] = r.event .. (r.event == "Failed" and r.cause and r.cause:match("^timeout") and
+                                  "(" .. r.cause .. ")" or "")
+    end
+    return out
+  end
+
+  local function esc(text) return (text:gsub("%p", "%%%0")) end
+
+  local function count(pattern, text)
+    local n = 0
+    for _ in text:gmatch(pattern) do n = n + 1 end
+    return n
+  end
+
+  setup(function()
+    dsn, admin = H.open_core("control_spec")
+    dir = H.tmpdir("control")
+    admin:exec("CREATE TABLE effects (machine_id UUID NOT NULL, attempt INT8 NOT NULL, what TEXT)")
+    admin:exec("CREATE TABLE wanted (machine_id UUID NOT NULL, process TEXT NOT NULL)")
+  end)
+
+  teardown(function() H.close_core(admin) end)
+
+  -- A worker script over `wanted`: select skips work_blocked as any select does.
+  local function worker_script(name, body, extra)
+    H.write_file(dir .. "/" .. name .. ".lua", [[
+      local bmdb = require "bmdb"
+      local function worker(process)
+        return bmdb.worker {
+          process = process, poll = 0.2, ]] .. (extra or "") .. [[
+          select = function(tx, limit)
+            return tx:query([=[SELECT w.machine_id FROM wanted w
+              WHERE w.process = $2 AND NOT EXISTS (SELECT 1 FROM effects e
+                WHERE e.machine_id = w.machine_id AND e.what = $2)
+              AND NOT EXISTS (SELECT 1 FROM work_blocked b
+                WHERE b.machine_id = w.machine_id AND b.process = $2) LIMIT $1]=], limit, process)
+          end,
+          run = function(w) ]] .. body .. [[ end,
+        }
+      end
+      return { worker(os.getenv("PROCESS") or "Ctl"), os.getenv("PROCESS2") and worker(os.getenv("PROCESS2")) or nil }
+    ]])
+    return dir .. "/" .. name .. ".lua"
+  end
+
+  it("takes over a body past its timeout; its finish raises lost and commits nothing", function()
+    local script = worker_script("timeout", [[
+      if w.attempt == 1 then
+        pcall(bmdb.sleep, 10) -- interrupted when the timeout passes
+        local ok, err = pcall(w.finish, w, function(tx)
+          tx:exec("INSERT INTO effects VALUES ($1, $2, 'Slow')", w.machine, w.attempt)
+        end)
+        bmdb.log.info("late finish", { ok = ok, kind = bmdb.is_error(err) and err.kind, alive = w:alive() })
+        bmdb.sleep(30) -- busy: the other host must take it over
+      else
+        w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, 'Slow')", w.machine, w.attempt) end)
+      end
+    ]], "timeout = 1, backoff = { initial = 1 },")
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Slow')", m)
+    local a = start_host(script, { PROCESS = "Slow" })
+    H.wait_until(function() return #history(m, "Slow") >= 1 end, 20, "the first host to claim")
+    local b = start_host(script, { PROCESS = "Slow" })
+    H.wait_until(function() return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n > 0 end,
+      30, "the item to be done by another claim")
+    a:await("stderr", "late finish")
+    for _, h in ipairs { a, b } do h:kill("TERM") end
+    for _, h in ipairs { a, b } do assert.equal(0, h:wait(40), h:stderr()) end
+    assert.matches('msg="work lock taken away; interrupting the body".-reason="timeout after 1s"', a:stderr())
+    assert.matches('msg="late finish" alive=false kind=lost ok=false', a:stderr())
+    assert.same({ "Started", "Failed(timeout after 1s)", "Started", "Finished" }, history(m, "Slow"))
+    local e = admin:query("SELECT attempt FROM effects WHERE machine_id = $1", m)
+    assert.same({ { attempt = 2 } }, e) -- nothing of the first body
+  end)
+
+  it("commits nothing of a body whose writes come after an operator's cancel; an idle pair exits 1", function()
+    local go = dir .. "/go"
+    local script = worker_script("cancel", [[
+      -- the cancel frees the pair: a second claim only finishes
+      if io.open(os.getenv("GO") .. ".once") then return end
+      io.open(os.getenv("GO") .. ".once", "w"):close()
+      bmdb.log.info("body started", {})
+      pcall(function() -- the notification may interrupt the wait: fine
+        while not io.open(os.getenv("GO")) do bmdb.sleep(0.05) end
+      end)
+      local ok, err = pcall(bmdb.transact, function(tx)
+        tx:exec("INSERT INTO effects VALUES ($1, $2, 'Cancelme')", w.machine, w.attempt)
+      end)
+      bmdb.log.info("late write", { ok = ok, kind = bmdb.is_error(err) and err.kind, alive = w:alive(),
+                                    why = bmdb.is_error(err) and err.message })
+    ]])
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Cancelme')", m)
+    local h = start_host(script, { PROCESS = "Cancelme", GO = go })
+    h:await("stderr", "body started")
+    local code, out, err = cli("cancel", m, "Cancelme", "--reason", "wrong firmware")
+    assert.equal(0, code, err)
+    assert.matches("canceled", out)
+    h:await("stderr", "reason=\"canceled by an operator\"") -- the notification reached the host
+    H.write_file(go, "")
+    h:await("stderr", "late write")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.matches(esc('msg="late write" alive=false kind=lost ok=false why="lost: the lock on ' .. m ..
+                   ' Cancelme was taken away: canceled by an operator: wrong firmware"'), h:stderr())
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+    local c = admin:one([[SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Canceled']], m)
+    assert.equal("canceled by an operator: wrong firmware", c.cause)
+    code, out, err = cli("cancel", m, "Cancelme")
+    assert.equal(1, code, out .. err)
+    assert.matches("not held", out)
+    code, _, err = cli("cancel", "not-a-uuid", "Cancelme")
+    assert.equal(2, code)
+    assert.matches("not a UUID", err)
+  end)
+
+  it("backs off a body that os.exits its host each time by the declared spec; w.attempt counts it", function()
+    local script = worker_script("poison", [[
+      if w.attempt <= 3 then os.exit(3) end
+      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, 'Poison')", w.machine, w.attempt) end)
+    ]], "backoff = { initial = 1, maximum = 60, exponent = 2 },")
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Poison')", m)
+    for i, period in ipairs { 1, 2, 4 } do
+      local h = start_host(script, { PROCESS = "Poison" })
+      assert.equal(3, h:wait(60), h:stderr())
+      local b = admin:one("SELECT last_seconds, attempts FROM work_backoff WHERE machine_id = $1 AND process = 'Poison'", m)
+      assert.same({ last_seconds = period, attempts = i }, b)
+    end
+    local h = start_host(script, { PROCESS = "Poison" })
+    H.wait_until(function() return admin:one("SELECT attempt FROM effects WHERE machine_id = $1", m) end, 30,
+      "the fourth try")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.equal(4, admin:one("SELECT attempt FROM effects WHERE machine_id = $1", m).attempt)
+  end)
+
+  it("pauses a process and holds a machine on every host, through a restart", function()
+    local script = worker_script("pause", [[
+      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
+    ]])
+    local env = { PROCESS = "Paw", PROCESS2 = "Claw" }
+    local function done(m, p)
+      return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = $2", m, p).n > 0
+    end
+    assert.equal(0, (cli("pause", "Paw", "--reason", "db upgrade")))
+    local hosts = { start_host(script, env), start_host(script, env) }
+    for _, h in ipairs(hosts) do h:await("stderr", 'msg="process paused: no claims until it is resumed" process=Paw reason="db upgrade"') end
+    local held, free = new_machine(), new_machine()
+    local code, _, err = cli("hold", held, "--reason", "person at the rack")
+    assert.equal(0, code, err)
+    for _, m in ipairs { held, free } do
+      admin:exec("INSERT INTO wanted VALUES ($1, 'Paw'), ($1, 'Claw')", m)
+    end
+    H.wait_until(function() return done(free, "Claw") end, 20, "Claw to do the free machine")
+    local _, status = cli("status")
+    assert.matches("paused processes %(1%)", status)
+    assert.matches("Paw%s+%d%d%d%d%-%d%d%-%d%d [%d:]+%+?%d*%s+db upgrade", status)
+    assert.matches("machines on hold %(1%)", status)
+    assert.matches(esc(held) .. ".-person at the rack", status)
+    -- both survive a restart of every host
+    for _, h in ipairs(hosts) do h:kill("TERM") end
+    for _, h in ipairs(hosts) do assert.equal(0, h:wait(30), h:stderr()) end
+    local first = hosts
+    hosts = { start_host(script, env), start_host(script, env) }
+    for _, h in ipairs(hosts) do h:await("stderr", "process paused") end
+    -- one line per host however often its slots polled meanwhile
+    for _, h in ipairs(first) do assert.equal(1, count("process paused", h:stderr())) end
+    assert.is_false(done(free, "Paw"))
+    assert.equal(0, (cli("resume", "Paw")))
+    H.wait_until(function() return done(free, "Paw") end, 20, "Paw to resume")
+    for _, h in ipairs(hosts) do h:await("stderr", "process resumed") end
+    assert.is_false(done(held, "Paw") or done(held, "Claw"))
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work_history WHERE machine_id = $1 AND event = 'Started'", held).n)
+    assert.equal(0, (cli("unhold", held, "--reason", "done")))
+    H.wait_until(function() return done(held, "Paw") and done(held, "Claw") end, 20, "the unheld machine")
+    for _, h in ipairs(hosts) do h:kill("TERM") end
+    for _, h in ipairs(hosts) do assert.equal(0, h:wait(30), h:stderr()) end
+    local _, hist = cli("history", held)
+    assert.matches("Held%s.-person at the rack", hist)
+    assert.matches("Unheld%s.-done", hist)
+  end)
+
+  it("fences an item whose pair the same live session claimed again after a cancel", function()
+    local m = new_machine()
+    local again
+    local err = H.failure(bmdb.work, m, "Refence", function(w)
+      assert.is_true(bmdb.cancel(m, "Refence", "spec"))
+      again = assert(require("bmdb.internal").lock(m, "Refence")) -- same session, new token
+      assert.equal(w.session, again.session)
+      local e = H.failure(bmdb.transact, function(tx)
+        tx:exec("INSERT INTO effects VALUES ($1, 1, 'stale')", w.machine)
+      end)
+      assert.equal("lost", e.kind)
+      assert.matches("was taken away: canceled by an operator: spec", e.message, 1, true)
+      assert.is_false(w:alive())
+      assert.is_true(again:alive())
+      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, 1, 'stale')", w.machine) end)
+    end)
+    assert.equal("lost", err.kind, tostring(err))
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM effects WHERE what = 'stale'").n)
+    again:finish()
+    assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Refence"))
+  end)
+
+  it("offers pause, resume, hold and unhold to scripts", function()
+    local m = new_machine()
+    assert.is_true(bmdb.pause("Scripted", "spec"))
+    local e = H.failure(bmdb.work, m, "Scripted", function() error("must not run") end)
+    assert.equal("held", e.kind)
+    assert.matches("process Scripted is paused: spec", e.message)
+    assert.is_true(bmdb.resume("Scripted"))
+    assert.is_false(bmdb.resume("Scripted"))
+    assert.is_true(bmdb.hold(m, "spec hold"))
+    e = H.failure(bmdb.work, m, "Scripted", function() error("must not run") end)
+    assert.matches(esc("machine " .. m .. " is on hold: spec hold"), e.message)
+    assert.is_true(bmdb.unhold(m))
+    assert.is_false(bmdb.unhold(m))
+    assert.is_false(bmdb.cancel(m, "Scripted"))
+    bmdb.work(m, "Scripted", function() end)
+    assert.same({ "Started", "Finished" }, history(m, "Scripted"))
+  end)
+end)
