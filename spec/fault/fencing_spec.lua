@@ -11,7 +11,7 @@ local bmdb = require "bmdb"
 local ROLE, GO = os.getenv("ROLE"), os.getenv("GO")
 local function say(...) io.stdout:write(...); io.stdout:write("\n"); io.stdout:flush() end
 local function zombie_row(tx, w, n)
-  tx:exec("INSERT INTO zombie_writes VALUES ($1, $2, $3, $4)", w.machine, w.session, ROLE, n)
+  tx:exec("INSERT INTO zombie_writes VALUES ($1, $2, $3, $4)", w.machine, w.session_id, ROLE, n)
 end
 return {
   bmdb.worker {
@@ -24,7 +24,7 @@ return {
                         AND b.process = 'Zombie') LIMIT $1]=], limit, os.getenv("MACHINE"))
     end,
     run = function(w)
-      say("running ", w.session)
+      say("running ", w.session_id)
       if ROLE == "writer" then
         -- writes until the host refuses, then tries to finish with a write
         for i = 1, math.huge do
@@ -40,13 +40,13 @@ return {
         -- work row, so nothing but the fence orders it against a takeover)
         while not io.open(GO) do bmdb.sleep(0.05) end
         local ok, err = pcall(bmdb.transact, function(tx)
-          tx:exec("INSERT INTO slow_rows VALUES ($1, $2, $3)", w.machine, w.session, ROLE)
+          tx:exec("INSERT INTO slow_rows VALUES ($1, $2, $3)", w.machine, w.session_id, ROLE)
         end)
         say("stalled write: ", tostring(ok), " ", tostring(err))
         w:finish()
       elseif ROLE == "stall-taker" then
         w:finish(function(tx)
-          tx:exec("INSERT INTO slow_rows VALUES ($1, $2, $3)", w.machine, w.session, ROLE)
+          tx:exec("INSERT INTO slow_rows VALUES ($1, $2, $3)", w.machine, w.session_id, ROLE)
         end)
       else
         w:finish(function(tx) zombie_row(tx, w, 0) end)

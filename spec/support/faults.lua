@@ -137,14 +137,14 @@ return {
       local start = bmdb.transact(function(tx)
         return tx:one("SELECT clock_timestamp()::TEXT AS t, n FROM passes WHERE machine_id = $1", w.machine)
       end)
-      io.stdout:write("running ", w.machine, " ", w.session, "\n")
+      io.stdout:write("running ", w.machine, " ", w.session_id, "\n")
       io.stdout:flush()
       bmdb.sleep(os.getenv("FIXED") and HOLD or math.random() * HOLD)
       %s
       if math.random() < FAIL then error("injected failure") end
       w:finish(function(tx)
         tx:exec([=[INSERT INTO intervals VALUES ($1, $2, $3, $4, $5, $6, $7, clock_timestamp())]=],
-          w.machine, start.n + 1, os.getenv("HOST") or "?", w.session, VERSION, tostring(SLOT), start.t)
+          w.machine, start.n + 1, os.getenv("HOST") or "?", w.session_id, VERSION, tostring(SLOT), start.t)
         tx:exec("UPDATE passes SET n = n + 1 WHERE machine_id = $1", w.machine)
       end)
       io.stdout:write("committed ", w.machine, " ", start.n + 1, "\n")
