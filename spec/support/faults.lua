@@ -137,7 +137,8 @@ return {
       local start = bmdb.transact(function(tx)
         return tx:one("SELECT clock_timestamp()::TEXT AS t, n FROM passes WHERE machine_id = $1", w.machine)
       end)
-      io.stdout:write("running ", w.machine, " ", w.session_id, "\n")
+      -- one write per line: slots share stdout, and one write is atomic
+      io.stdout:write(("running %s %s\n"):format(w.machine, w.session_id))
       io.stdout:flush()
       bmdb.sleep(os.getenv("FIXED") and HOLD or math.random() * HOLD)
       %s
@@ -147,7 +148,7 @@ return {
           w.machine, start.n + 1, os.getenv("HOST") or "?", w.session_id, VERSION, tostring(SLOT), start.t)
         tx:exec("UPDATE passes SET n = n + 1 WHERE machine_id = $1", w.machine)
       end)
-      io.stdout:write("committed ", w.machine, " ", start.n + 1, "\n")
+      io.stdout:write(("committed %s %d\n"):format(w.machine, start.n + 1))
       io.stdout:flush()
     end,
   },
@@ -179,7 +180,10 @@ end
 -- "committed MACHINE PASS" lines a host printed: {"m pass", ...}
 function F.committed(p, into)
   into = into or {}
-  for m, pass in p:stdout():gmatch("committed (%S+) (%d+)") do into[#into + 1] = { m, tonumber(pass) } end
+  for line in p:stdout():gmatch("[^\n]+") do
+    local m, pass = line:match("^committed (%S+) (%d+)$")
+    if m then into[#into + 1] = { m, tonumber(pass) } end
+  end
   return into
 end
 
