@@ -138,7 +138,7 @@ return {
         return tx:one("SELECT clock_timestamp()::TEXT AS t, n FROM passes WHERE machine_id = $1", w.machine)
       end)
       -- one write per line: slots share stdout, and one write is atomic
-      io.stdout:write(("running %s %s\n"):format(w.machine, w.session_id))
+      io.stdout:write(("running %%s %%s\n"):format(w.machine, w.session_id))
       io.stdout:flush()
       bmdb.sleep(os.getenv("FIXED") and HOLD or math.random() * HOLD)
       %s
@@ -148,7 +148,7 @@ return {
           w.machine, start.n + 1, os.getenv("HOST") or "?", w.session_id, VERSION, tostring(SLOT), start.t)
         tx:exec("UPDATE passes SET n = n + 1 WHERE machine_id = $1", w.machine)
       end)
-      io.stdout:write(("committed %s %d\n"):format(w.machine, start.n + 1))
+      io.stdout:write(("committed %%s %%d\n"):format(w.machine, start.n + 1))
       io.stdout:flush()
     end,
   },
