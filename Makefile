@@ -23,7 +23,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps check-deps bench-deps run check check-asan bench install clean
+.PHONY: all deps check-deps bench-deps run check check-asan asan-host check-all bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
@@ -73,23 +73,46 @@ run: deps
 	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5
 	./build/bmdb-host --migrations examples/migrations examples/provisioner.lua
 
-# Every spec (spec/ and the operator example in examples/, as .busted
-# lists them), against PostgreSQL servers the specs start themselves.
+# The specs (spec/, spec/fault/ and the operator example in examples/, as
+# .busted lists them), against PostgreSQL servers the specs start
+# themselves; the slow fault specs (tagged #slow: load, failover, soak) are
+# left to check-all, so this stays within a few minutes.
 check: check-deps
 	@$(MAKE) --no-print-directory all
-	$(BUSTED) $(BUSTED_ARGS)
+	$(BUSTED) --exclude-tags=slow $(BUSTED_ARGS)
 
-# The specs again, the binary built with AddressSanitizer and leak checks:
-# a memory error or a leak makes the host exit non-zero, which fails the
-# spec that ran it, with the report in the host's log. The in-process specs
-# load the ordinary module (a sanitized module would need libasan preloaded
-# into LuaJIT, and through it into every PostgreSQL the specs start).
-ASAN_CFLAGS := -O1 -g -fsanitize=address -fno-omit-frame-pointer
-check-asan: check-deps
-	@$(MAKE) --no-print-directory all
+# The specs again, the binary built with AddressSanitizer (leak checks on)
+# and UndefinedBehaviorSanitizer (any report halts the host): a memory
+# error, a leak or undefined behaviour makes the host exit non-zero, which
+# fails the spec that ran it, with the report in the host's log. The
+# in-process specs load the ordinary module (a sanitized module would need
+# libasan preloaded into LuaJIT, and through it into every PostgreSQL the
+# specs start).
+SAN_FLAGS   := -fsanitize=address,undefined
+ASAN_CFLAGS := -O1 -g $(SAN_FLAGS) -fno-omit-frame-pointer
+ASAN_ENV    := BMDB_HOST_BIN=$(CURDIR)/build/asan/bmdb-host ASAN_OPTIONS=detect_leaks=1 \
+               UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+asan-host:
 	@$(MAKE) --no-print-directory BUILD=build/asan CFLAGS='$(ASAN_CFLAGS)' \
-	  LDFLAGS=-fsanitize=address build/asan/bmdb-host
-	BMDB_HOST_BIN=$(CURDIR)/build/asan/bmdb-host ASAN_OPTIONS=detect_leaks=1 $(BUSTED) $(BUSTED_ARGS)
+	  LDFLAGS='$(SAN_FLAGS)' build/asan/bmdb-host
+
+check-asan: check-deps
+	@$(MAKE) --no-print-directory all asan-host
+	$(ASAN_ENV) $(BUSTED) --exclude-tags=slow $(BUSTED_ARGS)
+
+# Everything: every spec including the slow fault specs, first against the
+# ordinary build, then against the sanitized one; each fault spec appends
+# its counts to $(FIGURES) and the table is printed at the end. Fails if
+# either run failed.
+FIGURES := $(CURDIR)/build/figures.tsv
+check-all: check-deps
+	@$(MAKE) --no-print-directory all asan-host
+	@rm -f $(FIGURES)
+	@status=0; \
+	BMDB_FIGURES=$(FIGURES) BMDB_FIGURES_RUN=plain $(BUSTED) $(BUSTED_ARGS) || status=1; \
+	BMDB_FIGURES=$(FIGURES) BMDB_FIGURES_RUN=asan $(ASAN_ENV) $(BUSTED) $(BUSTED_ARGS) || status=1; \
+	luajit spec/fault/figures.lua $(FIGURES); \
+	exit $$status
 
 # The benchmark (bench/run.lua; figures into BENCHMARKS.md, nothing
 # asserted). Only it needs Node.js: bench-deps installs Debian's nodejs and

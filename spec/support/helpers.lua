@@ -367,12 +367,96 @@ local function start_server()
   return s
 end
 
+-- pg_ctl promote: a standby becomes a primary that accepts writes.
+function Server:promote()
+  check(H.run({ self.bindir .. "/pg_ctl", "-D", self.data, "-w", "-t", "60", "promote" },
+    { user = self.user, timeout = 90 }))
+end
+
+local function append_conf(s, lines)
+  local conf = H.read_file(s.data .. "/postgresql.conf")
+  H.write_file(s.data .. "/postgresql.conf", conf .. "\n" .. table.concat(lines, "\n") .. "\n")
+end
+
+-- A primary and a streaming hot standby made with pg_basebackup -R, each
+-- on its own Unix socket in its own temp dir. With sync = true the standby
+-- is synchronous and commits wait for it (synchronous_commit = on), so a
+-- commit the primary acknowledged is on the standby too. Returns primary,
+-- standby once the standby streams (and is the synchronous one).
+function H.standby_pair(opts)
+  opts = opts or {}
+  local primary = start_server()
+  append_conf(primary, { "wal_level = replica", "max_wal_senders = 5", "hot_standby = on",
+    "synchronous_commit = " .. (opts.sync and "on" or "off"),
+    "synchronous_standby_names = '" .. (opts.sync and "*" or "") .. "'" })
+  primary:restart()
+  local dir = H.tmpdir("pg")
+  local user = primary.user
+  local standby = setmetatable({ dir = dir, data = dir .. "/data", bindir = primary.bindir, user = user }, Server)
+  if user then check(H.run({ "chown", user.uid .. ":" .. user.gid, dir })) end
+  local code, out, err = H.run({ primary.bindir .. "/pg_basebackup", "-h", primary.dir, "-p", "5432", "-U", "bmdb",
+    "-D", standby.data, "-R", "-X", "stream", "--no-sync" }, { user = user, timeout = 120 })
+  check(code, out, err, "pg_basebackup")
+  -- the copied configuration names the primary's socket and sync standby
+  append_conf(standby, { "unix_socket_directories = '" .. dir .. "'", "synchronous_standby_names = ''" })
+  standby:start()
+  servers[#servers + 1] = standby
+  H.wait_until(function()
+    local state = primary:psql(primary:dsn(), "SELECT string_agg(state || '/' || sync_state, ',') FROM pg_stat_replication")
+    return state == (opts.sync and "streaming/sync" or "streaming/async")
+  end, 60, "the standby to stream from the primary")
+  return primary, standby
+end
+
+-- A libpq DSN naming every server in order; libpq connects to the first
+-- that accepts writes.
+function H.multi_dsn(list, dbname)
+  local hosts, ports = {}, {}
+  for i, s in ipairs(list) do hosts[i], ports[i] = s.dir, "5432" end
+  return "host=" .. table.concat(hosts, ",") .. " port=" .. table.concat(ports, ",") ..
+    " dbname=" .. dbname .. " user=bmdb target_session_attrs=read-write"
+end
+
 local shared
 -- The server every spec file shares; each spec makes its own database.
 function H.postgres(opts)
   if opts and opts.fresh then return start_server() end
   if not shared then shared = start_server() end
   return shared
+end
+
+-- ---------------------------------------------------------------- faults
+
+-- Signals any process by pid (a PostgreSQL backend, a host's thread group).
+function H.signal(pid, sig)
+  if type(sig) == "string" then sig = assert(SIGNALS[sig], "unknown signal " .. sig) end
+  return C.kill(pid, sig) == 0
+end
+
+-- The server processes serving connections whose application_name is
+-- `app` (hosts set it in their DSN): { {pid=, state=, query=}, ... }.
+function H.backends(conn, app)
+  return conn:query([[SELECT pid, state, query, wait_event_type FROM pg_stat_activity
+                      WHERE application_name = $1 AND pid <> pg_backend_pid() ORDER BY pid]], app)
+end
+
+-- pg_terminate_backend: the server closes that connection.
+function H.terminate_backend(conn, pid)
+  return conn:one("SELECT pg_terminate_backend($1) AS ok", pid).ok
+end
+
+-- Resident set size in kB, and open file descriptors, of a live process.
+function H.rss_kb(pid)
+  local status = H.read_file("/proc/" .. pid .. "/status") or ""
+  return tonumber(status:match("VmRSS:%s*(%d+)"))
+end
+
+function H.fd_count(pid)
+  local p = io.popen("ls -1 /proc/" .. pid .. "/fd 2>/dev/null")
+  local n = 0
+  for _ in p:lines() do n = n + 1 end
+  p:close()
+  return n
 end
 
 function H.cleanup()
