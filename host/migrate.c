@@ -17,18 +17,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "hash.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "pqerr.h"
 #include "tx.h"
 
 static void checksum(const char *sql, char out[32]) {
-    uint64_t h = 1469598103934665603ULL;
-    for (const unsigned char *p = (const unsigned char *)sql; *p; p++) {
-        h ^= *p;
-        h *= 1099511628211ULL;
-    }
-    snprintf(out, 32, "fnv1a64:%016llx", (unsigned long long)h);
+    snprintf(out, 32, "fnv1a64:%016llx", (unsigned long long)fnv1a64(sql));
 }
 
 /* One set of migrations and the table that records it. table is one of

@@ -7,6 +7,7 @@
  * that builds SQL text from values (which it should not) cannot grow the
  * server's memory without bound. */
 #include "prepared.h"
+#include "hash.h"
 
 #include <stdint.h>
 #include <stdio.h>
@@ -31,12 +32,6 @@ void prepared_free(prepared *pc) {
     if (!pc) return;
     for (int i = 0; i < pc->n; i++) free(pc->e[i].sql);
     free(pc);
-}
-
-static uint64_t hash_of(const char *s) {
-    uint64_t h = 1469598103934665603ULL; /* FNV-1a */
-    for (; *s; s++) h = (h ^ (unsigned char)*s) * 1099511628211ULL;
-    return h;
 }
 
 static struct entry *lookup(prepared *pc, const char *sql, uint64_t h) {
@@ -67,7 +62,7 @@ static struct entry *add(prepared *pc, PGconn *c, const char *sql, uint64_t h, i
 
 const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams) {
     if (!pc) return NULL;
-    uint64_t h = hash_of(sql);
+    uint64_t h = fnv1a64(sql);
     struct entry *e = lookup(pc, sql, h);
     PGresult *failed;
     if (!e) e = add(pc, c, sql, h, nparams, &failed);
@@ -80,7 +75,7 @@ PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
                         int *stale) {
     if (stale) *stale = 0;
     if (!pc) return PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
-    uint64_t h = hash_of(sql);
+    uint64_t h = fnv1a64(sql);
     struct entry *e = lookup(pc, sql, h);
     int cached = e != NULL;
     PGresult *failed = NULL;
