@@ -100,6 +100,30 @@ describe("work control", function()
     assert.same({ { attempt = 2 } }, e) -- nothing of the first body
   end)
 
+  it("frees the lock of a body stuck outside Lua past its timeout, and names the stuck slot", function()
+    local script = worker_script("stuck", [[
+      if w.attempt == 1 then
+        io.popen("sleep 12"):read("*a") -- in C: no hook reaches it; back in Lua, it does
+        w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, 'Stuck')", w.machine, w.attempt) end)
+      else
+        w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, 'Stuck')", w.machine, w.attempt) end)
+      end
+    ]], "timeout = 1, backoff = { initial = 1 },")
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Stuck')", m)
+    local a = start_host(script, { PROCESS = "Stuck" })
+    H.wait_until(function() return #history(m, "Stuck") >= 1 end, 20, "the first host to claim")
+    local b = start_host(script, { PROCESS = "Stuck" })
+    H.wait_until(function() return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n > 0 end,
+      30, "another host to do the item while the first is stuck")
+    a:await("stderr", "slot stuck")
+    a:await("stderr", "result=lost")
+    for _, h in ipairs { a, b } do h:kill("TERM") end
+    for _, h in ipairs { a, b } do assert.equal(0, h:wait(40), h:stderr()) end
+    assert.matches('msg="slot stuck: [^"]*" process=Stuck slot=1 machine=' .. esc(m), a:stderr())
+    assert.same({ { attempt = 2 } }, admin:query("SELECT attempt FROM effects WHERE machine_id = $1", m))
+  end)
+
   it("commits nothing of a body whose writes come after an operator's cancel; an idle pair exits 1", function()
     local go = dir .. "/go"
     local script = worker_script("cancel", [[
