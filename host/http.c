@@ -25,13 +25,13 @@
  *                                     without the database)
  * db_mu is taken with no other lock held; metrics.c's and the pool's locks
  * are taken under it, never the other way round. */
+#define _GNU_SOURCE /* pthread_mutex_clocklock */
 #include "http.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -85,45 +85,23 @@ static PGconn *db_conn(char *err, size_t errlen) {
  * a timeout the statement is cancelled and the connection given up (the
  * next request opens another). NULL with err set on failure. */
 static PGresult *db_query(const char *sql, int n, const char *const *params, char *err, size_t errlen) {
-    PGconn *c = db_conn(err, errlen);
-    if (!c) return NULL;
-    double until = mono_now() + DB_WAIT_S;
-    int sent = PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0), late = 0;
-    while (sent && PQisBusy(c)) {
-        double left = until - mono_now();
-        if (left <= 0) {
-            late = 1;
-            break;
-        }
-        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
-        int rc = poll(&pfd, 1, (int)(left * 1000) + 1);
-        if ((rc < 0 && errno != EINTR) || (rc > 0 && !PQconsumeInput(c))) break;
+    if (!db_conn(err, errlen)) return NULL;
+    PGresult *r = pool_exec_bounded(&conn, sql, n, params, mono_now() + DB_WAIT_S, err, errlen);
+    if (PQresultStatus(r) == PGRES_TUPLES_OK) return r;
+    if (r) {
+        pq_error_text(conn, r, err, errlen);
+        PQclear(r);
+        PQfinish(conn); /* a failed read: start clean next time */
+        conn = NULL;
     }
-    PGresult *r = NULL;
-    if (sent && !late && !PQisBusy(c)) {
-        r = PQgetResult(c);
-        PGresult *extra;
-        while ((extra = PQgetResult(c))) PQclear(extra);
-        if (PQresultStatus(r) == PGRES_TUPLES_OK) return r;
-    }
-    if (late) {
-        snprintf(err, errlen, "the database did not answer within %.0fs", DB_WAIT_S);
-        PGcancel *cancel = PQgetCancel(c);
-        char buf[256];
-        if (cancel) PQcancel(cancel, buf, sizeof buf);
-        PQfreeCancel(cancel);
-    } else {
-        pq_error_text(c, r, err, errlen);
-    }
-    PQclear(r);
-    PQfinish(conn);
-    conn = NULL;
     return NULL;
 }
 
 static int db_lock(void) {
-    struct timespec ts = time_after(CLOCK_REALTIME, DB_WAIT_S);
-    return pthread_mutex_timedlock(&db_mu, &ts) == 0;
+    /* Monotonic, like every timed wait of the host: a clock step must not
+     * turn this bound into none. */
+    struct timespec ts = time_after(CLOCK_MONOTONIC, DB_WAIT_S);
+    return pthread_mutex_clocklock(&db_mu, CLOCK_MONOTONIC, &ts) == 0;
 }
 
 /* ---- /metrics ---------------------------------------------------------------- */

@@ -332,3 +332,46 @@ int pool_lent_pids(pool *p, int *pids, int max) {
     pthread_mutex_unlock(&p->lock);
     return n;
 }
+
+/* A statement that got no answer in time leaves its connection mid-query,
+ * and every later send on it would fail ("another command is already in
+ * progress"), so the connection is given up: the server is asked to cancel
+ * the statement (a backend left waiting on a lock would hold its own
+ * locks) and the connection is closed. */
+PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *const *params,
+                            double until, char *why, size_t whylen) {
+    PGconn *c = *cp;
+    int sent = PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0);
+    int timed_out = 0;
+    while (sent && PQisBusy(c)) {
+        double left = until - mono_now();
+        if (left <= 0) {
+            timed_out = 1;
+            break;
+        }
+        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
+        int rc = poll(&pfd, 1, (int)(left * 1000) + 1);
+        if (rc < 0 && errno != EINTR) break;
+        if (rc > 0 && !PQconsumeInput(c)) break;
+    }
+    if (sent && !timed_out && !PQisBusy(c)) {
+        PGresult *r = PQgetResult(c), *extra;
+        while ((extra = PQgetResult(c))) PQclear(extra);
+        if (r && PQstatus(c) == CONNECTION_OK) return r;
+        if (r && PQresultErrorField(r, PG_DIAG_SQLSTATE)) return r; /* e.g. 57P01, then closed below */
+        PQclear(r);
+    }
+    if (timed_out) {
+        snprintf(why, whylen, "no answer from the database in time");
+        PGcancel *cancel = PQgetCancel(c);
+        char buf[256];
+        if (cancel) PQcancel(cancel, buf, sizeof buf);
+        PQfreeCancel(cancel);
+    } else {
+        pq_error_text(c, NULL, why, whylen);
+    }
+    PQfinish(c);
+    *cp = NULL;
+    return NULL;
+}
+

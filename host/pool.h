@@ -41,6 +41,15 @@ struct prepared *pool_prepared(pool *p, PGconn *conn);
  * pool's conninfo (the heartbeat: busy slots must never starve it). */
 PGconn *pool_connect_own(pool *p, char *err, size_t errlen);
 
+/* One statement on a connection of the caller's own (the heartbeat's, the
+ * HTTP server's), waiting until `until` (monotonic seconds) at most. The
+ * result, whatever its status, while the connection stays usable; NULL
+ * with why set when no answer came in time or the connection broke: then
+ * the connection has been closed and *cp is NULL (the next call's caller
+ * opens another). */
+PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *const *params,
+                            double until, char *why, size_t whylen);
+
 /* Shutdown: asks the server to cancel whatever statement each lent
  * connection is running (a slot blocked on a lock returns with an error). */
 void pool_cancel_lent(pool *p);

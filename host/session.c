@@ -20,8 +20,6 @@
  * host/README.md. */
 #include "session.h"
 
-#include <errno.h>
-#include <poll.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -116,50 +114,8 @@ void session_lose(session *s, const char *why) {
     }
 }
 
-/* Every statement of the heartbeat is bounded: a hung server must not keep
- * us believing in a dead session. A statement that got no answer in time
- * leaves the connection mid-query, and every later send on it would fail
- * ("another command is already in progress"), so the connection is given
- * up: the server is asked to cancel the statement (a backend left waiting
- * on a lock would hold its own locks) and the connection is closed. The
- * next round opens a fresh one. Returns the result, or NULL with why set,
- * *cp then being NULL. */
-static PGresult *exec_bounded(PGconn **cp, const char *sql, int n, const char *const *params,
-                              double until, char *why, size_t whylen) {
-    PGconn *c = *cp;
-    int sent = PQsendQueryParams(c, sql, n, NULL, params, NULL, NULL, 0);
-    int timed_out = 0;
-    while (sent && PQisBusy(c)) {
-        double left = until - mono_now();
-        if (left <= 0) {
-            timed_out = 1;
-            break;
-        }
-        struct pollfd pfd = {.fd = PQsocket(c), .events = POLLIN};
-        int rc = poll(&pfd, 1, (int)(left * 1000) + 1);
-        if (rc < 0 && errno != EINTR) break;
-        if (rc > 0 && !PQconsumeInput(c)) break;
-    }
-    if (sent && !timed_out && !PQisBusy(c)) {
-        PGresult *r = PQgetResult(c), *extra;
-        while ((extra = PQgetResult(c))) PQclear(extra);
-        if (r && PQstatus(c) == CONNECTION_OK) return r;
-        if (r && PQresultErrorField(r, PG_DIAG_SQLSTATE)) return r; /* e.g. 57P01, then closed below */
-        PQclear(r);
-    }
-    if (timed_out) {
-        snprintf(why, whylen, "no answer from the database in time");
-        PGcancel *cancel = PQgetCancel(c);
-        char buf[256];
-        if (cancel) PQcancel(cancel, buf, sizeof buf);
-        PQfreeCancel(cancel);
-    } else {
-        pq_error_text(c, NULL, why, whylen);
-    }
-    PQfinish(c);
-    *cp = NULL;
-    return NULL;
-}
+/* Every statement of the heartbeat goes through pool_exec_bounded: a hung
+ * server must not keep us believing in a dead session. */
 
 /* After a result: the message of a failed one, and the connection given up
  * if the failure broke it (terminated backend, server restart). */
@@ -176,7 +132,7 @@ static session *create_session(PGconn **cp, char *err, size_t errlen) {
     snprintf(interval, sizeof interval, "%d", cfg.interval_s);
     const char *params[] = {cfg.component, cfg.runtime_info, interval};
     double sent = mono_now();
-    PGresult *r = exec_bounded(
+    PGresult *r = pool_exec_bounded(
         cp,
         "INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline) "
         "VALUES ($1, $2, $3, now() + $3::INT8 * INTERVAL '1 second') RETURNING session_id",
@@ -243,7 +199,7 @@ static int poke(PGconn **cp, session *s) {
      * (a frozen backend, a black-holed route) must leave room for another
      * attempt on a fresh connection before the local deadline. */
     if (until > sent + cfg.interval_s / 4.0) until = sent + cfg.interval_s / 4.0;
-    PGresult *r = exec_bounded(
+    PGresult *r = pool_exec_bounded(
         cp,
         "UPDATE sessions SET deadline = now() + interval_seconds * INTERVAL '1 second' "
         "WHERE session_id = $1 AND deadline > now() RETURNING session_id",
@@ -272,13 +228,13 @@ static int poke(PGconn **cp, session *s) {
  * `until`. 0, or -1 with why set; the caller decides whether to retry. */
 static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const char *const *params,
                         int nparams, double until, long *rows_of_last, char *why, size_t whylen) {
-    PGresult *r = exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
+    PGresult *r = pool_exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
     int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
     if (r && !ok) result_failed(cp, r, why, whylen);
     PQclear(r);
     for (int i = 0; ok && i <= nsql; i++) {
         const char *sql = i < nsql ? sqls[i] : "COMMIT";
-        r = exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
+        r = pool_exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
         ExecStatusType st = PQresultStatus(r);
         ok = r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
         if (r && !ok) result_failed(cp, r, why, whylen);
@@ -465,7 +421,7 @@ static void terminate_lent_backends(PGconn **cp) {
     strcat(list, "}");
     const char *params[] = {list};
     char why[600];
-    PGresult *r = exec_bounded(cp, "SELECT pg_terminate_backend(pid) FROM unnest($1::INT4[]) AS pid",
+    PGresult *r = pool_exec_bounded(cp, "SELECT pg_terminate_backend(pid) FROM unnest($1::INT4[]) AS pid",
                                1, params, mono_now() + END_WAIT_S, why, sizeof why);
     if (r && PQresultStatus(r) == PGRES_TUPLES_OK) {
         char count[16];
