@@ -37,25 +37,15 @@
 
 /* ---- operations, inside a caller's transaction ---------------------------- */
 
-static long run(tx *t, const char *sql, int n, const char *const *params, PGresult **out,
-                tx_error *e) {
-    PGresult *r = tx_exec(t, sql, n, params, e);
-    if (!r) return -1;
-    long rows = PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) : atol(PQcmdTuples(r));
-    if (out) *out = r;
-    else PQclear(r);
-    return rows;
-}
-
 int control_cancel(tx *t, const char *machine, const char *process, const char *reason, char *token,
                    size_t tokenlen, tx_error *e) {
     const char *lt[] = {CANCEL_LOCK_TIMEOUT};
     const char *p[] = {machine, process, reason};
     PGresult *r;
-    if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, lt, NULL, e) < 0) return -1;
+    if (tx_run(t, "SELECT set_config('lock_timeout', $1, true)", 1, lt, NULL, e) < 0) return -1;
     /* Only a lock that holds something: a live session's, within its
      * timeout. The rest is left to the claim that takes it over. */
-    long n = run(t,
+    long n = tx_run(t,
                  "WITH gone AS (DELETE FROM work w WHERE machine_id = $1 AND process = $2 "
                  " AND (deadline IS NULL OR deadline > now()) AND EXISTS (SELECT 1 FROM sessions s "
                  "  WHERE s.session_id = w.session_id AND s.deadline > now()) "
@@ -74,7 +64,7 @@ int control_cancel(tx *t, const char *machine, const char *process, const char *
 int control_pause(tx *t, const char *process, const char *reason, tx_error *e) {
     const char *p[] = {process, reason};
     /* A second pause keeps the first one's time and takes the new reason. */
-    return run(t,
+    return tx_run(t,
                "INSERT INTO processes (process, paused_at, pause_reason) VALUES ($1, now(), $2) "
                "ON CONFLICT (process) DO UPDATE SET "
                "paused_at = coalesce(processes.paused_at, excluded.paused_at), "
@@ -84,7 +74,7 @@ int control_pause(tx *t, const char *process, const char *reason, tx_error *e) {
 
 int control_resume(tx *t, const char *process, tx_error *e) {
     const char *p[] = {process};
-    long n = run(t,
+    long n = tx_run(t,
                  "UPDATE processes SET paused_at = NULL, pause_reason = NULL "
                  "WHERE process = $1 AND paused_at IS NOT NULL",
                  1, p, NULL, e);
@@ -99,12 +89,12 @@ static int machine_missing(tx_error *e, const char *machine) {
 
 int control_hold(tx *t, const char *machine, const char *reason, tx_error *e) {
     const char *p[] = {machine, reason, t->sess ? session_id(t->sess) : NULL};
-    if (run(t,
+    if (tx_run(t,
             "INSERT INTO machine_holds (machine_id, reason) VALUES ($1, $2) "
             "ON CONFLICT (machine_id) DO UPDATE SET reason = excluded.reason",
             2, p, NULL, e) < 0)
         return machine_missing(e, machine);
-    return run(t,
+    return tx_run(t,
                "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
                "VALUES ($1, '*', $3::UUID, 'Held', $2)",
                3, p, NULL, e) < 0 ? -1 : 1;
@@ -112,7 +102,7 @@ int control_hold(tx *t, const char *machine, const char *reason, tx_error *e) {
 
 int control_unhold(tx *t, const char *machine, const char *reason, tx_error *e) {
     const char *p[] = {machine, reason, t->sess ? session_id(t->sess) : NULL};
-    long n = run(t,
+    long n = tx_run(t,
                  "WITH gone AS (DELETE FROM machine_holds WHERE machine_id = $1 RETURNING machine_id) "
                  "INSERT INTO work_history (machine_id, process, session_id, event, cause) "
                  "SELECT machine_id, '*', $3::UUID, 'Unheld', $2::TEXT FROM gone",
@@ -123,7 +113,7 @@ int control_unhold(tx *t, const char *machine, const char *reason, tx_error *e) 
 int control_paused(tx *t, const char *process, char *why, size_t whylen, tx_error *e) {
     const char *p[] = {process};
     PGresult *r;
-    long n = run(t,
+    long n = tx_run(t,
                  "SELECT coalesce(pause_reason, '') FROM processes "
                  "WHERE process = $1 AND paused_at IS NOT NULL",
                  1, p, &r, e);

@@ -350,6 +350,16 @@ PGresult *tx_exec(tx *t, const char *sql, int nparams, const char *const *params
     return tx_exec_params(t, sql, nparams, params, NULL, NULL, e);
 }
 
+long tx_run(tx *t, const char *sql, int nparams, const char *const *params, PGresult **out,
+            tx_error *e) {
+    PGresult *r = tx_exec(t, sql, nparams, params, e);
+    if (!r) return -1;
+    long rows = PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) : atol(PQcmdTuples(r));
+    if (out) *out = r;
+    else PQclear(r);
+    return rows;
+}
+
 PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
                          const int *lengths, const int *formats, tx_error *e) {
     if (!t->open) {

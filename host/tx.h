@@ -60,6 +60,10 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */
 PGresult *tx_exec(tx *t, const char *sql, int nparams, const char *const *params, tx_error *e);
+/* tx_exec for callers that want a count: rows returned or affected, or -1
+ * with e set. With out, the result is handed over (caller PQclear()s it). */
+long tx_run(tx *t, const char *sql, int nparams, const char *const *params, PGresult **out,
+            tx_error *e);
 /* tx_exec with PQexecParams' lengths and formats (1 = binary), for
  * parameters that text cannot carry (a bytea with NUL bytes). A statement
  * that ends the transaction closes the tx and fails with TXE_CLOSED. */

@@ -65,17 +65,6 @@ int work_valid_process(const char *s) {
     return n <= 63;
 }
 
-/* Runs one statement; on success returns rows returned or affected. */
-static long run(tx *t, const char *sql, int n, const char *const *params, PGresult **out,
-                tx_error *e) {
-    PGresult *r = tx_exec(t, sql, n, params, e);
-    if (!r) return -1;
-    long rows = PQresultStatus(r) == PGRES_TUPLES_OK ? PQntuples(r) : atol(PQcmdTuples(r));
-    if (out) *out = r;
-    else PQclear(r);
-    return rows;
-}
-
 /* Takes over the one work row of (machine, process) whose timeout passed
  * while its session lives: recorded Failed with the timeout as cause and
  * penalized with the holder's backoff spec, like any failure. The DELETE
@@ -84,15 +73,15 @@ static long run(tx *t, const char *sql, int n, const char *const *params, PGresu
 static int take_over_timed_out(tx *t, const char *machine, const char *process, tx_error *e) {
     const char *mp[] = {machine, process};
     const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
-    if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
-        run(t,
+    if (tx_run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
+        tx_run(t,
             "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
             "SELECT machine_id, process, session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", token "
             "FROM work w WHERE machine_id = $1 AND process = $2 AND deadline <= now()",
             2, mp, NULL, e) < 0 ||
-        run(t, WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE, "w.machine_id = $1 AND w.process = $2 AND w.deadline <= now()"),
+        tx_run(t, WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE, "w.machine_id = $1 AND w.process = $2 AND w.deadline <= now()"),
             2, mp, NULL, e) < 0 ||
-        run(t, "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND deadline <= now()", 2,
+        tx_run(t, "DELETE FROM work WHERE machine_id = $1 AND process = $2 AND deadline <= now()", 2,
             mp, NULL, e) < 0)
         return -1;
     return 0;
@@ -112,14 +101,14 @@ static int take_over_timed_out(tx *t, const char *machine, const char *process, 
 static int take_over(tx *t, const char *holder, tx_error *e) {
     const char *hp[] = {holder};
     const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
-    if (run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
-        run(t,
+    if (tx_run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
+        tx_run(t,
             "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
             "SELECT machine_id, process, session_id, 'Abandoned', 'session expired', token "
             "FROM work WHERE session_id = $1",
             1, hp, NULL, e) < 0 ||
-        run(t, WORK_PENALTY_SQL("'session expired'", "w.session_id = $1"), 1, hp, NULL, e) < 0 ||
-        run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0)
+        tx_run(t, WORK_PENALTY_SQL("'session expired'", "w.session_id = $1"), 1, hp, NULL, e) < 0 ||
+        tx_run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0)
         return -1;
     return 0;
 }
@@ -129,7 +118,7 @@ static int backoff_state(tx *t, const char *machine, const char *process, int *a
                          char *until, size_t untillen, tx_error *e) {
     const char *mp[] = {machine, process};
     PGresult *r;
-    long n = run(t,
+    long n = tx_run(t,
                  "SELECT backoff_until > now(), backoff_until, attempts FROM work_backoff "
                  "WHERE machine_id = $1 AND process = $2",
                  2, mp, &r, e);
@@ -155,7 +144,7 @@ static work_lock_result lock_if_free(tx *t, const char *machine, const char *pro
                         c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
                         c ? c->backoff_exponent : NULL};
     PGresult *r;
-    long n = run(t,
+    long n = tx_run(t,
                  "WITH locked AS (" WORK_INSERT_LOCK
                  " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
                  " AND NOT EXISTS (SELECT 1 FROM machine_holds WHERE machine_id = $1)"
@@ -197,7 +186,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     /* One read for everything a claim must know: a pause of the process, a
      * hold of the machine, the holder (if any) and whether its session or
      * its timeout ended, and the backoff. */
-    long n = run(t,
+    long n = tx_run(t,
                  "SELECT (SELECT coalesce(pause_reason, '') FROM processes "
                  "        WHERE process = $2 AND paused_at IS NOT NULL) AS paused, "
                  "(SELECT coalesce(reason, '') FROM machine_holds WHERE machine_id = $1) AS held, "
@@ -242,7 +231,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     const char *ip[] = {machine, process, session_id(t->sess), c ? c->timeout : NULL,
                         c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
                         c ? c->backoff_exponent : NULL};
-    n = run(t,
+    n = tx_run(t,
             "WITH locked AS (" WORK_INSERT_LOCK
             " ON CONFLICT (machine_id, process) DO NOTHING RETURNING machine_id, process, session_id, token) "
             "INSERT INTO work_history (machine_id, process, session_id, event, token) "
@@ -275,7 +264,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
     const char *p[] = {machine, process, session_id(t->sess), token, event, cause, secs};
     long n;
     if (strcmp(event, "Failed") == 0)
-        n = run(t,
+        n = tx_run(t,
                 WORK_RELEASE_CTE
                 "INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause) "
                 "SELECT machine_id, process, now() + $7::INT8 * INTERVAL '1 second', $7::INT8, 1, "
@@ -285,7 +274,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
                 "attempts = work_backoff.attempts + 1, cause = excluded.cause RETURNING 1",
                 7, p, NULL, e);
     else
-        n = run(t,
+        n = tx_run(t,
                 WORK_RELEASE_CTE
                 ", cleared AS (DELETE FROM work_backoff WHERE $5::TEXT = 'Finished' "
                 " AND machine_id = $1 AND process = $2 AND EXISTS (SELECT 1 FROM gone) RETURNING 1) "
@@ -303,7 +292,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e) {
     const char *mp[] = {machine, process};
     PGresult *r;
-    long n = run(t, "SELECT last_seconds FROM work_backoff WHERE machine_id = $1 AND process = $2",
+    long n = tx_run(t, "SELECT last_seconds FROM work_backoff WHERE machine_id = $1 AND process = $2",
                  2, mp, &r, e);
     if (n < 0) return -1;
     long last = n == 1 ? atol(PQgetvalue(r, 0, 0)) : 0;
