@@ -117,6 +117,16 @@ local function transact_on(on, fn, ...)
       wakes = after_commit
       if open_tx == tx then open_tx, after_commit = nil, nil end
       ok, err = results[1], results[2]
+      -- An item's own timeout is given up locally first, as a session's
+      -- deadline is (tx_commit): its local deadline was set before the
+      -- claim was sent, so it passes before the database's. Past it the
+      -- item's transactions commit nothing, whatever the database would
+      -- still have allowed for a few milliseconds.
+      if ok and w and w._deadline and core.now() >= w._deadline then
+        w._lost = w._lost or ("timeout after " .. w._timeout .. "s")
+        ok, err = false, core.error("lost", "lost: the lock on " .. w.machine .. " " .. w.process ..
+                                    " was taken away: " .. w._lost)
+      end
       if ok then
         ok, err = pcall(tx.commit, tx)
       else
