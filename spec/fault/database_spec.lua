@@ -80,7 +80,10 @@ describe("fault: database faults while items run", function()
 
     -- the listener's
     sid = session()
-    pid = backend("listener", function(b) return b.query:match("^LISTEN bmdb_wake") end)
+    -- its last statement: the LISTEN, or a coalesced wake-up it sent since
+    pid = backend("listener", function(b)
+      return b.query:match("^LISTEN bmdb_wake") or b.query == "SELECT pg_notify('bmdb_wake', '')"
+    end)
     assert.is_true(H.terminate_backend(admin, pid))
     faults = faults + 1
     h:await("stderr", "listener connection lost", 30)
