@@ -42,13 +42,7 @@ describe("shutdown", function()
     return m
   end
 
-  local function history(m)
-    local out = {}
-    for _, r in ipairs(admin:query("SELECT event FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id", m)) do
-      out[#out + 1] = r.event
-    end
-    return out
-  end
+  local function history(m) return H.events(admin, m) end
 
   -- The session ended in order: its row is deleted, and the lock it held
   -- on m is released and recorded Canceled.

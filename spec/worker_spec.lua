@@ -24,13 +24,7 @@ describe("workers", function()
     return ids
   end
 
-  local function events(m)
-    local out = {}
-    for _, r in ipairs(admin:query("SELECT event FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id", m)) do
-      out[#out + 1] = r.event
-    end
-    return out
-  end
+  local function events(m) return H.events(admin, m) end
 
   setup(function()
     dsn = H.postgres():create_db()

@@ -20,13 +20,7 @@ describe("fault: crash recovery and drain", function()
     admin:close()
   end)
 
-  local function events(m)
-    local out = {}
-    for _, r in ipairs(admin:query("SELECT event FROM work_history WHERE machine_id = $1 ORDER BY occurred_at, history_id", m)) do
-      out[#out + 1] = r.event
-    end
-    return out
-  end
+  local function events(m) return H.events(admin, m) end
 
   local function host(name, hold, args)
     local h = F.host(dsn, name, dir .. "/fault.lua", { args = args, env = { CONC = "1", HOLD = hold, FIXED = "1" } })

@@ -117,6 +117,16 @@ function H.close_core(admin)
   admin:close()
 end
 
+-- The events of machine m's history, oldest first, on connection conn.
+function H.events(conn, m)
+  local out = {}
+  for _, r in ipairs(conn:query("SELECT event FROM work_history WHERE machine_id = $1 " ..
+                                "ORDER BY occurred_at, history_id", m)) do
+    out[#out + 1] = r.event
+  end
+  return out
+end
+
 -- Paths matching a shell pattern, sorted.
 function H.glob(pattern)
   local out = {}
