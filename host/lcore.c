@@ -117,6 +117,12 @@ static int l_begin(lua_State *L) {
 
 static ltx *check_open_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    if (u->t.doomed) {
+        /* The fence failed earlier in this transaction: say so again,
+         * however the body handled the first answer. */
+        tx_error e = u->t.doom;
+        lerror_raise(L, &e);
+    }
     if (!u->t.open)
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its bmdb.transact "
                           "function)", fname);
@@ -160,8 +166,13 @@ static int release_tx_session(ltx *u) {
 
 static int tx_commit_l(lua_State *L) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
-    if (!u->t.open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
     tx_error e;
+    if (u->t.doomed) {
+        e = u->t.doom;
+        release_tx_session(u);
+        return lerror_raise(L, &e);
+    }
+    if (!u->t.open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
     if (lifecycle_state() >= HOST_CANCELLING) {
         tx_rollback(&u->t);
         release_tx_session(u);
@@ -202,6 +213,12 @@ static const char *opt_number_text(lua_State *L, int idx, const char *k, char *b
     return v;
 }
 
+/* Reads the claim options table at idx into c, with its texts in b. */
+static void claim_options(lua_State *L, int idx, work_claim *c, char b[4][40]) {
+    *c = (work_claim){opt_number_text(L, idx, "timeout", b[0], 40), opt_number_text(L, idx, "initial", b[1], 40),
+                      opt_number_text(L, idx, "maximum", b[2], 40), opt_number_text(L, idx, "exponent", b[3], 40)};
+}
+
 /* core.lock(tx, machine, process, {timeout=, initial=, maximum=, exponent=})
  * -> "locked", attempt, token | "held" | "backoff", until
  *  | "paused", reason | "onhold", reason */
@@ -209,8 +226,8 @@ static int l_lock(lua_State *L) {
     ltx *u = check_open_tx(L, "lock");
     check_ids(L, 2, 3);
     char b[4][40];
-    work_claim c = {opt_number_text(L, 4, "timeout", b[0], 40), opt_number_text(L, 4, "initial", b[1], 40),
-                    opt_number_text(L, 4, "maximum", b[2], 40), opt_number_text(L, 4, "exponent", b[3], 40)};
+    work_claim c;
+    claim_options(L, 4, &c, b);
     work_locked out;
     tx_error e;
     work_lock_result res = work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
@@ -236,6 +253,49 @@ static int l_lock(lua_State *L) {
     default:
         return lerror_raise(L, &e);
     }
+}
+
+/* core.lock_any(tx, {id, ...}, process, opts): the usual claim of the
+ * first free of ids (all valid UUIDs), sent with COMMIT; core.claimed(tx)
+ * tells the outcome once committed. */
+static int l_lock_any(lua_State *L) {
+    ltx *u = check_open_tx(L, "lock_any");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    const char *process = lerror_checkstring(L, 3);
+    if (!work_valid_process(process)) lerror_argerror(L, 3, "invalid process name '%s'", process);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addchar(&b, '{');
+    size_t n = lua_objlen(L, 2);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, 2, (int)i);
+        const char *id = lua_tostring(L, -1);
+        if (!work_valid_uuid(id)) lerror_argerror(L, 2, "candidate %d is not a machine id", (int)i);
+        lua_pop(L, 1);
+        if (i > 1) luaL_addchar(&b, ',');
+        luaL_addstring(&b, id);
+    }
+    luaL_addchar(&b, '}');
+    luaL_pushresult(&b);
+    char nb[4][40];
+    work_claim c;
+    claim_options(L, 4, &c, nb);
+    tx_error e;
+    if (work_lock_any(&u->t, lua_tostring(L, -1), process, &c, &e) < 0) return lerror_raise(L, &e);
+    return 0;
+}
+
+/* core.claimed(tx) -> machine, attempt, token | nil */
+static int l_claimed(lua_State *L) {
+    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    char machine[40];
+    work_locked out;
+    if (!work_locked_any(&u->t, machine, sizeof machine, &out)) return 0;
+    slot_note_item(machine); /* named if its slot will not stop */
+    lua_pushstring(L, machine);
+    lua_pushinteger(L, out.attempt);
+    lua_pushstring(L, out.token);
+    return 3;
 }
 
 /* core.release(tx, machine, process, event, cause, seconds, token) */
@@ -373,6 +433,7 @@ static int l_pause_heartbeat(lua_State *L) {
 static const luaL_Reg core_funcs[] = {
     {"session", l_session},       {"begin", l_begin},
     {"lock", l_lock},             {"release", l_release},
+    {"lock_any", l_lock_any},     {"claimed", l_claimed},
     {"backoff_last", l_backoff_last},
     {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
     {"log", l_log},               {"state", l_state},

@@ -70,6 +70,18 @@ const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams)
     return e ? e->name : NULL;
 }
 
+const char *prepared_lookup(prepared *pc, PGconn *c, const char *sql, int nparams, int *cached,
+                            PGresult **failed) {
+    *cached = 0;
+    *failed = NULL;
+    if (!pc) return NULL;
+    uint64_t h = fnv1a64(sql);
+    struct entry *e = lookup(pc, sql, h);
+    if (e) *cached = 1;
+    else e = add(pc, c, sql, h, nparams, failed);
+    return e ? e->name : NULL;
+}
+
 PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
                         const char *const *params, const int *lengths, const int *formats,
                         int *stale) {

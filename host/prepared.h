@@ -36,6 +36,13 @@ PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
  * to parse: a failed PREPARE aborts an open transaction. */
 const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams);
 
+/* prepared_name for a caller's own SQL: *cached says whether it was
+ * prepared before (so a stale-plan error means the cache is stale), and a
+ * PREPARE the server refused comes back in *failed (the caller PQclear()s
+ * it). NULL with *failed NULL: run it unnamed. */
+const char *prepared_lookup(prepared *pc, PGconn *c, const char *sql, int nparams, int *cached,
+                            PGresult **failed);
+
 /* Forget every statement (the server dropped them, or a schema change
  * invalidated a cached plan's result type); later ones get new names. */
 void prepared_forget(prepared *pc);

@@ -68,6 +68,36 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
     return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
 }
 
+/* ---- flights -------------------------------------------------------------
+ *
+ * A round trip on a Unix socket costs little in latency but a wake-up of
+ * the server's backend and of our thread each, and those wake-ups were most
+ * of the host's CPU per item. So a transaction's statements travel in as
+ * few flights as its logic allows: libpq's pipeline mode (libpq >= 14)
+ * sends several before it reads an answer, and the server runs them in
+ * order, skipping everything after an error until the flight's Sync. What
+ * may share a flight: BEGIN and the fence with the first statement (a
+ * failed fence then rolls everything back: nothing after it can commit);
+ * the final statement with COMMIT (the final fails by raising, never by
+ * returning fewer rows, so a failure keeps COMMIT from running). What may
+ * not: COMMIT with a fence whose answer we have not read. */
+
+typedef enum { STEP_BEGIN, STEP_FENCE, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
+
+typedef struct step {
+    step_kind kind;
+    const char *sql, *name; /* name: prepared on this connection, else NULL */
+    int n;
+    const char *const *params;
+    const int *lengths, *formats;
+    int cached;             /* name was prepared by an earlier statement */
+    PGresult *r;            /* the answer; NULL when none came */
+} step;
+
+#define FLIGHT_MAX 5
+
+static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
+
 /* Reads one statement's answer in pipeline mode: its result, then the NULL
  * that ends it. */
 static PGresult *pipeline_result(PGconn *c) {
@@ -77,67 +107,110 @@ static PGresult *pipeline_result(PGconn *c) {
     return r;
 }
 
-/* BEGIN, then fence_sql (if any), sent in ONE round trip: pipeline mode
- * (libpq >= 14) sends both before it reads an answer, and the server runs
- * them in order. Returns the BEGIN's result and sets *fence to the
- * fence's (NULL when it never ran). */
-static PGresult *send_begin(tx *t, const char *fence_sql, int n, const char *const *params,
-                            PGresult **fence) {
-    static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
-    PGconn *c = t->conn;
-    *fence = NULL;
-    /* Prepared before the pipeline starts: a PREPARE's answer must be read
-     * before anything else is sent. Once per connection. */
-    const char *fence_name = fence_sql ? prepared_name(t->prep, c, fence_sql, n) : NULL;
-    if (!fence_sql || !PQenterPipelineMode(c)) {
-        PGresult *r = PQexec(c, begin_sql);
-        if (fence_sql && PQresultStatus(r) == PGRES_COMMAND_OK)
-            *fence = prepared_exec(t->prep, c, fence_sql, n, params, NULL, NULL, NULL);
-        return r;
-    }
-    PGresult *begin = NULL;
-    if (PQsendQueryParams(c, begin_sql, 0, NULL, NULL, NULL, NULL, 0) &&
-        (fence_name ? PQsendQueryPrepared(c, fence_name, n, params, NULL, NULL, 0)
-                    : PQsendQueryParams(c, fence_sql, n, NULL, params, NULL, NULL, 0)) &&
-        PQpipelineSync(c)) {
-        begin = pipeline_result(c);
-        *fence = pipeline_result(c);
-        PGresult *sync;
-        while ((sync = PQgetResult(c)) && PQresultStatus(sync) != PGRES_PIPELINE_SYNC) PQclear(sync);
-        PQclear(sync);
-    }
-    PQexitPipelineMode(c); /* fails only on a broken connection, which the caller sees */
-    return begin;
+static int send_step(PGconn *c, const step *s) {
+    return s->name ? PQsendQueryPrepared(c, s->name, s->n, s->params, s->lengths, s->formats, 0)
+                   : PQsendQueryParams(c, s->sql, s->n, NULL, s->params, s->lengths, s->formats, 0);
 }
 
-/* BEGIN on a borrowed connection, with the fence in the same flight. An
- * idle pooled connection may have died (server restart); that is worth
- * exactly one fresh connection. 0 with *fence set when a fence was sent. */
-static int open_on_fresh_conn(tx *t, const char *fence_sql, int n, const char *const *params,
-                              PGresult **fence, tx_error *e) {
-    char err[512];
-    for (int tries = 0; tries < 2; tries++) {
-        t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err);
-        if (!t->conn) {
-            tx_error_set(e, TXE_CONNECTION, "%s", err);
+static PGresult *exec_step(PGconn *c, const step *s) {
+    return s->name ? PQexecPrepared(c, s->name, s->n, s->params, s->lengths, s->formats, 0)
+                   : PQexecParams(c, s->sql, s->n, NULL, s->params, s->lengths, s->formats, 0);
+}
+
+static int step_ok(const PGresult *r) {
+    ExecStatusType st = PQresultStatus(r);
+    return r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
+}
+
+/* Sends the steps in one pipeline and reads every answer into s[i].r.
+ * Without pipeline mode, they run one by one, up to the first failure. */
+static void fly(PGconn *c, step *s, int n) {
+    for (int i = 0; i < n; i++) s[i].r = NULL;
+    if (n > 1 && PQenterPipelineMode(c)) {
+        int sent = 0;
+        while (sent < n && send_step(c, &s[sent])) sent++;
+        if (sent == n && PQpipelineSync(c)) {
+            for (int i = 0; i < n; i++)
+                if (!(s[i].r = pipeline_result(c))) break;
+            PGresult *sync;
+            while ((sync = PQgetResult(c)) && PQresultStatus(sync) != PGRES_PIPELINE_SYNC) PQclear(sync);
+            PQclear(sync);
+        }
+        PQexitPipelineMode(c); /* fails only on a broken connection, which the answers show */
+        return;
+    }
+    for (int i = 0; i < n; i++)
+        if (!step_ok(s[i].r = exec_step(c, &s[i]))) break;
+}
+
+static void clear_steps(step *s, int n) {
+    for (int i = 0; i < n; i++) {
+        PQclear(s[i].r);
+        s[i].r = NULL;
+    }
+}
+
+/* The fence's statement and parameters for t. */
+static const char *fence_of(const tx *t, const char **params);
+
+/* BEGIN and the fence, as a flight's first steps; 0 when they went out
+ * already (or t has no session: then only BEGIN). */
+static int add_begin(tx *t, step *s, const char **fence_params) {
+    if (t->begun) return 0;
+    s[0] = (step){.kind = STEP_BEGIN, .sql = begin_sql};
+    if (!t->sess) return 1;
+    const char *sql = fence_of(t, fence_params);
+    int n = t->item ? 4 : 1;
+    /* Prepared before the flight: a PREPARE's answer must be read before
+     * anything else is sent. Our own SQL, once per connection. */
+    s[1] = (step){.kind = STEP_FENCE, .sql = sql, .n = n, .params = fence_params,
+                  .name = prepared_name(t->prep, t->conn, sql, n)};
+    return 2;
+}
+
+static int add_final(tx *t, step *s) {
+    if (!t->final.sql) return 0;
+    *s = (step){.kind = STEP_FINAL, .sql = t->final.sql, .n = t->final.n, .params = t->final.params,
+                .name = prepared_name(t->prep, t->conn, t->final.sql, t->final.n)};
+    return 1;
+}
+
+static void final_free(tx_final *f) {
+    free(f->heap);
+    f->heap = NULL;
+    f->sql = NULL;
+}
+
+int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
+                 int zero_means_lost, tx_error *e) {
+    if (nparams > TX_FINAL_MAX_PARAMS || t->final.sql) {
+        tx_error_set(e, TXE_SQL, "internal: a transaction takes one final statement of at most %d "
+                     "parameters", TX_FINAL_MAX_PARAMS);
+        return -1;
+    }
+    size_t need = 0;
+    for (int i = 0; i < nparams; i++) need += params[i] ? strlen(params[i]) + 1 : 0;
+    char *p = t->final.buf;
+    if (need > sizeof t->final.buf) {
+        if (!(p = t->final.heap = malloc(need))) {
+            tx_error_set(e, TXE_SQL, "out of memory");
             return -1;
         }
-        t->prep = pool_prepared(t->pool, t->conn);
-        PGresult *r = send_begin(t, fence_sql, n, params, fence);
-        int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-        if (!ok) tx_error_from_result(e, t->conn, r);
-        PQclear(r);
-        if (ok) return 0;
-        PQclear(*fence);
-        *fence = NULL;
-        int broken = PQstatus(t->conn) != CONNECTION_OK;
-        if (!broken && PQtransactionStatus(t->conn) != PQTRANS_IDLE)
-            PQclear(PQexec(t->conn, "ROLLBACK"));
-        pool_put(t->pool, t->conn);
-        t->conn = NULL;
-        if (!broken) return -1;
     }
-    return -1;
+    for (int i = 0; i < nparams; i++) {
+        if (!params[i]) {
+            t->final.params[i] = NULL;
+            continue;
+        }
+        size_t len = strlen(params[i]) + 1;
+        memcpy(p, params[i], len);
+        t->final.params[i] = p;
+        p += len;
+    }
+    t->final.sql = sql;
+    t->final.n = nparams;
+    t->final.zero_means_lost = zero_means_lost;
+    return 0;
 }
 
 /* The fence of a transaction that belongs to a work item: the session row
@@ -153,11 +226,20 @@ static int open_on_fresh_conn(tx *t, const char *fence_sql, int n, const char *c
 #define FENCE_SESSION_SQL \
     "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() FOR KEY SHARE"
 
+static const char *fence_of(const tx *t, const char **params) {
+    params[0] = session_id(t->sess);
+    params[1] = t->machine;
+    params[2] = t->process;
+    params[3] = t->token;
+    return t->item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
+}
+
 /* Only when the item fence failed: why. The session died, or the lock was
  * taken away, and then how (the event recorded for the claim's token).
- * Fills e; the failure path pays this round trip, never the others. */
-static void item_lost(tx *t, const tx_item *item, tx_error *e) {
-    const char *params[] = {session_id(t->sess), item->machine, item->process, item->token};
+ * Runs outside any transaction (the failed one was rolled back). Fills e;
+ * the failure path pays this round trip, never the others. */
+static void item_lost(tx *t, tx_error *e) {
+    const char *params[] = {session_id(t->sess), t->machine, t->process, t->token};
     PGresult *r = exec_params(
         t->conn,
         "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
@@ -196,8 +278,8 @@ static void item_lost(tx *t, const tx_item *item, tx_error *e) {
         why = strcmp(PQgetvalue(r, 0, 3), "0") != 0 ? "taken over by another claim"
                                                     : "taken over (the lock was released)";
     }
-    tx_error_set(e, TXE_LOST, "lost: the lock on %s %s was taken away: %s", item->machine,
-                 item->process, why);
+    tx_error_set(e, TXE_LOST, "lost: the lock on %s %s was taken away: %s", t->machine, t->process,
+                 why);
     PQclear(r);
 }
 
@@ -206,55 +288,114 @@ int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
 }
 
 int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *e) {
-    memset(t, 0, sizeof *t);
     t->pool = p;
     t->sess = sess;
+    t->conn = NULL;
+    t->prep = NULL;
+    t->open = t->failed = t->begun = t->doomed = 0;
+    t->final.sql = NULL;
+    t->final.heap = NULL;
+    t->final_result = NULL;
+    t->item = item != NULL;
+    if (item) {
+        snprintf(t->machine, sizeof t->machine, "%s", item->machine);
+        snprintf(t->process, sizeof t->process, "%s", item->process);
+        snprintf(t->token, sizeof t->token, "%s", item->token);
+    }
     if (sess && !session_alive(sess)) {
         tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
         return -1;
     }
-    const char *params[] = {sess ? session_id(sess) : NULL, item ? item->machine : NULL,
-                            item ? item->process : NULL, item ? item->token : NULL};
-    const char *fence_sql = !sess ? NULL : item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
-    PGresult *r;
-    if (open_on_fresh_conn(t, fence_sql, item ? 4 : 1, params, &r, e) < 0) return -1;
-    t->open = 1;
-    if (!sess) return 0;
-
-    /* KEY SHARE, held until COMMIT: the heartbeat's UPDATE of the deadline
-     * does not conflict with it, but the DELETE with which a collector or a
-     * takeover ends an expired session does, so it waits for us. Without
-     * the lock, a COMMIT of ours that stalls (network, fsync, a synchronous
-     * standby) past the deadline could land after another host took our
-     * work over, and SERIALIZABLE would see no conflict: the takeover only
-     * READ the session row. With it, our commit is ordered before the
-     * takeover, which then sees what we committed. On CockroachDB the
-     * takeover's write to a row we read makes our commit fail instead.
-     * A body's transaction checks its work row in the same statement,
-     * and the statement travels with the BEGIN (open_on_fresh_conn). */
-    if (PQresultStatus(r) != PGRES_TUPLES_OK) {
-        tx_error_from_result(e, t->conn, r);
-        /* The fence went out by name; the server may have dropped it (a
-         * script's DEALLOCATE). Prepared afresh, the next attempt runs. */
-        if (!strcmp(e->sqlstate, "26000")) {
-            prepared_forget(t->prep);
-            e->stale_statement = 1;
-        }
-        PQclear(r);
-        tx_rollback(t);
+    char err[512];
+    if (!(t->conn = pool_get(p, POOL_WAIT_S, err, sizeof err))) {
+        tx_error_set(e, TXE_CONNECTION, "%s", err);
         return -1;
     }
-    int live = PQntuples(r) == 1;
-    PQclear(r);
-    if (!live) {
-        if (item) {
-            item_lost(t, item, e);
-        } else {
-            session_lose(sess, "session row gone or past its deadline");
-            tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+    t->prep = pool_prepared(p, t->conn);
+    t->open = 1;
+    return 0;
+}
+
+/* The flight's answers, in order: the first failure is the flight's (the
+ * server skipped what came after it). -1 when all went well; else the
+ * index of the failed step, with e set. A fence that found no live row
+ * fails too, with e->kind TXE_SESSION_EXPIRED (the caller finds out
+ * more). */
+static int first_failure(tx *t, step *s, int n, tx_error *e) {
+    for (int i = 0; i < n; i++) {
+        PGresult *r = s[i].r;
+        if (!step_ok(r)) {
+            tx_error_from_result(e, t->conn, r);
+            const char *st = e->sqlstate;
+            /* 26000: a statement we sent by name is gone (a script's
+             * DEALLOCATE); 0A000: the schema changed under a cached plan.
+             * Prepared afresh, the next attempt runs. */
+            if ((s[i].kind == STEP_FENCE || s[i].kind == STEP_FINAL || s[i].cached) &&
+                (!strcmp(st, "26000") || !strcmp(st, "0A000"))) {
+                prepared_forget(t->prep);
+                e->stale_statement = 1;
+            }
+            if (s[i].kind == STEP_FINAL && t->final.zero_means_lost && !strcmp(st, "22012"))
+                tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
+                             t->final.params[0], t->final.params[1]);
+            if (s[i].kind == STEP_COMMIT) e->outcome_unknown = e->kind == TXE_CONNECTION;
+            return i;
         }
+        if (s[i].kind == STEP_FENCE && PQntuples(r) != 1) {
+            tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+            return i;
+        }
+    }
+    return -1;
+}
+
+/* Closes t after a failure that leaves nothing to do in it, remembering
+ * why: every later call on t gets the same answer. */
+static void doom(tx *t, const tx_error *e) {
+    t->doom = *e;
+    t->doomed = 1;
+    tx_rollback(t);
+}
+
+/* A flight failed at step bad. Returns 1 when it is worth flying again
+ * on a fresh connection: nothing had begun, and the connection (an idle
+ * pooled one, say, whose server restarted) broke. Else settles t. */
+static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
+    if (!t->begun && bad >= 0 && s[bad].kind == STEP_BEGIN && e->kind == TXE_CONNECTION &&
+        PQstatus(t->conn) != CONNECTION_OK) {
+        char err[512];
+        pool_put(t->pool, t->conn);
+        if (!(t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err))) {
+            tx_error_set(e, TXE_CONNECTION, "%s", err);
+            doom(t, e);
+            return 0;
+        }
+        t->prep = pool_prepared(t->pool, t->conn);
+        return 1;
+    }
+    switch (s[bad].kind) {
+    case STEP_FENCE:
+        if (e->kind == TXE_SESSION_EXPIRED) {
+            /* The fence found no live row: roll back what rode with it,
+             * then learn why outside the transaction. */
+            if (PQstatus(t->conn) == CONNECTION_OK && PQtransactionStatus(t->conn) != PQTRANS_IDLE)
+                PQclear(PQexec(t->conn, "ROLLBACK"));
+            if (t->item) item_lost(t, e);
+            else session_lose(t->sess, "session row gone or past its deadline");
+        }
+        /* fall through */
+    case STEP_BEGIN:
+    case STEP_FINAL:
+        doom(t, e);
+        break;
+    case STEP_COMMIT:
+        t->open = 0;
         tx_rollback(t);
-        return -1;
+        break;
+    case STEP_STMT:
+        t->failed = 1; /* the server will only roll back */
+        t->begun = 1;
+        break;
     }
     return 0;
 }
@@ -362,32 +503,71 @@ long tx_run(tx *t, const char *sql, int nparams, const char *const *params, PGre
 
 PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
                          const int *lengths, const int *formats, tx_error *e) {
+    if (t->doomed) {
+        *e = t->doom;
+        return NULL;
+    }
     if (!t->open) {
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return NULL;
     }
-    PGresult *r = conn_exec(t->conn, t->prep, sql, nparams, params, lengths, formats, e);
-    if (!r) {
+    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0) {
         t->failed = 1;
         return NULL;
     }
-    if (ended_transaction(t->conn, r)) {
-        /* The statement ended the transaction (a COMMIT or ROLLBACK that got
-         * past the caller's check): the fence went with it, and anything
-         * run on this connection now would autocommit, or run in a chained
-         * transaction that never read the session row. Close the tx so
-         * nothing more runs on it. */
-        tx_error_set(e, TXE_CLOSED, "the statement ended the transaction (%s); its fence is gone, "
-                     "so nothing more runs in it", PQcmdStatus(r));
-        PQclear(r);
-        t->failed = 1;
-        tx_rollback(t);
-        return NULL;
+    for (;;) {
+        step s[FLIGHT_MAX];
+        const char *fence_params[4];
+        int n = add_begin(t, s, fence_params);
+        n += add_final(t, s + n);
+        PGresult *failed;
+        int cached;
+        /* Prepared before the flight. Outside the transaction when it has
+         * not begun; inside, a statement that does not parse aborts it,
+         * as it would have anyway. */
+        const char *name = prepared_lookup(t->prep, t->conn, sql, nparams, &cached, &failed);
+        if (failed) {
+            tx_error_from_result(e, t->conn, failed);
+            PQclear(failed);
+            t->failed = 1;
+            return NULL;
+        }
+        s[n++] = (step){.kind = STEP_STMT, .sql = sql, .name = name, .n = nparams, .params = params,
+                        .lengths = lengths, .formats = formats, .cached = cached};
+        fly(t->conn, s, n);
+        int bad = first_failure(t, s, n, e);
+        if (bad >= 0) {
+            clear_steps(s, n);
+            if (flight_failed(t, s, bad, e)) continue;
+            return NULL;
+        }
+        t->begun = 1;
+        if (t->final.sql) final_free(&t->final);
+        PGresult *r = s[n - 1].r;
+        s[n - 1].r = NULL;
+        clear_steps(s, n - 1);
+        if (ended_transaction(t->conn, r)) {
+            /* The statement ended the transaction (a COMMIT or ROLLBACK that
+             * got past the caller's check): the fence went with it, and
+             * anything run on this connection now would autocommit, or run
+             * in a chained transaction that never read the session row.
+             * Close the tx so nothing more runs on it. */
+            tx_error_set(e, TXE_CLOSED, "the statement ended the transaction (%s); its fence is gone, "
+                         "so nothing more runs in it", PQcmdStatus(r));
+            PQclear(r);
+            t->failed = 1;
+            tx_rollback(t);
+            return NULL;
+        }
+        return r;
     }
-    return r;
 }
 
 int tx_commit(tx *t, tx_error *e) {
+    if (t->doomed) {
+        *e = t->doom;
+        return -1;
+    }
     if (!t->open) {
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return -1;
@@ -405,24 +585,66 @@ int tx_commit(tx *t, tx_error *e) {
         tx_rollback(t);
         return -1;
     }
-    PGresult *r = PQexec(t->conn, "COMMIT");
-    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    if (!ok) {
-        tx_error_from_result(e, t->conn, r);
+    step s[FLIGHT_MAX];
+    const char *fence_params[4];
+    int n, bad, final_at = -1;
+    if (!t->begun) {
+        /* Nothing ran: nothing to commit, unless a final statement waits.
+         * Its flight carries BEGIN and the fence, whose answer must be
+         * read before COMMIT goes (the fence reports a dead session by
+         * returning no row, which would not stop a COMMIT behind it). */
+        if (!t->final.sql) {
+            tx_rollback(t);
+            return 0;
+        }
+        for (;;) {
+            n = add_begin(t, s, fence_params);
+            final_at = n;
+            n += add_final(t, s + n);
+            fly(t->conn, s, n);
+            if ((bad = first_failure(t, s, n, e)) < 0) break;
+            clear_steps(s, n);
+            if (!flight_failed(t, s, bad, e)) return -1;
+        }
+        t->begun = 1;
+        t->final_result = s[final_at].r;
+        s[final_at].r = NULL;
+        clear_steps(s, n);
+        final_free(&t->final);
+        n = 0;
+        final_at = -1;
+    } else {
+        n = add_final(t, s);
+        if (n) final_at = 0;
+    }
+    s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
+    fly(t->conn, s, n);
+    bad = first_failure(t, s, n, e);
+    if (bad >= 0) {
         /* A server error to COMMIT means it rolled back; a lost connection
          * means we cannot know. Callers that must know (a work decision)
          * look in the database before they retry. */
-        e->outcome_unknown = e->kind == TXE_CONNECTION;
+        clear_steps(s, n);
+        flight_failed(t, s, bad, e);
+        return -1;
     }
-    PQclear(r);
-    if (ok) metrics_tx_committed();
+    if (final_at >= 0) {
+        t->final_result = s[final_at].r;
+        s[final_at].r = NULL;
+    }
+    clear_steps(s, n);
+    final_free(&t->final);
+    metrics_tx_committed();
     t->open = 0;
     pool_put(t->pool, t->conn);
     t->conn = NULL;
-    return ok ? 0 : -1;
+    return 0;
 }
 
 void tx_rollback(tx *t) {
+    final_free(&t->final);
+    PQclear(t->final_result);
+    t->final_result = NULL;
     if (!t->conn) {
         t->open = 0;
         return;

@@ -34,6 +34,19 @@ typedef struct tx_error {
                            * transaction may or may not have committed */
 } tx_error;
 
+/* The statement that rides with COMMIT (tx_set_final): its parameters are
+ * copied, since the caller's strings may be gone by then. */
+#define TX_FINAL_MAX_PARAMS 8
+typedef struct tx_final {
+    const char *sql;   /* NULL: none; a static string of the host's */
+    int n;
+    const char *params[TX_FINAL_MAX_PARAMS];
+    int zero_means_lost; /* its 22012 (a division by a count of zero) means
+                          * the work lock is gone: TXE_LOST */
+    char *heap;          /* the copies, when they do not fit inline */
+    char buf[256];
+} tx_final;
+
 typedef struct tx {
     pool *pool;
     PGconn *conn;
@@ -41,6 +54,15 @@ typedef struct tx {
     session *sess;   /* NULL: no fence (housekeeping without a session) */
     int open;
     int failed;      /* a statement failed: the server will only roll back */
+    int begun;       /* BEGIN and the fence went out: they ride with the
+                      * first statement, so they cost no round trip of
+                      * their own */
+    int item;        /* fenced by the work item below too */
+    char machine[40], process[64], token[40];
+    tx_final final;
+    PGresult *final_result; /* the final statement's answer, after COMMIT */
+    int doomed;      /* the fence failed: every later call answers doom */
+    tx_error doom;
 } tx;
 
 /* The work item a body's transaction belongs to: its fence also checks
@@ -49,13 +71,23 @@ typedef struct tx_item {
     const char *machine, *process, *token;
 } tx_item;
 
-/* sess may be NULL for housekeeping transactions. 0, or -1 with e set;
- * t->sess is set either way, so a caller holding a reference for the tx
- * releases it the same way on both paths. */
+/* sess may be NULL for housekeeping transactions. Borrows a connection
+ * and checks the session locally; BEGIN and the fence are sent with the
+ * transaction's first statement (one round trip), so a dead session or a
+ * lost lock is reported by that statement, or by tx_commit. 0, or -1 with
+ * e set; t->sess is set either way, so a caller holding a reference for
+ * the tx releases it the same way on both paths. */
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
 /* tx_begin fenced by item too: TXE_LOST, naming why, when its lock was
  * taken away (timeout, canceled by an operator, taken over). */
 int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *e);
+/* Makes sql the statement sent in the same round trip as COMMIT (or
+ * before the next statement, if one follows): for a statement whose only
+ * possible failure is an error, which then keeps COMMIT from running.
+ * Parameters are copied. With zero_means_lost, its division by zero
+ * (22012) is reported as TXE_LOST. 0, or -1 with e set. */
+int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
+                 int zero_means_lost, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */
@@ -73,8 +105,12 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
  * statement does not read as bytea is refused before it runs. */
 PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
                        const int *lengths, const int *formats, tx_error *e);
+/* Sends the final statement (if any) and COMMIT in one round trip; the
+ * final's answer stays in t->final_result until tx_rollback (which any
+ * owner of a tx calls once, committed or not). */
 int tx_commit(tx *t, tx_error *e);
-/* Safe to call on a closed transaction. Returns the connection. */
+/* Safe to call on a closed transaction. Returns the connection and frees
+ * what the tx held. */
 void tx_rollback(tx *t);
 
 /* Seconds to wait before retry number attempt (1-based): jittered,

@@ -171,6 +171,51 @@ static work_lock_result lock_if_free(tx *t, const char *machine, const char *pro
     return n == 1 ? WORK_LOCKED : WORK_HELD;
 }
 
+/* The usual claim, in one statement that rides with COMMIT: a candidate
+ * (of a UUID array literal) that no pause, hold, live lock or backoff
+ * keeps, locked with its Started event. No ORDER BY: the first free one in
+ * the order the database reads them will do (the caller shuffled them),
+ * and without a sort the checks stop at the first that passes instead of
+ * running for every candidate. A candidate whose holder's session or timeout ended counts as free
+ * here; its INSERT then meets the old row and locks nothing, and the
+ * caller's full claim (work_lock) takes it over. */
+int work_lock_any(tx *t, const char *candidates, const char *process, const work_claim *c,
+                  tx_error *e) {
+    const char *p[] = {candidates, process, session_id(t->sess), c ? c->timeout : NULL,
+                       c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
+                       c ? c->backoff_exponent : NULL};
+    return tx_set_final(t,
+        "WITH cand AS (SELECT c.machine_id FROM unnest($1::UUID[]) AS c (machine_id)"
+        " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
+        " AND NOT EXISTS (SELECT 1 FROM machine_holds h WHERE h.machine_id = c.machine_id)"
+        " AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions s ON s.session_id = w.session_id"
+        "  WHERE w.machine_id = c.machine_id AND w.process = $2 AND s.deadline > now()"
+        "  AND (w.deadline IS NULL OR w.deadline > now()))"
+        " AND NOT EXISTS (SELECT 1 FROM work_backoff b WHERE b.machine_id = c.machine_id"
+        "  AND b.process = $2 AND b.backoff_until > now())"
+        " LIMIT 1), "
+        "locked AS (INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
+        " backoff_initial, backoff_maximum, backoff_exponent) "
+        " SELECT machine_id, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
+        " $5::INT8, $6::INT8, $7::NUMERIC FROM cand"
+        " ON CONFLICT (machine_id, process) DO NOTHING"
+        " RETURNING machine_id, process, session_id, token), "
+        "started AS (INSERT INTO work_history (machine_id, process, session_id, event, token)"
+        " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
+        "SELECT l.machine_id, l.token, (SELECT b.attempts FROM work_backoff b"
+        " WHERE b.machine_id = l.machine_id AND b.process = $2) AS attempts FROM locked l",
+        7, p, 0, e);
+}
+
+int work_locked_any(const tx *t, char *machine, size_t machinelen, work_locked *out) {
+    const PGresult *r = t->final_result;
+    if (!r || PQntuples(r) != 1) return 0;
+    snprintf(machine, machinelen, "%s", PQgetvalue(r, 0, 0));
+    snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 1));
+    out->attempt = (PQgetisnull(r, 0, 2) ? 0 : atoi(PQgetvalue(r, 0, 2))) + 1;
+    return 1;
+}
+
 work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
                            work_locked *out, tx_error *e) {
     const char *mp[] = {machine, process};
@@ -257,36 +302,34 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
 
 int work_release(tx *t, const char *machine, const char *process, const char *token,
                  const char *event, const char *cause, long backoff_seconds, tx_error *e) {
-    /* One statement, one round trip: the lock, the event and the backoff
-     * change together. Each form returns one row when our lock was there. */
+    /* One statement: the lock, the event and the backoff change together.
+     * It rides with COMMIT (tx_set_final), so it must fail by raising:
+     * dividing by the count of rows it released makes a lock that is no
+     * longer ours a division by zero, which keeps the COMMIT behind it
+     * from running (tx.c reports it as TXE_LOST). The item fence has
+     * already checked our row and holds it KEY SHARE until COMMIT, so
+     * this is the belt to the fence's braces. */
     char secs[32];
     snprintf(secs, sizeof secs, "%ld", backoff_seconds < 1 ? 1 : backoff_seconds);
     const char *p[] = {machine, process, session_id(t->sess), token, event, cause, secs};
-    long n;
     if (strcmp(event, "Failed") == 0)
-        n = tx_run(t,
+        return tx_set_final(t,
                 WORK_RELEASE_CTE
-                "INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause) "
-                "SELECT machine_id, process, now() + $7::INT8 * INTERVAL '1 second', $7::INT8, 1, "
+                ", penalized AS (INSERT INTO work_backoff (machine_id, process, backoff_until, "
+                " last_seconds, attempts, cause) "
+                " SELECT machine_id, process, now() + $7::INT8 * INTERVAL '1 second', $7::INT8, 1, "
                 " coalesce($6::TEXT, 'failed') FROM gone "
-                "ON CONFLICT (machine_id, process) DO UPDATE SET "
-                "backoff_until = excluded.backoff_until, last_seconds = excluded.last_seconds, "
-                "attempts = work_backoff.attempts + 1, cause = excluded.cause RETURNING 1",
-                7, p, NULL, e);
-    else
-        n = tx_run(t,
-                WORK_RELEASE_CTE
-                ", cleared AS (DELETE FROM work_backoff WHERE $5::TEXT = 'Finished' "
-                " AND machine_id = $1 AND process = $2 AND EXISTS (SELECT 1 FROM gone) RETURNING 1) "
-                "SELECT 1 FROM gone",
-                6, p, NULL, e);
-    if (n < 0) return -1;
-    if (n == 0) {
-        tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
-                     machine, process);
-        return -1;
-    }
-    return 0;
+                " ON CONFLICT (machine_id, process) DO UPDATE SET "
+                " backoff_until = excluded.backoff_until, last_seconds = excluded.last_seconds, "
+                " attempts = work_backoff.attempts + 1, cause = excluded.cause RETURNING 1) "
+                "SELECT 1 / (SELECT count(*) FROM gone)",
+                7, p, 1, e);
+    return tx_set_final(t,
+            WORK_RELEASE_CTE
+            ", cleared AS (DELETE FROM work_backoff WHERE $5::TEXT = 'Finished' "
+            " AND machine_id = $1 AND process = $2 AND EXISTS (SELECT 1 FROM gone) RETURNING 1) "
+            "SELECT 1 / (SELECT count(*) FROM gone)",
+            6, p, 1, e);
 }
 
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e) {

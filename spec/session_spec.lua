@@ -67,15 +67,20 @@ describe("sessions", function()
   it("fences on the database too: a deleted session row fails the next transaction", function()
     local s = core.session()
     admin:exec("DELETE FROM sessions WHERE session_id = $1", s:id())
-    local err = failure(core.begin, s)
+    -- The fence rides with the transaction's first statement (tx.h), so
+    -- that statement is what fails, and nothing it did stays.
+    local tx = core.begin(s)
+    local err = failure(tx.one, tx, "INSERT INTO machines DEFAULT VALUES RETURNING machine_id")
     assert.equal("session_expired", err.kind)
     assert.is_false(s:alive())
+    assert.equal("session_expired", failure(tx.commit, tx).kind)
   end)
 
   it("starts a new session for new work after a loss", function()
     local old = core.session()
     admin:exec("DELETE FROM sessions WHERE session_id = $1", old:id())
-    failure(core.begin, old)
+    local tx = core.begin(old)
+    failure(tx.one, tx, "SELECT 1 AS x")
     local new
     H.wait_until(function()
       local ok, s = pcall(core.session, 0.1)

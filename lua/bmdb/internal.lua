@@ -106,7 +106,6 @@ local function transact_on(on, fn, ...)
     local ok, tx
     if w then
       ok, tx = pcall(core.begin, sess, w.machine, w.process, w._token)
-      if not ok and is_error(tx, "lost") then w._lost = tx.message end
     else
       ok, tx = pcall(core.begin, sess)
     end
@@ -137,6 +136,9 @@ local function transact_on(on, fn, ...)
       for _, process in ipairs(wakes) do pcall(send_wake, process) end
       return unpack(results, 2, table.maxn(results))
     end
+    -- The item fence rides with the first statement (or the COMMIT), so
+    -- a lock taken away is learned there, whichever statement it was.
+    if w and is_error(err, "lost") and not w._lost then w._lost = err.message end
     local delay = -1
     if retryable(err) and core.now() - started < bmdb.retry_seconds then
       delay = core.retry_delay(attempt)
@@ -293,8 +295,11 @@ local function release(w, event, cause, spec, commit_fn)
     if event == "Failed" then
       seconds = bmdb.backoff_next(spec, core.backoff_last(tx, w.machine, w.process))
     end
+    -- commit_fn first: the release is the transaction's final statement,
+    -- sent with COMMIT in one round trip (work.h).
+    local r = commit_fn and { commit_fn(tx) }
     core.release(tx, w.machine, w.process, event, cause, seconds, w._token)
-    if commit_fn then return commit_fn(tx) end
+    if r then return unpack(r, 1, table.maxn(r)) end
   end
   local results, uncertain, attempt = nil, false, 0
   repeat
@@ -816,7 +821,58 @@ local function shuffle(t)
   end
 end
 
--- Selects candidates and locks one, in one transaction. Candidates are
+-- An idle select: is it a pause? (work_blocked hides a paused process's
+-- machines, so select alone cannot tell.) The idle path only.
+local function note_idle(tx, def)
+  local why = core.paused(tx, def.process)
+  core.note_pause(def.process, why ~= nil, why)
+end
+
+-- The usual claim in two round trips: BEGIN, the fence and the select's
+-- statement in one; the lock of the first free candidate (in random
+-- order) with COMMIT in the other (core.lock_any). Returns true and the
+-- work item (nil when select found nothing), or false when the full
+-- claim below must decide: no candidate was free in our snapshot, select
+-- returned something that is not a machine id, or the lock failed (a
+-- machine that does not exist). A drain that begins while we select wins.
+local function claim_fast(def, sess)
+  local started, sent = core.now(), nil
+  local ok, outcome = pcall(transact_on, sess, function(tx)
+    sent = nil
+    local rows = def.select(tx, def.batch)
+    if type(rows) ~= "table" then return "full" end
+    local ids = {}
+    for i, r in ipairs(rows) do
+      local id = type(r) == "table" and r.machine_id or r
+      if type(id) ~= "string" or not core.valid_uuid(id) then return "full" end
+      ids[i] = id
+    end
+    if #ids == 0 then
+      note_idle(tx, def)
+      return "idle"
+    end
+    shuffle(ids)
+    if core.state() ~= "running" then raise("draining", 0, "draining: no new claims") end
+    core.lock_any(tx, ids, def.process, def.claim_opts)
+    sent = tx
+    return "sent"
+  end)
+  if not ok then
+    if is_error(outcome, "sql") and outcome.sqlstate == "23503" then return false end
+    error(outcome, 0)
+  end
+  if outcome == "idle" then return true, nil end
+  if outcome ~= "sent" then return false end
+  local machine, attempt, token = core.claimed(sent)
+  if not machine then return false end
+  core.note_pause(def.process, false)
+  core.count("claim")
+  return true, bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
+end
+
+-- The full claim: selects candidates and locks one, in one transaction,
+-- learning why a candidate cannot be locked and taking over the locks of
+-- ended sessions. Candidates are
 -- tried in random order so slots that read the same candidates spread
 -- over them instead of colliding on the first. opts (bmdb.testing):
 -- ordered = keep select's order; machine = only that candidate.
@@ -829,6 +885,10 @@ end
 -- pays nothing for this.
 local function claim(def, opts)
   local sess = core.session(1)
+  if not opts then
+    local settled, w = claim_fast(def, sess)
+    if settled then return w end
+  end
   local suspects, warned = {}, {}
   local function skip(id, why)
     if warned[id] then return end
@@ -850,12 +910,7 @@ local function claim(def, opts)
         if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
       end
       if not (opts and opts.ordered) then shuffle(ids) end
-      if #ids == 0 then
-        -- Idle: is it a pause? (work_blocked hides a paused process's
-        -- machines, so select alone cannot tell.) The idle path only.
-        local why = core.paused(tx, def.process)
-        core.note_pause(def.process, why ~= nil, why)
-      end
+      if #ids == 0 then note_idle(tx, def) end
       for _, id in ipairs(ids) do
         if type(id) ~= "string" or not core.valid_uuid(id) then
           skip(id, "not a machine id (a UUID)")
