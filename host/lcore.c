@@ -255,9 +255,9 @@ static int l_lock(lua_State *L) {
     }
 }
 
-/* core.lock_any(tx, {id, ...}, process, opts): the usual claim of the
- * first free of ids (all valid UUIDs), sent with COMMIT; core.claimed(tx)
- * tells the outcome once committed. */
+/* core.lock_any(tx, {id, ...}, process, opts, count): the usual claim of
+ * up to count free ids (all valid UUIDs), sent with COMMIT;
+ * core.claimed(tx) tells the outcome once committed. */
 static int l_lock_any(lua_State *L) {
     ltx *u = check_open_tx(L, "lock_any");
     luaL_checktype(L, 2, LUA_TTABLE);
@@ -281,21 +281,33 @@ static int l_lock_any(lua_State *L) {
     work_claim c;
     claim_options(L, 4, &c, nb);
     tx_error e;
-    if (work_lock_any(&u->t, lua_tostring(L, -1), process, &c, &e) < 0) return lerror_raise(L, &e);
+    int count = (int)luaL_optinteger(L, 5, 1);
+    if (work_lock_any(&u->t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
     return 0;
 }
 
-/* core.claimed(tx) -> machine, attempt, token | nil */
+/* core.claimed(tx) -> { {machine, attempt, token}, ... }: what the
+ * committed core.lock_any locked (empty when nothing); the caller keeps
+ * the first. */
 static int l_claimed(lua_State *L) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
     char machine[40];
     work_locked out;
-    if (!work_locked_any(&u->t, machine, sizeof machine, &out)) return 0;
-    slot_note_item(machine); /* named if its slot will not stop */
-    lua_pushstring(L, machine);
-    lua_pushinteger(L, out.attempt);
-    lua_pushstring(L, out.token);
-    return 3;
+    lua_newtable(L);
+    for (int i = 0; work_locked_any(&u->t, i, machine, sizeof machine, &out); i++) {
+        /* The first is the claimer's own; the others' slots note theirs
+         * when they are handed them (slots.h). */
+        if (i == 0) slot_note_item(machine); /* named if its slot will not stop */
+        lua_createtable(L, 3, 0);
+        lua_pushstring(L, machine);
+        lua_rawseti(L, -2, 1);
+        lua_pushinteger(L, out.attempt);
+        lua_rawseti(L, -2, 2);
+        lua_pushstring(L, out.token);
+        lua_rawseti(L, -2, 3);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
 }
 
 /* core.release(tx, machine, process, event, cause, seconds, token) */

@@ -2,8 +2,11 @@
  *
  * Globals and their guards (lock order: host/README.md):
  *   queues, everyone_gen, each queue's counts   idle_mu
+ *   finishing, claiming, claim queues           phase_mu (never held with
+ *                                               idle_mu or item_mu)
  *   item records bound by slot_bind_item        item_mu
  *   generation, claims/retries, notify          atomics, no lock */
+#define _GNU_SOURCE /* pthread_mutex_clocklock */
 #include "slots.h"
 
 #include <stdint.h>
@@ -86,6 +89,139 @@ void slot_wake_everyone(void) {
     everyone_gen++;
     for (idle_queue *q = queues; q; q = q->next) pthread_cond_broadcast(&q->cv);
     pthread_mutex_unlock(&idle_mu);
+}
+
+/* ---- claims and finishes take turns --------------------------------------
+ *
+ * Why (measured, BENCHMARKS.md): under SERIALIZABLE on PostgreSQL, a claim
+ * that overlaps a finish is a "pivot" and is rolled back. The claim reads
+ * what finishes write (the worker's select scans the tables a finish
+ * deletes from; the work table is read whole), and finishes read what the
+ * claim writes (their fence and release read the work table's primary key
+ * index, whose few pages take every new work row: predicate locks on a
+ * btree are per page). Two concurrent claims conflict the same way. At 16
+ * slots a quarter of the claims were retried after a sleep, and the
+ * slots spent most of their time asleep. So within a host a claim runs
+ * alone: it waits for the finishes in flight, and finishes wait for it
+ * (claims go first, or a steady stream of finishes would starve them).
+ * Finishes run together: they do not conflict with each other.
+ *
+ * A claim that runs alone would make claims the bottleneck, so it claims
+ * for every slot of its process that waits to claim: they wait here, and
+ * the claimer hands each of them an item (slot_claim_hand). A waiter that
+ * gets none takes the next turn. Other hosts still overlap; their claims
+ * conflict as before. */
+
+typedef struct claim_queue {
+    char process[64];
+    int waiters;                /* slots of process inside slot_claim_enter */
+    int n;
+    slot_handed items[SLOT_HAND_MAX];
+    struct claim_queue *next;
+} claim_queue;
+
+static pthread_mutex_t phase_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t phase_cv; /* CLOCK_MONOTONIC */
+static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
+/* under phase_mu: */
+static int finishing, claiming, claims_waiting;
+static claim_queue *claim_queues; /* never freed (one per process) */
+
+static void phase_init(void) {
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&phase_cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+static claim_queue *claim_queue_for(const char *process) {
+    for (claim_queue *q = claim_queues; q; q = q->next)
+        if (!strcmp(q->process, process)) return q;
+    claim_queue *q = calloc(1, sizeof *q);
+    if (!q) abort();
+    snprintf(q->process, sizeof q->process, "%s", process);
+    q->next = claim_queues;
+    claim_queues = q;
+    return q;
+}
+
+void slot_finish_enter(void) {
+    pthread_once(&phase_once, phase_init);
+    pthread_mutex_lock(&phase_mu);
+    while (claiming || claims_waiting) pthread_cond_wait(&phase_cv, &phase_mu);
+    finishing++;
+    pthread_mutex_unlock(&phase_mu);
+}
+
+void slot_finish_leave(void) {
+    pthread_mutex_lock(&phase_mu);
+    if (--finishing == 0) pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+}
+
+int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
+    pthread_once(&phase_once, phase_init);
+    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
+    int got = SLOT_CLAIM_TIMEOUT;
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    q->waiters++;
+    claims_waiting++;
+    for (;;) {
+        if (q->n > 0) {
+            *out = q->items[--q->n];
+            got = SLOT_CLAIM_HANDED;
+            break;
+        }
+        if (!claiming && !finishing) {
+            claiming = 1;
+            got = SLOT_CLAIM_TURN;
+            break;
+        }
+        if (lifecycle_state() != HOST_RUNNING) break;
+        if (pthread_cond_timedwait(&phase_cv, &phase_mu, &until) == ETIMEDOUT) break;
+    }
+    q->waiters--;
+    claims_waiting--;
+    /* Finishes wait while claims wait: one that gave up may free them. */
+    if (got == SLOT_CLAIM_TIMEOUT) pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+    if (got == SLOT_CLAIM_HANDED) slot_note_item(out->machine);
+    return got;
+}
+
+int slot_claim_waiters(const char *process) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    int n = q->waiters - q->n;
+    pthread_mutex_unlock(&phase_mu);
+    return n > 0 ? n : 0;
+}
+
+int slot_claim_hand(const char *process, const slot_handed *item) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    int ok = q->n < SLOT_HAND_MAX;
+    if (ok) q->items[q->n++] = *item;
+    pthread_mutex_unlock(&phase_mu);
+    return ok;
+}
+
+void slot_claim_leave(void) {
+    pthread_mutex_lock(&phase_mu);
+    claiming = 0;
+    pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+}
+
+int slot_claim_take(const char *process, slot_handed *out) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    int got = q->n > 0;
+    if (got) *out = q->items[--q->n];
+    pthread_mutex_unlock(&phase_mu);
+    return got;
 }
 
 /* ---- generation, counters, notify ------------------------------------------ */

@@ -24,6 +24,36 @@ void slot_wake(const char *process);
 /* Every idle slot wakes (shutdown, reload). */
 void slot_wake_everyone(void);
 
+/* Claims and finishes take turns within a host, and a claim claims for
+ * every slot of its process that waits to (slots.c says why). A finish
+ * (a work decision's transaction) runs between slot_finish_enter and
+ * slot_finish_leave, alongside other finishes but never a claim.
+ *
+ * slot_claim_enter waits up to seconds for either the turn to claim
+ * (SLOT_CLAIM_TURN: claim, hand out what others wait for, then
+ * slot_claim_leave), or an item a claimer handed us (SLOT_CLAIM_HANDED,
+ * *out filled; its lock was taken under out->session), or gives up
+ * (SLOT_CLAIM_TIMEOUT; also at once when the host leaves running).
+ * slot_claim_waiters says how many slots of process wait for an item that
+ * nobody handed them yet; slot_claim_hand queues one (0 when the queue is
+ * full: the caller keeps it). slot_claim_take takes a queued item without
+ * waiting, for a slot that stops claiming (reload, drain) and must not
+ * strand one. */
+#define SLOT_HAND_MAX 64
+typedef struct slot_handed {
+    char machine[40], token[40], session[40];
+    int attempt;
+    double started; /* mono_now() before the claim was sent */
+} slot_handed;
+enum { SLOT_CLAIM_TIMEOUT = 0, SLOT_CLAIM_TURN = 1, SLOT_CLAIM_HANDED = 2 };
+void slot_finish_enter(void);
+void slot_finish_leave(void);
+int slot_claim_enter(const char *process, double seconds, slot_handed *out);
+void slot_claim_leave(void);
+int slot_claim_waiters(const char *process);
+int slot_claim_hand(const char *process, const slot_handed *item);
+int slot_claim_take(const char *process, slot_handed *out);
+
 /* The code generation: 1 until the first reload; slots compare it at every
  * item boundary. Only worker.c moves it on, when it swaps the code. */
 unsigned slot_generation(void);

@@ -171,19 +171,21 @@ static work_lock_result lock_if_free(tx *t, const char *machine, const char *pro
     return n == 1 ? WORK_LOCKED : WORK_HELD;
 }
 
-/* The usual claim, in one statement that rides with COMMIT: a candidate
- * (of a UUID array literal) that no pause, hold, live lock or backoff
- * keeps, locked with its Started event. No ORDER BY: the first free one in
+/* The usual claim, in one statement that rides with COMMIT: up to count
+ * candidates (of a UUID array literal) that no pause, hold, live lock or
+ * backoff keeps, locked with their Started events. No ORDER BY: the first free one in
  * the order the database reads them will do (the caller shuffled them),
  * and without a sort the checks stop at the first that passes instead of
  * running for every candidate. A candidate whose holder's session or timeout ended counts as free
  * here; its INSERT then meets the old row and locks nothing, and the
  * caller's full claim (work_lock) takes it over. */
-int work_lock_any(tx *t, const char *candidates, const char *process, const work_claim *c,
-                  tx_error *e) {
+int work_lock_any(tx *t, const char *candidates, int count, const char *process,
+                  const work_claim *c, tx_error *e) {
+    char n[16];
+    snprintf(n, sizeof n, "%d", count < 1 ? 1 : count);
     const char *p[] = {candidates, process, session_id(t->sess), c ? c->timeout : NULL,
                        c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
-                       c ? c->backoff_exponent : NULL};
+                       c ? c->backoff_exponent : NULL, n};
     return tx_set_final(t,
         "WITH cand AS (SELECT c.machine_id FROM unnest($1::UUID[]) AS c (machine_id)"
         " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
@@ -193,7 +195,7 @@ int work_lock_any(tx *t, const char *candidates, const char *process, const work
         "  AND (w.deadline IS NULL OR w.deadline > now()))"
         " AND NOT EXISTS (SELECT 1 FROM work_backoff b WHERE b.machine_id = c.machine_id"
         "  AND b.process = $2 AND b.backoff_until > now())"
-        " LIMIT 1), "
+        " LIMIT $8::INT8), "
         "locked AS (INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
         " backoff_initial, backoff_maximum, backoff_exponent) "
         " SELECT machine_id, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
@@ -204,15 +206,15 @@ int work_lock_any(tx *t, const char *candidates, const char *process, const work
         " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
         "SELECT l.machine_id, l.token, (SELECT b.attempts FROM work_backoff b"
         " WHERE b.machine_id = l.machine_id AND b.process = $2) AS attempts FROM locked l",
-        7, p, 0, e);
+        8, p, 0, e);
 }
 
-int work_locked_any(const tx *t, char *machine, size_t machinelen, work_locked *out) {
+int work_locked_any(const tx *t, int i, char *machine, size_t machinelen, work_locked *out) {
     const PGresult *r = t->final_result;
-    if (!r || PQntuples(r) != 1) return 0;
-    snprintf(machine, machinelen, "%s", PQgetvalue(r, 0, 0));
-    snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 1));
-    out->attempt = (PQgetisnull(r, 0, 2) ? 0 : atoi(PQgetvalue(r, 0, 2))) + 1;
+    if (!r || i >= PQntuples(r)) return 0;
+    snprintf(machine, machinelen, "%s", PQgetvalue(r, i, 0));
+    snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, i, 1));
+    out->attempt = (PQgetisnull(r, i, 2) ? 0 : atoi(PQgetvalue(r, i, 2))) + 1;
     return 1;
 }
 

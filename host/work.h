@@ -41,16 +41,17 @@ typedef struct work_locked {
 work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
                            work_locked *out, tx_error *e);
 
-/* The usual claim, as t's final statement (tx_set_final): the first of
+/* The usual claim, as t's final statement (tx_set_final): up to count of
  * candidates (a UUID array literal, "{id,id,...}", shuffled by the
- * caller) that is free, locked when COMMIT lands. Only the common case: anything
- * that would need more (a takeover, a machine that does not exist) locks
- * nothing or fails, and the caller then claims with work_lock. After a
- * successful tx_commit, work_locked_any() says which machine it locked:
- * 1 with machine and out's attempt and token set, or 0. */
-int work_lock_any(tx *t, const char *candidates, const char *process, const work_claim *c,
-                  tx_error *e);
-int work_locked_any(const tx *t, char *machine, size_t machinelen, work_locked *out);
+ * caller) that are free, locked when COMMIT lands. Only the common case:
+ * anything that would need more (a takeover, a machine that does not
+ * exist) locks nothing or fails, and the caller then claims with
+ * work_lock. After a successful tx_commit, work_locked_any(t, i, ...)
+ * says which machine it locked i-th (from 0): 1 with machine and out's
+ * attempt and token set, or 0 past the last. */
+int work_lock_any(tx *t, const char *candidates, int count, const char *process,
+                  const work_claim *c, tx_error *e);
+int work_locked_any(const tx *t, int i, char *machine, size_t machinelen, work_locked *out);
 /* event is "Finished", "Failed" or "Canceled". Finished clears the backoff;
  * Failed stores backoff_seconds (>= 1) and counts the attempt. The release
  * is t's final statement: it goes out with COMMIT, in the same round trip

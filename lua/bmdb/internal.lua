@@ -303,7 +303,10 @@ local function release(w, event, cause, spec, commit_fn)
   end
   local results, uncertain, attempt = nil, false, 0
   repeat
+    -- Finishes run while no claim of this host does (slots.h).
+    core.finish_enter()
     local r = { pcall(transact_on, w, decide) }
+    core.finish_leave()
     local err = r[2]
     if r[1] then
       results = { unpack(r, 2, table.maxn(r)) }
@@ -829,14 +832,15 @@ local function note_idle(tx, def)
 end
 
 -- The usual claim in two round trips: BEGIN, the fence and the select's
--- statement in one; the lock of the first free candidate (in random
--- order) with COMMIT in the other (core.lock_any). Returns true and the
--- work item (nil when select found nothing), or false when the full
--- claim below must decide: no candidate was free in our snapshot, select
--- returned something that is not a machine id, or the lock failed (a
--- machine that does not exist). A drain that begins while we select wins.
-local function claim_fast(def, sess)
-  local started, sent = core.now(), nil
+-- statement in one; the lock of up to k free candidates (in random order)
+-- with COMMIT in the other (core.lock_any). Returns true and the list of
+-- {machine, attempt, token} it locked (empty when select found nothing),
+-- or false when the full claim below must decide: no candidate was free
+-- in our snapshot, select returned something that is not a machine id,
+-- or the lock failed (a machine that does not exist). A drain that begins
+-- while we select wins.
+local function claim_fast(def, sess, k)
+  local sent
   local ok, outcome = pcall(transact_on, sess, function(tx)
     sent = nil
     local rows = def.select(tx, def.batch)
@@ -853,7 +857,7 @@ local function claim_fast(def, sess)
     end
     shuffle(ids)
     if core.state() ~= "running" then raise("draining", 0, "draining: no new claims") end
-    core.lock_any(tx, ids, def.process, def.claim_opts)
+    core.lock_any(tx, ids, def.process, def.claim_opts, k)
     sent = tx
     return "sent"
   end)
@@ -861,13 +865,13 @@ local function claim_fast(def, sess)
     if is_error(outcome, "sql") and outcome.sqlstate == "23503" then return false end
     error(outcome, 0)
   end
-  if outcome == "idle" then return true, nil end
+  if outcome == "idle" then return true, {} end
   if outcome ~= "sent" then return false end
-  local machine, attempt, token = core.claimed(sent)
-  if not machine then return false end
+  local locked = core.claimed(sent)
+  if #locked == 0 then return false end
   core.note_pause(def.process, false)
-  core.count("claim")
-  return true, bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
+  for _ = 1, #locked do core.count("claim") end
+  return true, locked
 end
 
 -- The full claim: selects candidates and locks one, in one transaction,
@@ -885,10 +889,6 @@ end
 -- pays nothing for this.
 local function claim(def, opts)
   local sess = core.session(1)
-  if not opts then
-    local settled, w = claim_fast(def, sess)
-    if settled then return w end
-  end
   local suspects, warned = {}, {}
   local function skip(id, why)
     if warned[id] then return end
@@ -948,7 +948,68 @@ local function claim(def, opts)
   end
   raise("claim", 0, "worker " .. def.process .. ": too many candidates failed to lock")
 end
-bmdb.claim = claim
+-- A claim in the host's turn (slots.h: claims run alone, and claim for
+-- every slot of the process that waits to). Returns the work item for
+-- this slot, or nil.
+local function adopt(def, machine, attempt, token, session_id, started)
+  local sess = core.session(1)
+  -- A lock taken under a session that has since been lost is not ours.
+  if sess:id() ~= session_id then return nil end
+  return bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
+end
+
+local function claim_as_claimer(def, opts)
+  if opts then return claim(def, opts) end
+  local sess = core.session(1)
+  local started = core.now()
+  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
+  local settled, locked = claim_fast(def, sess, k)
+  if not settled then return claim(def) end
+  if #locked == 0 then return nil end
+  for i = 2, #locked do
+    local l = locked[i]
+    if not core.claim_hand(def.process, l[1], l[2], l[3], sess:id(), started) then
+      -- No room to hand it (more than SLOT_HAND_MAX): let it go.
+      pcall(transact_on, sess, function(tx)
+        core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
+      end)
+    end
+  end
+  local l = locked[1]
+  return bmdb.new_work(sess, l[1], def.process, l[2], def.backoff, l[3], def.timeout, started)
+end
+
+local function claim_in_turn(def, opts, generation)
+  while true do
+    local got, machine, attempt, token, session_id, started = core.claim_enter(def.process, 0.5)
+    if got == "turn" then
+      -- The wait for the turn can be long enough for a reload or a drain
+      -- to begin: then this slot claims nothing on the old code.
+      if core.state() == "running" and (not generation or core.generation() == generation) then break end
+      core.claim_leave()
+      return nil
+    end
+    if got == "handed" then
+      local w = adopt(def, machine, attempt, token, session_id, started)
+      if w then return w end
+    elseif core.state() ~= "running" then
+      return nil
+    end
+  end
+  local r = { pcall(claim_as_claimer, def, opts) }
+  core.claim_leave()
+  if not r[1] then error(r[2], 0) end
+  return r[2]
+end
+bmdb.claim = claim_in_turn
+
+-- An item a claimer handed to this process's slots that none took (they
+-- stopped waiting: a drain or a reload began): this slot runs it before
+-- it leaves the loop, as it would an item it had claimed itself.
+local function take_handed(def)
+  local machine, attempt, token, session_id, started = core.claim_take(def.process)
+  if machine then return adopt(def, machine, attempt, token, session_id, started) end
+end
 
 -- One slot's loop: claim, run, decide, until the host drains ("stop"), the
 -- code changes ("reload") or this slot's worker is gone ("removed").
@@ -962,9 +1023,13 @@ function bmdb.serve(result, process, index, generation)
   bmdb.slot_index = index
   math.randomseed(core.seed())
   while true do
-    if core.state() ~= "running" then return "stop" end
-    if core.generation() ~= generation then return "reload" end
-    local ok, w = pcall(claim, def)
+    if core.state() ~= "running" or core.generation() ~= generation then
+      local w = take_handed(def)
+      if not w then return core.state() ~= "running" and "stop" or "reload" end
+      pcall(bmdb.run, w, def.run)
+      goto continue
+    end
+    local ok, w = pcall(claim_in_turn, def, nil, generation)
     if not ok then
       if core.state() ~= "running" then
         -- draining or cancelling: the loop ends at the top
@@ -979,11 +1044,14 @@ function bmdb.serve(result, process, index, generation)
     elseif w then
       core.wake_local(def.process) -- there may be more: pass the baton
       pcall(bmdb.run, w, def.run)  -- the decision is recorded and logged
+    elseif core.state() ~= "running" or core.generation() ~= generation then
+      -- the claim gave way to a drain or a reload: the top of the loop says which
     else
       core.count("empty", def.process)
       core.log("debug", "slot idle", { "process", def.process, "slot", index })
       core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
     end
+    ::continue::
   end
 end
 
