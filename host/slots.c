@@ -102,9 +102,10 @@ void slot_wake_everyone(void) {
  * btree are per page). Two concurrent claims conflict the same way. At 16
  * slots a quarter of the claims were retried after a sleep, and the
  * slots spent most of their time asleep. So within a host a claim runs
- * alone: it waits for the finishes in flight, and finishes wait for it
- * (claims go first, or a steady stream of finishes would starve them).
- * Finishes run together: they do not conflict with each other.
+ * alone: it waits for the finishes in flight, and finishes wait while it
+ * runs (and once it has waited CLAIM_URGENT_S, so that a steady stream of
+ * finishes cannot starve it). Finishes run together: they do not
+ * conflict with each other.
  *
  * A claim that runs alone would make claims the bottleneck, so it claims
  * for every slot of its process that waits to claim: they wait here, and
@@ -125,6 +126,8 @@ static pthread_cond_t phase_cv; /* CLOCK_MONOTONIC */
 static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
 /* under phase_mu: */
 static int finishing, claiming, claims_waiting;
+static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
+#define CLAIM_URGENT_S 0.05
 static claim_queue *claim_queues; /* never freed (one per process) */
 
 static void phase_init(void) {
@@ -149,7 +152,13 @@ static claim_queue *claim_queue_for(const char *process) {
 void slot_finish_enter(void) {
     pthread_once(&phase_once, phase_init);
     pthread_mutex_lock(&phase_mu);
-    while (claiming || claims_waiting) pthread_cond_wait(&phase_cv, &phase_mu);
+    /* A claim in progress excludes us. A claim that waits does not, at
+     * first: finishes of the slots still busy end soon, and each slot
+     * that waits to claim stops finishing, so the turn comes; a claim
+     * that has waited CLAIM_URGENT_S makes new finishes wait too, so a
+     * steady stream of finishes cannot starve it. */
+    while (claiming || (claims_waiting && mono_now() - claims_waiting_since >= CLAIM_URGENT_S))
+        pthread_cond_wait(&phase_cv, &phase_mu);
     finishing++;
     pthread_mutex_unlock(&phase_mu);
 }
@@ -167,7 +176,7 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(process);
     q->waiters++;
-    claims_waiting++;
+    if (claims_waiting++ == 0) claims_waiting_since = mono_now();
     for (;;) {
         if (q->n > 0) {
             *out = q->items[--q->n];
