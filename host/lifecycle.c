@@ -18,13 +18,15 @@ static pthread_once_t once = PTHREAD_ONCE_INIT;
 static host_state state = HOST_RUNNING;
 static unsigned kick_gen = 0;
 
-static void init_cond(void) {
+void mono_cond_init(pthread_cond_t *cv) {
     pthread_condattr_t a;
     pthread_condattr_init(&a);
     pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&changed, &a);
+    pthread_cond_init(cv, &a);
     pthread_condattr_destroy(&a);
 }
+
+static void init_cond(void) { mono_cond_init(&changed); }
 
 double mono_now(void) {
     struct timespec ts;

@@ -26,6 +26,10 @@ double mono_now(void);
 /* The absolute time `seconds` from now on clock, for timed waits. */
 #include <time.h>
 struct timespec time_after(clockid_t clock, double seconds);
+/* A condition variable whose timed waits measure CLOCK_MONOTONIC, so that
+ * stepping the wall clock cannot stall them. */
+#include <pthread.h>
+void mono_cond_init(pthread_cond_t *cv);
 /* Sleeps regardless of state changes (retry pauses). */
 void mono_sleep(double seconds);
 

@@ -53,11 +53,7 @@ pool *pool_create(const char *conninfo, int max_conns) {
         return NULL;
     }
     pthread_mutex_init(&p->lock, NULL);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&p->returned, &a);
-    pthread_condattr_destroy(&a);
+    mono_cond_init(&p->returned);
     return p;
 }
 

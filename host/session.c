@@ -54,12 +54,8 @@ static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 /* Timed waits measure on the monotonic clock: stepping the wall clock
  * back must not stall the heartbeat. */
 static void cond_init(void) {
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&cur_changed, &a);
-    pthread_cond_init(&wake_heartbeat, &a);
-    pthread_condattr_destroy(&a);
+    mono_cond_init(&cur_changed);
+    mono_cond_init(&wake_heartbeat);
 }
 
 static double margin(void) {

@@ -40,11 +40,7 @@ static idle_queue *queue_for(const char *process) {
         if (!strcmp(q->process, process)) return q;
     idle_queue *q = calloc(1, sizeof *q);
     snprintf(q->process, sizeof q->process, "%s", process);
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&q->cv, &a);
-    pthread_condattr_destroy(&a);
+    mono_cond_init(&q->cv);
     q->next = queues;
     queues = q;
     return q;
@@ -130,13 +126,7 @@ static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
 #define CLAIM_URGENT_S 0.05
 static claim_queue *claim_queues; /* never freed (one per process) */
 
-static void phase_init(void) {
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&phase_cv, &a);
-    pthread_condattr_destroy(&a);
-}
+static void phase_init(void) { mono_cond_init(&phase_cv); }
 
 static claim_queue *claim_queue_for(const char *process) {
     for (claim_queue *q = claim_queues; q; q = q->next)

@@ -88,11 +88,7 @@ void workers_init(pool *p, int argc, char **argv) {
     the_pool = p;
     script_argc = argc;
     script_argv = argv;
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&slots_changed, &a);
-    pthread_condattr_destroy(&a);
+    mono_cond_init(&slots_changed);
 }
 
 /* A slot's code: the state it runs, its generation, and the retry of a

@@ -70,6 +70,28 @@ describe("bmdb.work", function()
     assert.same({ "Started", "Failed" }, events(m2, "Provision"))
   end)
 
+  -- The release is sent with COMMIT, in the same round trip (tx.h): it
+  -- must fail by raising, or the COMMIT behind it would run. Nothing else
+  -- can take our row while the item fence holds it, so the way to a
+  -- release that finds no lock is a commit function that deletes it.
+  it("commits nothing of a finish whose release finds its lock gone", function()
+    local m = new_machine()
+    admin:exec("CREATE TABLE IF NOT EXISTS provisioned (machine_id UUID PRIMARY KEY)")
+    local err = failure(bmdb.work, m, "Provision", function(w)
+      w:finish(function(tx)
+        tx:exec("INSERT INTO provisioned VALUES ($1)", w.machine)
+        tx:exec("DELETE FROM work WHERE machine_id = $1 AND process = 'Provision'", w.machine)
+      end)
+    end)
+    assert.equal("lost", err.kind)
+    assert.matches("no longer held by this session", tostring(err), 1, true)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM provisioned WHERE machine_id = $1", m).n)
+    -- No Finished: the finish committed nothing. The lock it could not
+    -- release was in fact still ours, so the lost item was then let go
+    -- as Canceled (settle_failure).
+    assert.same({ "Started", "Canceled" }, events(m, "Provision"))
+  end)
+
   it("excludes a second holder of (machine, process) while other processes coexist", function()
     local m = new_machine()
     foreign_lock(m, "Provision")
