@@ -247,8 +247,9 @@ static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const ch
  * conflict (SERIALIZABLE) and one fails, so history is written once; a
  * failure is simply tried again next round. The DELETE waits for any
  * transaction of the dead session still in flight (each holds a KEY SHARE
- * lock on its session row, tx.c), so a zombie's late commit is ordered
- * before the collection, never after it. */
+ * lock on its session row, or an item's on its work row, to which the
+ * DELETE cascades: tx.c), so a zombie's late commit is ordered before the
+ * collection, never after it. */
 static void collect_expired(PGconn **cp, double until) {
     const struct session_housekeeping *hk = cfg.housekeeping;
     char why[600];

@@ -214,15 +214,20 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
 }
 
 /* The fence of a transaction that belongs to a work item: the session row
- * and the item's work row with its claim's token, in one statement, both
- * locked KEY SHARE until COMMIT. A row that an operator's cancel, a
- * timeout's takeover or a re-claim deleted is not there: nothing of ours
- * commits. And a DELETE of it waits for our COMMIT, as the session's does. */
+ * (alive?) and the item's work row with its claim's token, in one
+ * statement. A row that an operator's cancel, a timeout's takeover or a
+ * re-claim deleted is not there: nothing of ours commits. Only the work
+ * row is locked KEY SHARE until COMMIT: a DELETE of it waits for our
+ * COMMIT, and so does ending the session, whose DELETE cascades to its
+ * work rows. Not the session row too: every slot's item shares it, and
+ * a row KEY SHARE-locked by many transactions at once is a new MultiXact
+ * per locker, which made the fence and the release several times slower
+ * at 16 slots (BENCHMARKS.md). */
 #define FENCE_ITEM_SQL                                                                     \
     "SELECT 1 FROM sessions s JOIN work w ON w.session_id = s.session_id "                 \
     "WHERE s.session_id = $1 AND s.deadline > now() AND w.machine_id = $2 "                \
     "AND w.process = $3 AND w.token = $4 AND (w.deadline IS NULL OR w.deadline > now()) " \
-    "FOR KEY SHARE"
+    "FOR KEY SHARE OF w"
 #define FENCE_SESSION_SQL \
     "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() FOR KEY SHARE"
 

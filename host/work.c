@@ -93,8 +93,9 @@ static int take_over_timed_out(tx *t, const char *machine, const char *process, 
  * of crash-looping the fleet), and goes with the session row. Deleting
  * the session row (not just our pair's work row) is what makes the
  * takeover conflict with a transaction of the old session still in
- * flight: that transaction holds a KEY SHARE lock on the row (tx.c), so
- * we wait for its COMMIT, and then either see its effects or fail with a
+ * flight: that transaction holds a KEY SHARE lock on the row, or on its
+ * item's work row, to which the DELETE cascades (tx.c), so we wait for
+ * its COMMIT, and then either see its effects or fail with a
  * serialization error and retry. The wait is bounded: a zombie whose
  * backend hangs must not hang our slot with it (55P03, the claim is tried
  * again at the next poll). */
