@@ -297,7 +297,7 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
     t->sess = sess;
     t->conn = NULL;
     t->prep = NULL;
-    t->open = t->failed = t->begun = t->doomed = 0;
+    t->open = t->failed = t->begun = t->doomed = t->refreshed = 0;
     t->final.sql = NULL;
     t->final.heap = NULL;
     t->final_result = NULL;
@@ -364,11 +364,13 @@ static void doom(tx *t, const tx_error *e) {
 
 /* A flight failed at step bad. Returns 1 when it is worth flying again
  * on a fresh connection: nothing had begun, and the connection (an idle
- * pooled one, say, whose server restarted) broke. Else settles t. */
+ * pooled one, say, whose server restarted) broke; once per transaction.
+ * Else settles t. */
 static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
-    if (!t->begun && bad >= 0 && s[bad].kind == STEP_BEGIN && e->kind == TXE_CONNECTION &&
-        PQstatus(t->conn) != CONNECTION_OK) {
+    if (!t->begun && !t->refreshed && bad >= 0 && s[bad].kind == STEP_BEGIN &&
+        e->kind == TXE_CONNECTION && PQstatus(t->conn) != CONNECTION_OK) {
         char err[512];
+        t->refreshed = 1;
         pool_put(t->pool, t->conn);
         if (!(t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err))) {
             tx_error_set(e, TXE_CONNECTION, "%s", err);

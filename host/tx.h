@@ -57,6 +57,8 @@ typedef struct tx {
     int begun;       /* BEGIN and the fence went out: they ride with the
                       * first statement, so they cost no round trip of
                       * their own */
+    int refreshed;   /* the first flight found its connection broken and
+                      * went again on a fresh one (once) */
     int item;        /* fenced by the work item below too */
     char machine[40], process[64], token[40];
     tx_final final;
