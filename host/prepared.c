@@ -60,16 +60,6 @@ static struct entry *add(prepared *pc, PGconn *c, const char *sql, uint64_t h, i
     return e;
 }
 
-const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams) {
-    if (!pc) return NULL;
-    uint64_t h = fnv1a64(sql);
-    struct entry *e = lookup(pc, sql, h);
-    PGresult *failed;
-    if (!e) e = add(pc, c, sql, h, nparams, &failed);
-    if (!e) PQclear(failed);
-    return e ? e->name : NULL;
-}
-
 const char *prepared_lookup(prepared *pc, PGconn *c, const char *sql, int nparams, int *cached,
                             PGresult **failed) {
     *cached = 0;
@@ -82,29 +72,12 @@ const char *prepared_lookup(prepared *pc, PGconn *c, const char *sql, int nparam
     return e ? e->name : NULL;
 }
 
-PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
-                        const char *const *params, const int *lengths, const int *formats,
-                        int *stale) {
-    if (stale) *stale = 0;
-    if (!pc) return PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
-    uint64_t h = fnv1a64(sql);
-    struct entry *e = lookup(pc, sql, h);
-    int cached = e != NULL;
-    PGresult *failed = NULL;
-    if (!e) e = add(pc, c, sql, h, nparams, &failed);
-    if (failed) return failed;
-    if (!e) return PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
-    PGresult *r = PQexecPrepared(c, e->name, nparams, params, lengths, formats, 0);
-    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-    /* 26000: the statement is gone (DISCARD ALL); 0A000 "cached plan must
-     * not change result type": the schema changed under it. Either way the
-     * cache no longer matches the server: start over on this connection.
-     * This statement's error stands (its transaction is aborted). */
-    if (state && (!strcmp(state, "26000") || !strcmp(state, "0A000"))) {
-        prepared_forget(pc);
-        if (stale) *stale = cached;
-    }
-    return r;
+const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams) {
+    int cached;
+    PGresult *failed;
+    const char *name = prepared_lookup(pc, c, sql, nparams, &cached, &failed);
+    PQclear(failed);
+    return name;
 }
 
 void prepared_forget(prepared *pc) {

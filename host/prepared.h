@@ -17,18 +17,6 @@ typedef struct prepared prepared;
 prepared *prepared_new(void);
 void prepared_free(prepared *pc);
 
-/* Runs sql with parameters like PQexecParams, as a prepared statement of
- * c (prepared first when this connection has not seen it). pc NULL, or a
- * full cache: unnamed, as PQexecParams. A failed PREPARE (a syntax error)
- * returns the PREPARE's error result, so the caller sees the real error.
- * *stale is set when a statement prepared earlier failed because the
- * schema changed under it (0A000 "cached plan must not change result
- * type"): the cache is forgotten, and the same statement in a new
- * transaction is prepared afresh and runs. */
-PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
-                        const char *const *params, const int *lengths, const int *formats,
-                        int *stale);
-
 /* The name sql is prepared under on c, preparing it now if needed; NULL
  * when it cannot be (no cache, full, or the PREPARE failed). For sending a
  * statement inside a pipeline, where a PREPARE's own answer cannot be
@@ -37,9 +25,13 @@ PGresult *prepared_exec(prepared *pc, PGconn *c, const char *sql, int nparams,
 const char *prepared_name(prepared *pc, PGconn *c, const char *sql, int nparams);
 
 /* prepared_name for a caller's own SQL: *cached says whether it was
- * prepared before (so a stale-plan error means the cache is stale), and a
- * PREPARE the server refused comes back in *failed (the caller PQclear()s
- * it). NULL with *failed NULL: run it unnamed. */
+ * prepared before, and a PREPARE the server refused comes back in *failed
+ * (the caller PQclear()s it). NULL with *failed NULL: run it unnamed. A
+ * statement prepared earlier that fails with 26000 (the server dropped
+ * it: DISCARD ALL) or 0A000 ("cached plan must not change result type":
+ * a migration changed the schema) means the cache no longer matches the
+ * server: the caller forgets it (prepared_forget), and the statement, in
+ * a new transaction, is prepared afresh and runs (tx.c). */
 const char *prepared_lookup(prepared *pc, PGconn *c, const char *sql, int nparams, int *cached,
                             PGresult **failed);
 

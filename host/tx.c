@@ -463,24 +463,14 @@ static int check_binary_params(PGconn *c, const char *sql, int n, const int *for
     return 0;
 }
 
-/* One statement on c, prepared through prep when it is not NULL. */
-static PGresult *conn_exec(PGconn *c, struct prepared *prep, const char *sql, int nparams,
-                           const char *const *params, const int *lengths, const int *formats,
-                           tx_error *e) {
-    if (check_binary_params(c, sql, nparams, formats, e) < 0) return NULL;
-    int stale;
-    PGresult *r = prepared_exec(prep, c, sql, nparams, params, lengths, formats, &stale);
-    ExecStatusType st = PQresultStatus(r);
-    if (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK) return r;
-    tx_error_from_result(e, c, r);
-    e->stale_statement = stale;
-    PQclear(r);
-    return NULL;
-}
-
 PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
                        const int *lengths, const int *formats, tx_error *e) {
-    return conn_exec(c, NULL, sql, nparams, params, lengths, formats, e);
+    if (check_binary_params(c, sql, nparams, formats, e) < 0) return NULL;
+    PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
+    if (step_ok(r)) return r;
+    tx_error_from_result(e, c, r);
+    PQclear(r);
+    return NULL;
 }
 
 /* Whether statement result r ended the transaction: the connection is

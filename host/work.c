@@ -131,92 +131,88 @@ static int backoff_state(tx *t, const char *machine, const char *process, int *a
     return 0;
 }
 
-#define WORK_INSERT_LOCK                                                                          \
-    " INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "            \
-    "  backoff_initial, backoff_maximum, backoff_exponent) "                                    \
-    " SELECT $1, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "      \
-    "  $5::INT8, $6::INT8, $7::NUMERIC "
+/* The lock statement, for one machine (work_lock) or for a claim's
+ * candidates (work_lock_any): up to $8 of the machines in the UUID array
+ * $1 that no pause, hold, live lock or backoff keeps from process $2 are
+ * locked for session $3 (timeout and backoff spec $4-$7), each with its
+ * Started event; a row each: machine, token, attempts so far. No ORDER BY:
+ * the first free ones in the order the database reads them will do (a
+ * claim shuffled them), and without a sort the checks stop at the first
+ * that pass instead of running for every candidate. A candidate whose
+ * holder's session or timeout ended counts as free here; its INSERT then
+ * meets the old row and locks nothing (ON CONFLICT keeps the transaction
+ * usable, where a 23505 would abort it), and work_lock takes it over. */
+static const char lock_sql[] =
+    "WITH cand AS (SELECT c.machine_id FROM unnest($1::UUID[]) AS c (machine_id)"
+    " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
+    " AND NOT EXISTS (SELECT 1 FROM machine_holds h WHERE h.machine_id = c.machine_id)"
+    " AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions s ON s.session_id = w.session_id"
+    "  WHERE w.machine_id = c.machine_id AND w.process = $2 AND s.deadline > now()"
+    "  AND (w.deadline IS NULL OR w.deadline > now()))"
+    " AND NOT EXISTS (SELECT 1 FROM work_backoff b WHERE b.machine_id = c.machine_id"
+    "  AND b.process = $2 AND b.backoff_until > now())"
+    " LIMIT $8::INT8), "
+    "locked AS (INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
+    " backoff_initial, backoff_maximum, backoff_exponent) "
+    " SELECT machine_id, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
+    " $5::INT8, $6::INT8, $7::NUMERIC FROM cand"
+    " ON CONFLICT (machine_id, process) DO NOTHING"
+    " RETURNING machine_id, process, session_id, token), "
+    "started AS (INSERT INTO work_history (machine_id, process, session_id, event, token)"
+    " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
+    "SELECT l.machine_id, l.token, (SELECT b.attempts FROM work_backoff b"
+    " WHERE b.machine_id = l.machine_id AND b.process = $2) AS attempts FROM locked l";
 
-/* The fast claim: WORK_LOCKED with out filled, WORK_HELD when the pair is
- * not free (the caller then finds out why), WORK_ERROR. */
-static work_lock_result lock_if_free(tx *t, const char *machine, const char *process,
-                                     const work_claim *c, work_locked *out, tx_error *e) {
-    const char *ip[] = {machine, process, session_id(t->sess), c ? c->timeout : NULL,
-                        c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
-                        c ? c->backoff_exponent : NULL};
+/* lock_sql's parameters, into p[8]; count points at caller storage. */
+static void lock_params(const char **p, tx *t, const char *candidates, const char *process,
+                        const work_claim *c, const char *count) {
+    const char *v[] = {candidates, process, session_id(t->sess), c ? c->timeout : NULL,
+                       c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
+                       c ? c->backoff_exponent : NULL, count};
+    memcpy(p, v, sizeof v);
+}
+
+/* Row i of lock_sql's answer into machine (if not NULL) and out. */
+static int read_locked(const PGresult *r, int i, char *machine, size_t machinelen, work_locked *out) {
+    if (!r || i >= PQntuples(r)) return 0;
+    if (machine) snprintf(machine, machinelen, "%s", PQgetvalue(r, i, 0));
+    snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, i, 1));
+    out->attempt = (PQgetisnull(r, i, 2) ? 0 : atoi(PQgetvalue(r, i, 2))) + 1;
+    return 1;
+}
+
+/* lock_sql for one machine, now: WORK_LOCKED with out filled, WORK_HELD
+ * when it locked nothing (the caller then finds out why), WORK_ERROR. */
+static work_lock_result lock_one(tx *t, const char *machine, const char *process,
+                                 const work_claim *c, work_locked *out, tx_error *e) {
+    char one[48];
+    snprintf(one, sizeof one, "{%s}", machine);
+    const char *p[8];
+    lock_params(p, t, one, process, c, "1");
     PGresult *r;
-    long n = tx_run(t,
-                 "WITH locked AS (" WORK_INSERT_LOCK
-                 " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
-                 " AND NOT EXISTS (SELECT 1 FROM machine_holds WHERE machine_id = $1)"
-                 " AND NOT EXISTS (SELECT 1 FROM work WHERE machine_id = $1 AND process = $2)"
-                 " AND NOT EXISTS (SELECT 1 FROM work_backoff WHERE machine_id = $1 AND process = $2"
-                 "  AND backoff_until > now())"
-                 " ON CONFLICT (machine_id, process) DO NOTHING"
-                 " RETURNING machine_id, process, session_id, token), "
-                 "started AS (INSERT INTO work_history (machine_id, process, session_id, event, token)"
-                 " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
-                 "SELECT l.token, (SELECT b.attempts FROM work_backoff b"
-                 " WHERE b.machine_id = $1 AND b.process = $2) AS attempts FROM locked l",
-                 7, ip, &r, e);
+    long n = tx_run(t, lock_sql, 8, p, &r, e);
     if (n < 0) {
         if (e->kind == TXE_SQL && strcmp(e->sqlstate, "23503") == 0)
             snprintf(e->message, sizeof e->message, "machine %s does not exist", machine);
         return WORK_ERROR;
     }
-    if (n == 1) {
-        snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 0));
-        out->attempt = (PQgetisnull(r, 0, 1) ? 0 : atoi(PQgetvalue(r, 0, 1))) + 1;
-    }
+    read_locked(r, 0, NULL, 0, out);
     PQclear(r);
     return n == 1 ? WORK_LOCKED : WORK_HELD;
 }
 
-/* The usual claim, in one statement that rides with COMMIT: up to count
- * candidates (of a UUID array literal) that no pause, hold, live lock or
- * backoff keeps, locked with their Started events. No ORDER BY: the first free one in
- * the order the database reads them will do (the caller shuffled them),
- * and without a sort the checks stop at the first that passes instead of
- * running for every candidate. A candidate whose holder's session or timeout ended counts as free
- * here; its INSERT then meets the old row and locks nothing, and the
- * caller's full claim (work_lock) takes it over. */
+/* The usual claim: lock_sql over the candidates, sent with COMMIT. */
 int work_lock_any(tx *t, const char *candidates, int count, const char *process,
                   const work_claim *c, tx_error *e) {
     char n[16];
     snprintf(n, sizeof n, "%d", count < 1 ? 1 : count);
-    const char *p[] = {candidates, process, session_id(t->sess), c ? c->timeout : NULL,
-                       c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
-                       c ? c->backoff_exponent : NULL, n};
-    return tx_set_final(t,
-        "WITH cand AS (SELECT c.machine_id FROM unnest($1::UUID[]) AS c (machine_id)"
-        " WHERE NOT EXISTS (SELECT 1 FROM processes WHERE process = $2 AND paused_at IS NOT NULL)"
-        " AND NOT EXISTS (SELECT 1 FROM machine_holds h WHERE h.machine_id = c.machine_id)"
-        " AND NOT EXISTS (SELECT 1 FROM work w JOIN sessions s ON s.session_id = w.session_id"
-        "  WHERE w.machine_id = c.machine_id AND w.process = $2 AND s.deadline > now()"
-        "  AND (w.deadline IS NULL OR w.deadline > now()))"
-        " AND NOT EXISTS (SELECT 1 FROM work_backoff b WHERE b.machine_id = c.machine_id"
-        "  AND b.process = $2 AND b.backoff_until > now())"
-        " LIMIT $8::INT8), "
-        "locked AS (INSERT INTO work (machine_id, process, session_id, deadline, timeout_seconds, "
-        " backoff_initial, backoff_maximum, backoff_exponent) "
-        " SELECT machine_id, $2, $3, now() + $4::NUMERIC::FLOAT8 * INTERVAL '1 second', $4::NUMERIC, "
-        " $5::INT8, $6::INT8, $7::NUMERIC FROM cand"
-        " ON CONFLICT (machine_id, process) DO NOTHING"
-        " RETURNING machine_id, process, session_id, token), "
-        "started AS (INSERT INTO work_history (machine_id, process, session_id, event, token)"
-        " SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING 1) "
-        "SELECT l.machine_id, l.token, (SELECT b.attempts FROM work_backoff b"
-        " WHERE b.machine_id = l.machine_id AND b.process = $2) AS attempts FROM locked l",
-        8, p, 0, e);
+    const char *p[8];
+    lock_params(p, t, candidates, process, c, n);
+    return tx_set_final(t, lock_sql, 8, p, 0, e);
 }
 
 int work_locked_any(const tx *t, int i, char *machine, size_t machinelen, work_locked *out) {
-    const PGresult *r = t->final_result;
-    if (!r || i >= PQntuples(r)) return 0;
-    snprintf(machine, machinelen, "%s", PQgetvalue(r, i, 0));
-    snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, i, 1));
-    out->attempt = (PQgetisnull(r, i, 2) ? 0 : atoi(PQgetvalue(r, i, 2))) + 1;
-    return 1;
+    return read_locked(t->final_result, i, machine, machinelen, out);
 }
 
 work_lock_result work_lock(tx *t, const char *machine, const char *process, const work_claim *c,
@@ -228,7 +224,7 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     /* The common case first, in one statement: nothing pauses, holds,
      * locks or backs off the pair, so lock it and record Started. Only
      * when that locks nothing does the claim read why (below). */
-    work_lock_result fast = lock_if_free(t, machine, process, c, out, e);
+    work_lock_result fast = lock_one(t, machine, process, c, out, e);
     if (fast != WORK_HELD) return fast;
 
     /* One read for everything a claim must know: a pause of the process, a
@@ -273,26 +269,9 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
     out->attempt = attempts + 1;
     if (active) return WORK_BACKOFF;
 
-    /* ON CONFLICT keeps the transaction usable when a live holder committed
-     * between our read and our insert (a 23505 would abort it). The lock
-     * and its Started event go in one statement. */
-    const char *ip[] = {machine, process, session_id(t->sess), c ? c->timeout : NULL,
-                        c ? c->backoff_initial : NULL, c ? c->backoff_maximum : NULL,
-                        c ? c->backoff_exponent : NULL};
-    n = tx_run(t,
-            "WITH locked AS (" WORK_INSERT_LOCK
-            " ON CONFLICT (machine_id, process) DO NOTHING RETURNING machine_id, process, session_id, token) "
-            "INSERT INTO work_history (machine_id, process, session_id, event, token) "
-            "SELECT machine_id, process, session_id, 'Started', token FROM locked RETURNING token",
-            7, ip, &r, e);
-    if (n < 0) {
-        if (e->kind == TXE_SQL && strcmp(e->sqlstate, "23503") == 0)
-            snprintf(e->message, sizeof e->message, "machine %s does not exist", machine);
-        return WORK_ERROR;
-    }
-    if (n == 1) snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, 0, 0));
-    PQclear(r);
-    return n == 1 ? WORK_LOCKED : WORK_HELD;
+    /* The same statement as the fast path, now that a takeover freed the
+     * pair: a live holder that committed since locks us out (WORK_HELD). */
+    return lock_one(t, machine, process, c, out, e);
 }
 
 /* The release's first part, shared by both forms below: our work row
