@@ -27,6 +27,7 @@
 typedef struct idle_queue {
     char process[64];
     int waiting, tokens;
+    int polling; /* one waiter keeps the poll interval (slot_idle_wait) */
     pthread_cond_t cv; /* CLOCK_MONOTONIC */
     struct idle_queue *next;
 } idle_queue;
@@ -46,10 +47,23 @@ static idle_queue *queue_for(const char *process) {
     return q;
 }
 
+/* Idle slots of a process take turns at polling, so that 16 idle slots
+ * cost the database one claim per poll interval, not 16. One waiter, the
+ * poller, sleeps the interval; the others sleep IDLE_FOLLOWER_POLLS times
+ * as long, a safety net only. Nothing is found later for it: a poller
+ * that wakes claims; finding nothing, it comes back and polls again;
+ * finding something, it passes the baton (slot_wake after a claim), the
+ * woken follower claims and passes it on, and the first slot back finds
+ * the post free and takes it. So whenever every slot waits, one polls.
+ * Wake-ups (NOTIFY, the baton) go to any waiter, poller or not. */
+#define IDLE_FOLLOWER_POLLS 60
+
 int slot_idle_wait(const char *process, double seconds) {
-    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
     pthread_mutex_lock(&idle_mu);
     idle_queue *q = queue_for(process);
+    int poller = !q->polling;
+    if (poller) q->polling = 1;
+    struct timespec until = time_after(CLOCK_MONOTONIC, poller ? seconds : seconds * IDLE_FOLLOWER_POLLS);
     unsigned gen = everyone_gen;
     int woken = 0;
     q->waiting++;
@@ -60,6 +74,7 @@ int slot_idle_wait(const char *process, double seconds) {
         woken = 1;
     }
     q->waiting--;
+    if (poller) q->polling = 0;
     pthread_mutex_unlock(&idle_mu);
     return woken;
 }

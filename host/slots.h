@@ -16,8 +16,10 @@
 
 #include <stddef.h>
 
-/* Sleeps up to seconds; 1 when woken for work, 0 otherwise (time up, a
- * wake-everyone, or the host left running). */
+/* Sleeps until woken, for up to seconds when no other idle slot of
+ * process keeps the poll interval (the idle slots of a process take
+ * turns at polling; slots.c), else for 60 times as long; 1 when woken for
+ * work, 0 otherwise (time up, a wake-everyone, or the host left running). */
 int slot_idle_wait(const char *process, double seconds);
 /* One idle slot of process (every process if NULL or "") gets a wake-up. */
 void slot_wake(const char *process);

@@ -154,7 +154,7 @@ describe("workers", function()
     local bmdb = require "bmdb"
     return {
       bmdb.worker {
-        process = "Block", concurrency = 2, poll = tonumber(os.getenv("POLL") or "0.2"),
+        process = "Block", concurrency = tonumber(os.getenv("SLOTS") or "2"), poll = tonumber(os.getenv("POLL") or "0.2"),
         select = function(tx, limit)
           return tx:query([=[SELECT w.machine_id FROM wanted w
             WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
@@ -239,6 +239,36 @@ describe("workers", function()
     h:await("stdout", "running", 10)
     print(string.format("\n  NOTIFY to pick-up: %.3fs (poll interval 60s)", H.now() - t0))
     H.wait_until(function() return events(m)[2] == "Finished" end, 10, "the item to finish")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  it("lets idle slots take turns at polling: one polls, the others sleep until there is work", function()
+    H.write_file(dir .. "/block.lua", blocker)
+    local h = start_host(dir .. "/block.lua", { "--log-level", "debug" }, { HOLD = "0", POLL = "0.05", SLOTS = "6" })
+    local function idle_slots()
+      local slots = {}
+      for slot in h:stderr():gmatch('msg="slot idle"[^\n]-slot=(%d+)') do slots[#slots + 1] = slot end
+      return slots
+    end
+    -- Every slot finds nothing once at start; after that only the poller polls.
+    H.wait_until(function() return #idle_slots() >= 6 + 20 end, 30, "26 empty polls")
+    local slots, seen, distinct = idle_slots(), {}, 0
+    for i = #slots - 19, #slots do
+      if not seen[slots[i]] then seen[slots[i]], distinct = true, distinct + 1 end
+    end
+    assert.equal(1, distinct, "slots that polled among the last 20 polls: " .. table.concat(slots, " ", #slots - 19))
+    -- Work that appears without a NOTIFY is still found, all of it.
+    local ms = machines(6)
+    want(ms)
+    H.wait_until(function()
+      local _, running = h:stdout():gsub("running", "")
+      return running >= 6
+    end, 30, "all six machines to be taken")
+    H.wait_until(function()
+      return count("SELECT 1 FROM work_history WHERE event = 'Finished' AND machine_id = ANY($1::UUID[])",
+        "{" .. table.concat(ms, ",") .. "}") == 6
+    end, 30, "all six to finish")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
   end)
