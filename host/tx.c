@@ -75,12 +75,12 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
  * of the host's CPU per item. So a transaction's statements travel in as
  * few flights as its logic allows: libpq's pipeline mode (libpq >= 14)
  * sends several before it reads an answer, and the server runs them in
- * order, skipping everything after an error until the flight's Sync. What
- * may share a flight: BEGIN and the fence with the first statement (a
- * failed fence then rolls everything back: nothing after it can commit);
- * the final statement with COMMIT (the final fails by raising, never by
- * returning fewer rows, so a failure keeps COMMIT from running). What may
- * not: COMMIT with a fence whose answer we have not read. */
+ * order, skipping everything after an error until the flight's Sync.
+ * BEGIN and the fence ride with the first statement, and the final
+ * statement with COMMIT; a transaction whose only statement is its final
+ * one is a single flight. That is safe because the fence and the final
+ * fail by raising, never by returning fewer rows: an error keeps
+ * everything behind it, COMMIT included, from running. */
 
 typedef enum { STEP_BEGIN, STEP_FENCE, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
 
@@ -223,13 +223,19 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
  * a row KEY SHARE-locked by many transactions at once is a new MultiXact
  * per locker, which made the fence and the release several times slower
  * at 16 slots (BENCHMARKS.md). */
-#define FENCE_ITEM_SQL                                                                     \
-    "SELECT 1 FROM sessions s JOIN work w ON w.session_id = s.session_id "                 \
-    "WHERE s.session_id = $1 AND s.deadline > now() AND w.machine_id = $2 "                \
-    "AND w.process = $3 AND w.token = $4 AND (w.deadline IS NULL OR w.deadline > now()) " \
-    "FOR KEY SHARE OF w"
-#define FENCE_SESSION_SQL \
-    "SELECT 1 FROM sessions WHERE session_id = $1 AND deadline > now() FOR KEY SHARE"
+/* Both fences fail by raising, never by answering no row: one divided by
+ * the count of live rows they found is 22012 when there is none. The
+ * error aborts the transaction, so nothing sent behind the fence in the
+ * same flight runs, COMMIT included (first_failure reads it back as the
+ * fence's failure). */
+#define FENCE_ITEM_SQL                                                                       \
+    "SELECT 1 / count(*) FROM (SELECT 1 FROM sessions s JOIN work w "                        \
+    "ON w.session_id = s.session_id WHERE s.session_id = $1 AND s.deadline > now() "         \
+    "AND w.machine_id = $2 AND w.process = $3 AND w.token = $4 "                             \
+    "AND (w.deadline IS NULL OR w.deadline > now()) FOR KEY SHARE OF w) AS live"
+#define FENCE_SESSION_SQL                                                                    \
+    "SELECT 1 / count(*) FROM (SELECT 1 FROM sessions WHERE session_id = $1 "                \
+    "AND deadline > now() FOR KEY SHARE) AS live"
 
 static const char *fence_of(const tx *t, const char **params) {
     params[0] = session_id(t->sess);
@@ -324,9 +330,13 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
 /* The flight's answers, in order: the first failure is the flight's (the
  * server skipped what came after it). -1 when all went well; else the
  * index of the failed step, with e set. A fence that found no live row
- * fails too, with e->kind TXE_SESSION_EXPIRED (the caller finds out
- * more). */
+ * fails with e->kind TXE_SESSION_EXPIRED (the caller finds out more). A
+ * connection lost in a flight that carried COMMIT leaves its outcome
+ * unknown, whichever answer was the first missing: the server may have
+ * run everything, COMMIT included, before the connection went. */
 static int first_failure(tx *t, step *s, int n, tx_error *e) {
+    int commits = 0;
+    for (int i = 0; i < n; i++) commits |= s[i].kind == STEP_COMMIT;
     for (int i = 0; i < n; i++) {
         PGresult *r = s[i].r;
         if (!step_ok(r)) {
@@ -340,14 +350,12 @@ static int first_failure(tx *t, step *s, int n, tx_error *e) {
                 prepared_forget(t->prep);
                 e->stale_statement = 1;
             }
-            if (s[i].kind == STEP_FINAL && t->final.zero_means_lost && !strcmp(st, "22012"))
+            if (s[i].kind == STEP_FENCE && !strcmp(st, "22012"))
+                tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+            else if (s[i].kind == STEP_FINAL && t->final.zero_means_lost && !strcmp(st, "22012"))
                 tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                              t->final.params[0], t->final.params[1]);
-            if (s[i].kind == STEP_COMMIT) e->outcome_unknown = e->kind == TXE_CONNECTION;
-            return i;
-        }
-        if (s[i].kind == STEP_FENCE && PQntuples(r) != 1) {
-            tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+            e->outcome_unknown = commits && e->kind == TXE_CONNECTION;
             return i;
         }
     }
@@ -368,7 +376,7 @@ static void doom(tx *t, const tx_error *e) {
  * Else settles t. */
 static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
     if (!t->begun && !t->refreshed && bad >= 0 && s[bad].kind == STEP_BEGIN &&
-        e->kind == TXE_CONNECTION && PQstatus(t->conn) != CONNECTION_OK) {
+        e->kind == TXE_CONNECTION && !e->outcome_unknown && PQstatus(t->conn) != CONNECTION_OK) {
         char err[512];
         t->refreshed = 1;
         pool_put(t->pool, t->conn);
@@ -587,9 +595,8 @@ int tx_commit(tx *t, tx_error *e) {
     int n, bad, final_at = -1;
     if (!t->begun) {
         /* Nothing ran: nothing to commit, unless a final statement waits.
-         * Its flight carries BEGIN and the fence, whose answer must be
-         * read before COMMIT goes (the fence reports a dead session by
-         * returning no row, which would not stop a COMMIT behind it). */
+         * Then BEGIN, the fence, the final and COMMIT go in one flight: a
+         * failed fence raises, so COMMIT cannot run behind it. */
         if (!t->final.sql) {
             tx_rollback(t);
             return 0;
@@ -598,32 +605,27 @@ int tx_commit(tx *t, tx_error *e) {
             n = add_begin(t, s, fence_params);
             final_at = n;
             n += add_final(t, s + n);
+            s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
             fly(t->conn, s, n);
             if ((bad = first_failure(t, s, n, e)) < 0) break;
             clear_steps(s, n);
             if (!flight_failed(t, s, bad, e)) return -1;
         }
         t->begun = 1;
-        t->final_result = s[final_at].r;
-        s[final_at].r = NULL;
-        clear_steps(s, n);
-        final_free(&t->final);
-        n = 0;
-        final_at = -1;
     } else {
         n = add_final(t, s);
         if (n) final_at = 0;
-    }
-    s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
-    fly(t->conn, s, n);
-    bad = first_failure(t, s, n, e);
-    if (bad >= 0) {
-        /* A server error to COMMIT means it rolled back; a lost connection
-         * means we cannot know. Callers that must know (a work decision)
-         * look in the database before they retry. */
-        clear_steps(s, n);
-        flight_failed(t, s, bad, e);
-        return -1;
+        s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
+        fly(t->conn, s, n);
+        bad = first_failure(t, s, n, e);
+        if (bad >= 0) {
+            /* A server error to COMMIT means it rolled back; a lost
+             * connection means we cannot know. Callers that must know (a
+             * work decision) look in the database before they retry. */
+            clear_steps(s, n);
+            flight_failed(t, s, bad, e);
+            return -1;
+        }
     }
     if (final_at >= 0) {
         t->final_result = s[final_at].r;

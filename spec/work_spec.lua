@@ -92,6 +92,24 @@ describe("bmdb.work", function()
     assert.same({ "Started", "Canceled" }, events(m, "Provision"))
   end)
 
+  -- A finish that is only its release is one flight: BEGIN, the fence,
+  -- the release and COMMIT (host/tx.c). The fence must stop that COMMIT by
+  -- raising: here the release alone would succeed (the work row is still
+  -- there), and only the fence knows the session is past its deadline.
+  it("commits nothing of a finish without a commit function once its session is past its deadline", function()
+    local m = new_machine()
+    local ok, err = pcall(bmdb.work, m, "Provision", function(w)
+      core.pause_heartbeat(true) -- a heartbeat would move the deadline back
+      admin:exec("UPDATE sessions SET deadline = now() - INTERVAL '1 second' WHERE session_id = $1", w.session_id)
+      w:finish()
+    end)
+    core.pause_heartbeat(false)
+    assert.is_false(ok)
+    assert.equal("session_expired", err.kind, tostring(err))
+    assert.same({ "Started" }, events(m, "Provision"))
+    assert.equal(1, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
+  end)
+
   it("excludes a second holder of (machine, process) while other processes coexist", function()
     local m = new_machine()
     foreign_lock(m, "Provision")
