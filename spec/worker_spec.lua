@@ -115,6 +115,67 @@ describe("workers", function()
     assert.matches('msg="workers stopped" claims=300 retries=0', h:stderr())
   end)
 
+  -- At one slot a finish takes the claim turn at once, so it also claims
+  -- the next item in its transaction (finish_and_claim). Here the session
+  -- is lost between the two: the select, which runs after the release,
+  -- stops the heartbeat and waits out the session. Neither the finish nor
+  -- the claim may commit; both machines are then worked under the next
+  -- session.
+  it("commits neither the finish nor the claim of a combined transaction when the session is lost between them", function()
+    admin:exec("CREATE TABLE combo (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
+    local a, b = unpack(machines(2))
+    H.write_file(dir .. "/combo.lua", string.format([[
+      local bmdb = require "bmdb"
+      local core = require "bmdb.core"
+      local STALL, GO, A = %q, %q, %q
+      return { bmdb.worker { process = "Combo", concurrency = 1, poll = 0.1,
+        select = function(tx, limit)
+          -- In A's finish (its commit function ran in this transaction):
+          -- lose the session before the claim goes out.
+          local f = io.open(STALL)
+          if f and tx:one("SELECT done FROM combo WHERE machine_id = $1", A).done then
+            f:close()
+            os.remove(STALL)
+            local s = core.session()
+            core.pause_heartbeat(true)
+            core.sleep(60, s) -- returns once the session is lost
+            core.pause_heartbeat(false)
+          elseif f then
+            f:close()
+          end
+          return tx:query("SELECT machine_id FROM combo WHERE NOT done LIMIT $1", limit)
+        end,
+        run = function(w)
+          while not io.open(GO) do bmdb.sleep(0.02) end -- B is there to be claimed
+          w:finish(function(tx) tx:exec("UPDATE combo SET done = true WHERE machine_id = $1", w.machine) end)
+        end } }
+    ]], dir .. "/stall", dir .. "/go", a))
+    H.write_file(dir .. "/stall", "")
+    admin:exec("INSERT INTO combo (machine_id) VALUES ($1)", a)
+    local h = start_host(dir .. "/combo.lua", { "--log-level", "debug" })
+    H.wait_until(function() return admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", a).n == 1 end,
+      30, "A to be claimed")
+    admin:exec("INSERT INTO combo (machine_id) VALUES ($1)", b)
+    H.write_file(dir .. "/go", "")
+    H.wait_until(function() return count("SELECT 1 FROM combo WHERE done") == 2 end, 60, "both machines, under a new session")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.is_nil(io.open(dir .. "/stall"), "the select never lost the session")
+    local first = admin:one([[SELECT session_id FROM work_history WHERE machine_id = $1 AND event = 'Started'
+                              ORDER BY occurred_at, history_id LIMIT 1]], a).session_id
+    -- Under the first session A started, and was abandoned when the
+    -- session was collected: no Finished for A, nothing for B.
+    local under_first = {}
+    for _, r in ipairs(admin:query([[SELECT machine_id, event FROM work_history WHERE session_id = $1
+                                     ORDER BY occurred_at, history_id]], first)) do
+      under_first[#under_first + 1] = (r.machine_id == a and "A " or "B ") .. r.event
+    end
+    assert.is_true(under_first[1] == "A Started" and (#under_first == 1 or
+      (#under_first == 2 and under_first[2] == "A Abandoned")), table.concat(under_first, ", "))
+    assert.equal(1, count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished'", a))
+    assert.equal(1, count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished'", b))
+  end)
+
   it("fails a raising body into backoff and retries after it", function()
     H.write_file(dir .. "/flaky.lua", [[
       local bmdb = require "bmdb"
@@ -251,13 +312,15 @@ describe("workers", function()
       for slot in h:stderr():gmatch('msg="slot idle"[^\n]-slot=(%d+)') do slots[#slots + 1] = slot end
       return slots
     end
-    -- Every slot finds nothing once at start; after that only the poller polls.
-    H.wait_until(function() return #idle_slots() >= 6 + 20 end, 30, "26 empty polls")
+    -- Every slot finds nothing once at start; after that only the poller
+    -- polls. (A slot that starts late may take the post over once, while
+    -- the poller is out polling: hence at most two.)
+    H.wait_until(function() return #idle_slots() >= 6 + 30 end, 30, "36 empty polls")
     local slots, seen, distinct = idle_slots(), {}, 0
     for i = #slots - 19, #slots do
       if not seen[slots[i]] then seen[slots[i]], distinct = true, distinct + 1 end
     end
-    assert.equal(1, distinct, "slots that polled among the last 20 polls: " .. table.concat(slots, " ", #slots - 19))
+    assert.is_true(distinct <= 2, "slots that polled among the last 20 polls: " .. table.concat(slots, " ", #slots - 19))
     -- Work that appears without a NOTIFY is still found, all of it.
     local ms = machines(6)
     want(ms)

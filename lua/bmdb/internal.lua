@@ -289,6 +289,11 @@ end
 -- server restart costs a retry, not the item). A COMMIT whose answer was
 -- lost may have landed; the next attempt tells, since a landed release
 -- took our lock with it ("lost").
+-- The item the calling slot's serve loop runs now ({w, def, generation},
+-- and, once its finish also claimed, next), and the one transaction that
+-- finishes it and claims the next (defined with the claims below).
+local serving, finish_and_claim
+
 local function release(w, event, cause, spec, commit_fn)
   local seconds = 0
   local function decide(tx)
@@ -302,7 +307,12 @@ local function release(w, event, cause, spec, commit_fn)
     if r then return unpack(r, 1, table.maxn(r)) end
   end
   local results, uncertain, attempt = nil, false, 0
-  repeat
+  if serving and serving.w == w and not serving.next then
+    local ok, r, unknown = finish_and_claim(w, decide, serving)
+    if ok then results = r end
+    uncertain = unknown
+  end
+  while not results do
     -- Finishes run while no claim of this host does (slots.h).
     core.finish_enter()
     local r = { pcall(transact_on, w, decide) }
@@ -319,7 +329,7 @@ local function release(w, event, cause, spec, commit_fn)
     else
       error(err, 0)
     end
-  until results
+  end
   -- The release may have made machines eligible for other processes: wake
   -- idle slots everywhere, once the commit is visible. The host folds a
   -- burst of these into one NOTIFY (slots.h).
@@ -1003,6 +1013,68 @@ local function claim_in_turn(def, opts, generation)
 end
 bmdb.claim = claim_in_turn
 
+-- One transaction for the end of an item and the claim of the next,
+-- which is what DESIGN asks of the steady state. It runs only in the
+-- host's claim turn taken without waiting (core.claim_try: no claim runs
+-- and no other slot of the host is inside an item), because two such
+-- transactions, or one and a finish, in flight at once conflict under
+-- SERIALIZABLE (slots.c), and holding the turn through a finish would
+-- hold up the finishes of busy slots; so it is the rule at one slot and
+-- the exception at many. decide (the
+-- commit function, then the release) comes first; the release is final,
+-- so it rides with the select's statement; the lock rides with COMMIT:
+-- three round trips for both, against four in two transactions. A lost
+-- session or lock, or any failure, commits neither; then the caller
+-- finishes alone, as it would have (unknown says whether this one may
+-- have committed: its release then took the lock). What it claimed
+-- becomes s.next, which the serve loop runs next.
+finish_and_claim = function(w, decide, s)
+  local def = s.def
+  if core.state() ~= "running" or core.generation() ~= s.generation then return false end
+  if not core.claim_try() then return false end
+  local started = core.now()
+  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
+  local sent
+  local r = { pcall(transact_on, w, function(tx)
+    sent = nil
+    local res = { decide(tx) }
+    local rows = def.select(tx, def.batch)
+    local ids = {}
+    if type(rows) == "table" then
+      for i, row in ipairs(rows) do
+        local id = type(row) == "table" and row.machine_id or row
+        -- anything odd: claim nothing here, the full claim will say why
+        if type(id) ~= "string" or not core.valid_uuid(id) then ids = {} break end
+        ids[i] = id
+      end
+    end
+    if #ids > 0 and core.state() == "running" then
+      shuffle(ids)
+      core.lock_any(tx, ids, def.process, def.claim_opts, k)
+      sent = tx
+    end
+    return unpack(res, 1, table.maxn(res))
+  end) }
+  local locked = r[1] and sent and core.claimed(sent) or {}
+  for i = 2, #locked do
+    local l = locked[i]
+    if not core.claim_hand(def.process, l[1], l[2], l[3], w.session_id, started) then
+      pcall(transact_on, handle(w), function(tx)
+        core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
+      end)
+    end
+  end
+  core.claim_leave()
+  if not r[1] then return false, nil, is_error(r[2], "connection") and r[2].outcome == "unknown" end
+  if #locked > 0 then
+    core.note_pause(def.process, false)
+    for _ = 1, #locked do core.count("claim") end
+    -- the serve loop adopts it, once this item's end is logged
+    s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
+  end
+  return true, { unpack(r, 2, table.maxn(r)) }
+end
+
 -- An item a claimer handed to this process's slots that none took (they
 -- stopped waiting: a drain or a reload began): this slot runs it before
 -- it leaves the loop, as it would an item it had claimed itself.
@@ -1022,14 +1094,29 @@ function bmdb.serve(result, process, index, generation)
   def.claim_opts = bmdb.claim_opts(def.backoff, def.timeout)
   bmdb.slot_index = index
   math.randomseed(core.seed())
+  local pending -- claimed by the finish of the item before (finish_and_claim)
+  local function run(w)
+    serving = { w = w, def = def, generation = generation }
+    core.running(1)
+    pcall(bmdb.run, w, def.run) -- the decision is recorded and logged
+    core.running(-1)
+    local n = serving.next
+    serving = nil
+    pending = n and adopt(def, n[1], n[2], n[3], n[4], n[5])
+  end
   while true do
     if core.state() ~= "running" or core.generation() ~= generation then
-      local w = take_handed(def)
+      local w = pending or take_handed(def)
       if not w then return core.state() ~= "running" and "stop" or "reload" end
-      pcall(bmdb.run, w, def.run)
+      run(w)
       goto continue
     end
-    local ok, w = pcall(claim_in_turn, def, nil, generation)
+    local ok, w
+    if pending then
+      ok, w = true, pending
+    else
+      ok, w = pcall(claim_in_turn, def, nil, generation)
+    end
     if not ok then
       if core.state() ~= "running" then
         -- draining or cancelling: the loop ends at the top
@@ -1043,7 +1130,7 @@ function bmdb.serve(result, process, index, generation)
       core.idle_wait(def.process, def.poll * (0.8 + 0.4 * math.random()))
     elseif w then
       core.wake_local(def.process) -- there may be more: pass the baton
-      pcall(bmdb.run, w, def.run)  -- the decision is recorded and logged
+      run(w)
     elseif core.state() ~= "running" or core.generation() ~= generation then
       -- the claim gave way to a drain or a reload: the top of the loop says which
     else
