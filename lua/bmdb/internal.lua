@@ -968,14 +968,9 @@ local function adopt(def, machine, attempt, token, session_id, started)
   return bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
 end
 
-local function claim_as_claimer(def, opts)
-  if opts then return claim(def, opts) end
-  local sess = core.session(1)
-  local started = core.now()
-  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
-  local settled, locked = claim_fast(def, sess, k)
-  if not settled then return claim(def) end
-  if #locked == 0 then return nil end
+-- A claim for several slots keeps the first item it locked and hands
+-- the others to the slots of its process that wait (core.claim_hand).
+local function hand_out(def, sess, locked, started)
   for i = 2, #locked do
     local l = locked[i]
     if not core.claim_hand(def.process, l[1], l[2], l[3], sess:id(), started) then
@@ -985,6 +980,17 @@ local function claim_as_claimer(def, opts)
       end)
     end
   end
+end
+
+local function claim_as_claimer(def, opts)
+  if opts then return claim(def, opts) end
+  local sess = core.session(1)
+  local started = core.now()
+  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
+  local settled, locked = claim_fast(def, sess, k)
+  if not settled then return claim(def) end
+  if #locked == 0 then return nil end
+  hand_out(def, sess, locked, started)
   local l = locked[1]
   return bmdb.new_work(sess, l[1], def.process, l[2], def.backoff, l[3], def.timeout, started)
 end
@@ -1056,14 +1062,7 @@ finish_and_claim = function(w, decide, s)
     return unpack(res, 1, table.maxn(res))
   end) }
   local locked = r[1] and sent and core.claimed(sent) or {}
-  for i = 2, #locked do
-    local l = locked[i]
-    if not core.claim_hand(def.process, l[1], l[2], l[3], w.session_id, started) then
-      pcall(transact_on, handle(w), function(tx)
-        core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
-      end)
-    end
-  end
+  hand_out(def, handle(w), locked, started)
   core.claim_leave()
   if not r[1] then return false, nil, is_error(r[2], "connection") and r[2].outcome == "unknown" end
   if #locked > 0 then
