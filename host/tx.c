@@ -331,12 +331,11 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
  * server skipped what came after it). -1 when all went well; else the
  * index of the failed step, with e set. A fence that found no live row
  * fails with e->kind TXE_SESSION_EXPIRED (the caller finds out more). A
- * connection lost in a flight that carried COMMIT leaves its outcome
- * unknown, whichever answer was the first missing: the server may have
- * run everything, COMMIT included, before the connection went. */
+ * connection lost in a flight that carried COMMIT (always its last step)
+ * leaves its outcome unknown, whichever answer was the first missing:
+ * the server may have run everything, COMMIT included, before the
+ * connection went. */
 static int first_failure(tx *t, step *s, int n, tx_error *e) {
-    int commits = 0;
-    for (int i = 0; i < n; i++) commits |= s[i].kind == STEP_COMMIT;
     for (int i = 0; i < n; i++) {
         PGresult *r = s[i].r;
         if (!step_ok(r)) {
@@ -355,7 +354,7 @@ static int first_failure(tx *t, step *s, int n, tx_error *e) {
             else if (s[i].kind == STEP_FINAL && t->final.zero_means_lost && !strcmp(st, "22012"))
                 tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                              t->final.params[0], t->final.params[1]);
-            e->outcome_unknown = commits && e->kind == TXE_CONNECTION;
+            e->outcome_unknown = e->kind == TXE_CONNECTION && s[n - 1].kind == STEP_COMMIT;
             return i;
         }
     }
@@ -590,42 +589,29 @@ int tx_commit(tx *t, tx_error *e) {
         tx_rollback(t);
         return -1;
     }
+    /* Nothing ran and no final statement waits: nothing to commit. */
+    if (!t->begun && !t->final.sql) {
+        tx_rollback(t);
+        return 0;
+    }
+    /* One flight: BEGIN and the fence if nothing ran yet (a failed fence
+     * raises, so COMMIT cannot run behind it), the final statement, and
+     * COMMIT. Never flown again on a fresh connection: a connection lost
+     * with COMMIT in flight leaves the outcome unknown (first_failure). A
+     * server error means it rolled back. Callers that must know (a work
+     * decision) look in the database before they retry. */
     step s[FLIGHT_MAX];
     const char *fence_params[4];
-    int n, bad, final_at = -1;
-    if (!t->begun) {
-        /* Nothing ran: nothing to commit, unless a final statement waits.
-         * Then BEGIN, the fence, the final and COMMIT go in one flight: a
-         * failed fence raises, so COMMIT cannot run behind it. */
-        if (!t->final.sql) {
-            tx_rollback(t);
-            return 0;
-        }
-        for (;;) {
-            n = add_begin(t, s, fence_params);
-            final_at = n;
-            n += add_final(t, s + n);
-            s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
-            fly(t->conn, s, n);
-            if ((bad = first_failure(t, s, n, e)) < 0) break;
-            clear_steps(s, n);
-            if (!flight_failed(t, s, bad, e)) return -1;
-        }
-        t->begun = 1;
-    } else {
-        n = add_final(t, s);
-        if (n) final_at = 0;
-        s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
-        fly(t->conn, s, n);
-        bad = first_failure(t, s, n, e);
-        if (bad >= 0) {
-            /* A server error to COMMIT means it rolled back; a lost
-             * connection means we cannot know. Callers that must know (a
-             * work decision) look in the database before they retry. */
-            clear_steps(s, n);
-            flight_failed(t, s, bad, e);
-            return -1;
-        }
+    int n = add_begin(t, s, fence_params);
+    int final_at = t->final.sql ? n : -1;
+    n += add_final(t, s + n);
+    s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
+    fly(t->conn, s, n);
+    int bad = first_failure(t, s, n, e);
+    if (bad >= 0) {
+        clear_steps(s, n);
+        flight_failed(t, s, bad, e);
+        return -1;
     }
     if (final_at >= 0) {
         t->final_result = s[final_at].r;
