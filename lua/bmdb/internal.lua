@@ -283,17 +283,17 @@ local function log_event(w, event, extra)
   core.log(event == "failed" and "warn" or "info", "work " .. event, kv)
 end
 
+-- The item the calling slot's serve loop runs now ({w, def, generation},
+-- and, once its finish also claimed, next), and the one transaction that
+-- finishes it and claims the next (defined with the claims below).
+local serving, finish_and_claim
+
 -- Records a decision. It must not be left unrecorded while the session
 -- lives, or the lock stays held until the host exits: a lost connection
 -- is tried again on a fresh one for as long as the session is alive (a
 -- server restart costs a retry, not the item). A COMMIT whose answer was
 -- lost may have landed; the next attempt tells, since a landed release
 -- took our lock with it ("lost").
--- The item the calling slot's serve loop runs now ({w, def, generation},
--- and, once its finish also claimed, next), and the one transaction that
--- finishes it and claims the next (defined with the claims below).
-local serving, finish_and_claim
-
 local function release(w, event, cause, spec, commit_fn)
   local seconds = 0
   local function decide(tx)
@@ -849,18 +849,32 @@ end
 -- in our snapshot, select returned something that is not a machine id,
 -- or the lock failed (a machine that does not exist). A drain that begins
 -- while we select wins.
+-- select's rows as machine ids; nil when they are not a list of rows or
+-- ids that are machine ids (the full claim then says what is wrong).
+local function candidate_ids(rows)
+  if type(rows) ~= "table" then return nil end
+  local ids = {}
+  for i, r in ipairs(rows) do
+    local id = type(r) == "table" and r.machine_id or r
+    if type(id) ~= "string" or not core.valid_uuid(id) then return nil end
+    ids[i] = id
+  end
+  return ids
+end
+
+-- What a committed claim that locked something (core.claimed) settles:
+-- the process is not paused, and each item counts as a claim.
+local function note_claimed(def, locked)
+  core.note_pause(def.process, false)
+  for _ = 1, #locked do core.count("claim") end
+end
+
 local function claim_fast(def, sess, k)
   local sent
   local ok, outcome = pcall(transact_on, sess, function(tx)
     sent = nil
-    local rows = def.select(tx, def.batch)
-    if type(rows) ~= "table" then return "full" end
-    local ids = {}
-    for i, r in ipairs(rows) do
-      local id = type(r) == "table" and r.machine_id or r
-      if type(id) ~= "string" or not core.valid_uuid(id) then return "full" end
-      ids[i] = id
-    end
+    local ids = candidate_ids(def.select(tx, def.batch))
+    if not ids then return "full" end
     if #ids == 0 then
       note_idle(tx, def)
       return "idle"
@@ -879,8 +893,7 @@ local function claim_fast(def, sess, k)
   if outcome ~= "sent" then return false end
   local locked = core.claimed(sent)
   if #locked == 0 then return false end
-  core.note_pause(def.process, false)
-  for _ = 1, #locked do core.count("claim") end
+  note_claimed(def, locked)
   return true, locked
 end
 
@@ -1026,10 +1039,11 @@ bmdb.claim = claim_in_turn
 -- transactions, or one and a finish, in flight at once conflict under
 -- SERIALIZABLE (slots.c), and holding the turn through a finish would
 -- hold up the finishes of busy slots; so it is the rule at one slot and
--- the exception at many. decide (the
--- commit function, then the release) comes first; the release is final,
--- so it rides with the select's statement; the lock rides with COMMIT:
--- three round trips for both, against four in two transactions. A lost
+-- the exception at many. decide (the commit function, then the release)
+-- comes first; the release is final, so it rides with the select's
+-- statement; the lock rides with COMMIT: three round trips for both,
+-- against four in two transactions. Candidates that are not all machine
+-- ids claim nothing here (the next claim's full claim says why). A lost
 -- session or lock, or any failure, commits neither; then the caller
 -- finishes alone, as it would have (unknown says whether this one may
 -- have committed: its release then took the lock). What it claimed
@@ -1044,17 +1058,8 @@ finish_and_claim = function(w, decide, s)
   local r = { pcall(transact_on, w, function(tx)
     sent = nil
     local res = { decide(tx) }
-    local rows = def.select(tx, def.batch)
-    local ids = {}
-    if type(rows) == "table" then
-      for i, row in ipairs(rows) do
-        local id = type(row) == "table" and row.machine_id or row
-        -- anything odd: claim nothing here, the full claim will say why
-        if type(id) ~= "string" or not core.valid_uuid(id) then ids = {} break end
-        ids[i] = id
-      end
-    end
-    if #ids > 0 and core.state() == "running" then
+    local ids = candidate_ids(def.select(tx, def.batch))
+    if ids and #ids > 0 and core.state() == "running" then
       shuffle(ids)
       core.lock_any(tx, ids, def.process, def.claim_opts, k)
       sent = tx
@@ -1066,8 +1071,7 @@ finish_and_claim = function(w, decide, s)
   core.claim_leave()
   if not r[1] then return false, nil, is_error(r[2], "connection") and r[2].outcome == "unknown" end
   if #locked > 0 then
-    core.note_pause(def.process, false)
-    for _ = 1, #locked do core.count("claim") end
+    note_claimed(def, locked)
     -- the serve loop adopts it, once this item's end is logged
     s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
   end
