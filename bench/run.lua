@@ -160,9 +160,10 @@ end
 -- session or failed claims make a figure suspect, so they are reported.
 local warnings = {}
 
--- Stops the hosts; their claims and retries, summed.
+-- Stops the hosts; their claims, retries, batched finishes and batches,
+-- summed.
 local function stop_hosts(hosts, what)
-  local claims, retries = 0, 0
+  local claims, retries, batched, batches = 0, 0, 0, 0
   for _, h in ipairs(hosts) do
     h:kill("TERM")
     h:wait(60)
@@ -170,6 +171,8 @@ local function stop_hosts(hosts, what)
     local cl, re = log:match('msg="workers stopped" claims=(%d+) retries=(%d+)')
     assert(cl, "a host did not log its claims and retries:\n" .. log:sub(-2000))
     claims, retries = claims + tonumber(cl), retries + tonumber(re)
+    local bf, bb = log:match('msg="workers stopped" .-batched=(%d+) batches=(%d+)')
+    batched, batches = batched + tonumber(bf or 0), batches + tonumber(bb or 0)
     for line in log:gmatch("[^\n]+") do
       local msg = line:match("level=warn (msg=%S+)") or line:match("level=error (msg=%S+)")
       if msg then
@@ -179,7 +182,7 @@ local function stop_hosts(hosts, what)
       end
     end
   end
-  return claims, retries
+  return claims, retries, batched, batches
 end
 
 -- ---------------------------------------------------------------- reload
@@ -322,9 +325,10 @@ local function bench_host(hosts_n, slots, what)
     cpu = cpu + cpu_seconds(h.pid)
     peak = math.max(peak, select(2, memory(h.pid)))
   end
-  local claims, retries = stop_hosts(hosts, what)
+  local claims, retries, batched, batches = stop_hosts(hosts, what)
   c:close()
   return { rate = ITEMS / seconds, retries = retries / math.max(claims, 1),
+           batched = batched / ITEMS, per_batch = batched / math.max(batches, 1),
            cpu = (cpu - cpu0) / ITEMS, peak = peak }
 end
 
@@ -477,6 +481,9 @@ local function report(r)
   row("bmdb-host ÷ peer batched (target ≥ 1.0 at c=4, 16)", function(i) return ratio(host[i] and host[i].rate, bat[i] and bat[i].rate) end)
   row("bmdb-host ÷ pgbench -N (target ≥ 1.0 at c=4)", function(i) return ratio(host[i] and host[i].rate, pgb[i] and pgb[i].rate) end)
   row("bmdb-host retries per claim (target ≤ 0.05 at c=16)", function(i) return f("%.3f", host[i] and host[i].retries) end)
+  row("bmdb-host finishes batched (share / per batch)", function(i)
+    return host[i] and string.format("%.2f / %.1f", host[i].batched, host[i].per_batch) or "—"
+  end)
   row("bmdb-host CPU per item", function(i) return f("%.3f ms", host[i] and host[i].cpu * 1000) end)
   row("graphile-worker CPU per job, defaults", function(i) return f("%.3f ms", def[i] and def[i].cpu * 1000) end)
   row("graphile-worker CPU per job, batched", function(i) return f("%.3f ms", bat[i] and bat[i].cpu * 1000) end)

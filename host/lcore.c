@@ -21,6 +21,7 @@
 #include "lifecycle.h"
 #include "log.h"
 #include "lvalue.h"
+#include "batch.h"
 #include "pool.h"
 #include "session.h"
 #include "slots.h"
@@ -92,7 +93,11 @@ static int sess_alive(lua_State *L) {
 
 /* ---- transactions ------------------------------------------------------ */
 
-typedef struct { tx t; } ltx;
+/* t is own, or the batch's transaction during a batch member's turn
+ * (borrowed: NULL once the turn is over). */
+typedef struct { tx own; tx *t; } ltx;
+
+static int ltx_borrowed(const ltx *u) { return u->t != &u->own; }
 
 static int l_begin(lua_State *L) {
     check_running(L);
@@ -100,6 +105,7 @@ static int l_begin(lua_State *L) {
     if (!the_pool) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
     ltx *u = lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);
+    u->t = &u->own;
     luaL_getmetatable(L, TX_MT);
     lua_setmetatable(L, -2);
     /* The tx keeps its session alive as long as it exists, and its __gc
@@ -111,30 +117,33 @@ static int l_begin(lua_State *L) {
      * fenced by its item too */
     tx_item item = {lua_tostring(L, 2), lua_tostring(L, 3), lua_tostring(L, 4)};
     int fenced = item.machine && item.process && item.token;
-    if (tx_begin_item(&u->t, the_pool, s, fenced ? &item : NULL, &e) < 0) return lerror_raise(L, &e);
+    if (tx_begin_item(u->t, the_pool, s, fenced ? &item : NULL, &e) < 0) return lerror_raise(L, &e);
     return 1;
 }
 
 static ltx *check_open_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
-    if (u->t.doomed) {
+    if (!u->t)
+        lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its commit "
+                          "function)", fname);
+    if (u->t->doomed) {
         /* The fence failed earlier in this transaction: say so again,
          * however the body handled the first answer. */
-        tx_error e = u->t.doom;
+        tx_error e = u->t->doom;
         lerror_raise(L, &e);
     }
-    if (!u->t.open)
+    if (!u->t->open)
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its bmdb.transact "
                           "function)", fname);
     check_running(L);
-    if (u->t.sess && !session_alive(u->t.sess)) {
-        tx_rollback(&u->t);
+    if (u->t->sess && !session_alive(u->t->sess)) {
+        if (!ltx_borrowed(u)) tx_rollback(u->t); /* a batch's ends with the batch */
         lerror_raise_kind(L, "session_expired", "session expired");
     }
     return u;
 }
 
-tx *lcore_check_tx(lua_State *L, const char *fname) { return &check_open_tx(L, fname)->t; }
+tx *lcore_check_tx(lua_State *L, const char *fname) { return check_open_tx(L, fname)->t; }
 
 static int tx_statement(lua_State *L, const char *fname) {
     ltx *u = check_open_tx(L, fname);
@@ -147,7 +156,7 @@ static int tx_statement(lua_State *L, const char *fname) {
     lvalue_params_t p;
     lvalue_params(L, fname, sql, 3, &p);
     tx_error e;
-    PGresult *r = tx_exec_params(&u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
+    PGresult *r = tx_exec_params(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     if (!r) return lerror_raise(L, &e);
     return lvalue_push_result(L, fname, r);
 }
@@ -157,38 +166,118 @@ static int tx_one(lua_State *L) { return tx_statement(L, "one"); }
 static int tx_execute(lua_State *L) { return tx_statement(L, "exec"); }
 
 static int release_tx_session(ltx *u) {
-    if (u->t.sess) {
-        session_unref(u->t.sess);
-        u->t.sess = NULL;
+    if (u->t->sess) {
+        session_unref(u->t->sess);
+        u->t->sess = NULL;
     }
     return 0;
 }
 
-static int tx_commit_l(lua_State *L) {
+/* A batch member's tx is the batch's: it commits or rolls back with the
+ * batch (batch.h), never by one member's call. */
+static ltx *check_own_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    if (ltx_borrowed(u))
+        lerror_raise_kind(L, "usage", "%s: this transaction is a batch's, and ends with it", fname);
+    return u;
+}
+
+static int tx_commit_l(lua_State *L) {
+    ltx *u = check_own_tx(L, "commit");
     tx_error e;
-    if (u->t.doomed) {
-        e = u->t.doom;
+    if (u->t->doomed) {
+        e = u->t->doom;
         release_tx_session(u);
         return lerror_raise(L, &e);
     }
-    if (!u->t.open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
+    if (!u->t->open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
     if (lifecycle_state() >= HOST_CANCELLING) {
-        tx_rollback(&u->t);
+        tx_rollback(u->t);
         release_tx_session(u);
         return lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
     }
-    int rc = tx_commit(&u->t, &e);
+    int rc = tx_commit(u->t, &e);
     release_tx_session(u);
     if (rc < 0) return lerror_raise(L, &e);
     return 0;
 }
 
 static int tx_rollback_l(lua_State *L) {
-    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
-    tx_rollback(&u->t);
+    ltx *u = check_own_tx(L, "rollback");
+    tx_rollback(u->t);
     release_tx_session(u);
     return 0;
+}
+
+static int tx_gc(lua_State *L) {
+    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
+    if (ltx_borrowed(u)) return 0;
+    tx_rollback(u->t);
+    release_tx_session(u);
+    return 0;
+}
+
+static void check_ids(lua_State *L, int midx, int pidx);
+
+/* ---- batches of finishes (batch.h) --------------------------------------
+ *
+ * core.batch_join(sess) -> tx, or nil (finish alone) and, when the batch
+ * failed before this slot's turn, its error. The tx is the batch's for
+ * this turn only; core.batch_leave ends the turn, and the tx with it. */
+typedef struct { batch_member m; ltx *tx; } lbatch;
+static __thread lbatch batch_turn; /* a slot thread is in one batch at most */
+
+static int l_batch_join(lua_State *L) {
+    check_running(L);
+    session *s = check_session(L, 1);
+    if (!the_pool) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
+    ltx *u = lua_newuserdata(L, sizeof *u);
+    memset(u, 0, sizeof *u);
+    luaL_getmetatable(L, TX_MT);
+    lua_setmetatable(L, -2);
+    tx *t;
+    int got = batch_join(the_pool, s, &batch_turn.m, &t);
+    if (got == BATCH_TURN) {
+        u->t = t;
+        batch_turn.tx = u;
+        return 1;
+    }
+    u->t = &u->own; /* closed: nothing to roll back */
+    lua_pushnil(L);
+    if (got == BATCH_ALONE) return 1;
+    lerror_push(L, &batch_turn.m.err);
+    return 2;
+}
+
+/* core.batch_leave(ok, fatal, machine, process, token) -> true (the batch
+ * committed this slot's release), or false and the batch's error. */
+static int l_batch_leave(lua_State *L) {
+    int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
+    const char *machine = NULL, *process = NULL, *token = NULL;
+    if (ok) {
+        check_ids(L, 3, 4);
+        machine = lua_tostring(L, 3);
+        process = lua_tostring(L, 4);
+        token = lerror_checkstring(L, 5);
+        if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
+    }
+    if (!batch_turn.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch's turn");
+    batch_turn.tx->t = NULL;
+    batch_turn.tx = NULL;
+    if (batch_leave(&batch_turn.m, ok, fatal, machine, process, token)) {
+        slot_note_item(NULL);
+        lua_pushboolean(L, 1);
+        return 1;
+    }
+    lua_pushboolean(L, 0);
+    if (!ok) return 1;
+    lerror_push(L, &batch_turn.m.err);
+    return 2;
+}
+
+static int l_batch_members(lua_State *L) {
+    lua_pushinteger(L, batch_members());
+    return 1;
 }
 
 /* ---- work locks -------------------------------------------------------- */
@@ -230,7 +319,7 @@ static int l_lock(lua_State *L) {
     claim_options(L, 4, &c, b);
     work_locked out;
     tx_error e;
-    work_lock_result res = work_lock(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
+    work_lock_result res = work_lock(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
     switch (res) {
     case WORK_LOCKED:
         slot_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
@@ -282,7 +371,7 @@ static int l_lock_any(lua_State *L) {
     claim_options(L, 4, &c, nb);
     tx_error e;
     int count = (int)luaL_optinteger(L, 5, 1);
-    if (work_lock_any(&u->t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
+    if (work_lock_any(u->t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
     return 0;
 }
 
@@ -294,7 +383,7 @@ static int l_claimed(lua_State *L) {
     char machine[40];
     work_locked out;
     lua_newtable(L);
-    for (int i = 0; work_locked_any(&u->t, i, machine, sizeof machine, &out); i++) {
+    for (int i = 0; work_locked_any(u->t, i, machine, sizeof machine, &out); i++) {
         /* The first is the claimer's own; the others' slots note theirs
          * when they are handed them (slots.h). */
         if (i == 0) slot_note_item(machine); /* named if its slot will not stop */
@@ -317,7 +406,7 @@ static int l_release(lua_State *L) {
     static const char *const events[] = {"Finished", "Failed", "Canceled", NULL};
     int ev = luaL_checkoption(L, 4, NULL, events);
     tx_error e;
-    if (work_release(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 7, NULL), events[ev],
+    if (work_release(u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 7, NULL), events[ev],
                      luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
         return lerror_raise(L, &e);
     slot_note_item(NULL);
@@ -328,7 +417,7 @@ static int l_backoff_last(lua_State *L) {
     ltx *u = check_open_tx(L, "backoff_last");
     check_ids(L, 2, 3);
     tx_error e;
-    long last = work_backoff_last(&u->t, lua_tostring(L, 2), lua_tostring(L, 3), &e);
+    long last = work_backoff_last(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &e);
     if (last < 0) return lerror_raise(L, &e);
     if (last == 0) lua_pushnil(L);
     else lua_pushnumber(L, (lua_Number)last);
@@ -447,6 +536,8 @@ static const luaL_Reg core_funcs[] = {
     {"lock", l_lock},             {"release", l_release},
     {"lock_any", l_lock_any},     {"claimed", l_claimed},
     {"backoff_last", l_backoff_last},
+    {"batch_join", l_batch_join}, {"batch_leave", l_batch_leave},
+    {"batch_members", l_batch_members},
     {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
     {"log", l_log},               {"state", l_state},
     {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
@@ -475,7 +566,7 @@ void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CF
 int luaopen_bmdb_core(lua_State *L) {
     lerror_open(L);
     lcore_class(L, SESSION_MT, session_methods, sess_gc);
-    lcore_class(L, TX_MT, tx_methods, tx_rollback_l);
+    lcore_class(L, TX_MT, tx_methods, tx_gc);
     lua_newtable(L);
     luaL_register(L, NULL, core_funcs);
     lslot_register(L);

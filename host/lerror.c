@@ -29,7 +29,7 @@ static void set_field(lua_State *L, const char *k, const char *v) {
     }
 }
 
-static void lerror_push(lua_State *L, const tx_error *e) {
+void lerror_push(lua_State *L, const tx_error *e) {
     lua_createtable(L, 0, 6);
     set_field(L, "kind", kind_name(e->kind));
     set_field(L, "sqlstate", e->sqlstate);

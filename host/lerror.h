@@ -23,6 +23,8 @@ void lerror_open(lua_State *L);
 /* Raise an error object for e (kind, sqlstate, message, detail, hint,
  * outcome = "unknown" for a COMMIT without answer), or {kind=, message=}. */
 int lerror_raise(lua_State *L, const tx_error *e);
+/* The same error object, pushed instead of raised. */
+void lerror_push(lua_State *L, const tx_error *e);
 int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...);
 /* A "usage" error worded as luaL_argerror words it, with the caller's
  * position: "x.lua:3: bad argument #2 to 'query' (string expected, got nil)". */

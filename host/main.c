@@ -26,6 +26,7 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
+#include "batch.h"
 #include "bootstrap.h"
 #include "control.h"
 #include "http.h"
@@ -404,12 +405,15 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     lifecycle_advance(HOST_DRAINING); /* stops the listener */
     workers_stop();
     reload_destroy(rl);
-    unsigned long claims, retries;
+    unsigned long claims, retries, batches, batched;
     slot_counts(&claims, &retries);
-    char c[32], r[32];
+    batch_counts(&batches, &batched);
+    char c[32], r[32], b[32], f[32];
     snprintf(c, sizeof c, "%lu", claims);
     snprintf(r, sizeof r, "%lu", retries);
-    log_kv(LOG_INFO, "workers stopped", "claims", c, "retries", r, NULL);
+    snprintf(b, sizeof b, "%lu", batches);
+    snprintf(f, sizeof f, "%lu", batched);
+    log_kv(LOG_INFO, "workers stopped", "claims", c, "retries", r, "batched", f, "batches", b, NULL);
     return status;
 }
 

@@ -82,7 +82,7 @@ static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *cons
  * fail by raising, never by returning fewer rows: an error keeps
  * everything behind it, COMMIT included, from running. */
 
-typedef enum { STEP_BEGIN, STEP_FENCE, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
+typedef enum { STEP_BEGIN, STEP_FENCE, STEP_PENDING, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
 
 typedef struct step {
     step_kind kind;
@@ -94,7 +94,7 @@ typedef struct step {
     PGresult *r;            /* the answer; NULL when none came */
 } step;
 
-#define FLIGHT_MAX 5
+#define FLIGHT_MAX (4 + TX_PENDING_MAX)
 
 static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 
@@ -166,6 +166,23 @@ static int add_begin(tx *t, step *s, const char **fence_params) {
     s[1] = (step){.kind = STEP_FENCE, .sql = sql, .n = n, .params = fence_params,
                   .name = prepared_name(t->prep, t->conn, sql, n)};
     return 2;
+}
+
+void tx_pend(tx *t, const char *sql) {
+    if (t->npending < TX_PENDING_MAX) t->pending[t->npending++] = sql;
+}
+
+int tx_unpend(tx *t, const char *sql) {
+    if (t->npending == 0 || t->pending[t->npending - 1] != sql) return 0;
+    t->npending--;
+    return 1;
+}
+
+/* What tx_pend queued, after BEGIN and the fence. A failure among them
+ * dooms the transaction, as a failed BEGIN does. */
+static int add_pending(tx *t, step *s) {
+    for (int i = 0; i < t->npending; i++) s[i] = (step){.kind = STEP_PENDING, .sql = t->pending[i]};
+    return t->npending;
 }
 
 static int add_final(tx *t, step *s) {
@@ -307,6 +324,7 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
     t->final.sql = NULL;
     t->final.heap = NULL;
     t->final_result = NULL;
+    t->npending = 0;
     t->item = item != NULL;
     if (item) {
         snprintf(t->machine, sizeof t->machine, "%s", item->machine);
@@ -399,6 +417,7 @@ static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
         }
         /* fall through */
     case STEP_BEGIN:
+    case STEP_PENDING:
     case STEP_FINAL:
         doom(t, e);
         break;
@@ -523,6 +542,7 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
         step s[FLIGHT_MAX];
         const char *fence_params[4];
         int n = add_begin(t, s, fence_params);
+        n += add_pending(t, s + n);
         n += add_final(t, s + n);
         PGresult *failed;
         int cached;
@@ -543,9 +563,11 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
         if (bad >= 0) {
             clear_steps(s, n);
             if (flight_failed(t, s, bad, e)) continue;
+            t->npending = 0; /* they ran, or t is doomed */
             return NULL;
         }
         t->begun = 1;
+        t->npending = 0;
         if (t->final.sql) final_free(&t->final);
         PGresult *r = s[n - 1].r;
         s[n - 1].r = NULL;
@@ -591,6 +613,7 @@ int tx_commit(tx *t, tx_error *e) {
     }
     /* Nothing ran and no final statement waits: nothing to commit. */
     if (!t->begun && !t->final.sql) {
+        t->npending = 0;
         tx_rollback(t);
         return 0;
     }
@@ -603,6 +626,7 @@ int tx_commit(tx *t, tx_error *e) {
     step s[FLIGHT_MAX];
     const char *fence_params[4];
     int n = add_begin(t, s, fence_params);
+    n += add_pending(t, s + n);
     int final_at = t->final.sql ? n : -1;
     n += add_final(t, s + n);
     s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
@@ -619,6 +643,7 @@ int tx_commit(tx *t, tx_error *e) {
     }
     clear_steps(s, n);
     final_free(&t->final);
+    t->npending = 0;
     metrics_tx_committed();
     t->open = 0;
     pool_put(t->pool, t->conn);

@@ -62,6 +62,11 @@ typedef struct tx {
     int item;        /* fenced by the work item below too */
     char machine[40], process[64], token[40];
     tx_final final;
+    /* Statements (static SQL of the host's) that ride in front of the
+     * next flight, after BEGIN and the fence: a batch's savepoints. */
+#define TX_PENDING_MAX 3
+    const char *pending[TX_PENDING_MAX];
+    int npending;
     PGresult *final_result; /* the final statement's answer, after COMMIT */
     int doomed;      /* the fence failed: every later call answers doom */
     tx_error doom;
@@ -90,6 +95,11 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
  * (22012) is reported as TXE_LOST. 0, or -1 with e set. */
 int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
                  int zero_means_lost, tx_error *e);
+/* Queues sql (a static string) to ride in front of the next flight;
+ * tx_unpend takes it back when it is still the last one queued (1), so
+ * that a savepoint nobody used costs nothing. */
+void tx_pend(tx *t, const char *sql);
+int tx_unpend(tx *t, const char *sql);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */

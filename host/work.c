@@ -314,6 +314,32 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
             6, p, 1, e);
 }
 
+int work_release_finished(tx *t, const char *machines, const char *processes, const char *tokens,
+                          int count, tx_error *e) {
+    /* The single release above, for several items: arrays instead of
+     * values, so the statement is prepared once whatever the count. The
+     * division compares the rows released with the items named: one lock
+     * that is gone (or past its timeout, which the item fence would have
+     * refused) fails them all, and the batch's members then finish one by
+     * one, where each learns its own answer. */
+    char n[16];
+    snprintf(n, sizeof n, "%d", count);
+    const char *p[] = {machines, processes, tokens, session_id(t->sess), n};
+    return tx_set_final(t,
+            "WITH items AS (SELECT * FROM unnest($1::UUID[], $2::TEXT[], $3::UUID[]) "
+            " AS i (machine_id, process, token)), "
+            "gone AS (DELETE FROM work WHERE session_id = $4 "
+            " AND (machine_id, process, token) IN (SELECT machine_id, process, token FROM items) "
+            " AND (deadline IS NULL OR deadline > now()) "
+            " RETURNING machine_id, process, session_id, token), "
+            "recorded AS (INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+            " SELECT machine_id, process, session_id, 'Finished', NULL, token FROM gone RETURNING 1), "
+            "cleared AS (DELETE FROM work_backoff "
+            " WHERE (machine_id, process) IN (SELECT machine_id, process FROM gone) RETURNING 1) "
+            "SELECT 1 / ((SELECT count(*) FROM gone) / $5::INT8)",
+            5, p, 0, e);
+}
+
 long work_backoff_last(tx *t, const char *machine, const char *process, tx_error *e) {
     const char *mp[] = {machine, process};
     PGresult *r;

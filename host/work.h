@@ -61,6 +61,14 @@ int work_locked_any(const tx *t, int i, char *machine, size_t machinelen, work_l
 int work_release(tx *t, const char *machine, const char *process, const char *token,
                  const char *event, const char *cause, long backoff_seconds, tx_error *e);
 
+/* The release of a batch (batch.h): count items Finished at once, as t's
+ * final statement. machines, processes and tokens are array literals
+ * ("{a,b}"), the i-th entries naming one item. Only locks that are still
+ * this session's and this claim's, within their timeout, are released;
+ * if one is not, the statement raises (22012) and nothing commits. */
+int work_release_finished(tx *t, const char *machines, const char *processes, const char *tokens,
+                          int count, tx_error *e);
+
 /* The cause of a takeover at timeout, as an SQL expression over work w. */
 #define WORK_TIMEOUT_CAUSE "'timeout after ' || w.timeout_seconds::TEXT || 's'"
 

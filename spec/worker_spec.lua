@@ -176,6 +176,147 @@ describe("workers", function()
     assert.equal(1, count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished'", b))
   end)
 
+  -- Four slots finish at once and share one transaction (host/batch.h),
+  -- one savepoint each. The script's bodies wait until all four items
+  -- run, and the first commit function until all four have joined the
+  -- batch, so the batch is whole rather than however the timing fell.
+  -- BAD (a machine id, or "") names the item whose commit function fails
+  -- by raising after its write, BAD_SQL one whose commit function's second
+  -- statement fails (the server then only accepts a rollback); FAIL_ONCE
+  -- names one whose first commit function fails with a serialization
+  -- failure (40001).
+  local function batch_script(name)
+    H.write_file(dir .. "/" .. name .. ".lua", [[
+      local bmdb = require "bmdb"
+      local core = require "bmdb.core"
+      local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
+      local failed_once, joined = false, false
+      local function wait_for(what, ok)
+        local deadline = core.now() + 20
+        while not ok() do
+          if core.now() > deadline then error("gave up waiting for " .. what) end
+          bmdb.sleep(0.01)
+        end
+      end
+      return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
+        select = function(tx, limit)
+          return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1
+            FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          wait_for("four items running", function()
+            return bmdb.transact(function(tx)
+              return tx:one("SELECT count(*) AS n FROM work WHERE process = 'Batch'").n == 4
+            end)
+          end)
+          w:finish(function(tx)
+            -- (once; and a member that finishes alone after the batch
+            -- failed is in none: then there are none)
+            if not joined then
+              joined = true
+              wait_for("four members in the batch", function()
+                local n = core.batch_members()
+                return n == 4 or n == 0
+              end)
+            end
+            tx:exec("UPDATE batch SET done = true, runs = runs + 1 WHERE machine_id = $1", w.machine)
+            if w.machine == BAD then error("the commit function of this item fails") end
+            if w.machine == BAD_SQL then tx:exec("SELECT 1 / 0") end
+            if w.machine == FAIL_ONCE and not failed_once then
+              failed_once = true
+              tx:exec("DO $d$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $d$")
+            end
+          end)
+        end } }
+    ]])
+    return dir .. "/" .. name .. ".lua"
+  end
+
+  local function run_batch(script, env)
+    admin:exec("CREATE TABLE IF NOT EXISTS batch (machine_id UUID PRIMARY KEY REFERENCES machines, " ..
+               "done BOOLEAN NOT NULL DEFAULT false, runs INT8 NOT NULL DEFAULT 0)")
+    admin:exec("DELETE FROM batch")
+    local ids = machines(4)
+    for _, m in ipairs(ids) do admin:exec("INSERT INTO batch (machine_id) VALUES ($1)", m) end
+    local h = start_host(script, {}, env(ids))
+    H.wait_until(function()
+      return count([[SELECT 1 FROM work_history WHERE event IN ('Finished', 'Failed')
+                     AND machine_id IN (SELECT machine_id FROM batch)]]) == 4
+    end, 60, "four decisions")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    return ids, h
+  end
+
+  it("finishes the others of a batch whose commit functions fail, undoing only those", function()
+    local ids = run_batch(batch_script("batch_bad"), function(ids)
+      return { BAD = ids[2], BAD_SQL = ids[4], FAIL_ONCE = "" }
+    end)
+    for bad, cause in pairs({ [ids[2]] = "the commit function of this item fails", [ids[4]] = "division by zero" }) do
+      assert.same({ "Started", "Failed" }, events(bad))
+      assert.matches(cause, admin:one("SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Failed'", bad).cause)
+      -- its savepoint was rolled back: its write is gone, the others' stay
+      assert.is_false(admin:one("SELECT done FROM batch WHERE machine_id = $1", bad).done)
+    end
+    assert.equal(2, count("SELECT 1 FROM batch WHERE done"))
+    -- the two releases committed in one transaction: one xmin
+    local finished = admin:one([[SELECT count(*) AS n, count(DISTINCT xmin::TEXT) AS xids FROM work_history
+                                 WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
+    assert.same({ n = 2, xids = 1 }, { n = finished.n, xids = finished.xids })
+    assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
+  end)
+
+  it("finishes every member alone when a failure the batch may not survive ends it", function()
+    local ids = run_batch(batch_script("batch_retry"), function(ids) return { BAD = "", BAD_SQL = "", FAIL_ONCE = ids[3] } end)
+    for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
+    -- nothing of the failed batch committed: each item's write landed once,
+    -- in a transaction of its own, the commit functions having run again
+    assert.equal(0, count("SELECT 1 FROM batch WHERE NOT done OR runs <> 1"))
+    assert.equal(4, count([[SELECT DISTINCT xmin::TEXT FROM work_history
+                            WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]]))
+  end)
+
+  -- A commit function that yields in a coroutine the body then abandons
+  -- holds what its finish holds for the host: at one slot the claim turn
+  -- (its finish also claims), at several a turn of a batch. The body's end
+  -- must let go of them, or this host never claims again.
+  it("claims again after a commit function yielded in a coroutine that was never resumed", function()
+    admin:exec("CREATE TABLE yielded (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
+    local a, b = unpack(machines(2))
+    H.write_file(dir .. "/yield.lua", string.format([[
+      local bmdb = require "bmdb"
+      local A = %q
+      return { bmdb.worker { process = "Yielded", concurrency = 1, poll = 0.1,
+        select = function(tx, limit)
+          return tx:query([=[SELECT y.machine_id FROM yielded y WHERE NOT EXISTS (SELECT 1 FROM work_history h
+            WHERE h.machine_id = y.machine_id AND h.event = 'Finished') AND NOT EXISTS (SELECT 1
+            FROM work_blocked k WHERE k.machine_id = y.machine_id AND k.process = 'Yielded') LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          local function finish()
+            w:finish(function(tx)
+              tx:exec("UPDATE yielded SET done = true WHERE machine_id = $1", w.machine)
+              if w.machine == A then coroutine.yield() end
+            end)
+          end
+          if w.machine == A then coroutine.wrap(finish)() else finish() end
+        end } }
+    ]], a))
+    admin:exec("INSERT INTO yielded (machine_id) VALUES ($1)", a)
+    local h = start_host(dir .. "/yield.lua")
+    H.wait_until(function() return #events(a) == 2 end, 30, "A to be decided")
+    admin:exec("INSERT INTO yielded (machine_id) VALUES ($1)", b)
+    H.wait_until(function() return #events(b) == 2 end, 30, "B to be claimed and finished after it")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.matches("rolled back a transaction the body left open", h:stderr())
+    -- A's yielded commit function was rolled back; the body's end finished it
+    assert.same({ "Started", "Finished" }, events(a))
+    assert.same({ "Started", "Finished" }, events(b))
+    assert.is_false(admin:one("SELECT done FROM yielded WHERE machine_id = $1", a).done)
+    assert.is_true(admin:one("SELECT done FROM yielded WHERE machine_id = $1", b).done)
+  end)
+
   it("fails a raising body into backoff and retries after it", function()
     H.write_file(dir .. "/flaky.lua", [[
       local bmdb = require "bmdb"

@@ -67,6 +67,14 @@ bmdb.retry_seconds = 30
 local open_tx = nil
 -- Wake-ups asked for inside the open transaction, sent after it commits.
 local after_commit = nil
+-- What this state holds for the host while a commit function runs (its
+-- place among the finishes, the claim turn, a turn of a batch), as the
+-- functions that let go of it, innermost last. A commit function that
+-- yields in a coroutine never resumed would keep them for good, blocking
+-- the host's claims or the batch; run_body lets go of them then.
+local held = {}
+local function hold(let_go) held[#held + 1] = let_go end
+local function unhold() held[#held] = nil end
 
 local function refuse_nested(what)
   if open_tx then
@@ -92,6 +100,19 @@ end
 local send_wake
 local Work = {}
 
+-- An item's own timeout is given up locally first, as a session's
+-- deadline is (tx_commit): its local deadline was set before the claim
+-- was sent, so it passes before the database's. Past it the item's
+-- transactions commit nothing, whatever the database would still have
+-- allowed for a few milliseconds. Returns the "lost" error, or nil.
+local function past_deadline(w)
+  if w._deadline and core.now() >= w._deadline then
+    w._lost = w._lost or ("timeout after " .. w._timeout .. "s")
+    return core.error("lost", "lost: the lock on " .. w.machine .. " " .. w.process ..
+                      " was taken away: " .. w._lost)
+  end
+end
+
 -- Runs fn(tx) in one fenced SERIALIZABLE transaction on sess, retrying
 -- what retryable() allows with jittered backoff, for bmdb.retry_seconds.
 -- on is a session, or a work item: then the fence also checks that the
@@ -116,15 +137,9 @@ local function transact_on(on, fn, ...)
       wakes = after_commit
       if open_tx == tx then open_tx, after_commit = nil, nil end
       ok, err = results[1], results[2]
-      -- An item's own timeout is given up locally first, as a session's
-      -- deadline is (tx_commit): its local deadline was set before the
-      -- claim was sent, so it passes before the database's. Past it the
-      -- item's transactions commit nothing, whatever the database would
-      -- still have allowed for a few milliseconds.
-      if ok and w and w._deadline and core.now() >= w._deadline then
-        w._lost = w._lost or ("timeout after " .. w._timeout .. "s")
-        ok, err = false, core.error("lost", "lost: the lock on " .. w.machine .. " " .. w.process ..
-                                    " was taken away: " .. w._lost)
+      if ok and w then
+        err = past_deadline(w)
+        ok = not err
       end
       if ok then
         ok, err = pcall(tx.commit, tx)
@@ -288,6 +303,51 @@ end
 -- finishes it and claims the next (defined with the claims below).
 local serving, finish_and_claim
 
+-- A finish in the host's batch (host/batch.h): commit_fn runs in the
+-- batch's transaction, in a savepoint of its own, and the release goes
+-- out with the other members' at the batch's COMMIT. Returns true and
+-- commit_fn's results once that committed; false when the item is to be
+-- finished alone: there was no batch for it, or the batch failed and
+-- nothing of it committed (with unknown: it may have; COMMIT got no
+-- answer). commit_fn's own error undoes only its savepoint, and is raised
+-- as a transaction of its own would have raised it; an error that the
+-- transaction may not survive (what transact retries, a dead session)
+-- fails the whole batch instead, and every member then finishes alone.
+local function finish_in_batch(w, commit_fn)
+  core.finish_enter()
+  local tx, failed = core.batch_join(handle(w))
+  if not tx then
+    core.finish_leave()
+    return false, nil, is_error(failed, "connection") and failed.outcome == "unknown"
+  end
+  local r, wakes = { true }, {}
+  if commit_fn then
+    open_tx, after_commit = tx, wakes
+    hold(core.finish_leave)
+    hold(function() core.batch_leave(false, true) end) -- fails the batch: its state is unknown
+    r = { pcall(commit_fn, tx) }
+    unhold()
+    unhold()
+    open_tx, after_commit = nil, nil
+  end
+  local ok, err = r[1], r[2]
+  if ok then
+    err = past_deadline(w)
+    ok = not err
+  end
+  local fatal = not ok and (retryable(err) or is_error(err, "session_expired"))
+  local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token)
+  core.finish_leave()
+  if committed then
+    for _, process in ipairs(wakes) do pcall(send_wake, process) end
+    return true, { unpack(r, 2, table.maxn(r)) }
+  end
+  if ok or fatal then return false, nil, is_error(berr, "connection") and berr.outcome == "unknown" end
+  if is_error(err, "lost") and not w._lost then w._lost = err.message end
+  core.count("tx_failed")
+  error(err, 0)
+end
+
 -- Records a decision. It must not be left unrecorded while the session
 -- lives, or the lock stays held until the host exits: a lost connection
 -- is tried again on a fresh one for as long as the session is alive (a
@@ -312,10 +372,21 @@ local function release(w, event, cause, spec, commit_fn)
     if ok then results = r end
     uncertain = unknown
   end
+  -- A finish of an item with a token (every claimed one) joins the batch
+  -- (not from inside a transaction: finishing alone refuses that, and
+  -- not after an attempt whose outcome is unknown: its release may have
+  -- landed, which would fail the whole batch).
+  if not results and not uncertain and event == "Finished" and w._token and not open_tx then
+    local ok, r, unknown = finish_in_batch(w, commit_fn)
+    if ok then results = r end
+    uncertain = unknown
+  end
   while not results do
     -- Finishes run while no claim of this host does (slots.h).
     core.finish_enter()
+    hold(core.finish_leave)
     local r = { pcall(transact_on, w, decide) }
+    unhold()
     core.finish_leave()
     local err = r[2]
     if r[1] then
@@ -526,7 +597,7 @@ end
 -- Runs body(w) on a claimed item and settles it: return = finish (unless
 -- the body decided), raise = fail with the error and traceback as cause.
 local function run_body(w, body)
-  local outer, outer_tx = current_work, open_tx
+  local outer, outer_tx, depth = current_work, open_tx, #held
   current_work = w
   if w._token then
     core.track(w._token, w.machine, w.process, bmdb.slot_index or 0, w._timeout or 0,
@@ -539,7 +610,11 @@ local function run_body(w, body)
     -- transaction would hold its locks (and its connection) for good.
     local tx = open_tx
     open_tx, after_commit = outer_tx, nil
-    pcall(tx.rollback, tx)
+    pcall(tx.rollback, tx) -- (refused for a batch's: the batch fails below)
+    for i = #held, depth + 1, -1 do
+      pcall(held[i])
+      held[i] = nil
+    end
     core.log("warn", "rolled back a transaction the body left open (a coroutine yielded inside it)",
              { "machine", w.machine, "process", w.process })
   end
@@ -1052,6 +1127,7 @@ finish_and_claim = function(w, decide, s)
   local def = s.def
   if core.state() ~= "running" or core.generation() ~= s.generation then return false end
   if not core.claim_try() then return false end
+  hold(core.claim_leave)
   local started = core.now()
   local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
   local sent
@@ -1066,6 +1142,7 @@ finish_and_claim = function(w, decide, s)
     end
     return unpack(res, 1, table.maxn(res))
   end) }
+  unhold()
   local locked = r[1] and sent and core.claimed(sent) or {}
   hand_out(def, handle(w), locked, started)
   core.claim_leave()

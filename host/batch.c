@@ -1,0 +1,224 @@
+/* batch.c -- several slots' finishes in one transaction (batch.h).
+ *
+ * Why: a finish alone is a transaction of its own: BEGIN, the fence, the
+ * commit function's statements, the release and COMMIT. At 4 or 16 slots
+ * both cores are busy, and most of that work is per transaction, not per
+ * item. Slots that finish at the same moment (a claim hands several of
+ * them an item at once, so they do) share one transaction instead.
+ *
+ * Concurrency: one batch is open at a time, and its transaction is used
+ * by one thread at a time, the member whose turn it is. Turns go by
+ * ticket, in the order members joined, under mu. A member whose turn ends
+ * with nobody waiting closes the batch (no new member joins from then on)
+ * and commits it, so a batch never waits for a member that may not come:
+ * it grows only while the members already in it take their turns. Every
+ * member is a finish between slot_finish_enter and slot_finish_leave, so
+ * a claim of this host never overlaps the batch (slots.c says why). */
+#include "batch.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "lifecycle.h"
+#include "work.h"
+
+/* One savepoint name serves every member: each releases (or rolls back
+ * to) its own before the next member opens one. */
+static const char savepoint_sql[] = "SAVEPOINT bmdb_item";
+static const char release_sql[] = "RELEASE SAVEPOINT bmdb_item";
+static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static unsigned long committed_batches, committed_finishes; /* under mu */
+
+static struct {
+    /* under mu: */
+    int open, accepting;
+    session *sess;
+    int members, turn;
+    int failed;        /* the batch commits nothing; err says why */
+    tx_error err;
+    batch_member *member[BATCH_MAX];
+    /* only the member whose turn it is: */
+    tx t;
+    int queued;        /* releases queued, members' tickets in released[] */
+    int released[BATCH_MAX];
+    char machine[BATCH_MAX][40], process[BATCH_MAX][64], token[BATCH_MAX][40];
+    char machines[BATCH_MAX * 38 + 3], processes[BATCH_MAX * 65 + 3], tokens[BATCH_MAX * 38 + 3];
+} B;
+
+static void fail_locked(const tx_error *e) {
+    if (B.failed) return;
+    B.failed = 1;
+    B.err = *e;
+}
+
+static void pass_turn(batch_member *m, int stays);
+
+int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
+    int opener = 0;
+    pthread_mutex_lock(&mu);
+    if (B.open && (!B.accepting || B.sess != sess || B.members == BATCH_MAX)) {
+        pthread_mutex_unlock(&mu);
+        return BATCH_ALONE;
+    }
+    if (!B.open) {
+        opener = 1;
+        B.open = B.accepting = 1;
+        B.sess = sess;
+        session_ref(sess);
+        B.members = B.turn = B.failed = B.queued = 0;
+    }
+    memset(m, 0, sizeof *m);
+    pthread_cond_init(&m->cv, NULL);
+    m->ticket = B.members++;
+    B.member[m->ticket] = m;
+    pthread_mutex_unlock(&mu);
+
+    if (opener) {
+        /* Turn 0 is ours, so nobody else touches B.t meanwhile. BEGIN and
+         * the fence ride with the first statement, or with COMMIT. */
+        tx_error e;
+        if (tx_begin(&B.t, p, sess, &e) < 0) {
+            pthread_mutex_lock(&mu);
+            fail_locked(&e);
+            pthread_mutex_unlock(&mu);
+        }
+    }
+    pthread_mutex_lock(&mu);
+    while (B.turn != m->ticket) pthread_cond_wait(&m->cv, &mu);
+    int failed = B.failed;
+    pthread_mutex_unlock(&mu);
+    if (failed) {
+        pass_turn(m, 0);
+        pthread_cond_destroy(&m->cv);
+        return BATCH_FAILED;
+    }
+    tx_pend(&B.t, savepoint_sql);
+    *out = &B.t;
+    return BATCH_TURN;
+}
+
+/* A text array literal of the queued releases' field (machine, process or
+ * token: ids and process names, which need no quoting). */
+static const char *array_of(char *buf, size_t len, char (*field)[40], char (*field64)[64]) {
+    size_t at = 0;
+    buf[at++] = '{';
+    for (int i = 0; i < B.queued; i++) {
+        const char *v = field ? field[i] : field64[i];
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? "," : "", v);
+    }
+    snprintf(buf + at, len - at, "}");
+    return buf;
+}
+
+/* The closer's part: every queued release as one final statement, and
+ * COMMIT, in one flight; or a rollback when there is nothing to commit. */
+static void close_batch(void) {
+    tx_error e;
+    int rc = -1;
+    if (B.failed) {
+        tx_rollback(&B.t);
+    } else if (B.queued == 0) {
+        tx_rollback(&B.t);
+        rc = 0;
+    } else if (lifecycle_state() >= HOST_CANCELLING) {
+        tx_rollback(&B.t);
+        tx_error_set(&e, TXE_CANCELED, "canceled: the host is shutting down");
+    } else if (work_release_finished(&B.t, array_of(B.machines, sizeof B.machines, B.machine, NULL),
+                                     array_of(B.processes, sizeof B.processes, NULL, B.process),
+                                     array_of(B.tokens, sizeof B.tokens, B.token, NULL), B.queued,
+                                     &e) < 0) {
+        tx_rollback(&B.t);
+    } else {
+        rc = tx_commit(&B.t, &e);
+        tx_rollback(&B.t); /* frees what tx_commit kept (the final's answer) */
+    }
+    pthread_mutex_lock(&mu);
+    if (rc < 0) fail_locked(&e);
+    if (!B.failed && B.queued > 0) {
+        committed_batches++;
+        committed_finishes += (unsigned long)B.queued;
+    }
+    for (int i = 0; i < B.queued; i++) B.member[B.released[i]]->committed = !B.failed;
+    for (int i = 0; i < B.members; i++) {
+        if (!B.member[i]) continue; /* left without waiting */
+        B.member[i]->done = 1;
+        if (B.failed) B.member[i]->err = B.err;
+        pthread_cond_signal(&B.member[i]->cv);
+    }
+    session_unref(B.sess);
+    B.sess = NULL;
+    B.open = 0;
+    pthread_mutex_unlock(&mu);
+}
+
+/* Passes the turn on; the member whose turn was the last closes the
+ * batch. A member that does not wait for the outcome (stays) leaves the
+ * list first: its record may be gone before the batch ends. */
+static void pass_turn(batch_member *m, int stays) {
+    pthread_mutex_lock(&mu);
+    if (!stays) {
+        B.member[m->ticket] = NULL;
+        if (B.failed) m->err = B.err;
+    }
+    int closer = ++B.turn == B.members;
+    if (closer) B.accepting = 0;
+    else pthread_cond_signal(&B.member[B.turn]->cv);
+    pthread_mutex_unlock(&mu);
+    if (closer) close_batch();
+}
+
+int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
+                const char *token) {
+    /* Still our turn: settle our savepoint. It went out with our first
+     * statement; when none was sent it is still queued, and taken back. */
+    int opened = !tx_unpend(&B.t, savepoint_sql);
+    tx_error e;
+    if (B.t.doomed || fatal) {
+        /* the fence failed, or a failure the transaction may not survive */
+        pthread_mutex_lock(&mu);
+        if (B.t.doomed) fail_locked(&B.t.doom);
+        tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
+        fail_locked(&e);
+        pthread_mutex_unlock(&mu);
+    } else if (ok) {
+        int i = B.queued++;
+        B.released[i] = m->ticket;
+        snprintf(B.machine[i], sizeof B.machine[i], "%s", machine);
+        snprintf(B.process[i], sizeof B.process[i], "%s", process);
+        snprintf(B.token[i], sizeof B.token[i], "%s", token);
+        if (opened) tx_pend(&B.t, release_sql);
+    } else if (opened) {
+        /* Only our own statements are undone; the server leaves the
+         * aborted state a failed one put it in. */
+        tx_pend(&B.t, rollback_sql);
+        tx_pend(&B.t, release_sql);
+        B.t.failed = 0;
+    }
+    pass_turn(m, ok);
+    if (ok) {
+        pthread_mutex_lock(&mu);
+        while (!m->done) pthread_cond_wait(&m->cv, &mu);
+        pthread_mutex_unlock(&mu);
+    }
+    /* Nobody signals m->cv any more: its member has left the list, or
+     * the batch ended (under mu, before we woke). */
+    pthread_cond_destroy(&m->cv);
+    return ok && m->committed;
+}
+
+int batch_members(void) {
+    pthread_mutex_lock(&mu);
+    int n = B.open ? B.members : 0;
+    pthread_mutex_unlock(&mu);
+    return n;
+}
+
+void batch_counts(unsigned long *batches, unsigned long *finishes) {
+    pthread_mutex_lock(&mu);
+    *batches = committed_batches;
+    *finishes = committed_finishes;
+    pthread_mutex_unlock(&mu);
+}
