@@ -99,15 +99,23 @@ typedef struct { tx own; tx *t; } ltx;
 
 static int ltx_borrowed(const ltx *u) { return u->t != &u->own; }
 
-static int l_begin(lua_State *L) {
+/* A new tx userdata on the stack, not yet begun (so __gc has nothing to
+ * roll back), for a transaction of the session at argument 1. */
+static ltx *push_tx(lua_State *L, session **s) {
     check_running(L);
-    session *s = check_session(L, 1);
-    if (!the_pool) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
+    *s = check_session(L, 1);
+    if (!the_pool) lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
     ltx *u = lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);
     u->t = &u->own;
     luaL_getmetatable(L, TX_MT);
     lua_setmetatable(L, -2);
+    return u;
+}
+
+static int l_begin(lua_State *L) {
+    session *s;
+    ltx *u = push_tx(L, &s);
     /* The tx keeps its session alive as long as it exists, and its __gc
      * lets go. tx_begin records the session even when it fails, so the
      * reference is taken first: one ref for the one unref, whatever happens. */
@@ -228,13 +236,8 @@ typedef struct { batch_member m; ltx *tx; } lbatch;
 static __thread lbatch batch_turn; /* a slot thread is in one batch at most */
 
 static int l_batch_join(lua_State *L) {
-    check_running(L);
-    session *s = check_session(L, 1);
-    if (!the_pool) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
-    ltx *u = lua_newuserdata(L, sizeof *u);
-    memset(u, 0, sizeof *u);
-    luaL_getmetatable(L, TX_MT);
-    lua_setmetatable(L, -2);
+    session *s;
+    ltx *u = push_tx(L, &s);
     tx *t;
     int got = batch_join(the_pool, s, &batch_turn.m, &t);
     if (got == BATCH_TURN) {
@@ -242,7 +245,6 @@ static int l_batch_join(lua_State *L) {
         batch_turn.tx = u;
         return 1;
     }
-    u->t = &u->own; /* closed: nothing to roll back */
     lua_pushnil(L);
     if (got == BATCH_ALONE) return 1;
     lerror_push(L, &batch_turn.m.err);

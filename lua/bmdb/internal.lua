@@ -315,9 +315,10 @@ local serving, finish_and_claim
 -- fails the whole batch instead, and every member then finishes alone.
 local function finish_in_batch(w, commit_fn)
   core.finish_enter()
-  local tx, failed = core.batch_join(handle(w))
-  if not tx then
+  local joined, tx, failed = pcall(core.batch_join, handle(w))
+  if not joined or not tx then
     core.finish_leave()
+    if not joined then error(tx, 0) end -- the host is cancelling
     return false, nil, is_error(failed, "connection") and failed.outcome == "unknown"
   end
   local r, wakes = { true }, {}
