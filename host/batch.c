@@ -21,6 +21,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
+#include "slots.h"
 #include "work.h"
 
 /* One savepoint name serves every member: each releases (or rolls back
@@ -43,6 +44,7 @@ static struct {
     /* only the member whose turn it is: */
     tx t;
     int queued;        /* releases queued, members' tickets in released[] */
+    int release_set;   /* they are the transaction's final statement */
     int released[BATCH_MAX];
     char machine[BATCH_MAX][40], process[BATCH_MAX][64], token[BATCH_MAX][40];
     char machines[BATCH_MAX * 38 + 3], processes[BATCH_MAX * 65 + 3], tokens[BATCH_MAX * 38 + 3];
@@ -55,6 +57,7 @@ static void fail_locked(const tx_error *e) {
 }
 
 static void pass_turn(batch_member *m, int stays);
+static int set_release(tx_error *e);
 
 int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     int opener = 0;
@@ -68,7 +71,7 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
         B.open = B.accepting = 1;
         B.sess = sess;
         session_ref(sess);
-        B.members = B.turn = B.failed = B.queued = 0;
+        B.members = B.turn = B.failed = B.queued = B.release_set = 0;
     }
     memset(m, 0, sizeof *m);
     pthread_cond_init(&m->cv, NULL);
@@ -113,11 +116,28 @@ static const char *array_of(char *buf, size_t len, char (*field)[40], char (*fie
     return buf;
 }
 
-/* The closer's part: every queued release as one final statement, and
- * COMMIT, in one flight; or a rollback when there is nothing to commit. */
-static void close_batch(void) {
+/* Every queued release as one statement, the transaction's final: it
+ * rides with COMMIT, or in front of a claim's select (batch_leave). */
+static int set_release(tx_error *e) {
+    if (B.release_set) return 0;
+    B.release_set = 1;
+    /* One item: the single release, whose plan is the cheaper (about 60
+     * against 110 µs a call, pg_stat_statements at one slot). */
+    if (B.queued == 1)
+        return work_release(&B.t, B.machine[0], B.process[0], B.token[0], "Finished", NULL, 1, e);
+    return work_release_finished(&B.t, array_of(B.machines, sizeof B.machines, B.machine, NULL),
+                                 array_of(B.processes, sizeof B.processes, NULL, B.process),
+                                 array_of(B.tokens, sizeof B.tokens, B.token, NULL), B.queued, e);
+}
+
+/* The closer's part: the releases and COMMIT in one flight (or the claim's
+ * lock and COMMIT, when claim_sent: then what it locked goes to claimed),
+ * or a rollback when there is nothing to commit; then every member waiting
+ * learns the outcome. */
+static void close_batch(int claim_sent, slot_handed *claimed, int max, int *nclaimed) {
     tx_error e;
     int rc = -1;
+    if (nclaimed) *nclaimed = 0;
     if (B.failed) {
         tx_rollback(&B.t);
     } else if (B.queued == 0) {
@@ -126,13 +146,18 @@ static void close_batch(void) {
     } else if (lifecycle_state() >= HOST_CANCELLING) {
         tx_rollback(&B.t);
         tx_error_set(&e, TXE_CANCELED, "canceled: the host is shutting down");
-    } else if (work_release_finished(&B.t, array_of(B.machines, sizeof B.machines, B.machine, NULL),
-                                     array_of(B.processes, sizeof B.processes, NULL, B.process),
-                                     array_of(B.tokens, sizeof B.tokens, B.token, NULL), B.queued,
-                                     &e) < 0) {
+    } else if (set_release(&e) < 0) {
         tx_rollback(&B.t);
     } else {
         rc = tx_commit(&B.t, &e);
+        work_locked out;
+        for (int i = 0; rc == 0 && claim_sent && i < max; i++) {
+            if (!work_locked_any(&B.t, i, claimed[i].machine, sizeof claimed[i].machine, &out)) break;
+            claimed[i].attempt = out.attempt;
+            snprintf(claimed[i].token, sizeof claimed[i].token, "%s", out.token);
+            snprintf(claimed[i].session, sizeof claimed[i].session, "%s", session_id(B.sess));
+            ++*nclaimed;
+        }
         tx_rollback(&B.t); /* frees what tx_commit kept (the final's answer) */
     }
     pthread_mutex_lock(&mu);
@@ -167,11 +192,38 @@ static void pass_turn(batch_member *m, int stays) {
     if (closer) B.accepting = 0;
     else pthread_cond_signal(&B.member[B.turn]->cv);
     pthread_mutex_unlock(&mu);
-    if (closer) close_batch();
+    if (closer) close_batch(0, NULL, 0, NULL);
+}
+
+/* Whether the member ending its turn (one of process) closes the batch
+ * and claims in its transaction: it is the last, nothing failed, and the
+ * batch's members are the host's only finishes in flight
+ * (slot_claim_alongside, which then gives it the claim turn). Its
+ * releases become the final statement, to ride in front of the claim's
+ * select. peers: how many members ended an item of process, it included
+ * (they will claim next). */
+static int close_claiming(const char *process, int *peers) {
+    pthread_mutex_lock(&mu);
+    int last = B.turn + 1 == B.members && !B.failed, inside = 0;
+    if (last) {
+        B.accepting = 0; /* from here on, a finish goes alone */
+        for (int i = 0; i < B.members; i++) inside += B.member[i] != NULL;
+    }
+    pthread_mutex_unlock(&mu);
+    if (!last || !slot_claim_alongside(inside)) return 0;
+    *peers = 0;
+    for (int i = 0; i < B.queued; i++) *peers += !strcmp(B.process[i], process);
+    tx_error e;
+    if (set_release(&e) == 0) return 1;
+    slot_claim_leave();
+    pthread_mutex_lock(&mu);
+    fail_locked(&e);
+    pthread_mutex_unlock(&mu);
+    return 0;
 }
 
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
-                const char *token) {
+                const char *token, int may_claim, int *peers) {
     /* Still our turn: settle our savepoint. It went out with our first
      * statement; when none was sent it is still queued, and taken back. */
     int opened = !tx_unpend(&B.t, savepoint_sql);
@@ -197,6 +249,7 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         tx_pend(&B.t, release_sql);
         B.t.failed = 0;
     }
+    if (ok && may_claim && close_claiming(process, peers)) return BATCH_CLAIM;
     pass_turn(m, ok);
     if (ok) {
         pthread_mutex_lock(&mu);
@@ -207,6 +260,12 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
      * the batch ended (under mu, before we woke). */
     pthread_cond_destroy(&m->cv);
     return ok && m->committed;
+}
+
+int batch_close(batch_member *m, int claim_sent, slot_handed *claimed, int max, int *nclaimed) {
+    close_batch(claim_sent, claimed, max, nclaimed);
+    pthread_cond_destroy(&m->cv);
+    return m->committed;
 }
 
 int batch_members(void) {

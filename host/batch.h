@@ -19,6 +19,7 @@
 
 #include "pool.h"
 #include "session.h"
+#include "slots.h"
 #include "tx.h"
 
 typedef struct batch_member {
@@ -34,7 +35,7 @@ typedef struct batch_member {
  * batch: a slot that finds it full (or another session's) finishes alone. */
 #define BATCH_MAX 64
 
-enum { BATCH_ALONE = 0, BATCH_TURN = 1, BATCH_FAILED = -1 };
+enum { BATCH_ALONE = 0, BATCH_TURN = 1, BATCH_FAILED = -1, BATCH_CLAIM = 2 };
 
 /* Joins the open batch of sess, or opens one, and waits for m's turn.
  * BATCH_TURN: *out is the batch's transaction until batch_leave (the next
@@ -49,9 +50,23 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out);
  * sent and no answer came back). Without ok, m's savepoint is rolled back
  * and 0 returned at once; with fatal too (a failure that may have doomed
  * the transaction: a serialization failure, a lost connection), the whole
- * batch fails. */
+ * batch fails.
+ *
+ * With may_claim (m's slot claims next), m may get BATCH_CLAIM instead:
+ * it is the last member, the batch's members are the host's only
+ * finishes in flight, and it holds the claim turn (slots.h). The
+ * transaction is still m's, the releases its final statement; m claims
+ * in it (the select's statement carries the releases; the lock becomes
+ * the final), then calls batch_close, then slot_claim_leave. *peers:
+ * how many members ended an item of m's process, m included. This is the
+ * steady state DESIGN asks for: items ended and the next claimed in one
+ * transaction, k at a time. */
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
-                const char *token);
+                const char *token, int may_claim, int *peers);
+/* Commits the batch that m closes after BATCH_CLAIM; with claim_sent,
+ * what the lock claimed goes to claimed (up to max, *nclaimed of them).
+ * 1 when it committed, else 0 with m->err set. */
+int batch_close(batch_member *m, int claim_sent, slot_handed *claimed, int max, int *nclaimed);
 
 /* Members of the open batch (0 when none): for the specs. */
 int batch_members(void);

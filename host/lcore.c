@@ -251,8 +251,10 @@ static int l_batch_join(lua_State *L) {
     return 2;
 }
 
-/* core.batch_leave(ok, fatal, machine, process, token) -> true (the batch
- * committed this slot's release), or false and the batch's error. */
+/* core.batch_leave(ok, fatal, machine, process, token, may_claim) -> true
+ * (the batch committed this slot's release), or false and the batch's
+ * error, or "claim" and peers (batch.h: the tx stays this slot's, to
+ * claim in; then core.batch_close). */
 static int l_batch_leave(lua_State *L) {
     int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
     const char *machine = NULL, *process = NULL, *token = NULL;
@@ -264,9 +266,16 @@ static int l_batch_leave(lua_State *L) {
         if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
     }
     if (!batch_turn.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch's turn");
+    int peers = 0;
+    int got = batch_leave(&batch_turn.m, ok, fatal, machine, process, token, lua_toboolean(L, 6), &peers);
+    if (got == BATCH_CLAIM) {
+        lua_pushliteral(L, "claim");
+        lua_pushinteger(L, peers);
+        return 2;
+    }
     batch_turn.tx->t = NULL;
     batch_turn.tx = NULL;
-    if (batch_leave(&batch_turn.m, ok, fatal, machine, process, token)) {
+    if (got) {
         slot_note_item(NULL);
         lua_pushboolean(L, 1);
         return 1;
@@ -275,6 +284,40 @@ static int l_batch_leave(lua_State *L) {
     if (!ok) return 1;
     lerror_push(L, &batch_turn.m.err);
     return 2;
+}
+
+/* {machine, attempt, token} as entry i (from 0) of the list on top. */
+static void push_claimed(lua_State *L, int i, const char *machine, int attempt, const char *token) {
+    lua_createtable(L, 3, 0);
+    lua_pushstring(L, machine);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, attempt);
+    lua_rawseti(L, -2, 2);
+    lua_pushstring(L, token);
+    lua_rawseti(L, -2, 3);
+    lua_rawseti(L, -2, i + 1);
+}
+
+/* core.batch_close(claim_sent) -> true, nil, { {machine, attempt, token},
+ * ... } (what the claim locked), or false and the batch's error: the end
+ * of a batch whose closer claimed in it (core.batch_leave's "claim"). */
+static int l_batch_close(lua_State *L) {
+    if (!batch_turn.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
+    batch_turn.tx->t = NULL;
+    batch_turn.tx = NULL;
+    slot_handed claimed[BATCH_MAX];
+    int n = 0;
+    if (!batch_close(&batch_turn.m, lua_toboolean(L, 1), claimed, BATCH_MAX, &n)) {
+        lua_pushboolean(L, 0);
+        lerror_push(L, &batch_turn.m.err);
+        return 2;
+    }
+    slot_note_item(n > 0 ? claimed[0].machine : NULL);
+    lua_pushboolean(L, 1);
+    lua_pushnil(L);
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) push_claimed(L, i, claimed[i].machine, claimed[i].attempt, claimed[i].token);
+    return 3;
 }
 
 static int l_batch_members(lua_State *L) {
@@ -385,18 +428,11 @@ static int l_claimed(lua_State *L) {
     char machine[40];
     work_locked out;
     lua_newtable(L);
-    for (int i = 0; work_locked_any(u->t, i, machine, sizeof machine, &out); i++) {
+    for (int i = 0; u->t && work_locked_any(u->t, i, machine, sizeof machine, &out); i++) {
         /* The first is the claimer's own; the others' slots note theirs
          * when they are handed them (slots.h). */
         if (i == 0) slot_note_item(machine); /* named if its slot will not stop */
-        lua_createtable(L, 3, 0);
-        lua_pushstring(L, machine);
-        lua_rawseti(L, -2, 1);
-        lua_pushinteger(L, out.attempt);
-        lua_rawseti(L, -2, 2);
-        lua_pushstring(L, out.token);
-        lua_rawseti(L, -2, 3);
-        lua_rawseti(L, -2, i + 1);
+        push_claimed(L, i, machine, out.attempt, out.token);
     }
     return 1;
 }
@@ -538,7 +574,7 @@ static const luaL_Reg core_funcs[] = {
     {"lock", l_lock},             {"release", l_release},
     {"lock_any", l_lock_any},     {"claimed", l_claimed},
     {"backoff_last", l_backoff_last},
-    {"batch_join", l_batch_join}, {"batch_leave", l_batch_leave},
+    {"batch_join", l_batch_join}, {"batch_leave", l_batch_leave}, {"batch_close", l_batch_close},
     {"batch_members", l_batch_members},
     {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
     {"log", l_log},               {"state", l_state},

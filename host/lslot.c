@@ -37,18 +37,6 @@ static int l_claim_enter(lua_State *L) {
     }
 }
 
-/* core.claim_try() -> bool */
-static int l_claim_try(lua_State *L) {
-    lua_pushboolean(L, slot_claim_try());
-    return 1;
-}
-
-/* core.running(delta): the calling slot enters (1) or leaves (-1) an item */
-static int l_running(lua_State *L) {
-    slot_running((int)luaL_checkinteger(L, 1));
-    return 0;
-}
-
 static int l_claim_leave(lua_State *L) {
     (void)L;
     slot_claim_leave();
@@ -144,8 +132,6 @@ static int l_notify_enabled(lua_State *L) {
 static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"wake_local", l_wake_local},
                                  {"claim_enter", l_claim_enter},
-                                 {"claim_try", l_claim_try},
-                                 {"running", l_running},
                                  {"claim_leave", l_claim_leave},
                                  {"claim_waiters", l_claim_waiters},
                                  {"claim_hand", l_claim_hand},

@@ -137,7 +137,6 @@ static pthread_cond_t phase_cv; /* CLOCK_MONOTONIC */
 static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
 /* under phase_mu: */
 static int finishing, claiming, claims_waiting;
-static int running; /* slots inside an item (slot_running) */
 static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
 #define CLAIM_URGENT_S 0.05
 static claim_queue *claim_queues; /* never freed (one per process) */
@@ -206,16 +205,10 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
     return got;
 }
 
-void slot_running(int delta) {
-    pthread_mutex_lock(&phase_mu);
-    running += delta;
-    pthread_mutex_unlock(&phase_mu);
-}
-
-int slot_claim_try(void) {
+int slot_claim_alongside(int finishes) {
     pthread_once(&phase_once, phase_init);
     pthread_mutex_lock(&phase_mu);
-    int got = !claiming && !finishing && !claims_waiting && running <= 1;
+    int got = !claiming && finishing == finishes;
     if (got) claiming = 1;
     pthread_mutex_unlock(&phase_mu);
     return got;

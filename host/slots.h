@@ -51,15 +51,13 @@ enum { SLOT_CLAIM_TIMEOUT = 0, SLOT_CLAIM_TURN = 1, SLOT_CLAIM_HANDED = 2 };
 void slot_finish_enter(void);
 void slot_finish_leave(void);
 int slot_claim_enter(const char *process, double seconds, slot_handed *out);
-/* The turn to claim at once, or 0 without waiting: a slot that ends an
- * item while the rest of the host is idle (no other slot inside an item,
- * as slot_running counts them, none claiming or waiting to) takes it to
- * finish that item and claim its next in one transaction (then
- * slot_claim_leave). Only then: holding the turn through a finish would
- * hold up the others' finishes and claims, and a claimer already serves
- * the slots that wait. */
-int slot_claim_try(void);
-void slot_running(int delta);
+/* The turn to claim at once, or 0 without waiting, for the transaction
+ * of a batch of finishes (batch.h) whose members are every finish in
+ * flight (finishes: how many are still inside theirs, the caller
+ * included): it then claims the next items in the batch's transaction
+ * (then slot_claim_leave). Another finish in flight beside it would
+ * conflict with the claim under SERIALIZABLE, as any finish and claim do. */
+int slot_claim_alongside(int finishes);
 void slot_claim_leave(void);
 int slot_claim_waiters(const char *process);
 int slot_claim_hand(const char *process, const slot_handed *item);

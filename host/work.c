@@ -278,7 +278,8 @@ work_lock_result work_lock(tx *t, const char *machine, const char *process, cons
  * (with its token, if any) goes, and the event is recorded. */
 #define WORK_RELEASE_CTE                                                                      \
     "WITH gone AS (DELETE FROM work WHERE machine_id = $1 AND process = $2 AND session_id = $3 " \
-    " AND ($4::UUID IS NULL OR token = $4::UUID) RETURNING machine_id, process, session_id, token), " \
+    " AND ($4::UUID IS NULL OR token = $4::UUID) AND (deadline IS NULL OR deadline > now()) " \
+    " RETURNING machine_id, process, session_id, token), " \
     "recorded AS (INSERT INTO work_history (machine_id, process, session_id, event, cause, token) " \
     " SELECT machine_id, process, session_id, $5::TEXT, $6::TEXT, token FROM gone RETURNING 1) "
 
@@ -290,7 +291,8 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
      * longer ours a division by zero, which keeps the COMMIT behind it
      * from running (tx.c reports it as TXE_LOST). The item fence has
      * already checked our row and holds it KEY SHARE until COMMIT, so
-     * this is the belt to the fence's braces. */
+     * this is the belt to the fence's braces; in a batch of one, which
+     * has no item fence (batch.c), it checks token and timeout alone. */
     char secs[32];
     snprintf(secs, sizeof secs, "%ld", backoff_seconds < 1 ? 1 : backoff_seconds);
     const char *p[] = {machine, process, session_id(t->sess), token, event, cause, secs};
@@ -317,8 +319,11 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
 int work_release_finished(tx *t, const char *machines, const char *processes, const char *tokens,
                           int count, tx_error *e) {
     /* The single release above, for several items: arrays instead of
-     * values, so the statement is prepared once whatever the count. The
-     * division compares the rows released with the items named: one lock
+     * values, so the statement is prepared once whatever the count. A
+     * claim's token names one work row (a random UUID, new per claim), so
+     * matching each array alone is exact, and the primary key is read by
+     * its machine ids. The division compares the rows released with the
+     * items named: one lock
      * that is gone (or past its timeout, which the item fence would have
      * refused) fails them all, and the batch's members then finish one by
      * one, where each learns its own answer. */
@@ -326,10 +331,8 @@ int work_release_finished(tx *t, const char *machines, const char *processes, co
     snprintf(n, sizeof n, "%d", count);
     const char *p[] = {machines, processes, tokens, session_id(t->sess), n};
     return tx_set_final(t,
-            "WITH items AS (SELECT * FROM unnest($1::UUID[], $2::TEXT[], $3::UUID[]) "
-            " AS i (machine_id, process, token)), "
-            "gone AS (DELETE FROM work WHERE session_id = $4 "
-            " AND (machine_id, process, token) IN (SELECT machine_id, process, token FROM items) "
+            "WITH gone AS (DELETE FROM work WHERE machine_id = ANY($1::UUID[]) "
+            " AND process = ANY($2::TEXT[]) AND token = ANY($3::UUID[]) AND session_id = $4 "
             " AND (deadline IS NULL OR deadline > now()) "
             " RETURNING machine_id, process, session_id, token), "
             "recorded AS (INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "

@@ -115,8 +115,9 @@ describe("workers", function()
     assert.matches('msg="workers stopped" claims=300 retries=0', h:stderr())
   end)
 
-  -- At one slot a finish takes the claim turn at once, so it also claims
-  -- the next item in its transaction (finish_and_claim). Here the session
+  -- At one slot a finish is a batch of one whose member is the host's
+  -- only finish, so it also claims the next item in its transaction
+  -- (claim_in_batch). Here the session
   -- is lost between the two: the select, which runs after the release,
   -- stops the heartbeat and waits out the session. Neither the finish nor
   -- the claim may commit; both machines are then worked under the next
@@ -177,9 +178,10 @@ describe("workers", function()
   end)
 
   -- Four slots finish at once and share one transaction (host/batch.h),
-  -- one savepoint each. The script's bodies wait until all four items
-  -- run, and the first commit function until all four have joined the
-  -- batch, so the batch is whole rather than however the timing fell.
+  -- one savepoint each. The script's bodies wait until four items (or
+  -- eight) have started, and the first commit function until all four
+  -- have joined the batch, so the batch is whole rather than however the
+  -- timing fell.
   -- BAD (a machine id, or "") names the item whose commit function fails
   -- by raising after its write, BAD_SQL one whose commit function's second
   -- statement fails (the server then only accepts a rollback); FAIL_ONCE
@@ -204,9 +206,12 @@ describe("workers", function()
             FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
         end,
         run = function(w)
-          wait_for("four items running", function()
+          -- four items started, or eight: a batch claims its next four at once
+          wait_for("four items started", function()
             return bmdb.transact(function(tx)
-              return tx:one("SELECT count(*) AS n FROM work WHERE process = 'Batch'").n == 4
+              local n = tx:one([=[SELECT count(*) AS n FROM work_history WHERE event = 'Started'
+                                  AND machine_id IN (SELECT machine_id FROM batch)]=]).n
+              return n > 0 and n % 4 == 0
             end)
           end)
           w:finish(function(tx)
@@ -232,17 +237,18 @@ describe("workers", function()
     return dir .. "/" .. name .. ".lua"
   end
 
-  local function run_batch(script, env)
+  local function run_batch(script, env, n)
+    n = n or 4
     admin:exec("CREATE TABLE IF NOT EXISTS batch (machine_id UUID PRIMARY KEY REFERENCES machines, " ..
                "done BOOLEAN NOT NULL DEFAULT false, runs INT8 NOT NULL DEFAULT 0)")
     admin:exec("DELETE FROM batch")
-    local ids = machines(4)
+    local ids = machines(n)
     for _, m in ipairs(ids) do admin:exec("INSERT INTO batch (machine_id) VALUES ($1)", m) end
     local h = start_host(script, {}, env(ids))
     H.wait_until(function()
       return count([[SELECT 1 FROM work_history WHERE event IN ('Finished', 'Failed')
-                     AND machine_id IN (SELECT machine_id FROM batch)]]) == 4
-    end, 60, "four decisions")
+                     AND machine_id IN (SELECT machine_id FROM batch)]]) == n
+    end, 60, n .. " decisions")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
     return ids, h
@@ -264,6 +270,22 @@ describe("workers", function()
                                  WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
     assert.same({ n = 2, xids = 1 }, { n = finished.n, xids = finished.xids })
     assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
+  end)
+
+  -- The slot that closes a batch claims the next items in the batch's
+  -- transaction, for itself and for the members of its worker: four
+  -- items finish together, and the Started rows of the next four share
+  -- the transaction id of their Finished rows.
+  it("claims the next items in the transaction of a batch of finishes", function()
+    run_batch(batch_script("batch_claim"), function() return { BAD = "", BAD_SQL = "", FAIL_ONCE = "" } end, 8)
+    local shared = admin:query([[SELECT xmin::TEXT AS xid, count(*) FILTER (WHERE event = 'Started') AS started,
+                                   count(*) FILTER (WHERE event = 'Finished') AS finished
+                                 FROM work_history WHERE machine_id IN (SELECT machine_id FROM batch)
+                                 GROUP BY xmin HAVING count(*) FILTER (WHERE event = 'Started') > 0
+                                   AND count(*) FILTER (WHERE event = 'Finished') > 0]])
+    assert.equal(1, #shared, "no transaction both finished and claimed")
+    assert.same({ 4, 4 }, { shared[1].started, shared[1].finished })
+    assert.equal(8, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
   end)
 
   it("finishes every member alone when a failure the batch may not survive ends it", function()

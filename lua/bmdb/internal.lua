@@ -75,6 +75,10 @@ local after_commit = nil
 local held = {}
 local function hold(let_go) held[#held + 1] = let_go end
 local function unhold() held[#held] = nil end
+-- What a batch's member lets go of: the batch fails (its transaction's
+-- state is unknown), or commits what it has without the closer's claim.
+local function fail_batch() core.batch_leave(false, true) end
+local function close_batch() core.batch_close(false) end
 
 local function refuse_nested(what)
   if open_tx then
@@ -299,9 +303,9 @@ local function log_event(w, event, extra)
 end
 
 -- The item the calling slot's serve loop runs now ({w, def, generation},
--- and, once its finish also claimed, next), and the one transaction that
--- finishes it and claims the next (defined with the claims below).
-local serving, finish_and_claim
+-- and, once its finish also claimed, next), and the claim made in the
+-- transaction of a batch of finishes (defined with the claims below).
+local serving, claim_in_batch
 
 -- A finish in the host's batch (host/batch.h): commit_fn runs in the
 -- batch's transaction, in a savepoint of its own, and the release goes
@@ -313,6 +317,7 @@ local serving, finish_and_claim
 -- as a transaction of its own would have raised it; an error that the
 -- transaction may not survive (what transact retries, a dead session)
 -- fails the whole batch instead, and every member then finishes alone.
+-- The member that closes the batch may also claim in it (claim_in_batch).
 local function finish_in_batch(w, commit_fn)
   core.finish_enter()
   local joined, tx, failed = pcall(core.batch_join, handle(w))
@@ -325,7 +330,7 @@ local function finish_in_batch(w, commit_fn)
   if commit_fn then
     open_tx, after_commit = tx, wakes
     hold(core.finish_leave)
-    hold(function() core.batch_leave(false, true) end) -- fails the batch: its state is unknown
+    hold(fail_batch)
     r = { pcall(commit_fn, tx) }
     unhold()
     unhold()
@@ -337,7 +342,11 @@ local function finish_in_batch(w, commit_fn)
     ok = not err
   end
   local fatal = not ok and (retryable(err) or is_error(err, "session_expired"))
-  local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token)
+  local s = ok and serving and serving.w == w and not serving.next and serving or nil
+  local may_claim = s and core.state() == "running" and core.generation() == s.generation and
+                    (s.def.batch_claim_failures or 0) < 3
+  local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token, may_claim)
+  if committed == "claim" then committed, berr = claim_in_batch(w, tx, s, berr) end
   core.finish_leave()
   if committed then
     for _, process in ipairs(wakes) do pcall(send_wake, process) end
@@ -368,16 +377,9 @@ local function release(w, event, cause, spec, commit_fn)
     if r then return unpack(r, 1, table.maxn(r)) end
   end
   local results, uncertain, attempt = nil, false, 0
-  if serving and serving.w == w and not serving.next then
-    local ok, r, unknown = finish_and_claim(w, decide, serving)
-    if ok then results = r end
-    uncertain = unknown
-  end
   -- A finish of an item with a token (every claimed one) joins the batch
-  -- (not from inside a transaction: finishing alone refuses that, and
-  -- not after an attempt whose outcome is unknown: its release may have
-  -- landed, which would fail the whole batch).
-  if not results and not uncertain and event == "Finished" and w._token and not open_tx then
+  -- (not from inside a transaction: finishing alone refuses that).
+  if event == "Finished" and w._token and not open_tx then
     local ok, r, unknown = finish_in_batch(w, commit_fn)
     if ok then results = r end
     uncertain = unknown
@@ -1108,52 +1110,58 @@ local function claim_in_turn(def, opts, generation)
 end
 bmdb.claim = claim_in_turn
 
--- One transaction for the end of an item and the claim of the next,
--- which is what DESIGN asks of the steady state. It runs only in the
--- host's claim turn taken without waiting (core.claim_try: no claim runs
--- and no other slot of the host is inside an item), because two such
--- transactions, or one and a finish, in flight at once conflict under
--- SERIALIZABLE (slots.c), and holding the turn through a finish would
--- hold up the finishes of busy slots; so it is the rule at one slot and
--- the exception at many. decide (the commit function, then the release)
--- comes first; the release is final, so it rides with the select's
--- statement; the lock rides with COMMIT: three round trips for both,
--- against four in two transactions. Candidates that are not all machine
--- ids claim nothing here (the next claim's full claim says why). A lost
--- session or lock, or any failure, commits neither; then the caller
--- finishes alone, as it would have (unknown says whether this one may
--- have committed: its release then took the lock). What it claimed
--- becomes s.next, which the serve loop runs next.
-finish_and_claim = function(w, decide, s)
+-- The claim of the slot that closes a batch of finishes, in the batch's
+-- transaction (core.batch_leave answered "claim": the batch's members
+-- are the host's only finishes in flight, and this slot holds the claim
+-- turn). It claims for itself, for the batch's members of its worker
+-- (peers: they claim next) and for the slots that wait, as a claim in
+-- turn would; the releases ride with the select's statement and the lock
+-- with COMMIT. So items end and the next are claimed in one transaction,
+-- the steady state DESIGN asks for; at one slot that is every item, three
+-- round trips for both. A lost session or lock, or any failure, commits
+-- neither the releases nor the claim (the members then finish alone). A
+-- select that fails, or offers a machine that does not exist, costs the
+-- batch; after three such failures in a row this slot's worker claims
+-- only in turn, where the full claim says what is wrong. What it claimed
+-- for itself becomes s.next, which the serve loop runs next.
+-- select, and the lock of up to k of its candidates as tx's final
+-- statement; true when that lock was set.
+local function select_and_lock(def, tx, k)
+  local ids = candidate_ids(def.select(tx, def.batch))
+  if not ids or #ids == 0 or core.state() ~= "running" then return false end
+  shuffle(ids)
+  core.lock_any(tx, ids, def.process, def.claim_opts, k)
+  return true
+end
+
+claim_in_batch = function(w, tx, s, peers)
   local def = s.def
-  if core.state() ~= "running" or core.generation() ~= s.generation then return false end
-  if not core.claim_try() then return false end
-  hold(core.claim_leave)
   local started = core.now()
-  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
-  local sent
-  local r = { pcall(transact_on, w, function(tx)
-    sent = nil
-    local res = { decide(tx) }
-    local ids = candidate_ids(def.select(tx, def.batch))
-    if ids and #ids > 0 and core.state() == "running" then
-      shuffle(ids)
-      core.lock_any(tx, ids, def.process, def.claim_opts, k)
-      sent = tx
-    end
-    return unpack(res, 1, table.maxn(res))
-  end) }
+  local k = math.min(def.batch, peers + core.claim_waiters(def.process))
+  hold(core.claim_leave)
+  hold(close_batch)
+  open_tx = tx
+  local ok, sent = pcall(select_and_lock, def, tx, k)
+  open_tx = nil
   unhold()
-  local locked = r[1] and sent and core.claimed(sent) or {}
-  hand_out(def, handle(w), locked, started)
-  core.claim_leave()
-  if not r[1] then return false, nil, is_error(r[2], "connection") and r[2].outcome == "unknown" end
-  if #locked > 0 then
+  local committed, err, locked = core.batch_close(ok and sent)
+  if committed and #locked > 0 then
     note_claimed(def, locked)
-    -- the serve loop adopts it, once this item's end is logged
+    hand_out(def, handle(w), locked, started)
     s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
   end
-  return true, { unpack(r, 2, table.maxn(r)) }
+  unhold()
+  core.claim_leave()
+  if ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
+    def.batch_claim_failures = 0
+  else
+    def.batch_claim_failures = (def.batch_claim_failures or 0) + 1
+    if def.batch_claim_failures == 3 then
+      core.log("warn", "claims in a batch's transaction failed three times; this slot claims in turn",
+               { "process", def.process, "error", bmdb.describe(ok and err or sent) })
+    end
+  end
+  return committed, err
 end
 
 -- An item a claimer handed to this process's slots that none took (they
@@ -1175,12 +1183,10 @@ function bmdb.serve(result, process, index, generation)
   def.claim_opts = bmdb.claim_opts(def.backoff, def.timeout)
   bmdb.slot_index = index
   math.randomseed(core.seed())
-  local pending -- claimed by the finish of the item before (finish_and_claim)
+  local pending -- claimed by the batch that finished the item before (claim_in_batch)
   local function run(w)
     serving = { w = w, def = def, generation = generation }
-    core.running(1)
     pcall(bmdb.run, w, def.run) -- the decision is recorded and logged
-    core.running(-1)
     local n = serving.next
     serving = nil
     pending = n and adopt(def, n[1], n[2], n[3], n[4], n[5])
