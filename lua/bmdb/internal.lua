@@ -305,7 +305,7 @@ end
 -- The item the calling slot's serve loop runs now ({w, def, generation},
 -- and, once its finish also claimed, next), and the claim made in the
 -- transaction of a batch of finishes (defined with the claims below).
-local serving, claim_in_batch
+local serving, claim_in_batch, may_claim_in_batch
 
 -- A finish in the host's batch (host/batch.h): commit_fn runs in the
 -- batch's transaction, in a savepoint of its own, and the release goes
@@ -344,7 +344,7 @@ local function finish_in_batch(w, commit_fn)
   local fatal = not ok and (retryable(err) or is_error(err, "session_expired"))
   local s = ok and serving and serving.w == w and not serving.next and serving or nil
   local may_claim = s and core.state() == "running" and core.generation() == s.generation and
-                    (s.def.batch_claim_failures or 0) < 3
+                    (s.def.batch_claim_failures or 0) < 3 and may_claim_in_batch(s.def)
   local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token, may_claim)
   if committed == "claim" then committed, berr = claim_in_batch(w, tx, s, berr) end
   core.finish_leave()
@@ -1124,6 +1124,18 @@ bmdb.claim = claim_in_turn
 -- batch; after three such failures in a row this slot's worker claims
 -- only in turn, where the full claim says what is wrong. What it claimed
 -- for itself becomes s.next, which the serve loop runs next.
+-- A conflict fails a batch that claims whole, every member's finish with
+-- it, where a claim in turn fails alone. So after one, a slot claims in
+-- turn for its next BATCH_CLAIM_PAUSE batches: with one host there are
+-- none, and with several the claims in batches stay the rarer ones.
+local BATCH_CLAIM_PAUSE = 32
+may_claim_in_batch = function(def)
+  local pause = def.batch_claim_pause or 0
+  if pause == 0 then return true end
+  def.batch_claim_pause = pause - 1
+  return false
+end
+
 -- select, and the lock of up to k of its candidates as tx's final
 -- statement; true when that lock was set.
 local function select_and_lock(def, tx, k)
@@ -1152,7 +1164,11 @@ claim_in_batch = function(w, tx, s, peers)
   end
   unhold()
   core.claim_leave()
-  if ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
+  if not committed and is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01") then
+    -- Another host's claim or finish met this one: a conflict now costs
+    -- the whole batch, so claim in turn for a while.
+    def.batch_claim_pause = BATCH_CLAIM_PAUSE
+  elseif ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
     def.batch_claim_failures = 0
   else
     def.batch_claim_failures = (def.batch_claim_failures or 0) + 1
