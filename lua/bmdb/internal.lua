@@ -1129,6 +1129,9 @@ bmdb.claim = claim_in_turn
 -- turn for its next BATCH_CLAIM_PAUSE batches: with one host there are
 -- none, and with several the claims in batches stay the rarer ones.
 local BATCH_CLAIM_PAUSE = 32
+local function conflict(err)
+  return is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01")
+end
 may_claim_in_batch = function(def)
   local pause = def.batch_claim_pause or 0
   if pause == 0 then return true end
@@ -1164,9 +1167,10 @@ claim_in_batch = function(w, tx, s, peers)
   end
   unhold()
   core.claim_leave()
-  if not committed and is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01") then
-    -- Another host's claim or finish met this one: a conflict now costs
-    -- the whole batch, so claim in turn for a while.
+  if conflict(not ok and sent) or conflict(not committed and err) then
+    -- Another host's claim or finish met this one (at the select, or at
+    -- COMMIT): a conflict now costs the whole batch, so claim in turn for
+    -- a while.
     def.batch_claim_pause = BATCH_CLAIM_PAUSE
   elseif ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
     def.batch_claim_failures = 0
