@@ -33,6 +33,9 @@ describe("workers", function()
     dir = H.tmpdir("worker")
     admin:exec([[CREATE TABLE passes (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)]])
     admin:exec("CREATE TABLE wanted (machine_id UUID PRIMARY KEY REFERENCES machines)")
+    -- machines a spec's script works on, and whether it did
+    admin:exec("CREATE TABLE combo (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
+    admin:exec("CREATE TABLE yielded (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
     admin:exec([[CREATE TABLE intervals (machine_id UUID NOT NULL, host TEXT NOT NULL,
                  started_at TIMESTAMPTZ NOT NULL, ended_at TIMESTAMPTZ NOT NULL)]])
   end)
@@ -123,7 +126,6 @@ describe("workers", function()
   -- the claim may commit; both machines are then worked under the next
   -- session.
   it("commits neither the finish nor the claim of a combined transaction when the session is lost between them", function()
-    admin:exec("CREATE TABLE combo (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
     local a, b = unpack(machines(2))
     H.write_file(dir .. "/combo.lua", string.format([[
       local bmdb = require "bmdb"
@@ -303,7 +305,6 @@ describe("workers", function()
   -- (its finish also claims), at several a turn of a batch. The body's end
   -- must let go of them, or this host never claims again.
   it("claims again after a commit function yielded in a coroutine that was never resumed", function()
-    admin:exec("CREATE TABLE yielded (machine_id UUID PRIMARY KEY REFERENCES machines, done BOOLEAN NOT NULL DEFAULT false)")
     local a, b = unpack(machines(2))
     H.write_file(dir .. "/yield.lua", string.format([[
       local bmdb = require "bmdb"
