@@ -103,15 +103,14 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     return BATCH_TURN;
 }
 
-/* A text array literal of the queued releases' field (machine, process or
- * token: ids and process names, which need no quoting). */
-static const char *array_of(char *buf, size_t len, char (*field)[40], char (*field64)[64]) {
+/* A text array literal of one field of the queued releases: first is
+ * the field of the first, each next stride bytes further (ids and process
+ * names, which need no quoting). */
+static const char *array_of(char *buf, size_t len, const char *first, size_t stride) {
     size_t at = 0;
     buf[at++] = '{';
-    for (int i = 0; i < B.queued; i++) {
-        const char *v = field ? field[i] : field64[i];
-        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? "," : "", v);
-    }
+    for (int i = 0; i < B.queued; i++)
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? "," : "", first + (size_t)i * stride);
     snprintf(buf + at, len - at, "}");
     return buf;
 }
@@ -125,9 +124,10 @@ static int set_release(tx_error *e) {
      * against 110 µs a call, pg_stat_statements at one slot). */
     if (B.queued == 1)
         return work_release(&B.t, B.machine[0], B.process[0], B.token[0], "Finished", NULL, 1, e);
-    return work_release_finished(&B.t, array_of(B.machines, sizeof B.machines, B.machine, NULL),
-                                 array_of(B.processes, sizeof B.processes, NULL, B.process),
-                                 array_of(B.tokens, sizeof B.tokens, B.token, NULL), B.queued, e);
+    return work_release_finished(
+        &B.t, array_of(B.machines, sizeof B.machines, B.machine[0], sizeof B.machine[0]),
+        array_of(B.processes, sizeof B.processes, B.process[0], sizeof B.process[0]),
+        array_of(B.tokens, sizeof B.tokens, B.token[0], sizeof B.token[0]), B.queued, e);
 }
 
 /* The closer's part: the releases and COMMIT in one flight (or the claim's

@@ -17,11 +17,11 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "batch.h"
 #include "lerror.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "lvalue.h"
-#include "batch.h"
 #include "pool.h"
 #include "session.h"
 #include "slots.h"

@@ -613,7 +613,6 @@ int tx_commit(tx *t, tx_error *e) {
     }
     /* Nothing ran and no final statement waits: nothing to commit. */
     if (!t->begun && !t->final.sql) {
-        t->npending = 0;
         tx_rollback(t);
         return 0;
     }
@@ -643,7 +642,6 @@ int tx_commit(tx *t, tx_error *e) {
     }
     clear_steps(s, n);
     final_free(&t->final);
-    t->npending = 0;
     metrics_tx_committed();
     t->open = 0;
     pool_put(t->pool, t->conn);

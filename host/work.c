@@ -323,10 +323,9 @@ int work_release_finished(tx *t, const char *machines, const char *processes, co
      * claim's token names one work row (a random UUID, new per claim), so
      * matching each array alone is exact, and the primary key is read by
      * its machine ids. The division compares the rows released with the
-     * items named: one lock
-     * that is gone (or past its timeout, which the item fence would have
-     * refused) fails them all, and the batch's members then finish one by
-     * one, where each learns its own answer. */
+     * items named: one lock that is gone (or past its timeout, which the
+     * item fence would have refused) fails them all, and the batch's
+     * members then finish one by one, where each learns its own answer. */
     char n[16];
     snprintf(n, sizeof n, "%d", count);
     const char *p[] = {machines, processes, tokens, session_id(t->sess), n};

@@ -326,13 +326,12 @@ local function finish_in_batch(w, commit_fn)
     if not joined then error(tx, 0) end -- the host is cancelling
     return false, nil, is_error(failed, "connection") and failed.outcome == "unknown"
   end
+  hold(core.finish_leave)
   local r, wakes = { true }, {}
   if commit_fn then
     open_tx, after_commit = tx, wakes
-    hold(core.finish_leave)
     hold(fail_batch)
     r = { pcall(commit_fn, tx) }
-    unhold()
     unhold()
     open_tx, after_commit = nil, nil
   end
@@ -344,9 +343,10 @@ local function finish_in_batch(w, commit_fn)
   local fatal = not ok and (retryable(err) or is_error(err, "session_expired"))
   local s = ok and serving and serving.w == w and not serving.next and serving or nil
   local may_claim = s and core.state() == "running" and core.generation() == s.generation and
-                    (s.def.batch_claim_failures or 0) < 3 and may_claim_in_batch(s.def)
+                    may_claim_in_batch(s.def)
   local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token, may_claim)
   if committed == "claim" then committed, berr = claim_in_batch(w, tx, s, berr) end
+  unhold()
   core.finish_leave()
   if committed then
     for _, process in ipairs(wakes) do pcall(send_wake, process) end
@@ -919,14 +919,6 @@ local function note_idle(tx, def)
   core.note_pause(def.process, why ~= nil, why)
 end
 
--- The usual claim in two round trips: BEGIN, the fence and the select's
--- statement in one; the lock of up to k free candidates (in random order)
--- with COMMIT in the other (core.lock_any). Returns true and the list of
--- {machine, attempt, token} it locked (empty when select found nothing),
--- or false when the full claim below must decide: no candidate was free
--- in our snapshot, select returned something that is not a machine id,
--- or the lock failed (a machine that does not exist). A drain that begins
--- while we select wins.
 -- select's rows as machine ids; nil when they are not a list of rows or
 -- ids that are machine ids (the full claim then says what is wrong).
 local function candidate_ids(rows)
@@ -947,6 +939,14 @@ local function note_claimed(def, locked)
   for _ = 1, #locked do core.count("claim") end
 end
 
+-- The usual claim in two round trips: BEGIN, the fence and the select's
+-- statement in one; the lock of up to k free candidates (in random order)
+-- with COMMIT in the other (core.lock_any). Returns true and the list of
+-- {machine, attempt, token} it locked (empty when select found nothing),
+-- or false when the full claim below must decide: no candidate was free
+-- in our snapshot, select returned something that is not a machine id,
+-- or the lock failed (a machine that does not exist). A drain that begins
+-- while we select wins.
 local function claim_fast(def, sess, k)
   local sent
   local ok, outcome = pcall(transact_on, sess, function(tx)
@@ -1110,29 +1110,18 @@ local function claim_in_turn(def, opts, generation)
 end
 bmdb.claim = claim_in_turn
 
--- The claim of the slot that closes a batch of finishes, in the batch's
--- transaction (core.batch_leave answered "claim": the batch's members
--- are the host's only finishes in flight, and this slot holds the claim
--- turn). It claims for itself, for the batch's members of its worker
--- (peers: they claim next) and for the slots that wait, as a claim in
--- turn would; the releases ride with the select's statement and the lock
--- with COMMIT. So items end and the next are claimed in one transaction,
--- the steady state DESIGN asks for; at one slot that is every item, three
--- round trips for both. A lost session or lock, or any failure, commits
--- neither the releases nor the claim (the members then finish alone). A
--- select that fails, or offers a machine that does not exist, costs the
--- batch; after three such failures in a row this slot's worker claims
--- only in turn, where the full claim says what is wrong. What it claimed
--- for itself becomes s.next, which the serve loop runs next.
--- A conflict fails a batch that claims whole, every member's finish with
--- it, where a claim in turn fails alone. So after one, a slot claims in
--- turn for its next BATCH_CLAIM_PAUSE batches: with one host there are
+-- Whether a slot of def's worker that closes a batch may claim in it.
+-- Not after three failed claims there in a row (claim_in_batch). And a
+-- conflict fails a batch that claims whole, every member's finish with
+-- it, where a claim in turn fails alone: so after one, a slot claims in
+-- turn for its next BATCH_CLAIM_PAUSE batches. With one host there are
 -- none, and with several the claims in batches stay the rarer ones.
 local BATCH_CLAIM_PAUSE = 32
 local function conflict(err)
   return is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01")
 end
 may_claim_in_batch = function(def)
+  if (def.batch_claim_failures or 0) >= 3 then return false end
   local pause = def.batch_claim_pause or 0
   if pause == 0 then return true end
   def.batch_claim_pause = pause - 1
@@ -1149,6 +1138,20 @@ local function select_and_lock(def, tx, k)
   return true
 end
 
+-- The claim of the slot that closes a batch of finishes, in the batch's
+-- transaction (core.batch_leave answered "claim": the batch's members
+-- are the host's only finishes in flight, and this slot holds the claim
+-- turn). It claims for itself, for the batch's members of its worker
+-- (peers: they claim next) and for the slots that wait, as a claim in
+-- turn would; the releases ride with the select's statement and the lock
+-- with COMMIT. So items end and the next are claimed in one transaction,
+-- the steady state DESIGN asks for; at one slot that is every item, three
+-- round trips for both. A lost session or lock, or any failure, commits
+-- neither the releases nor the claim (the members then finish alone). A
+-- select that fails, or offers a machine that does not exist, costs the
+-- batch; after three such failures in a row this slot's worker claims
+-- only in turn, where the full claim says what is wrong. What it claimed
+-- for itself becomes s.next, which the serve loop runs next.
 claim_in_batch = function(w, tx, s, peers)
   local def = s.def
   local started = core.now()
