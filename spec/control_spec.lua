@@ -254,6 +254,30 @@ describe("work control", function()
     assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Refence"))
   end)
 
+  -- A select's NOT EXISTS against work_blocked stays a few primary-key
+  -- lookups per candidate only while PostgreSQL expects few rows from the
+  -- view. A branch that joined each paused process to every machine made
+  -- it expect one row per machine, pause or not (migration 0006).
+  it("keeps work_blocked's row estimate flat as the fleet grows, pause and hold included", function()
+    local fleet = H.postgres():create_db()
+    local code, _, err = H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = fleet } })
+    assert.equal(0, code, err)
+    local c = core.connect(fleet)
+    c:exec("INSERT INTO machines (machine_id) SELECT gen_random_uuid() FROM generate_series(1, 100000)")
+    c:exec("INSERT INTO processes (process, paused_at) VALUES ('Fleet', NULL), ('Stopped', now())")
+    c:exec("INSERT INTO machine_holds (machine_id) SELECT machine_id FROM machines LIMIT 3")
+    c:exec("ANALYZE")
+    local function estimate(process)
+      local plan = c:one("EXPLAIN (FORMAT JSON) SELECT * FROM work_blocked WHERE process = $1", process)
+      return tonumber(plan["QUERY PLAN"]:match('"Plan Rows":%s*(%d+)'))
+    end
+    assert.is_true(estimate("Fleet") < 1000, "estimate " .. estimate("Fleet"))
+    assert.is_true(estimate("Stopped") < 1000, "estimate " .. estimate("Stopped"))
+    -- what it still lists: the held machines, for every process
+    assert.equal(3, c:one("SELECT count(*) AS n FROM work_blocked WHERE process = 'Stopped'").n)
+    c:close()
+  end)
+
   it("offers pause, resume, hold and unhold to scripts", function()
     local m = new_machine()
     assert.is_true(bmdb.pause("Scripted", "spec"))

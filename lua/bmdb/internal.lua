@@ -912,8 +912,9 @@ local function shuffle(t)
   end
 end
 
--- An idle select: is it a pause? (work_blocked hides a paused process's
--- machines, so select alone cannot tell.) The idle path only.
+-- An idle select: is the process paused too? An empty select cannot
+-- tell, and the host logs a pause once it learns of it, work or not. The
+-- idle path only (a claim that locks nothing learns it in the full claim).
 local function note_idle(tx, def)
   local why = core.paused(tx, def.process)
   core.note_pause(def.process, why ~= nil, why)
