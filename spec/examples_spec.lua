@@ -47,6 +47,28 @@ describe("examples", function()
     assert.same({ "Started", "Failed", "Started", "Failed", "Started", "Finished" }, seq)
   end)
 
+  -- An operator copies these selects to fleets of any size: the
+  -- provisioner's must walk an index in its order, not sort every machine
+  -- for each claim (examples/migrations/0002).
+  it("the provisioner's select walks an index at a hundred thousand machines", function()
+    local fleet = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },
+      { env = { BMDB_DSN = fleet } })))
+    local c = core.connect(fleet)
+    c:exec("INSERT INTO machines (created_at) SELECT now() - g * interval '1 second' FROM generate_series(1, 100000) g")
+    c:exec("ANALYZE machines")
+    local saved = package.path
+    package.path = H.root .. "/examples/?.lua;" .. package.path
+    local workers = dofile(H.root .. "/examples/provisioner.lua")
+    package.path = saved
+    local sql, args
+    workers[1].select({ query = function(_, text, ...) sql, args = text, { ... } return {} end }, 16)
+    local plan = c:one("EXPLAIN (FORMAT JSON) " .. sql, unpack(args))["QUERY PLAN"]
+    c:close()
+    assert.matches('"Index Name": "machines_created_at"', plan, 1, true)
+    assert.is_nil(plan:find('"Node Type": "Sort"', 1, true), plan)
+  end)
+
   it("seed rejects a bad count with a clear error", function()
     local code, _, err = H.run(host { "seed.lua", "many" }, { env = { BMDB_DSN = dsn } })
     assert.equal(1, code)

@@ -1,0 +1,1 @@
+DROP INDEX IF EXISTS machines_created_at;
