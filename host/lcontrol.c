@@ -8,6 +8,7 @@
 #include "lerror.h"
 #include "lifecycle.h"
 #include "lstate.h"
+#include "strays.h"
 #include "tx.h"
 #include "work.h"
 
@@ -79,6 +80,7 @@ static int l_track(lua_State *L) {
 
 static int l_untrack(lua_State *L) {
     control_untrack(luaL_checkstring(L, 1));
+    strays_disown(luaL_checkstring(L, 1)); /* the item is done: its row, if left, is a stray */
     return 0;
 }
 

@@ -371,3 +371,11 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
     return NULL;
 }
 
+void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen) {
+    pq_error_text(*cp, r, why, whylen);
+    if (PQstatus(*cp) != CONNECTION_OK) {
+        PQfinish(*cp);
+        *cp = NULL;
+    }
+}
+

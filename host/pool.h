@@ -49,6 +49,10 @@ PGconn *pool_connect_own(pool *p, char *err, size_t errlen);
  * opens another). */
 PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *const *params,
                             double until, char *why, size_t whylen);
+/* After a result of pool_exec_bounded that failed: its message into why,
+ * and the connection given up if the failure broke it (a terminated
+ * backend, a server restart). */
+void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen);
 
 /* Shutdown: asks the server to cancel whatever statement each lent
  * connection is running (a slot blocked on a lock returns with an error). */

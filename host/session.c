@@ -113,16 +113,6 @@ void session_lose(session *s, const char *why) {
 /* Every statement of the heartbeat goes through pool_exec_bounded: a hung
  * server must not keep us believing in a dead session. */
 
-/* After a result: the message of a failed one, and the connection given up
- * if the failure broke it (terminated backend, server restart). */
-static void result_failed(PGconn **cp, PGresult *r, char *why, size_t whylen) {
-    pq_error_text(*cp, r, why, whylen);
-    if (PQstatus(*cp) != CONNECTION_OK) {
-        PQfinish(*cp);
-        *cp = NULL;
-    }
-}
-
 static session *create_session(PGconn **cp, char *err, size_t errlen) {
     char interval[32], why[600];
     snprintf(interval, sizeof interval, "%d", cfg.interval_s);
@@ -134,7 +124,7 @@ static session *create_session(PGconn **cp, char *err, size_t errlen) {
         "VALUES ($1, $2, $3, now() + $3::INT8 * INTERVAL '1 second') RETURNING session_id",
         3, params, sent + cfg.interval_s, why, sizeof why);
     if (r && (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1)) {
-        result_failed(cp, r, why, sizeof why);
+        pool_result_failed(cp, r, why, sizeof why);
         PQclear(r);
         r = NULL;
     }
@@ -210,7 +200,7 @@ static int poke(PGconn **cp, session *s) {
             notify_watchdog(); /* a wedged heartbeat stops these: systemd restarts us */
         }
     } else if (r) {
-        result_failed(cp, r, why, sizeof why);
+        pool_result_failed(cp, r, why, sizeof why);
     }
     PQclear(r);
     metrics_heartbeat(outcome == 1, mono_now() - sent);
@@ -226,14 +216,14 @@ static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const ch
                         int nparams, double until, long *rows_of_last, char *why, size_t whylen) {
     PGresult *r = pool_exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
     int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
-    if (r && !ok) result_failed(cp, r, why, whylen);
+    if (r && !ok) pool_result_failed(cp, r, why, whylen);
     PQclear(r);
     for (int i = 0; ok && i <= nsql; i++) {
         const char *sql = i < nsql ? sqls[i] : "COMMIT";
         r = pool_exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
         ExecStatusType st = PQresultStatus(r);
         ok = r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
-        if (r && !ok) result_failed(cp, r, why, whylen);
+        if (r && !ok) pool_result_failed(cp, r, why, whylen);
         else if (ok && i == nsql - 1 && rows_of_last) *rows_of_last = atol(PQcmdTuples(r));
         PQclear(r);
     }
@@ -295,6 +285,7 @@ static int keep_session(PGconn **cp, session *s, int pause, double *next_gc) {
     } else if (ok > 0 && !pause && now >= *next_gc) {
         *next_gc = now + cfg.interval_s;
         collect_expired(cp, now + cfg.interval_s / 4.0);
+        if (cfg.housekeeping->sweep && *cp) cfg.housekeeping->sweep(cp, s->id, now + cfg.interval_s / 4.0);
     }
     return ok;
 }

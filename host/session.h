@@ -13,6 +13,7 @@
 #define BMDB_SESSION_H
 
 #include <stddef.h>
+#include <libpq-fe.h>
 #include "pool.h"
 
 typedef struct session session;
@@ -28,6 +29,9 @@ struct session_housekeeping {
     /* Ends our own session at shutdown; $1 is its id. */
     const char *const *end;
     int nend;
+    /* Every interval after collecting, on the same connection: what the
+     * live session's own work needs (strays.h). May be NULL. */
+    void (*sweep)(PGconn **cp, const char *session, double until);
 };
 
 struct session_config {

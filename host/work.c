@@ -7,6 +7,7 @@
  * life of a work item: host/README.md. */
 #include "work.h"
 #include "session.h"
+#include "strays.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,7 +44,7 @@ static const char *const end_sql[] = {
     "DELETE FROM sessions WHERE session_id = $1",
 };
 
-const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2};
+const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2, strays_sweep};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"
@@ -178,6 +179,7 @@ static int read_locked(const PGresult *r, int i, char *machine, size_t machinele
     if (machine) snprintf(machine, machinelen, "%s", PQgetvalue(r, i, 0));
     snprintf(out->token, sizeof out->token, "%s", PQgetvalue(r, i, 1));
     out->attempt = (PQgetisnull(r, i, 2) ? 0 : atoi(PQgetvalue(r, i, 2))) + 1;
+    strays_own(out->token);
     return 1;
 }
 

@@ -37,6 +37,7 @@
 #include "lstate.h"
 #include "slots.h"
 #include "snapshot.h"
+#include "strays.h"
 
 /* ---- the code and its generation --------------------------------------- */
 
@@ -267,6 +268,7 @@ int workers_start(const worker_spec *specs, int nspecs) {
     const char *names[256];
     for (int i = 0; i < nspecs && i < 256; i++) names[i] = specs[i].process;
     control_register(the_pool, names, nspecs < 256 ? nspecs : 256); /* holds block them in work_blocked */
+    strays_enable(); /* this host's claims now run unattended: look for rows they left */
     pthread_mutex_lock(&slots_mu);
     for (int i = 0; i < nspecs; i++) {
         /* Slots above a lowered concurrency end themselves (serve

@@ -254,6 +254,37 @@ describe("work control", function()
     assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Refence"))
   end)
 
+  -- A claim whose COMMIT got no answer may have landed: its rows are then
+  -- the live session's, so no collector ends them and work_blocked keeps
+  -- the machine from every host, yet no slot runs it. Such a row is made
+  -- here by hand (the same row a claim writes) under the host's session.
+  it("releases a work row of its own session that no slot holds, and then runs the item", function()
+    local script = worker_script("stray", [[
+      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
+    ]])
+    local h = start_host(script, { PROCESS = "Stray" })
+    local session = H.wait_until(function()
+      local r = admin:one("SELECT session_id FROM sessions WHERE runtime_info LIKE $1", "%:" .. h.pid)
+      return r and r.session_id
+    end, 20, "the host's session")
+    local m = new_machine()
+    local token = admin:one([[WITH w AS (INSERT INTO work (machine_id, process, session_id) VALUES ($1, 'Stray', $2)
+                                RETURNING machine_id, process, session_id, token)
+                              INSERT INTO work_history (machine_id, process, session_id, event, token)
+                              SELECT machine_id, process, session_id, 'Started', token FROM w RETURNING token]],
+                            m, session).token
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Stray')", m)
+    H.wait_until(function()
+      return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = 'Stray'", m).n == 1
+    end, 30, "the stray row released and its item run")
+    assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Stray"))
+    assert.matches("COMMIT that got no answer", admin:one(
+      "SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Canceled' AND token = $2", m, token).cause)
+    h:await("stderr", 'msg="releasing a work row no slot of this host holds')
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
   -- A select's NOT EXISTS against work_blocked stays a few primary-key
   -- lookups per candidate only while PostgreSQL expects few rows from the
   -- view. A branch that joined each paused process to every machine made

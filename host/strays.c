@@ -1,0 +1,168 @@
+/* strays.c -- finding and releasing work rows of our session that no part
+ * of the host holds (strays.h says when that happens, and why only this
+ * host can tell).
+ *
+ * The owned tokens are a small array under a mutex: slots add one per
+ * lock they read back and drop it when the item is done, the heartbeat
+ * thread compares the array with the database once an interval. Live
+ * items number in the tens, so a linear scan is the whole index. A token
+ * added for a lock whose transaction then rolled back (or whose item was
+ * released without running) never shows up in the database; it is dropped
+ * after STALE_PASSES passes without a row, so the array holds live items
+ * and a few recent leftovers. If it ever fills up, the host can no longer
+ * tell its items from strays and stops looking, which is the old behaviour
+ * (a stray then waits for the host's exit), never a wrong release. */
+#include "strays.h"
+#include "log.h"
+#include "pool.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <string.h>
+
+#define OWNED_MAX 4096
+#define SUSPECTS_MAX 64
+#define STALE_PASSES 3
+
+typedef struct {
+    char token[40];
+    int absent; /* passes in a row without a work row */
+} owned_token;
+
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static owned_token owned[OWNED_MAX]; /* under mu, as are the two below */
+static int nowned, enabled, full;
+
+/* Tokens without an owner in the last pass: the heartbeat thread's own. */
+static char suspects[SUSPECTS_MAX][40];
+static int nsuspects;
+
+void strays_enable(void) {
+    pthread_mutex_lock(&mu);
+    enabled = 1;
+    pthread_mutex_unlock(&mu);
+}
+
+void strays_own(const char *token) {
+    pthread_mutex_lock(&mu);
+    if (enabled && !full) {
+        if (nowned < OWNED_MAX) {
+            snprintf(owned[nowned].token, sizeof owned[nowned].token, "%s", token);
+            owned[nowned++].absent = 0;
+        } else {
+            full = 1;
+            log_kv(LOG_WARN, "too many items to track: work rows no slot holds are no longer released "
+                             "until the host restarts", NULL);
+        }
+    }
+    pthread_mutex_unlock(&mu);
+}
+
+static int find_owned(const char *token) {
+    for (int i = 0; i < nowned; i++)
+        if (strcmp(owned[i].token, token) == 0) return i;
+    return -1;
+}
+
+static void drop_owned(int i) {
+    owned[i] = owned[--nowned];
+}
+
+void strays_disown(const char *token) {
+    pthread_mutex_lock(&mu);
+    int i = find_owned(token);
+    if (i >= 0) drop_owned(i);
+    pthread_mutex_unlock(&mu);
+}
+
+static int suspected(const char *token) {
+    for (int i = 0; i < nsuspects; i++)
+        if (strcmp(suspects[i], token) == 0) return 1;
+    return 0;
+}
+
+/* Releases the rows of session whose tokens are in the array literal
+ * tokens, each recorded Canceled. One SERIALIZABLE transaction, as every
+ * BMDB transaction; a row that went meanwhile (a collector, a takeover)
+ * is simply not there. */
+static void release(PGconn **cp, const char *session, const char *tokens, double until) {
+    static const char *const sql[] = {
+        "BEGIN ISOLATION LEVEL SERIALIZABLE",
+        "WITH gone AS (DELETE FROM work WHERE session_id = $1 AND token = ANY($2::UUID[]) "
+        " RETURNING machine_id, process, session_id, token) "
+        "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
+        "SELECT machine_id, process, session_id, 'Canceled', "
+        " 'no slot of its session held it (left by a COMMIT that got no answer)', token FROM gone",
+        "COMMIT",
+    };
+    const char *params[] = {session, tokens};
+    char why[600];
+    for (int i = 0; i < 3 && *cp; i++) {
+        PGresult *r = pool_exec_bounded(cp, sql[i], i == 1 ? 2 : 0, params, until, why, sizeof why);
+        int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
+        if (!ok) {
+            if (r) pool_result_failed(cp, r, why, sizeof why);
+            PQclear(r);
+            if (*cp && PQtransactionStatus(*cp) != PQTRANS_IDLE) PQclear(PQexec(*cp, "ROLLBACK"));
+            log_kv(LOG_WARN, "cannot release work rows no slot holds; the next pass retries", "error", why,
+                   NULL);
+            return;
+        }
+        PQclear(r);
+    }
+}
+
+void strays_sweep(PGconn **cp, const char *session, double until) {
+    pthread_mutex_lock(&mu);
+    int on = enabled && !full;
+    pthread_mutex_unlock(&mu);
+    if (!on || !*cp) return;
+    const char *params[] = {session};
+    char why[600];
+    PGresult *r = pool_exec_bounded(
+        cp, "SELECT token::TEXT, machine_id::TEXT, process FROM work WHERE session_id = $1", 1, params,
+        until, why, sizeof why);
+    if (!r || PQresultStatus(r) != PGRES_TUPLES_OK) {
+        if (r) pool_result_failed(cp, r, why, sizeof why);
+        PQclear(r);
+        log_kv(LOG_DEBUG, "reading our work rows failed; the next pass retries", "error", why, NULL);
+        return;
+    }
+
+    /* Which rows have no owner, and which owned tokens have no row. The
+     * tokens are only compared under mu; logging and the release wait. */
+    int rows = PQntuples(r), stray[SUSPECTS_MAX], nstray = 0, nnext = 0;
+    char next[SUSPECTS_MAX][40];
+    pthread_mutex_lock(&mu);
+    for (int i = 0; i < nowned; i++) owned[i].absent++;
+    for (int row = 0; row < rows; row++) {
+        const char *token = PQgetvalue(r, row, 0);
+        int i = find_owned(token);
+        if (i >= 0)
+            owned[i].absent = 0;
+        else if (suspected(token)) { /* no owner an interval ago, none now */
+            if (nstray < SUSPECTS_MAX) stray[nstray++] = row;
+        } else if (nnext < SUSPECTS_MAX)
+            snprintf(next[nnext++], sizeof next[0], "%s", token);
+    }
+    for (int i = nowned - 1; i >= 0; i--)
+        if (owned[i].absent >= STALE_PASSES) drop_owned(i);
+    pthread_mutex_unlock(&mu);
+    memcpy(suspects, next, sizeof next[0] * (size_t)nnext);
+    nsuspects = nnext;
+
+    if (nstray > 0) {
+        char tokens[SUSPECTS_MAX * 38 + 3] = "{";
+        size_t len = 1;
+        for (int k = 0; k < nstray; k++) {
+            const char *token = PQgetvalue(r, stray[k], 0);
+            log_kv(LOG_WARN, "releasing a work row no slot of this host holds (left by a COMMIT that got no answer)",
+                   "machine", PQgetvalue(r, stray[k], 1), "process", PQgetvalue(r, stray[k], 2), "token",
+                   token, NULL);
+            len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", token);
+        }
+        snprintf(tokens + len, sizeof tokens - len, "}");
+        release(cp, session, tokens, until);
+    }
+    PQclear(r);
+}
