@@ -175,6 +175,14 @@ void control_note_pause(const char *process, int paused, const char *why) {
         log_kv(LOG_INFO, "process resumed", "process", process, NULL);
 }
 
+int control_seen_paused(const char *process) {
+    pthread_mutex_lock(&pause_mu);
+    seen_pause *s = pauses;
+    while (s && strcmp(s->process, process) != 0) s = s->next;
+    pthread_mutex_unlock(&pause_mu);
+    return s != NULL;
+}
+
 /* ---- items whose bodies run here ------------------------------------------ */
 
 typedef struct item {

@@ -30,6 +30,8 @@ int control_paused(tx *t, const char *process, char *why, size_t whylen, tx_erro
 void control_register(pool *p, const char *const *processes, int n);
 /* A slot saw process paused (or not): logged once per change per host. */
 void control_note_pause(const char *process, int paused, const char *why);
+/* 1 when the last that slots of this host saw of process was a pause. */
+int control_seen_paused(const char *process);
 
 /* Items whose bodies run here. started: monotonic time before the claim
  * was sent; timeout 0: none. */

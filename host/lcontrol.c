@@ -71,6 +71,12 @@ static int l_note_pause(lua_State *L) {
     return 0;
 }
 
+/* core.seen_paused(process) -> whether the host last saw process paused */
+static int l_seen_paused(lua_State *L) {
+    lua_pushboolean(L, control_seen_paused(luaL_checkstring(L, 1)));
+    return 1;
+}
+
 /* core.track(token, machine, process, slot, timeout, started) / core.untrack(token) */
 static int l_track(lua_State *L) {
     control_track(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
@@ -100,6 +106,7 @@ static int l_is_os_exit(lua_State *L) {
 
 static const luaL_Reg funcs[] = {{"cancel", l_cancel},       {"control", l_control},
                                  {"paused", l_paused},       {"note_pause", l_note_pause},
+                                 {"seen_paused", l_seen_paused},
                                  {"track", l_track},         {"untrack", l_untrack},
                                  {"item_lost", l_item_lost}, {"is_os_exit", l_is_os_exit},
                                  {NULL, NULL}};

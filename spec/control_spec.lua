@@ -254,6 +254,55 @@ describe("work control", function()
     assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Refence"))
   end)
 
+  -- A pause is often asked for to quiet the database: once a host has
+  -- seen it, its poller reads the pause alone, not the worker's select.
+  -- The select here counts itself (a row per call, committed with the
+  -- claim's transaction); the pause reads show in the table statistics
+  -- of `processes`, which nothing else reads while nothing is claimed.
+  it("reads only the pause, not select, while its process is paused", function()
+    admin:exec("CREATE TABLE selects (at TIMESTAMPTZ NOT NULL DEFAULT now())")
+    local script = dir .. "/quiet.lua"
+    H.write_file(script, [[
+      local bmdb = require "bmdb"
+      return { bmdb.worker { process = "Quiet", poll = 0.2,
+        select = function(tx, limit)
+          tx:exec("INSERT INTO selects DEFAULT VALUES")
+          return tx:query([=[SELECT w.machine_id FROM wanted w WHERE w.process = 'Quiet'
+            AND NOT EXISTS (SELECT 1 FROM effects e WHERE e.machine_id = w.machine_id AND e.what = 'Quiet')
+            AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id
+                            AND b.process = 'Quiet') LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, 'Quiet')", w.machine, w.attempt) end)
+        end } }
+    ]])
+    local function selects() return admin:one("SELECT count(*) AS n FROM selects").n end
+    local function pause_reads()
+      return admin:one([[SELECT coalesce(seq_scan, 0) + coalesce(idx_scan, 0) AS n
+                         FROM pg_stat_user_tables WHERE relname = 'processes']]).n
+    end
+    local function done(m)
+      return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = 'Quiet'", m).n > 0
+    end
+    assert.equal(0, (cli("pause", "Quiet", "--reason", "quiet please")))
+    local m = new_machine() -- a candidate: the claim itself finds the pause
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Quiet')", m)
+    local h = start_host(script)
+    h:await("stderr", "process paused")
+    local r0 = pause_reads()
+    H.wait_until(function() return pause_reads() >= r0 + 2 end, 20, "the pause read again")
+    local n0 = selects()
+    local r1 = pause_reads()
+    H.wait_until(function() return pause_reads() >= r1 + 5 end, 20, "five more reads of the pause")
+    assert.equal(n0, selects())
+    assert.is_false(done(m))
+    assert.equal(0, (cli("resume", "Quiet")))
+    H.wait_until(function() return done(m) end, 20, "the item, once resumed")
+    assert.is_true(selects() > n0)
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
   -- A claim whose COMMIT got no answer may have landed: its rows are then
   -- the live session's, so no collector ends them and work_blocked keeps
   -- the machine from every host, yet no slot runs it. Such a row is made

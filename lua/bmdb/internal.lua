@@ -920,6 +920,16 @@ local function note_idle(tx, def)
   core.note_pause(def.process, why ~= nil, why)
 end
 
+-- A process this host last saw paused: read the pause alone, not select
+-- (a select may be heavy, and a pause is often asked for to quiet the
+-- database), until a read finds it resumed. True while it stays paused.
+local function still_paused(tx, def)
+  if not core.seen_paused(def.process) then return false end
+  local why = core.paused(tx, def.process)
+  core.note_pause(def.process, why ~= nil, why)
+  return why ~= nil
+end
+
 -- select's rows as machine ids; nil when they are not a list of rows or
 -- ids that are machine ids (the full claim then says what is wrong).
 local function candidate_ids(rows)
@@ -947,11 +957,12 @@ end
 -- or false when the full claim below must decide: no candidate was free
 -- in our snapshot, select returned something that is not a machine id,
 -- or the lock failed (a machine that does not exist). A drain that begins
--- while we select wins.
+-- while we select wins. A process last seen paused reads only the pause.
 local function claim_fast(def, sess, k)
   local sent
   local ok, outcome = pcall(transact_on, sess, function(tx)
     sent = nil
+    if still_paused(tx, def) then return "idle" end
     local ids = candidate_ids(def.select(tx, def.batch))
     if not ids then return "full" end
     if #ids == 0 then
@@ -1132,6 +1143,7 @@ end
 -- select, and the lock of up to k of its candidates as tx's final
 -- statement; true when that lock was set.
 local function select_and_lock(def, tx, k)
+  if still_paused(tx, def) then return false end
   local ids = candidate_ids(def.select(tx, def.batch))
   if not ids or #ids == 0 or core.state() ~= "running" then return false end
   shuffle(ids)
