@@ -40,7 +40,7 @@ static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_COUNT
+    F_STRAYS_RELEASED, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -67,6 +67,9 @@ static family families[F_COUNT] = {
                         0, NULL},
     [F_RELOADS] = {"bmdb_reloads_total", "Code reloads applied.", COUNTER, NULL, 0, NULL},
     [F_RELOADS_REFUSED] = {"bmdb_reloads_refused_total", "Code reloads refused (the old code kept running).",
+                           COUNTER, NULL, 0, NULL},
+    [F_STRAYS_RELEASED] = {"bmdb_stray_locks_released_total",
+                           "Work rows of this host's live session that no slot held, released (strays.c).",
                            COUNTER, NULL, 0, NULL},
 };
 
@@ -167,6 +170,7 @@ void metrics_claim_empty(const char *process) {
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }
+void metrics_strays_released(long n) { add(F_STRAYS_RELEASED, "", (double)n); }
 
 /* ---- the slot table ------------------------------------------------------ */
 

@@ -33,6 +33,8 @@ void metrics_work(const char *process, const char *event, const char *machine, d
 void metrics_claim_empty(const char *process);
 
 void metrics_reload(int refused);
+/* Work rows no slot held, released by the stray sweep (strays.h). */
+void metrics_strays_released(long n);
 
 /* The calling thread is slot `index` of process until metrics_slot_unbind. */
 void metrics_slot_bind(const char *process, int index);

@@ -14,10 +14,12 @@
  * (a stray then waits for the host's exit), never a wrong release. */
 #include "strays.h"
 #include "log.h"
+#include "metrics.h"
 #include "pool.h"
 
 #include <pthread.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define OWNED_MAX 4096
@@ -97,9 +99,11 @@ static void release(PGconn **cp, const char *session, const char *tokens, double
     };
     const char *params[] = {session, tokens};
     char why[600];
-    for (int i = 0; i < 3 && *cp; i++) {
+    long released = 0;
+    for (int i = 0; i < 3; i++) {
         PGresult *r = pool_exec_bounded(cp, sql[i], i == 1 ? 2 : 0, params, until, why, sizeof why);
         int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
+        if (ok && i == 1) released = atol(PQcmdTuples(r));
         if (!ok) {
             if (r) pool_result_failed(cp, r, why, sizeof why);
             PQclear(r);
@@ -110,6 +114,7 @@ static void release(PGconn **cp, const char *session, const char *tokens, double
         }
         PQclear(r);
     }
+    metrics_strays_released(released); /* COMMIT answered: they are gone */
 }
 
 void strays_sweep(PGconn **cp, const char *session, double until) {

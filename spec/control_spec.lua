@@ -3,6 +3,7 @@
 local H = require "support.helpers"
 local bmdb = require "bmdb"
 local core = require "bmdb.core"
+local http = require "support.http"
 
 describe("work control", function()
   local dsn, admin, dir
@@ -324,7 +325,7 @@ describe("work control", function()
     ]])
     local m = new_machine()
     admin:exec("INSERT INTO wanted VALUES ($1, 'Unanswered')", m)
-    local h = H.spawn { argv = { H.bin, "--interval", "2", script },
+    local h = H.spawn { argv = { H.bin, "--interval", "2", "--http", "127.0.0.1:0", script },
                         env = { BMDB_DSN = relayed, PROCESS = "Unanswered" } }
     H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
     H.wait_until(function()
@@ -335,6 +336,10 @@ describe("work control", function()
       "SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Canceled'", m).cause)
     assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
     h:await("stderr", 'msg="releasing a work row no slot of this host holds')
+    local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
+    local status, _, metrics = http.get(port, "/metrics")
+    assert.equal(200, status)
+    assert.matches("\nbmdb_stray_locks_released_total 1\n", metrics)
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
   end)
