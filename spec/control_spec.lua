@@ -309,11 +309,12 @@ describe("work control", function()
   -- the rows are the live session's, so no collector ends them and
   -- work_blocked keeps the machine from every host, yet no slot runs it.
   -- The host talks to the server through a relay (spec/support/relay.lua)
-  -- that lets the first COMMIT after a lock commit and then closes the
-  -- connection instead of passing its answer on.
-  it("releases the rows of a claim whose COMMIT got no answer, and runs the item once", function()
+  -- that lets a COMMIT after a lock land, skipping `skip` such COMMITs
+  -- first, and then closes the connection instead of passing its answer
+  -- on. Returns the host (with --http) and the relay's directory.
+  local function unanswered_host(process, skip)
     local relay_dir = H.tmpdir("relay")
-    H.spawn { argv = { "luajit", H.root .. "/spec/support/relay.lua", relay_dir, H.postgres().dir } }
+    H.spawn { argv = { "luajit", H.root .. "/spec/support/relay.lua", relay_dir, H.postgres().dir, tostring(skip) } }
     local relayed = dsn:gsub("host=%S+", "host=" .. relay_dir)
     H.wait_until(function()
       local ok, c = pcall(core.connect, relayed)
@@ -323,23 +324,55 @@ describe("work control", function()
     local script = worker_script("unanswered", [[
       w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
     ]])
-    local m = new_machine()
-    admin:exec("INSERT INTO wanted VALUES ($1, 'Unanswered')", m)
     local h = H.spawn { argv = { H.bin, "--interval", "2", "--http", "127.0.0.1:0", script },
-                        env = { BMDB_DSN = relayed, PROCESS = "Unanswered" } }
+                        env = { BMDB_DSN = relayed, PROCESS = process } }
     H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
+    return h
+  end
+
+  -- What the stray sweep released: its history, and the host's metric.
+  local function assert_released(h, m, process, effects)
     H.wait_until(function()
-      return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = 'Unanswered'", m).n > 0
+      return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = $2", m, process).n > 0
     end, 30, "the item, once the claim's rows were released")
-    assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, "Unanswered"))
+    assert.same({ "Started", "Canceled", "Started", "Finished" }, history(m, process))
     assert.matches("COMMIT that got no answer", admin:one(
       "SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Canceled'", m).cause)
-    assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
     h:await("stderr", 'msg="releasing a work row no slot of this host holds')
     local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
     local status, _, metrics = http.get(port, "/metrics")
     assert.equal(200, status)
     assert.matches("\nbmdb_stray_locks_released_total 1\n", metrics)
+  end
+
+  it("releases the rows of a claim whose COMMIT got no answer, and runs the item once", function()
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Unanswered')", m)
+    local h = unanswered_host("Unanswered", 0)
+    assert_released(h, m, "Unanswered")
+    assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  -- At one slot a finish and the next claim share a transaction (a batch
+  -- of one, batch.c). Losing its COMMIT's answer loses the answer to both:
+  -- the finish is tried again alone and finds its item already finished;
+  -- the claim's rows are strays.
+  it("finishes an item and releases the next one's rows when their shared COMMIT got no answer", function()
+    local first, second = new_machine(), new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Shared'), ($2, 'Shared')", first, second)
+    local h = unanswered_host("Shared", 1) -- the first claim's COMMIT passes
+    local stray = H.wait_until(function()
+      local r = admin:one("SELECT machine_id FROM work_history WHERE process = 'Shared' AND event = 'Canceled'")
+      return r and r.machine_id
+    end, 30, "the stray released")
+    local done = stray == first and second or first
+    assert_released(h, stray, "Shared")
+    assert.same({ "Started", "Finished" }, history(done, "Shared"))
+    for _, m in ipairs { first, second } do
+      assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+    end
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
   end)

@@ -1,17 +1,18 @@
 -- support/relay.lua -- a PostgreSQL connection relay that loses one answer
 -- to COMMIT, for specs of an outcome the host cannot know.
 --
---   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR
+--   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR [SKIP]
 --
 -- It listens on LISTEN_DIR/.s.PGSQL.5432 and relays every connection to
 -- SERVER_DIR/.s.PGSQL.5432, byte for byte. It reads the server's messages
 -- (a type byte, then a length) and watches for the host's lock statement:
 -- a row description naming machine_id, token and attempts, then a row. The
--- first COMMIT that completes on a connection after such a row has
--- committed on the server, but its CommandComplete never reaches the
--- client: the relay closes both ends instead, once, and writes
--- LISTEN_DIR/fired. Every other connection, and every connection after
--- that, is relayed untouched.
+-- first COMMIT that completes on a connection after such a row (after
+-- SKIP such COMMITs passed untouched, 0 by default) has committed on the
+-- server, but its CommandComplete never reaches the client: the relay
+-- closes both ends instead, once, and writes LISTEN_DIR/fired. Every
+-- other connection, and every connection after that, is relayed
+-- untouched.
 local ffi = require "ffi"
 local bit = require "bit"
 
@@ -31,8 +32,8 @@ int poll(struct pollfd *fds, unsigned long n, int timeout);
 local C = ffi.C
 local AF_UNIX, SOCK_STREAM, POLLIN = 1, 1, 1
 
-local listen_dir, server_dir = arg[1], arg[2]
-assert(listen_dir and server_dir, "usage: relay.lua LISTEN_DIR SERVER_DIR")
+local listen_dir, server_dir, skip = arg[1], arg[2], tonumber(arg[3] or 0)
+assert(listen_dir and server_dir and skip, "usage: relay.lua LISTEN_DIR SERVER_DIR [SKIP]")
 
 local function address(dir)
   local a = ffi.new("struct sockaddr_un")
@@ -84,7 +85,10 @@ local function from_server(p, data)
     elseif kind == "C" then
       p.lock = false
       if body:sub(1, 8) == "ROLLBACK" then p.armed = false end
-      if body:sub(1, 6) == "COMMIT" and p.armed and not fired then
+      if body:sub(1, 6) == "COMMIT" and p.armed and not fired and skip > 0 then
+        skip = skip - 1
+        p.armed = false
+      elseif body:sub(1, 6) == "COMMIT" and p.armed and not fired then
         fired = true
         send_all(p.client, table.concat(out))
         close_pair(p)
