@@ -85,8 +85,9 @@ static int l_track(lua_State *L) {
 }
 
 static int l_untrack(lua_State *L) {
-    control_untrack(luaL_checkstring(L, 1));
-    strays_disown(luaL_checkstring(L, 1)); /* the item is done: its row, if left, is a stray */
+    const char *token = luaL_checkstring(L, 1);
+    control_untrack(token);
+    strays_disown(token); /* the item is done: its row, if left, is a stray */
     return 0;
 }
 

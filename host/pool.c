@@ -379,3 +379,23 @@ void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen
     }
 }
 
+/* No fence: the heartbeat's housekeeping acts on other sessions, or on our
+ * own as it ends or as it looks for its strays. */
+int pool_exec_transaction_bounded(PGconn **cp, const char *const *sqls, int nsql, const char *const *params,
+                                  int nparams, double until, long *rows_of_last, char *why, size_t whylen) {
+    PGresult *r = pool_exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
+    int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (r && !ok) pool_result_failed(cp, r, why, whylen);
+    PQclear(r);
+    for (int i = 0; ok && i <= nsql; i++) {
+        const char *sql = i < nsql ? sqls[i] : "COMMIT";
+        r = pool_exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
+        ExecStatusType st = PQresultStatus(r);
+        ok = r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
+        if (r && !ok) pool_result_failed(cp, r, why, whylen);
+        else if (ok && i == nsql - 1 && rows_of_last) *rows_of_last = atol(PQcmdTuples(r));
+        PQclear(r);
+    }
+    if (!ok && *cp && PQtransactionStatus(*cp) != PQTRANS_IDLE) PQclear(PQexec(*cp, "ROLLBACK"));
+    return ok ? 0 : -1;
+}

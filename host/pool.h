@@ -53,6 +53,13 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
  * and the connection given up if the failure broke it (a terminated
  * backend, a server restart). */
 void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen);
+/* sqls in one SERIALIZABLE transaction on *cp, a connection of the
+ * caller's own, each statement with the same params (COMMIT with none)
+ * and bounded by until. 0, or -1 with why set (the transaction rolled
+ * back, or the connection given up); the caller decides whether to retry.
+ * rows_of_last, if not NULL, gets the rows the last statement affected. */
+int pool_exec_transaction_bounded(PGconn **cp, const char *const *sqls, int nsql, const char *const *params,
+                                  int nparams, double until, long *rows_of_last, char *why, size_t whylen);
 
 /* Shutdown: asks the server to cancel whatever statement each lent
  * connection is running (a slot blocked on a lock returns with an error). */

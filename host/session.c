@@ -209,28 +209,6 @@ static int poke(PGconn **cp, session *s) {
     return outcome;
 }
 
-/* Runs sqls in one SERIALIZABLE transaction on *cp (no fence: these act on
- * other sessions, or on our own as it ends), every statement bounded by
- * `until`. 0, or -1 with why set; the caller decides whether to retry. */
-static int housekeeping(PGconn **cp, const char *const *sqls, int nsql, const char *const *params,
-                        int nparams, double until, long *rows_of_last, char *why, size_t whylen) {
-    PGresult *r = pool_exec_bounded(cp, "BEGIN ISOLATION LEVEL SERIALIZABLE", 0, NULL, until, why, whylen);
-    int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
-    if (r && !ok) pool_result_failed(cp, r, why, whylen);
-    PQclear(r);
-    for (int i = 0; ok && i <= nsql; i++) {
-        const char *sql = i < nsql ? sqls[i] : "COMMIT";
-        r = pool_exec_bounded(cp, sql, i < nsql ? nparams : 0, params, until, why, whylen);
-        ExecStatusType st = PQresultStatus(r);
-        ok = r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
-        if (r && !ok) pool_result_failed(cp, r, why, whylen);
-        else if (ok && i == nsql - 1 && rows_of_last) *rows_of_last = atol(PQcmdTuples(r));
-        PQclear(r);
-    }
-    if (!ok && *cp && PQtransactionStatus(*cp) != PQTRANS_IDLE) PQclear(PQexec(*cp, "ROLLBACK"));
-    return ok ? 0 : -1;
-}
-
 /* Collects sessions past their deadline with cfg.housekeeping->collect
  * (work.c: their work rows are recorded Abandoned and deleted with them).
  * Runs on the heartbeat's connection within `until`. Two collectors racing over the same dead session
@@ -244,7 +222,7 @@ static void collect_expired(PGconn **cp, double until) {
     const struct session_housekeeping *hk = cfg.housekeeping;
     char why[600];
     long n = 0;
-    if (housekeeping(cp, hk->collect, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
+    if (pool_exec_transaction_bounded(cp, hk->collect, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
         log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
                NULL);
     } else if (n > 0) {
@@ -433,7 +411,7 @@ static void end_session(session *s) {
     PGconn *c = NULL;
     for (int attempt = 1; attempt <= 5; attempt++) {
         if (!(c = heartbeat_conn(c))) break;
-        if (housekeeping(&c, hk->end, hk->nend, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
+        if (pool_exec_transaction_bounded(&c, hk->end, hk->nend, params, 1, mono_now() + END_WAIT_S, NULL, why, sizeof why) == 0) {
             log_kv(LOG_INFO, "session ended", "session", s->id, NULL);
             if (c) PQfinish(c);
             return;

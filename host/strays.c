@@ -19,7 +19,6 @@
 
 #include <pthread.h>
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #define OWNED_MAX 4096
@@ -84,37 +83,24 @@ static int suspected(const char *token) {
 }
 
 /* Releases the rows of session whose tokens are in the array literal
- * tokens, each recorded Canceled. One SERIALIZABLE transaction, as every
+ * tokens, each recorded Canceled, in one SERIALIZABLE transaction as every
  * BMDB transaction; a row that went meanwhile (a collector, a takeover)
  * is simply not there. */
 static void release(PGconn **cp, const char *session, const char *tokens, double until) {
     static const char *const sql[] = {
-        "BEGIN ISOLATION LEVEL SERIALIZABLE",
         "WITH gone AS (DELETE FROM work WHERE session_id = $1 AND token = ANY($2::UUID[]) "
         " RETURNING machine_id, process, session_id, token) "
         "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
         "SELECT machine_id, process, session_id, 'Canceled', "
         " 'no slot of its session held it (left by a COMMIT that got no answer)', token FROM gone",
-        "COMMIT",
     };
     const char *params[] = {session, tokens};
     char why[600];
     long released = 0;
-    for (int i = 0; i < 3; i++) {
-        PGresult *r = pool_exec_bounded(cp, sql[i], i == 1 ? 2 : 0, params, until, why, sizeof why);
-        int ok = r && PQresultStatus(r) == PGRES_COMMAND_OK;
-        if (ok && i == 1) released = atol(PQcmdTuples(r));
-        if (!ok) {
-            if (r) pool_result_failed(cp, r, why, sizeof why);
-            PQclear(r);
-            if (*cp && PQtransactionStatus(*cp) != PQTRANS_IDLE) PQclear(PQexec(*cp, "ROLLBACK"));
-            log_kv(LOG_WARN, "cannot release work rows no slot holds; the next pass retries", "error", why,
-                   NULL);
-            return;
-        }
-        PQclear(r);
-    }
-    metrics_strays_released(released); /* COMMIT answered: they are gone */
+    if (pool_exec_transaction_bounded(cp, sql, 1, params, 2, until, &released, why, sizeof why) < 0)
+        log_kv(LOG_WARN, "cannot release work rows no slot holds; the next pass retries", "error", why, NULL);
+    else
+        metrics_strays_released(released);
 }
 
 void strays_sweep(PGconn **cp, const char *session, double until) {
