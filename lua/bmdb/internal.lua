@@ -912,22 +912,21 @@ local function shuffle(t)
   end
 end
 
--- An idle select: is the process paused too? An empty select cannot
--- tell, and the host logs a pause once it learns of it, work or not. The
--- idle path only (a claim that locks nothing learns it in the full claim).
-local function note_idle(tx, def)
+-- Reads whether def's process is paused, for the host to log once per
+-- change; true when it is. Read on an idle select, which cannot tell a
+-- pause from no work (the host logs a pause once it learns of it, work or
+-- not); a claim that locks nothing learns it in the full claim instead.
+local function read_pause(tx, def)
   local why = core.paused(tx, def.process)
   core.note_pause(def.process, why ~= nil, why)
+  return why ~= nil
 end
 
 -- A process this host last saw paused: read the pause alone, not select
 -- (a select may be heavy, and a pause is often asked for to quiet the
 -- database), until a read finds it resumed. True while it stays paused.
 local function still_paused(tx, def)
-  if not core.seen_paused(def.process) then return false end
-  local why = core.paused(tx, def.process)
-  core.note_pause(def.process, why ~= nil, why)
-  return why ~= nil
+  return core.seen_paused(def.process) and read_pause(tx, def)
 end
 
 -- select's rows as machine ids; nil when they are not a list of rows or
@@ -966,7 +965,7 @@ local function claim_fast(def, sess, k)
     local ids = candidate_ids(def.select(tx, def.batch))
     if not ids then return "full" end
     if #ids == 0 then
-      note_idle(tx, def)
+      read_pause(tx, def)
       return "idle"
     end
     shuffle(ids)
@@ -1023,7 +1022,7 @@ local function claim(def, opts)
         if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
       end
       if not (opts and opts.ordered) then shuffle(ids) end
-      if #ids == 0 then note_idle(tx, def) end
+      if #ids == 0 then read_pause(tx, def) end
       for _, id in ipairs(ids) do
         if type(id) ~= "string" or not core.valid_uuid(id) then
           skip(id, "not a machine id (a UUID)")
