@@ -340,8 +340,8 @@ describe("work control", function()
       "SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Canceled'", m).cause)
     h:await("stderr", 'msg="releasing a work row no slot of this host holds')
     local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
-    local status, _, metrics = http.get(port, "/metrics")
-    assert.equal(200, status)
+    local status, why, metrics = http.get(port, "/metrics")
+    assert.equal(200, status, why)
     assert.matches("\nbmdb_stray_locks_released_total 1\n", metrics)
   end
 
