@@ -311,27 +311,28 @@ describe("work control", function()
   -- The host talks to the server through a relay (spec/support/relay.lua)
   -- that lets a COMMIT after a lock land, skipping `skip` such COMMITs
   -- first, and then closes the connection instead of passing its answer
-  -- on. Returns the host (with --http) and the relay's directory.
-  local function unanswered_host(process, skip)
-    local relay_dir = H.tmpdir("relay")
-    H.spawn { argv = { "luajit", H.root .. "/spec/support/relay.lua", relay_dir, H.postgres().dir, tostring(skip) } }
-    local relayed = dsn:gsub("host=%S+", "host=" .. relay_dir)
-    H.wait_until(function()
-      local ok, c = pcall(core.connect, relayed)
-      if ok then c:close() end
-      return ok
-    end, 20, "the relay")
-    local script = worker_script("unanswered", [[
+  -- on. Options: `skip`; `members`, only a COMMIT of a batch of that
+  -- many finishes (host/batch.h) counts; `finish`, the COMMIT of a finish
+  -- counts, lock or not; `body` and `extra`, the worker's body (by
+  -- default, a finish that records its effect) and more of its fields;
+  -- `later`, do not wait for the relay to fire. Returns the host, started
+  -- with --http, and the relay's directory.
+  local function unanswered_host(process, o)
+    local relay = H.relay(dsn, { tostring(o.skip or 0), tostring(o.members or 0), o.finish and "finish" or "claim" })
+    local script = worker_script("unanswered" .. process, o.body or [[
       w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
-    ]])
+    ]], o.extra)
     local h = H.spawn { argv = { H.bin, "--interval", "2", "--http", "127.0.0.1:0", script },
-                        env = { BMDB_DSN = relayed, PROCESS = process } }
-    H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
-    return h
+                        env = { BMDB_DSN = relay.dsn, PROCESS = process } }
+    if not o.later then
+      H.wait_until(function() return H.read_file(relay.dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
+    end
+    return h, relay.dir
   end
 
-  -- What the stray sweep released: its history, and the host's metric.
-  local function assert_released(h, m, process, effects)
+  -- What the stray sweep released: its history, and the host's metric
+  -- (`strays` rows released in all, 1 by default).
+  local function assert_released(h, m, process, strays)
     H.wait_until(function()
       return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1 AND what = $2", m, process).n > 0
     end, 30, "the item, once the claim's rows were released")
@@ -342,13 +343,13 @@ describe("work control", function()
     local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
     local status, why, metrics = http.get(port, "/metrics")
     assert.equal(200, status, why)
-    assert.matches("\nbmdb_stray_locks_released_total 1\n", metrics)
+    assert.matches("\nbmdb_stray_locks_released_total " .. (strays or 1) .. "\n", metrics)
   end
 
   it("releases the rows of a claim whose COMMIT got no answer, and runs the item once", function()
     local m = new_machine()
     admin:exec("INSERT INTO wanted VALUES ($1, 'Unanswered')", m)
-    local h = unanswered_host("Unanswered", 0)
+    local h = unanswered_host("Unanswered", {})
     assert_released(h, m, "Unanswered")
     assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
     h:kill("TERM")
@@ -362,7 +363,7 @@ describe("work control", function()
   it("finishes an item and releases the next one's rows when their shared COMMIT got no answer", function()
     local first, second = new_machine(), new_machine()
     admin:exec("INSERT INTO wanted VALUES ($1, 'Shared'), ($2, 'Shared')", first, second)
-    local h = unanswered_host("Shared", 1) -- the first claim's COMMIT passes
+    local h = unanswered_host("Shared", { skip = 1 }) -- the first claim's COMMIT passes
     local stray = H.wait_until(function()
       local r = admin:one("SELECT machine_id FROM work_history WHERE process = 'Shared' AND event = 'Canceled'")
       return r and r.machine_id
@@ -375,6 +376,97 @@ describe("work control", function()
     end
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  -- Four slots finish at once and share a transaction that also claims
+  -- the next four items (host/batch.h); the relay loses that COMMIT's
+  -- answer. Each member's finish is then tried alone, its commit function
+  -- run again, finds its item already finished, and counts as done; the
+  -- four claimed items' rows are strays. The bodies wait until four items
+  -- have started, and the first four's commit functions until four
+  -- members have joined (as worker_spec's batches do), so the batch is
+  -- whole rather than however the timing fell.
+  it("finishes each member of a batch whose COMMIT got no answer, and releases the items it claimed", function()
+    local ms = {}
+    for i = 1, 8 do
+      ms[i] = new_machine()
+      admin:exec("INSERT INTO wanted VALUES ($1, 'Batched')", ms[i])
+    end
+    local h = unanswered_host("Batched", { members = 4, extra = "concurrency = 4,", body = [[
+      local core = require "bmdb.core"
+      local function wait_for(what, ok)
+        local deadline = core.now() + 20
+        while not ok() do
+          if core.now() > deadline then error("gave up waiting for " .. what) end
+          bmdb.sleep(0.01)
+        end
+      end
+      local started
+      wait_for("four items started", function()
+        started = bmdb.transact(function(tx)
+          return tx:one("SELECT count(*) AS n FROM work_history WHERE process = 'Batched' AND event = 'Started'").n
+        end)
+        return started >= 4
+      end)
+      w:finish(function(tx)
+        if started == 4 then -- the first four (the next four are claimed in their batch)
+          wait_for("four members in the batch", function()
+            local n = core.batch_members()
+            return n == 4 or n == 0
+          end)
+        end
+        tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process)
+      end)
+    ]] })
+    local strays = H.wait_until(function()
+      local rows = admin:query("SELECT machine_id FROM work_history WHERE process = 'Batched' AND event = 'Canceled'")
+      return #rows == 4 and rows
+    end, 30, "the four claimed items' rows released")
+    local stray = {}
+    for _, r in ipairs(strays) do stray[r.machine_id] = true end
+    for _, m in ipairs(ms) do
+      if stray[m] then assert_released(h, m, "Batched", 4)
+      else assert.same({ "Started", "Finished" }, history(m, "Batched")) end
+    end
+    H.wait_until(function()
+      return admin:one("SELECT count(*) AS n FROM effects WHERE what = 'Batched'").n >= 8
+    end, 30, "every item's effect")
+    for _, m in ipairs(ms) do
+      assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+    end
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
+  -- A draining host only finishes: its last finish is a transaction of
+  -- its own (a batch of one that claims nothing), and the relay loses
+  -- that COMMIT's answer. The finish is tried again alone, its commit
+  -- function run again; its lock is gone, so it counts as done, once, and
+  -- the host ends its session and exits 0. The body waits for a row the
+  -- spec writes after SIGTERM, so the finish comes during the drain.
+  it("counts a draining host's last finish as done when its COMMIT got no answer", function()
+    local m = new_machine()
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Drained')", m)
+    local h, relay_dir = unanswered_host("Drained", { finish = true, later = true, body = [[
+      local core = require "bmdb.core"
+      local deadline = core.now() + 20
+      while not bmdb.transact(function(tx)
+        return tx:one("SELECT count(*) AS n FROM wanted WHERE machine_id = $1 AND process = 'Go'", w.machine).n > 0
+      end) do
+        if core.now() > deadline then error("gave up waiting for the go") end
+        bmdb.sleep(0.01)
+      end
+      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
+    ]] })
+    H.wait_until(function() return history(m, "Drained")[1] == "Started" end, 20, "the item started")
+    h:kill("TERM")
+    h:await("stderr", "draining: no new claims")
+    admin:exec("INSERT INTO wanted VALUES ($1, 'Go')", m)
+    H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.same({ "Started", "Finished" }, history(m, "Drained"))
+    assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
   end)
 
   -- A select's NOT EXISTS against work_blocked stays a few primary-key

@@ -455,6 +455,26 @@ function H.terminate_backend(conn, pid)
   return conn:one("SELECT pg_terminate_backend($1) AS ok", pid).ok
 end
 
+-- A relay (support/relay.lua) between a client and the test server, for
+-- dsn, a DSN on that server: { dsn = the same DSN through the relay,
+-- dir = its directory (where it writes `fired`), proc = its process }.
+-- args: the relay's SKIP, MEMBERS and mode, as strings. SIGSTOP of proc
+-- hangs every connection through it, and every new one, like a route
+-- that black-holes.
+function H.relay(dsn, args)
+  local dir = H.tmpdir("relay")
+  local argv = { "luajit", H.root .. "/spec/support/relay.lua", dir, H.postgres().dir }
+  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  local r = { dir = dir, proc = H.spawn { argv = argv }, dsn = (dsn:gsub("host=%S+", "host=" .. dir)) }
+  local core = require "bmdb.core"
+  H.wait_until(function()
+    local ok, c = pcall(core.connect, r.dsn)
+    if ok then c:close() end
+    return ok
+  end, 20, "the relay")
+  return r
+end
+
 -- Resident set size in kB, and open file descriptors, of a live process.
 function H.rss_kb(pid)
   local status = H.read_file("/proc/" .. pid .. "/status") or ""

@@ -1,18 +1,24 @@
 -- support/relay.lua -- a PostgreSQL connection relay that loses one answer
 -- to COMMIT, for specs of an outcome the host cannot know.
 --
---   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR [SKIP]
+--   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish]]]
 --
 -- It listens on LISTEN_DIR/.s.PGSQL.5432 and relays every connection to
 -- SERVER_DIR/.s.PGSQL.5432, byte for byte. It reads the server's messages
 -- (a type byte, then a length) and watches for the host's lock statement:
 -- a row description naming machine_id, token and attempts, then a row. The
 -- first COMMIT that completes on a connection after such a row (after
--- SKIP such COMMITs passed untouched, 0 by default) has committed on the
+-- SKIP such COMMITs passed untouched, 0 by default), in a transaction
+-- that opened at least MEMBERS savepoints (0 by default; a batch of k
+-- finishes opens one per member, host/batch.h), has committed on the
 -- server, but its CommandComplete never reaches the client: the relay
 -- closes both ends instead, once, and writes LISTEN_DIR/fired. Every
 -- other connection, and every connection after that, is relayed
 -- untouched.
+--
+-- With `finish`, the COMMIT need not follow a lock: any COMMIT of a
+-- transaction that opened at least MEMBERS (at least 1) savepoints, that
+-- is a finish's, counts.
 local ffi = require "ffi"
 local bit = require "bit"
 
@@ -32,8 +38,10 @@ int poll(struct pollfd *fds, unsigned long n, int timeout);
 local C = ffi.C
 local AF_UNIX, SOCK_STREAM, POLLIN = 1, 1, 1
 
-local listen_dir, server_dir, skip = arg[1], arg[2], tonumber(arg[3] or 0)
-assert(listen_dir and server_dir and skip, "usage: relay.lua LISTEN_DIR SERVER_DIR [SKIP]")
+local listen_dir, server_dir = arg[1], arg[2]
+local skip, members, finish = tonumber(arg[3] or 0), tonumber(arg[4] or 0), arg[5] == "finish"
+assert(listen_dir and server_dir and skip and members and (finish or arg[5] == nil or arg[5] == "claim"),
+  "usage: relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish]]]")
 
 local function address(dir)
   local a = ffi.new("struct sockaddr_un")
@@ -57,7 +65,8 @@ local function send_all(fd, s)
 end
 
 local fired = false
-local pairs_ = {} -- each: { client =, server =, pending = bytes from the server not yet whole, lock = , armed = }
+local pairs_ = {} -- each: { client =, server =, pending = bytes from the server not yet whole, lock = , armed =,
+                  --        savepoints = opened since the last COMMIT or ROLLBACK }
 
 local function close_pair(p)
   C.close(p.client)
@@ -80,22 +89,28 @@ local function from_server(p, data)
         and body:find("attempts\0", 1, true) and true or false
     elseif kind == "Z" then
       p.lock = false -- a PREPARE's description is not a lock that ran
-    elseif kind == "D" and p.lock then
+    elseif kind == "D" and p.lock and p.savepoints >= members then
       p.armed = true
     elseif kind == "C" then
       p.lock = false
-      if body:sub(1, 8) == "ROLLBACK" then p.armed = false end
-      if body:sub(1, 6) == "COMMIT" and p.armed and not fired and skip > 0 then
-        skip = skip - 1
-        p.armed = false
-      elseif body:sub(1, 6) == "COMMIT" and p.armed and not fired then
-        fired = true
-        send_all(p.client, table.concat(out))
-        close_pair(p)
-        local f = io.open(listen_dir .. "/fired", "w")
-        f:write("fired\n")
-        f:close()
-        return
+      if body:sub(1, 9) == "SAVEPOINT" then p.savepoints = p.savepoints + 1 end
+      -- (ROLLBACK TO SAVEPOINT's tag is ROLLBACK too: a spec with MEMBERS
+      -- must not have a member roll back)
+      if body:sub(1, 8) == "ROLLBACK" then p.armed, p.savepoints = false, 0 end
+      if body:sub(1, 6) == "COMMIT" then
+        if finish then p.armed = p.savepoints >= math.max(members, 1) end
+        if p.armed and not fired and skip == 0 then
+          fired = true
+          send_all(p.client, table.concat(out))
+          close_pair(p)
+          local f = io.open(listen_dir .. "/fired", "w")
+          f:write("fired\n")
+          f:close()
+          return
+        elseif p.armed and not fired then
+          skip = skip - 1
+        end
+        p.armed, p.savepoints = false, 0
       end
     end
     out[#out + 1] = p.pending:sub(pos, pos + len)
@@ -116,18 +131,20 @@ while true do
     fds[2 * i - 1].fd, fds[2 * i - 1].events = p.client, POLLIN
     fds[2 * i].fd, fds[2 * i].events = p.server, POLLIN
   end
-  if C.poll(fds, 1 + 2 * #pairs_, 1000) > 0 then
+  local polled = #pairs_ -- a pair accepted below has no entry in fds until the next round
+  if C.poll(fds, 1 + 2 * polled, 1000) > 0 then
     if fds[0].revents ~= 0 then
       local client = C.accept(listener, nil, nil)
       local server = C.socket(AF_UNIX, SOCK_STREAM, 0)
       if client >= 0 and C.connect(server, address(server_dir), ffi.sizeof("struct sockaddr_un")) == 0 then
-        pairs_[#pairs_ + 1] = { client = client, server = server, pending = "" }
+        pairs_[#pairs_ + 1] = { client = client, server = server, pending = "", savepoints = 0 }
       else
         C.close(client)
         C.close(server)
       end
     end
-    for i, p in ipairs(pairs_) do
+    for i = 1, polled do
+      local p = pairs_[i]
       if not p.closed and fds[2 * i - 1].revents ~= 0 then
         local n = C.read(p.client, buf, 65536)
         if n <= 0 or not send_all(p.server, ffi.string(buf, n)) then close_pair(p) end
