@@ -348,7 +348,7 @@ static int wait_for(int sigfd, int donefd, double timeout_s) {
 static int serve_workers(const struct options *o, host_db *db, struct script_run *run, int sigfd) {
     int slots = 0;
     for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
-    pool_grow(db->pool, slots + 4); /* + heartbeat, listener, slack */
+    pool_grow(db->pool, slots + 4); /* + slack (heartbeat and listener connect on their own) */
     workers_set_code(run->code);    /* the bytes the top level was validated on */
     reloader *rl = reload_create(run->code, run->argc, run->argv, o->watch);
     workers_init(db->pool, run->argc, run->argv);
@@ -366,6 +366,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
         control_check_timeouts(); /* bodies past their item's timeout */
+        sessions_check_deadline();
         host_state st = lifecycle_state();
         if (sig == 0) reload_read_events(rl);
         if (st == HOST_RUNNING && reload_due_in(rl) == 0) reload_run(rl, db->pool, 0);
@@ -526,6 +527,7 @@ static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p)
          * running in a canceled host, to be interrupted like on a signal */
         int sig = wait_for(sigfd, donefd, 0.2);
         control_check_timeouts();
+        sessions_check_deadline();
         if (sig == 0) {
             finished = 1;
             break;

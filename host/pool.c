@@ -287,7 +287,8 @@ PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
 void pool_put(pool *p, PGconn *conn) {
     if (!conn) return;
     /* Only a clean, idle connection goes back: anything else could leak a
-     * transaction (and its fence) into the next borrower. */
+     * transaction (and its fence) into the next borrower. One whose cancel
+     * request was spent (pool_cancel_lent) is closed too. */
     int reusable = PQstatus(conn) == CONNECTION_OK && PQtransactionStatus(conn) == PQTRANS_IDLE;
     struct pconn pc = {.conn = conn};
     pthread_mutex_lock(&p->lock);
@@ -296,8 +297,11 @@ void pool_put(pool *p, PGconn *conn) {
         pc = *e;
         *e = p->lent[--p->nlent];
     }
-    if (reusable) p->idle[p->nidle++] = pc;
-    else p->open--;
+    if (reusable && pc.cancel) p->idle[p->nidle++] = pc;
+    else {
+        reusable = 0;
+        p->open--;
+    }
     pthread_cond_signal(&p->returned);
     pthread_mutex_unlock(&p->lock);
     if (!reusable) close_pconn(&pc);
@@ -307,13 +311,65 @@ PGconn *pool_connect_own(pool *p, char *err, size_t errlen) {
     return pool_connect(p->conninfo, err, errlen);
 }
 
-void pool_cancel_lent(pool *p) {
+/* Cancel requests go out from threads of their own. PQcancel opens a
+ * connection to the server and waits until the server closes it, with no
+ * bound at all (libpq 15 has no cancel that does not block; 17's
+ * PQcancelStart has): on a route that hangs (a frozen proxy, a
+ * black-holed address) it would hang the thread that asked, and that is
+ * the heartbeat, which must give its session up on its own clock, or
+ * shutdown, which must end. So whoever asks for a cancel never waits for
+ * it. At most CANCELS_MAX are in flight at once; past that a request is
+ * dropped, since those in flight hang on the same route (the connection
+ * it was for is closed or abandoned all the same). */
+#define CANCELS_MAX 8
+static pthread_mutex_t cancels_mu = PTHREAD_MUTEX_INITIALIZER;
+static int cancels_in_flight; /* under cancels_mu */
+
+static void *cancel_main(void *arg) {
     char buf[256];
+    PQcancel(arg, buf, sizeof buf);
+    PQfreeCancel(arg);
+    pthread_mutex_lock(&cancels_mu);
+    cancels_in_flight--;
+    pthread_mutex_unlock(&cancels_mu);
+    return NULL;
+}
+
+/* Sends the cancel request `cancel` from a detached thread, which frees
+ * it; frees it unsent when CANCELS_MAX are in flight. */
+static void cancel_detached(PGcancel *cancel) {
+    if (!cancel) return;
+    pthread_mutex_lock(&cancels_mu);
+    int room = cancels_in_flight < CANCELS_MAX;
+    if (room) cancels_in_flight++;
+    pthread_mutex_unlock(&cancels_mu);
+    pthread_attr_t attr;
+    pthread_t th;
+    int started = 0;
+    if (room && pthread_attr_init(&attr) == 0) {
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        started = pthread_create(&th, &attr, cancel_main, cancel) == 0;
+        pthread_attr_destroy(&attr);
+    }
+    if (started) return;
+    if (room) {
+        pthread_mutex_lock(&cancels_mu);
+        cancels_in_flight--;
+        pthread_mutex_unlock(&cancels_mu);
+    }
+    log_kv(LOG_DEBUG, "cancel request not sent: too many in flight", NULL);
+    PQfreeCancel(cancel);
+}
+
+void pool_cancel_lent(pool *p) {
     pthread_mutex_lock(&p->lock);
-    /* PQcancel is meant to be called from another thread than the one using
-     * the connection; it opens a short connection of its own. */
-    for (int i = 0; i < p->nlent; i++)
-        if (p->lent[i].cancel) PQcancel(p->lent[i].cancel, buf, sizeof buf);
+    /* Each request's PGcancel goes to its thread, which frees it: the
+     * connection keeps none, and is closed when it comes back (pool_put),
+     * rather than lent again without a way to cancel it. */
+    for (int i = 0; i < p->nlent; i++) {
+        cancel_detached(p->lent[i].cancel);
+        p->lent[i].cancel = NULL;
+    }
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -359,10 +415,7 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
     }
     if (timed_out) {
         snprintf(why, whylen, "no answer from the database in time");
-        PGcancel *cancel = PQgetCancel(c);
-        char buf[256];
-        if (cancel) PQcancel(cancel, buf, sizeof buf);
-        PQfreeCancel(cancel);
+        cancel_detached(PQgetCancel(c)); /* not waited for: the route may hang too */
     } else {
         pq_error_text(c, NULL, why, whylen);
     }

@@ -62,7 +62,9 @@ int pool_exec_transaction_bounded(PGconn **cp, const char *const *sqls, int nsql
                                   int nparams, double until, long *rows_of_last, char *why, size_t whylen);
 
 /* Shutdown: asks the server to cancel whatever statement each lent
- * connection is running (a slot blocked on a lock returns with an error). */
+ * connection is running (a slot blocked on a lock returns with an error).
+ * Returns at once: the requests go out from threads of their own, since
+ * on a route that hangs they hang too (and pool_exec_bounded's likewise). */
 void pool_cancel_lent(pool *p);
 /* Backend pids of the connections lent out now; returns how many (<= max). */
 int pool_lent_pids(pool *p, int *pids, int max);

@@ -9,7 +9,10 @@
  * The database sets its deadline from the poke transaction's now(), which
  * is later than the moment we sent it, so the local deadline always passes
  * first (guarantee 3). session_alive() compares against the clock itself,
- * so a session whose heartbeat is stuck in a hung poke still dies on time.
+ * so a session whose heartbeat is stuck in a hung poke still dies on time,
+ * and the main loop calls sessions_check_deadline() to declare it lost
+ * (log, metric, wake-ups) on time too: the heartbeat thread may be in a
+ * connect that takes longer than the interval.
  *
  * A failed poke is retried while the local deadline is ahead (the seed gave
  * up on the first error). Once the session is lost it stays lost; the
@@ -108,6 +111,17 @@ void session_lose(session *s, const char *why) {
         notify_status("session lost: %s", why);
         lifecycle_kick(); /* bmdb.sleep and idle slots must notice */
     }
+}
+
+void sessions_check_deadline(void) {
+    pthread_mutex_lock(&mu);
+    session *s = cur;
+    int passed = s && !s->lost && mono_now() >= s->deadline;
+    if (passed) s->refs++;
+    pthread_mutex_unlock(&mu);
+    if (!passed) return;
+    session_lose(s, "local deadline passed without a successful heartbeat");
+    session_unref(s);
 }
 
 /* Every statement of the heartbeat goes through pool_exec_bounded: a hung

@@ -65,6 +65,11 @@ const char *session_component(const session *s);
 int session_alive(session *s);
 /* Marks s lost (the database no longer has it); wakes every waiter. */
 void session_lose(session *s, const char *why);
+/* Loses the current session if its local deadline has passed. The
+ * heartbeat does this too, between its statements; the host's main loop
+ * calls this every tick so the loss is declared on time even while the
+ * heartbeat waits on a connect. */
+void sessions_check_deadline(void);
 
 /* For specs: stop poking (the session then expires) or resume. */
 void sessions_pause_heartbeat(int paused);

@@ -181,25 +181,36 @@ static void *slot_main(void *arg) {
 static pthread_t listener;
 static int listener_started;
 
+/* The listener's statements are tiny; a route that hangs must not keep it
+ * (and shutdown, which joins it) waiting: the connection is given up and
+ * opened again. */
+#define LISTENER_WAIT_S 5.0
+
+/* A connection of its own, outside the pool's bound like the heartbeat's:
+ * its statements are bounded (pool_exec_bounded), which closes it when one
+ * gets no answer, and closing is how it stops listening. */
 static PGconn *listen_conn(void) {
     char err[512];
-    PGconn *c = pool_get(the_pool, POOL_WAIT_S, err, sizeof err);
+    PGconn *c = pool_connect_own(the_pool, err, sizeof err);
     if (!c) return NULL;
     /* bmdb_cancel: an operator canceled a lock; the payload is its token */
-    PGresult *r = PQexec(c, "LISTEN bmdb_wake; LISTEN bmdb_cancel");
-    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
-    const char *state = PQresultErrorField(r, PG_DIAG_SQLSTATE);
-    if (!ok && state && !strcmp(state, "0A000")) {
-        /* CockroachDB: no LISTEN. Slots poll; nothing else changes. */
-        log_kv(LOG_INFO, "server has no LISTEN; idle slots poll", NULL);
+    static const char *const listens[] = {"LISTEN bmdb_wake", "LISTEN bmdb_cancel"};
+    for (int i = 0; i < 2; i++) {
+        PGresult *r = pool_exec_bounded(&c, listens[i], 0, NULL, mono_now() + LISTENER_WAIT_S, err, sizeof err);
+        int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+        const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
+        if (!ok && state && !strcmp(state, "0A000")) {
+            /* CockroachDB: no LISTEN. Slots poll; nothing else changes. */
+            log_kv(LOG_INFO, "server has no LISTEN; idle slots poll", NULL);
+            PQclear(r);
+            PQfinish(c);
+            return (PGconn *)-1;
+        }
         PQclear(r);
-        pool_put(the_pool, c);
-        return (PGconn *)-1;
-    }
-    PQclear(r);
-    if (!ok) {
-        pool_put(the_pool, c);
-        return NULL;
+        if (!ok) {
+            if (c) PQfinish(c);
+            return NULL;
+        }
     }
     slot_set_notify_enabled();
     slot_wake(NULL); /* we may have missed notifications while away */
@@ -209,15 +220,16 @@ static PGconn *listen_conn(void) {
 /* One NOTIFY for every fleet wake-up requested since the last (slots.h),
  * then a short pause so that the next burst is folded into one again. Its
  * own notification comes back to this connection and wakes local slots
- * too. 0, or -1 when the connection broke (then given up). */
+ * too. 0, or -1 when the connection broke or hung (then given up). */
 static int send_fleet_wake(PGconn **c) {
     if (!slot_fleet_wake_take()) return 0;
-    PGresult *r = PQexec(*c, "SELECT pg_notify('bmdb_wake', '')");
-    int ok = PQresultStatus(r) == PGRES_TUPLES_OK;
+    char why[512];
+    PGresult *r = pool_exec_bounded(c, "SELECT pg_notify('bmdb_wake', '')", 0, NULL,
+                                    mono_now() + LISTENER_WAIT_S, why, sizeof why);
     PQclear(r);
-    if (!ok && PQstatus(*c) != CONNECTION_OK) {
-        log_kv(LOG_WARN, "listener connection lost; reconnecting", NULL);
-        pool_put(the_pool, *c);
+    if (!*c || PQstatus(*c) != CONNECTION_OK) {
+        log_kv(LOG_WARN, "listener connection lost; reconnecting", "error", why, NULL);
+        if (*c) PQfinish(*c);
         *c = NULL;
         return -1;
     }
@@ -243,7 +255,7 @@ static void *listener_main(void *arg) {
         if (n > 0 && pfd[1].revents && send_fleet_wake(&c) < 0) continue;
         if (n > 0 && pfd[0].revents && !PQconsumeInput(c)) {
             log_kv(LOG_WARN, "listener connection lost; reconnecting", NULL);
-            pool_put(the_pool, c); /* broken: the pool closes it */
+            PQfinish(c);
             c = NULL;
             continue;
         }
@@ -254,10 +266,7 @@ static void *listener_main(void *arg) {
             PQfreemem(note);
         }
     }
-    if (c) {
-        PQclear(PQexec(c, "UNLISTEN *"));
-        pool_put(the_pool, c);
-    }
+    if (c) PQfinish(c); /* no UNLISTEN: closing stops listening, and cannot hang */
     return NULL;
 }
 

@@ -11,11 +11,11 @@ describe("shutdown", function()
     return path
   end
 
-  local function start(args, path)
+  local function start(args, path, to)
     local argv = { H.bin, "--interval", "2" }
     for _, a in ipairs(args) do argv[#argv + 1] = a end
     argv[#argv + 1] = path
-    return H.spawn { argv = argv, env = { BMDB_DSN = dsn } }
+    return H.spawn { argv = argv, env = { BMDB_DSN = to or dsn } }
   end
 
   -- A worker whose body is src, over the machines in the table `wanted`.
@@ -97,5 +97,35 @@ describe("shutdown", function()
     assert.matches('slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)" process=Stop slot=1 machine=' .. m,
       p:stderr(), 1, true)
     ended_in_order(session, m)
+  end)
+
+  -- The route to the database hangs: every connection through the relay,
+  -- and every new one, waits for ever (SIGSTOP of the relay: connecting
+  -- still succeeds, into its listen queue). The heartbeat's statement runs
+  -- out of time; its cancel request, which libpq sends blocking, hangs on
+  -- the same route, and so does its connect (up to connect_timeout, longer
+  -- than the interval). Neither may hold the local give-up past the
+  -- database's deadline (guarantee 3), nor keep the host from exiting.
+  it("gives the session up on time and exits when the route to the database hangs", function()
+    local m = want()
+    local relay = H.relay(dsn, { "1000000" }) -- (never loses an answer)
+    local p = start({ "--grace", "1" }, worker("hang.lua", "bmdb.sleep(600)"), relay.dsn)
+    local session = H.wait_until(function() return p:stdout():match("holding %S+ (%S+)") end, 20, "the item")
+    assert.is_true(H.signal(relay.proc.pid, "STOP"))
+    local ok, err = pcall(p.await, p, "stderr", 'msg="session lost"', 30)
+    if ok then
+      p:kill("TERM")
+      -- grace (1 s), the stop wait (10 s) and a connect timeout (10 s)
+      ok, err = pcall(p.wait, p, 60)
+    end
+    H.signal(relay.proc.pid, "CONT")
+    assert(ok, tostring(err) .. "\n" .. p:stderr())
+    local lost_at = p:stderr():match('time=(%S+) level=warn msg="session lost" session=' .. session:gsub("%-", "%%-"))
+    assert.is_not_nil(lost_at, p:stderr())
+    -- the log's time is cut to the millisecond: add one before comparing
+    assert.is_true(admin:one([[SELECT $1::TIMESTAMPTZ + INTERVAL '1 millisecond' < deadline AS first
+                               FROM sessions WHERE session_id = $2]], lost_at, session).first, p:stderr())
+    assert.equal(0, p.code, p:stderr())
+    assert.same({ "Started" }, history(m))
   end)
 end)
