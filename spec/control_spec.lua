@@ -392,15 +392,8 @@ describe("work control", function()
       ms[i] = new_machine()
       admin:exec("INSERT INTO wanted VALUES ($1, 'Batched')", ms[i])
     end
-    local h = unanswered_host("Batched", { members = 4, extra = "concurrency = 4,", body = [[
+    local h = unanswered_host("Batched", { members = 4, extra = "concurrency = 4,", body = H.script_wait_for .. [[
       local core = require "bmdb.core"
-      local function wait_for(what, ok)
-        local deadline = core.now() + 20
-        while not ok() do
-          if core.now() > deadline then error("gave up waiting for " .. what) end
-          bmdb.sleep(0.01)
-        end
-      end
       local started
       wait_for("four items started", function()
         started = bmdb.transact(function(tx)
@@ -447,15 +440,12 @@ describe("work control", function()
   it("counts a draining host's last finish as done when its COMMIT got no answer", function()
     local m = new_machine()
     admin:exec("INSERT INTO wanted VALUES ($1, 'Drained')", m)
-    local h, relay_dir = unanswered_host("Drained", { finish = true, later = true, body = [[
-      local core = require "bmdb.core"
-      local deadline = core.now() + 20
-      while not bmdb.transact(function(tx)
-        return tx:one("SELECT count(*) AS n FROM wanted WHERE machine_id = $1 AND process = 'Go'", w.machine).n > 0
-      end) do
-        if core.now() > deadline then error("gave up waiting for the go") end
-        bmdb.sleep(0.01)
-      end
+    local h, relay_dir = unanswered_host("Drained", { finish = true, later = true, body = H.script_wait_for .. [[
+      wait_for("the go", function()
+        return bmdb.transact(function(tx)
+          return tx:one("SELECT count(*) AS n FROM wanted WHERE machine_id = $1 AND process = 'Go'", w.machine).n > 0
+        end)
+      end)
       w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
     ]] })
     H.wait_until(function() return history(m, "Drained")[1] == "Started" end, 20, "the item started")

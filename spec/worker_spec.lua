@@ -195,13 +195,7 @@ describe("workers", function()
       local core = require "bmdb.core"
       local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
       local failed_once, joined = false, false
-      local function wait_for(what, ok)
-        local deadline = core.now() + 20
-        while not ok() do
-          if core.now() > deadline then error("gave up waiting for " .. what) end
-          bmdb.sleep(0.01)
-        end
-      end
+]] .. H.script_wait_for .. [[
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
         select = function(tx, limit)
           return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1

@@ -455,6 +455,19 @@ function H.terminate_backend(conn, pid)
   return conn:one("SELECT pg_terminate_backend($1) AS ok", pid).ok
 end
 
+-- Lua source, for the worker scripts specs write, of a local
+-- wait_for(what, ok): polls ok() every 10 ms (bmdb.sleep, so a canceled
+-- item stops) and raises after 20 s. The script must have `bmdb` in scope.
+H.script_wait_for = [[
+  local function wait_for(what, ok)
+    local deadline = require("bmdb.core").now() + 20
+    while not ok() do
+      if require("bmdb.core").now() > deadline then error("gave up waiting for " .. what) end
+      bmdb.sleep(0.01)
+    end
+  end
+]]
+
 -- A relay (support/relay.lua) between a client and the test server, for
 -- dsn, a DSN on that server: { dsn = the same DSN through the relay,
 -- dir = its directory (where it writes `fired`), proc = its process }.
