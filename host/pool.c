@@ -20,13 +20,19 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 
 struct pool {
     char *conninfo;
     int max, open;          /* open = idle + lent out (+ being connected) */
     /* What a connection carries for its whole life, idle or lent: made
      * once at connect, so lending one allocates nothing. */
-    struct pconn { PGconn *conn; PGcancel *cancel; prepared *prep; } *idle, *lent;
+    struct pconn {
+        PGconn *conn;
+        PGcancel *cancel;
+        prepared *prep;
+        const void *owner; /* while lent: whose it is (pool_set_owner), for pool_cut_owned */
+    } *idle, *lent;
     int nidle, nlent;
     pthread_mutex_t lock;
     pthread_cond_t returned; /* on CLOCK_MONOTONIC: a clock step must not stall waiters */
@@ -297,6 +303,7 @@ void pool_put(pool *p, PGconn *conn) {
         pc = *e;
         *e = p->lent[--p->nlent];
     }
+    pc.owner = NULL;
     if (reusable && pc.cancel) p->idle[p->nidle++] = pc;
     else {
         reusable = 0;
@@ -370,6 +377,27 @@ void pool_cancel_lent(pool *p) {
         cancel_detached(p->lent[i].cancel);
         p->lent[i].cancel = NULL;
     }
+    pthread_mutex_unlock(&p->lock);
+}
+
+void pool_set_owner(pool *p, PGconn *conn, const void *owner) {
+    pthread_mutex_lock(&p->lock);
+    struct pconn *pc = lent_entry(p, conn);
+    if (pc) pc->owner = owner;
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* shutdown(2), not close: the descriptor stays its borrower's (no other
+ * file can take its number), and whatever libpq waits on in that thread
+ * returns at once, end of file or a broken pipe, as from a network that
+ * failed. Nothing of a lost session can commit, so nothing is lost by it;
+ * and on a route that hangs, nothing else would ever wake that thread. */
+void pool_cut_owned(pool *p, const void *owner) {
+    if (!owner) return;
+    pthread_mutex_lock(&p->lock);
+    for (int i = 0; i < p->nlent; i++)
+        if (p->lent[i].owner == owner && PQsocket(p->lent[i].conn) >= 0)
+            shutdown(PQsocket(p->lent[i].conn), SHUT_RDWR);
     pthread_mutex_unlock(&p->lock);
 }
 

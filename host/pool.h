@@ -66,6 +66,13 @@ int pool_exec_transaction_bounded(PGconn **cp, const char *const *sqls, int nsql
  * Returns at once: the requests go out from threads of their own, since
  * on a route that hangs they hang too (and pool_exec_bounded's likewise). */
 void pool_cancel_lent(pool *p);
+/* Tags a connection lent out now with its owner (a transaction's
+ * session); the tag goes when it comes back. pool_cut_owned shuts down
+ * the sockets of every connection lent to owner: the session is lost, and
+ * a thread waiting in libpq on one (a statement on a route that hangs)
+ * returns with a broken connection instead of waiting for ever. */
+void pool_set_owner(pool *p, PGconn *conn, const void *owner);
+void pool_cut_owned(pool *p, const void *owner);
 /* Backend pids of the connections lent out now; returns how many (<= max). */
 int pool_lent_pids(pool *p, int *pids, int max);
 

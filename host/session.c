@@ -113,6 +113,21 @@ void session_lose(session *s, const char *why) {
     }
 }
 
+/* s's local deadline passed: the database could not be reached in time,
+ * perhaps because the route to it hangs. Statements of s's transactions
+ * still waiting on it could then wait for ever, and nothing of s can
+ * commit any more: their connections are cut (pool.h). When the database
+ * itself said the session is gone, the route works and nothing is cut:
+ * a COMMIT already in flight then still gets its answer. */
+static void lose_locally(session *s) {
+    pthread_mutex_lock(&mu);
+    int was_lost = s->lost;
+    pthread_mutex_unlock(&mu);
+    if (was_lost) return;
+    session_lose(s, "local deadline passed without a successful heartbeat");
+    pool_cut_owned(the_pool, s);
+}
+
 void sessions_check_deadline(void) {
     pthread_mutex_lock(&mu);
     session *s = cur;
@@ -120,7 +135,7 @@ void sessions_check_deadline(void) {
     if (passed) s->refs++;
     pthread_mutex_unlock(&mu);
     if (!passed) return;
-    session_lose(s, "local deadline passed without a successful heartbeat");
+    lose_locally(s);
     session_unref(s);
 }
 
@@ -273,7 +288,7 @@ static int keep_session(PGconn **cp, session *s, int pause, double *next_gc) {
     }
     double now = mono_now();
     if (!session_alive(s)) {
-        session_lose(s, "local deadline passed without a successful heartbeat");
+        lose_locally(s);
     } else if (ok > 0 && !pause && now >= *next_gc) {
         *next_gc = now + cfg.interval_s;
         collect_expired(cp, now + cfg.interval_s / 4.0);

@@ -311,6 +311,33 @@ static void item_lost(tx *t, tx_error *e) {
     PQclear(r);
 }
 
+/* Borrows t's connection, tagged with t's session: if the session passes
+ * its local deadline while t waits on the server, the pool cuts it
+ * (pool_cut_owned). The session is checked after the tag too, so a cut
+ * that came between the check and the tag is not missed. */
+static int borrow(tx *t, tx_error *e) {
+    char err[512];
+    t->conn = NULL;
+    t->prep = NULL;
+    if (t->sess && !session_alive(t->sess)) {
+        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        return -1;
+    }
+    if (!(t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err))) {
+        tx_error_set(e, TXE_CONNECTION, "%s", err);
+        return -1;
+    }
+    t->prep = pool_prepared(t->pool, t->conn);
+    if (!t->sess) return 0;
+    pool_set_owner(t->pool, t->conn, t->sess);
+    if (session_alive(t->sess)) return 0;
+    pool_put(t->pool, t->conn);
+    t->conn = NULL;
+    t->prep = NULL;
+    tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+    return -1;
+}
+
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e) {
     return tx_begin_item(t, p, sess, NULL, e);
 }
@@ -331,16 +358,7 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
         snprintf(t->process, sizeof t->process, "%s", item->process);
         snprintf(t->token, sizeof t->token, "%s", item->token);
     }
-    if (sess && !session_alive(sess)) {
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
-        return -1;
-    }
-    char err[512];
-    if (!(t->conn = pool_get(p, POOL_WAIT_S, err, sizeof err))) {
-        tx_error_set(e, TXE_CONNECTION, "%s", err);
-        return -1;
-    }
-    t->prep = pool_prepared(p, t->conn);
+    if (borrow(t, e) < 0) return -1;
     t->open = 1;
     return 0;
 }
@@ -394,15 +412,12 @@ static void doom(tx *t, const tx_error *e) {
 static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
     if (!t->begun && !t->refreshed && bad >= 0 && s[bad].kind == STEP_BEGIN &&
         e->kind == TXE_CONNECTION && !e->outcome_unknown && PQstatus(t->conn) != CONNECTION_OK) {
-        char err[512];
         t->refreshed = 1;
         pool_put(t->pool, t->conn);
-        if (!(t->conn = pool_get(t->pool, POOL_WAIT_S, err, sizeof err))) {
-            tx_error_set(e, TXE_CONNECTION, "%s", err);
+        if (borrow(t, e) < 0) {
             doom(t, e);
             return 0;
         }
-        t->prep = pool_prepared(t->pool, t->conn);
         return 1;
     }
     switch (s[bad].kind) {

@@ -1,4 +1,5 @@
--- Ending the host in order: os.exit in a script, bodies that ignore the cancel.
+-- Ending the host in order: os.exit in a script, bodies that ignore the
+-- cancel, a route to the database that hangs.
 local H = require "support.helpers"
 local core = require "bmdb.core"
 
@@ -127,5 +128,32 @@ describe("shutdown", function()
                                FROM sessions WHERE session_id = $2]], lost_at, session).first, p:stderr())
     assert.equal(0, p.code, p:stderr())
     assert.same({ "Started" }, history(m))
+  end)
+
+  -- A body's statement is in flight when the route hangs: libpq waits on
+  -- its socket with no bound, and no hook or wake-up reaches it there.
+  -- Once the session is lost, nothing of it can commit, and the host cuts
+  -- the connections its transactions hold (shutdown of their sockets): the
+  -- body gets its error, and the slot is free. Once the route is back, a
+  -- new session takes the item over and runs it.
+  it("frees a body whose statement hangs on the route, and runs the item once the route is back", function()
+    local m = want()
+    local relay = H.relay(dsn, { "1000000" })
+    local p = start({}, worker("stuck.lua", [[
+      if w.attempt == 1 then
+        while true do bmdb.transact(function(tx) tx:exec("SELECT pg_sleep(0.01)") end) end
+      end
+      w:finish(function(tx) tx:exec("DELETE FROM wanted WHERE machine_id = $1", w.machine) end)
+    ]]), relay.dsn)
+    H.wait_until(function() return p:stdout():match("holding %S+ (%S+)") end, 20, "the item")
+    assert.is_true(H.signal(relay.proc.pid, "STOP"))
+    local ok, err = pcall(p.await, p, "stderr", 'msg="work lost"', 15)
+    H.signal(relay.proc.pid, "CONT")
+    assert(ok, err)
+    H.wait_until(function() return not admin:one("SELECT 1 AS x FROM wanted WHERE machine_id = $1", m) end,
+      60, "the item, run again once the route is back")
+    assert.same({ "Started", "Abandoned", "Started", "Finished" }, history(m))
+    p:kill("TERM")
+    assert.equal(0, p:wait(30), p:stderr())
   end)
 end)
