@@ -364,7 +364,8 @@ static void cancel_detached(PGcancel *cancel) {
         cancels_in_flight--;
         pthread_mutex_unlock(&cancels_mu);
     }
-    log_kv(LOG_DEBUG, "cancel request not sent: too many in flight", NULL);
+    log_kv(LOG_DEBUG, room ? "cancel request not sent: no thread for it"
+                           : "cancel request not sent: too many in flight", NULL);
     PQfreeCancel(cancel);
 }
 

@@ -223,14 +223,13 @@ static PGconn *listen_conn(void) {
  * too. 0, or -1 when the connection broke or hung (then given up). */
 static int send_fleet_wake(PGconn **c) {
     if (!slot_fleet_wake_take()) return 0;
-    char why[512];
+    char why[512] = "";
     PGresult *r = pool_exec_bounded(c, "SELECT pg_notify('bmdb_wake', '')", 0, NULL,
                                     mono_now() + LISTENER_WAIT_S, why, sizeof why);
+    if (r && PQresultStatus(r) != PGRES_TUPLES_OK) pool_result_failed(c, r, why, sizeof why);
     PQclear(r);
-    if (!*c || PQstatus(*c) != CONNECTION_OK) {
+    if (!*c) { /* no answer in time, or the connection broke: given up */
         log_kv(LOG_WARN, "listener connection lost; reconnecting", "error", why, NULL);
-        if (*c) PQfinish(*c);
-        *c = NULL;
         return -1;
     }
     mono_sleep(SLOT_FLEET_WAKE_S);
