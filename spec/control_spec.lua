@@ -431,33 +431,56 @@ describe("work control", function()
     assert.equal(0, h:wait(30), h:stderr())
   end)
 
-  -- A draining host only finishes: its last finish is a transaction of
-  -- its own (a batch of one that claims nothing), and the relay loses
-  -- that COMMIT's answer. The finish is tried again alone, its commit
+  -- A draining host only finishes: its last finishes share a transaction
+  -- (a batch, of one at one slot) that claims nothing, and the relay loses
+  -- that COMMIT's answer. Each finish is tried again alone, its commit
   -- function run again; its lock is gone, so it counts as done, once, and
-  -- the host ends its session and exits 0. The body waits for a row the
-  -- spec writes after SIGTERM, so the finish comes during the drain.
-  it("counts a draining host's last finish as done when its COMMIT got no answer", function()
-    local m = new_machine()
-    admin:exec("INSERT INTO wanted VALUES ($1, 'Drained')", m)
-    local h, relay_dir = unanswered_host("Drained", { finish = true, later = true, body = H.script_wait_for .. [[
-      wait_for("the go", function()
-        return bmdb.transact(function(tx)
-          return tx:one("SELECT count(*) AS n FROM wanted WHERE machine_id = $1 AND process = 'Go'", w.machine).n > 0
+  -- the host ends its session and exits 0. The bodies wait for rows the
+  -- spec writes after SIGTERM, so the finishes come during the drain, and
+  -- at four slots each commit function first waits for the four to join.
+  for _, n in ipairs { 1, 4 } do
+    it(("counts a draining host's last %s as done when their COMMIT got no answer"):format(
+         n == 1 and "finish" or "batch of " .. n .. " finishes"), function()
+      local process, ms = "Drained" .. n, {}
+      for i = 1, n do
+        ms[i] = new_machine()
+        admin:exec("INSERT INTO wanted VALUES ($1, $2)", ms[i], process)
+      end
+      local h, relay_dir = unanswered_host(process, { finish = true, members = n, later = true,
+        extra = "concurrency = " .. n .. ",", body = H.script_wait_for .. [[
+        local core = require "bmdb.core"
+        wait_for("the go", function()
+          return bmdb.transact(function(tx)
+            return tx:one("SELECT count(*) AS n FROM wanted WHERE machine_id = $1 AND process = 'Go'", w.machine).n > 0
+          end)
         end)
-      end)
-      w:finish(function(tx) tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process) end)
-    ]] })
-    H.wait_until(function() return history(m, "Drained")[1] == "Started" end, 20, "the item started")
-    h:kill("TERM")
-    h:await("stderr", "draining: no new claims")
-    admin:exec("INSERT INTO wanted VALUES ($1, 'Go')", m)
-    H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
-    assert.equal(0, h:wait(30), h:stderr())
-    assert.same({ "Started", "Finished" }, history(m, "Drained"))
-    assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
-    assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
-  end)
+        local joined = false
+        w:finish(function(tx)
+          if not joined then
+            joined = true
+            wait_for("the finishes in one batch", function()
+              local k = core.batch_members()
+              return k == ]] .. n .. [[ or k == 0
+            end)
+          end
+          tx:exec("INSERT INTO effects VALUES ($1, $2, $3)", w.machine, w.attempt, w.process)
+        end)
+      ]] })
+      H.wait_until(function()
+        return admin:one("SELECT count(*) AS n FROM work_history WHERE process = $1 AND event = 'Started'", process).n == n
+      end, 20, "the items started")
+      h:kill("TERM")
+      h:await("stderr", "draining: no new claims")
+      for _, m in ipairs(ms) do admin:exec("INSERT INTO wanted VALUES ($1, 'Go')", m) end
+      H.wait_until(function() return H.read_file(relay_dir .. "/fired") end, 30, "a COMMIT whose answer was lost")
+      assert.equal(0, h:wait(30), h:stderr())
+      for _, m in ipairs(ms) do
+        assert.same({ "Started", "Finished" }, history(m, process))
+        assert.equal(1, admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n)
+        assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)
+      end
+    end)
+  end
 
   -- A select's NOT EXISTS against work_blocked stays a few primary-key
   -- lookups per candidate only while PostgreSQL expects few rows from the
