@@ -1,7 +1,7 @@
 -- support/relay.lua -- a PostgreSQL connection relay that loses one answer
 -- to COMMIT, for specs of an outcome the host cannot know.
 --
---   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish]]]
+--   luajit spec/support/relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish|none]]]
 --
 -- It listens on LISTEN_DIR/.s.PGSQL.5432 and relays every connection to
 -- SERVER_DIR/.s.PGSQL.5432, byte for byte. It reads the server's messages
@@ -18,7 +18,8 @@
 --
 -- With `finish`, the COMMIT need not follow a lock: any COMMIT of a
 -- transaction that opened at least MEMBERS (at least 1) savepoints, that
--- is a finish's, counts.
+-- is a finish's, counts. With `none`, no answer is lost: the relay only
+-- relays (a spec that stops it with SIGSTOP, to hang the route).
 local ffi = require "ffi"
 local bit = require "bit"
 
@@ -31,17 +32,18 @@ int listen(int fd, int backlog);
 int accept(int fd, void *addr, void *len);
 int connect(int fd, const void *addr, unsigned int len);
 long read(int fd, void *buf, unsigned long n);
-long write(int fd, const void *buf, unsigned long n);
+long send(int fd, const void *buf, unsigned long n, int flags);
 int close(int fd);
 int poll(struct pollfd *fds, unsigned long n, int timeout);
 ]]
 local C = ffi.C
-local AF_UNIX, SOCK_STREAM, POLLIN = 1, 1, 1
+local AF_UNIX, SOCK_STREAM, POLLIN, MSG_NOSIGNAL = 1, 1, 1, 0x4000
 
 local listen_dir, server_dir = arg[1], arg[2]
 local skip, members, finish = tonumber(arg[3] or 0), tonumber(arg[4] or 0), arg[5] == "finish"
-assert(listen_dir and server_dir and skip and members and (finish or arg[5] == nil or arg[5] == "claim"),
-  "usage: relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish]]]")
+assert(listen_dir and server_dir and skip and members
+       and (finish or arg[5] == nil or arg[5] == "claim" or arg[5] == "none"),
+  "usage: relay.lua LISTEN_DIR SERVER_DIR [SKIP [MEMBERS [claim|finish|none]]]")
 
 local function address(dir)
   local a = ffi.new("struct sockaddr_un")
@@ -57,14 +59,16 @@ assert(listener >= 0 and C.bind(listener, address(listen_dir), ffi.sizeof("struc
 local function send_all(fd, s)
   local p, left = ffi.cast("const char *", s), #s
   while left > 0 do
-    local n = C.write(fd, p, left)
+    -- MSG_NOSIGNAL: a peer that shut its socket down (the host cuts the
+    -- connections of a lost session) must not kill the relay with SIGPIPE
+    local n = C.send(fd, p, left, MSG_NOSIGNAL)
     if n <= 0 then return false end
     p, left = p + n, left - n
   end
   return true
 end
 
-local fired = false
+local fired = arg[5] == "none" -- (as if it had fired: it never will)
 local pairs_ = {} -- each: { client =, server =, pending = bytes from the server not yet whole, lock = , armed =,
                   --        savepoints = opened since the last COMMIT or ROLLBACK }
 
