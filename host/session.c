@@ -94,7 +94,7 @@ int session_alive(session *s) {
     return alive;
 }
 
-void session_lose(session *s, const char *why) {
+int session_lose(session *s, const char *why) {
     pthread_mutex_lock(&mu);
     int was_lost = s->lost;
     s->lost = 1;
@@ -111,6 +111,7 @@ void session_lose(session *s, const char *why) {
         notify_status("session lost: %s", why);
         lifecycle_kick(); /* bmdb.sleep and idle slots must notice */
     }
+    return !was_lost;
 }
 
 /* s's local deadline passed: the database could not be reached in time,
@@ -120,12 +121,7 @@ void session_lose(session *s, const char *why) {
  * itself said the session is gone, the route works and nothing is cut:
  * a COMMIT already in flight then still gets its answer. */
 static void lose_locally(session *s) {
-    pthread_mutex_lock(&mu);
-    int was_lost = s->lost;
-    pthread_mutex_unlock(&mu);
-    if (was_lost) return;
-    session_lose(s, "local deadline passed without a successful heartbeat");
-    pool_cut_owned(the_pool, s);
+    if (session_lose(s, "local deadline passed without a successful heartbeat")) pool_cut_owned(the_pool, s);
 }
 
 void sessions_check_deadline(void) {

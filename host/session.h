@@ -63,8 +63,9 @@ const char *session_id(const session *s);
 const char *session_component(const session *s);
 /* Not lost, and the local deadline is still ahead. */
 int session_alive(session *s);
-/* Marks s lost (the database no longer has it); wakes every waiter. */
-void session_lose(session *s, const char *why);
+/* Marks s lost (the database no longer has it); wakes every waiter.
+ * 1 when this call lost it, 0 when it was lost already. */
+int session_lose(session *s, const char *why);
 /* Loses the current session if its local deadline has passed. The
  * heartbeat does this too, between its statements; the host's main loop
  * calls this every tick so the loss is declared on time even while the
