@@ -470,15 +470,18 @@ H.script_wait_for = [[
 
 -- A relay (support/relay.lua) between a client and the test server, for
 -- dsn, a DSN on that server: { dsn = the same DSN through the relay,
--- dir = its directory (where it writes `fired`), proc = its process }.
--- args: the relay's SKIP, MEMBERS and mode, as strings. SIGSTOP of proc
--- hangs every connection through it, and every new one, like a route
--- that black-holes.
+-- dir = its directory (where it writes `fired`), proc = its process,
+-- freeze(), thaw() }. args: the relay's SKIP, MEMBERS and mode, as
+-- strings; without them it loses no answer. freeze() (SIGSTOP) hangs
+-- every connection through it, and every new one, like a route that
+-- black-holes; thaw() undoes it.
 function H.relay(dsn, args)
   local dir = H.tmpdir("relay")
   local argv = { "luajit", H.root .. "/spec/support/relay.lua", dir, H.postgres().dir }
-  for _, a in ipairs(args or {}) do argv[#argv + 1] = a end
+  for _, a in ipairs(args or { "0", "0", "none" }) do argv[#argv + 1] = a end
   local r = { dir = dir, proc = H.spawn { argv = argv }, dsn = (dsn:gsub("host=%S+", "host=" .. dir)) }
+  function r.freeze() return H.signal(r.proc.pid, "STOP") end
+  function r.thaw() return H.signal(r.proc.pid, "CONT") end
   local core = require "bmdb.core"
   H.wait_until(function()
     local ok, c = pcall(core.connect, r.dsn)
