@@ -31,7 +31,7 @@ struct pool {
         PGconn *conn;
         PGcancel *cancel;
         prepared *prep;
-        const void *owner; /* while lent: whose it is (pool_set_owner), for pool_cut_owned */
+        const void *owner; /* while lent: whose it is (pool_lend_to), for pool_cut_owned */
     } *idle, *lent;
     int nidle, nlent;
     pthread_mutex_t lock;
@@ -241,10 +241,14 @@ static struct pconn *lent_entry(pool *p, PGconn *c) {
     return NULL;
 }
 
-prepared *pool_prepared(pool *p, PGconn *c) {
+prepared *pool_lend_to(pool *p, PGconn *c, const void *owner) {
     pthread_mutex_lock(&p->lock);
     struct pconn *pc = lent_entry(p, c);
-    prepared *prep = pc ? pc->prep : NULL;
+    prepared *prep = NULL;
+    if (pc) {
+        pc->owner = owner;
+        prep = pc->prep;
+    }
     pthread_mutex_unlock(&p->lock);
     return prep;
 }
@@ -378,13 +382,6 @@ void pool_cancel_lent(pool *p) {
         cancel_detached(p->lent[i].cancel);
         p->lent[i].cancel = NULL;
     }
-    pthread_mutex_unlock(&p->lock);
-}
-
-void pool_set_owner(pool *p, PGconn *conn, const void *owner) {
-    pthread_mutex_lock(&p->lock);
-    struct pconn *pc = lent_entry(p, conn);
-    if (pc) pc->owner = owner;
     pthread_mutex_unlock(&p->lock);
 }
 

@@ -32,10 +32,12 @@ void pool_stats(pool *p, int *in_use, int *idle);
 PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen);
 void pool_put(pool *p, PGconn *conn);
 
-/* The prepared-statement cache of a connection lent out now (prepared.h);
+/* Tags a connection lent out now with its owner (a transaction's
+ * session, or NULL: none; the tag goes when it comes back, see
+ * pool_cut_owned) and returns its prepared-statement cache (prepared.h):
  * NULL for a connection the pool did not lend. */
 struct prepared;
-struct prepared *pool_prepared(pool *p, PGconn *conn);
+struct prepared *pool_lend_to(pool *p, PGconn *conn, const void *owner);
 
 /* A connection of its own, outside the bound and the accounting, on the
  * pool's conninfo (the heartbeat: busy slots must never starve it). */
@@ -66,12 +68,10 @@ int pool_exec_transaction_bounded(PGconn **cp, const char *const *sqls, int nsql
  * Returns at once: the requests go out from threads of their own, since
  * on a route that hangs they hang too (and pool_exec_bounded's likewise). */
 void pool_cancel_lent(pool *p);
-/* Tags a connection lent out now with its owner (a transaction's
- * session); the tag goes when it comes back. pool_cut_owned shuts down
- * the sockets of every connection lent to owner: the session is lost, and
- * a thread waiting in libpq on one (a statement on a route that hangs)
- * returns with a broken connection instead of waiting for ever. */
-void pool_set_owner(pool *p, PGconn *conn, const void *owner);
+/* Shuts down the sockets of every connection lent to owner
+ * (pool_lend_to): the session is lost, and a thread waiting in libpq on
+ * one (a statement on a route that hangs) returns with a broken
+ * connection instead of waiting for ever. */
 void pool_cut_owned(pool *p, const void *owner);
 /* Backend pids of the connections lent out now; returns how many (<= max). */
 int pool_lent_pids(pool *p, int *pids, int max);

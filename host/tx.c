@@ -327,10 +327,8 @@ static int borrow(tx *t, tx_error *e) {
         tx_error_set(e, TXE_CONNECTION, "%s", err);
         return -1;
     }
-    t->prep = pool_prepared(t->pool, t->conn);
-    if (!t->sess) return 0;
-    pool_set_owner(t->pool, t->conn, t->sess);
-    if (session_alive(t->sess)) return 0;
+    t->prep = pool_lend_to(t->pool, t->conn, t->sess);
+    if (!t->sess || session_alive(t->sess)) return 0;
     pool_put(t->pool, t->conn);
     t->conn = NULL;
     t->prep = NULL;
