@@ -10,12 +10,14 @@
  * by one thread at a time, the member whose turn it is. Turns go by
  * ticket, in the order members joined, under mu. A member whose turn ends
  * with nobody waiting closes the batch (no new member joins from then on)
- * and commits it, so a batch never waits for a member that may not come:
- * it grows only while the members already in it take their turns. Every
+ * and commits it, so a batch never waits long for a member that may not
+ * come: it grows while the members already in it take their turns, and
+ * for at most BATCH_LINGER_S more while other slots hold items. Every
  * member is a finish between slot_finish_enter and slot_finish_leave, so
  * a claim of this host never overlaps the batch (slots.c says why). */
 #include "batch.h"
 
+#include <errno.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -30,7 +32,18 @@ static const char savepoint_sql[] = "SAVEPOINT bmdb_item";
 static const char release_sql[] = "RELEASE SAVEPOINT bmdb_item";
 static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
 
+/* How long the last member's turn waits, at most, for a finish that may
+ * be about to join (batch_leave). A batch grows while its members take
+ * turns; a member whose commit function only defers its statements takes
+ * a few microseconds, less than a slot handed an item by the same claim
+ * needs to run its body and join, so without the wait such batches closed
+ * with one or two members. */
+#define BATCH_LINGER_S 0.001
+
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t grew;    /* a member joined: a lingering last turn goes on */
+static pthread_once_t grew_once = PTHREAD_ONCE_INIT;
+static void grew_init(void) { mono_cond_init(&grew); }
 static unsigned long committed_batches, committed_finishes; /* under mu */
 
 static struct {
@@ -61,6 +74,7 @@ static int set_release(tx_error *e);
 
 int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     int opener = 0;
+    pthread_once(&grew_once, grew_init);
     pthread_mutex_lock(&mu);
     if (B.open && (!B.accepting || B.sess != sess || B.members == BATCH_MAX)) {
         pthread_mutex_unlock(&mu);
@@ -77,6 +91,7 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     pthread_cond_init(&m->cv, NULL);
     m->ticket = B.members++;
     B.member[m->ticket] = m;
+    pthread_cond_signal(&grew);
     pthread_mutex_unlock(&mu);
 
     if (opener) {
@@ -98,7 +113,7 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
         pthread_cond_destroy(&m->cv);
         return BATCH_FAILED;
     }
-    tx_pend(&B.t, savepoint_sql);
+    m->savepoint = tx_pend(&B.t, savepoint_sql);
     *out = &B.t;
     return BATCH_TURN;
 }
@@ -222,11 +237,28 @@ static int close_claiming(const char *process, int *peers) {
     return 0;
 }
 
+/* At the end of the last member's turn (so far): while more slots hold
+ * an item than the batch has members, one of them may be about to finish
+ * and join; wait for that, BATCH_LINGER_S at most. A joiner takes the
+ * next turn, and the batch's end is then its to decide. */
+static void linger(void) {
+    pthread_mutex_lock(&mu);
+    if (!B.failed && B.turn + 1 == B.members && B.members < BATCH_MAX &&
+        slot_items_held() > B.members) {
+        struct timespec until = time_after(CLOCK_MONOTONIC, BATCH_LINGER_S);
+        while (B.turn + 1 == B.members && slot_items_held() > B.members)
+            if (pthread_cond_timedwait(&grew, &mu, &until) == ETIMEDOUT) break;
+    }
+    pthread_mutex_unlock(&mu);
+}
+
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
                 const char *token, int may_claim, int *peers) {
     /* Still our turn: settle our savepoint. It went out with our first
-     * statement; when none was sent it is still queued, and taken back. */
-    int opened = !tx_unpend(&B.t, savepoint_sql);
+     * statement; when none was sent it is still queued, and taken back:
+     * nothing of ours reached the server. What we deferred rides after
+     * it; kept when ok (if it fails, it fails the batch), dropped when
+     * not. */
     tx_error e;
     if (B.t.doomed || fatal) {
         /* the fence failed, or a failure the transaction may not survive */
@@ -241,14 +273,17 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         snprintf(B.machine[i], sizeof B.machine[i], "%s", machine);
         snprintf(B.process[i], sizeof B.process[i], "%s", process);
         snprintf(B.token[i], sizeof B.token[i], "%s", token);
-        if (opened) tx_pend(&B.t, release_sql);
-    } else if (opened) {
-        /* Only our own statements are undone; the server leaves the
-         * aborted state a failed one put it in. */
+        if (!tx_unpend(&B.t, m->savepoint, 0)) tx_pend(&B.t, release_sql);
+    } else if (!tx_unpend(&B.t, m->savepoint, 1)) {
+        /* Only our own statements are undone: what we deferred since our
+         * last flight is dropped, and the server leaves the aborted state
+         * a failed one put it in. */
+        tx_unpend_all(&B.t);
         tx_pend(&B.t, rollback_sql);
         tx_pend(&B.t, release_sql);
         B.t.failed = 0;
     }
+    linger();
     if (ok && may_claim && close_claiming(process, peers)) return BATCH_CLAIM;
     pass_turn(m, ok);
     if (ok) {

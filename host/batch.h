@@ -3,13 +3,16 @@
  * A slot that finishes an item joins the host's open batch, or opens one.
  * Members take turns on the batch's one transaction: in its turn a member
  * runs its commit function inside a savepoint of its own, then queues its
- * release. The member whose turn ends with nobody left waiting closes the
+ * release. A commit function that only defers its statements (tx_defer)
+ * sends nothing in its turn: its statements ride with the batch's next
+ * flight, and its savepoint, never sent, is taken back. The member whose turn ends with nobody left waiting closes the
  * batch: every queued release goes out as one statement, with COMMIT.
  * So k finishes cost one BEGIN, one fence, one release and one COMMIT,
  * and a commit function that fails undoes only its own savepoint.
  *
  * A failure that is not one member's own (the fence, a lost connection, a
- * serialization failure, a lock that is gone) ends the batch for all: no
+ * serialization failure, a lock that is gone, a deferred statement that
+ * failed in a later member's flight) ends the batch for all: no
  * member's work commits, and each then finishes alone, as it would have
  * without the batch (commit functions must be safe to run again). */
 #ifndef BMDB_BATCH_H
@@ -27,6 +30,7 @@ typedef struct batch_member {
     int done;        /* the batch has ended for it */
     int committed;   /* its release committed */
     tx_error err;    /* else why not */
+    tx_mark savepoint; /* its savepoint, queued at its turn */
     pthread_cond_t cv; /* its turn came, or the batch ended: only this
                         * member is woken, never every member */
 } batch_member;

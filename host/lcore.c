@@ -169,6 +169,23 @@ static int tx_statement(lua_State *L, const char *fname) {
     return lvalue_push_result(L, fname, r);
 }
 
+/* tx:defer(sql, ...): queued to ride with the next statement or COMMIT,
+ * its answer never waited for (tx.h, tx_defer). */
+static int tx_defer_l(lua_State *L) {
+    ltx *u = check_open_tx(L, "defer");
+    const char *sql = lerror_checkstring(L, 2);
+    char name[64];
+    if (lvalue_transaction_control(sql, name, sizeof name))
+        return lerror_raise_kind(L, "usage", "defer: %s is refused inside bmdb.transact: the transaction "
+                                 "belongs to the host (return from the function to commit, raise to "
+                                 "roll back)", name);
+    lvalue_params_t p;
+    lvalue_params(L, "defer", sql, 3, &p);
+    tx_error e;
+    if (tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e) < 0) return lerror_raise(L, &e);
+    return 0;
+}
+
 static int tx_query(lua_State *L) { return tx_statement(L, "query"); }
 static int tx_one(lua_State *L) { return tx_statement(L, "one"); }
 static int tx_execute(lua_State *L) { return tx_statement(L, "exec"); }
@@ -588,7 +605,8 @@ static const luaL_Reg session_methods[] = {
     {"id", sess_id}, {"component", sess_component}, {"alive", sess_alive}, {NULL, NULL}};
 
 static const luaL_Reg tx_methods[] = {{"query", tx_query},   {"one", tx_one},
-                                      {"exec", tx_execute},  {"commit", tx_commit_l},
+                                      {"exec", tx_execute},  {"defer", tx_defer_l},
+                                      {"commit", tx_commit_l},
                                       {"rollback", tx_rollback_l}, {NULL, NULL}};
 
 void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc) {

@@ -41,6 +41,10 @@ void lerror_push(lua_State *L, const tx_error *e) {
         lua_pushboolean(L, 1);
         lua_setfield(L, -2, "stale_statement");
     }
+    if (e->deferred) {
+        lua_pushboolean(L, 1);
+        lua_setfield(L, -2, "deferred");
+    }
     luaL_getmetatable(L, LERROR_MT);
     lua_setmetatable(L, -2);
 }

@@ -296,12 +296,18 @@ static __thread char *item; /* the calling slot's record; NULL on other threads 
 
 void slot_bind_item(char *record) { item = record; }
 
+static int items_held; /* records that name an item; written under item_mu */
+
 void slot_note_item(const char *machine) {
     if (!item) return;
     pthread_mutex_lock(&item_mu);
+    int was = item[0] != '\0', is = machine && machine[0];
+    if (was != is) __atomic_add_fetch(&items_held, is ? 1 : -1, __ATOMIC_RELAXED);
     snprintf(item, SLOT_ITEM_LEN, "%s", machine ? machine : "");
     pthread_mutex_unlock(&item_mu);
 }
+
+int slot_items_held(void) { return __atomic_load_n(&items_held, __ATOMIC_RELAXED); }
 
 void slot_item_read(const char *record, char *out, size_t len) {
     pthread_mutex_lock(&item_mu);

@@ -91,10 +91,21 @@ typedef struct step {
     const char *const *params;
     const int *lengths, *formats;
     int cached;             /* name was prepared by an earlier statement */
+    int deferred;           /* the caller's, queued by tx_defer */
     PGresult *r;            /* the answer; NULL when none came */
 } step;
 
 #define FLIGHT_MAX (4 + TX_PENDING_MAX)
+
+/* A queued statement (tx.h). A deferred one owns one block holding its
+ * parameters' pointers, lengths and formats, its text and the values. */
+typedef struct tx_pending {
+    const char *sql;
+    int n;
+    const char **params;
+    int *lengths, *formats;
+    char *copy; /* NULL: the host's static SQL */
+} tx_pending;
 
 static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 
@@ -168,20 +179,154 @@ static int add_begin(tx *t, step *s, const char **fence_params) {
     return 2;
 }
 
-void tx_pend(tx *t, const char *sql) {
-    if (t->npending < TX_PENDING_MAX) t->pending[t->npending++] = sql;
+/* ---- statements queued for the next flight ------------------------------ */
+
+/* Drops the queued statements from index from on. */
+static void pending_drop(tx *t, int from) {
+    for (int i = from; i < t->npending; i++) free(t->pending[i].copy);
+    if (from < t->npending) t->npending = from;
 }
 
-int tx_unpend(tx *t, const char *sql) {
-    if (t->npending == 0 || t->pending[t->npending - 1] != sql) return 0;
-    t->npending--;
+static void pending_free(tx *t) {
+    pending_drop(t, 0);
+    free(t->pending);
+    t->pending = NULL;
+}
+
+/* Room for one more: 0, or -1 when the queue is full (or no memory). */
+static int pending_room(tx *t) {
+    if (!t->pending && !(t->pending = malloc(TX_PENDING_MAX * sizeof *t->pending))) return -1;
+    return t->npending < TX_PENDING_MAX ? 0 : -1;
+}
+
+tx_mark tx_pend(tx *t, const char *sql) {
+    tx_mark m = {t->flights, -1};
+    /* The host pends at most three in a row (a savepoint's end, the next
+     * one), and tx_defer leaves room for them: never full in practice. */
+    if (pending_room(t) < 0) return m;
+    m.at = t->npending;
+    t->pending[t->npending++] = (tx_pending){.sql = sql};
+    return m;
+}
+
+int tx_unpend(tx *t, tx_mark m, int and_after) {
+    if (m.at < 0 || m.flight != t->flights || m.at >= t->npending) return 0;
+    if (and_after) {
+        pending_drop(t, m.at);
+    } else {
+        free(t->pending[m.at].copy);
+        memmove(&t->pending[m.at], &t->pending[m.at + 1],
+                (size_t)(t->npending - m.at - 1) * sizeof *t->pending);
+        t->npending--;
+    }
     return 1;
 }
 
-/* What tx_pend queued, after BEGIN and the fence. A failure among them
- * dooms the transaction, as a failed BEGIN does. */
-static int add_pending(tx *t, step *s) {
-    for (int i = 0; i < t->npending; i++) s[i] = (step){.kind = STEP_PENDING, .sql = t->pending[i]};
+void tx_unpend_all(tx *t) { pending_drop(t, 0); }
+
+/* A flight took what was queued (it ran, or the transaction is doomed):
+ * marks taken before it name nothing now. */
+static void pending_flown(tx *t) {
+    pending_drop(t, 0);
+    t->flights++;
+}
+
+static int has_deferred(const tx *t) {
+    for (int i = 0; i < t->npending; i++)
+        if (t->pending[i].copy) return 1;
+    return 0;
+}
+
+static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e);
+
+int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
+             const int *formats, tx_error *e) {
+    if (t->doomed) {
+        *e = t->doom;
+        return -1;
+    }
+    if (!t->open) {
+        tx_error_set(e, TXE_CLOSED, "transaction is already over");
+        return -1;
+    }
+    if (t->failed) {
+        tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
+        return -1;
+    }
+    /* The last few places stay free for the host's savepoints. */
+    if (pending_room(t) < 0 || t->npending >= TX_DEFER_MAX) {
+        PGresult *r = tx_exec_params(t, sql, nparams, params, lengths, formats, e);
+        PQclear(r);
+        return r ? 0 : -1;
+    }
+    /* Prepared now, on this connection, so an error in its text is the
+     * caller's to see at once; the flight looks its name up again (a
+     * fresh connection after a broken first flight prepares it anew). */
+    int cached;
+    PGresult *failed;
+    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0) {
+        t->failed = 1;
+        return -1;
+    }
+    prepared_lookup(t->prep, t->conn, sql, nparams, &cached, &failed);
+    if (failed) {
+        tx_error_from_result(e, t->conn, failed);
+        PQclear(failed);
+        t->failed = 1;
+        return -1;
+    }
+    size_t len = strlen(sql) + 1, need = (size_t)nparams * (sizeof(char *) + 2 * sizeof(int)) + len;
+    for (int i = 0; i < nparams; i++)
+        if (params[i]) need += (formats && formats[i] ? (size_t)lengths[i] : strlen(params[i])) + 1;
+    char *block = malloc(need);
+    if (!block) {
+        tx_error_set(e, TXE_SQL, "out of memory");
+        return -1;
+    }
+    tx_pending *q = &t->pending[t->npending];
+    *q = (tx_pending){.n = nparams, .copy = block};
+    q->params = (const char **)block;
+    q->lengths = (int *)(block + (size_t)nparams * sizeof(char *));
+    q->formats = q->lengths + nparams;
+    char *at = (char *)(q->formats + nparams);
+    memcpy(at, sql, len);
+    q->sql = at;
+    at += len;
+    for (int i = 0; i < nparams; i++) {
+        q->lengths[i] = lengths ? lengths[i] : 0;
+        q->formats[i] = formats ? formats[i] : 0;
+        if (!params[i]) {
+            q->params[i] = NULL;
+            continue;
+        }
+        size_t n = q->formats[i] ? (size_t)q->lengths[i] : strlen(params[i]);
+        memcpy(at, params[i], n);
+        at[n] = '\0';
+        q->params[i] = at;
+        at += n + 1;
+    }
+    t->npending++;
+    return 0;
+}
+
+/* What is queued, after BEGIN and the fence. A failure among them dooms
+ * the transaction, as a failed BEGIN does. Deferred statements go by
+ * name, looked up on this connection (-1, with e set, when the PREPARE
+ * of one failed). */
+static int add_pending(tx *t, step *s, tx_error *e) {
+    for (int i = 0; i < t->npending; i++) {
+        tx_pending *q = &t->pending[i];
+        s[i] = (step){.kind = STEP_PENDING, .sql = q->sql, .n = q->n, .params = q->params,
+                      .lengths = q->lengths, .formats = q->formats, .deferred = q->copy != NULL};
+        if (!q->copy) continue;
+        PGresult *failed;
+        s[i].name = prepared_lookup(t->prep, t->conn, q->sql, q->n, &s[i].cached, &failed);
+        if (failed) {
+            tx_error_from_result(e, t->conn, failed);
+            PQclear(failed);
+            return -1;
+        }
+    }
     return t->npending;
 }
 
@@ -190,6 +335,22 @@ static int add_final(tx *t, step *s) {
     *s = (step){.kind = STEP_FINAL, .sql = t->final.sql, .n = t->final.n, .params = t->final.params,
                 .name = prepared_name(t->prep, t->conn, t->final.sql, t->final.n)};
     return 1;
+}
+
+/* A flight's steps up to its last: BEGIN and the fence (if they have not
+ * gone out), what is queued, and the final statement (its index in
+ * *final_at, else -1). The count, or -1 with e set and t doomed. */
+static void doom(tx *t, const tx_error *e);
+static int add_head(tx *t, step *s, const char **fence_params, int *final_at, tx_error *e) {
+    int n = add_begin(t, s, fence_params);
+    int q = add_pending(t, s + n, e);
+    if (q < 0) {
+        doom(t, e);
+        return -1;
+    }
+    n += q;
+    *final_at = t->final.sql ? n : -1;
+    return n + add_final(t, s + n);
 }
 
 static void final_free(tx_final *f) {
@@ -349,7 +510,9 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
     t->final.sql = NULL;
     t->final.heap = NULL;
     t->final_result = NULL;
+    t->pending = NULL;
     t->npending = 0;
+    t->flights = 0;
     t->item = item != NULL;
     if (item) {
         snprintf(t->machine, sizeof t->machine, "%s", item->machine);
@@ -382,6 +545,12 @@ static int first_failure(tx *t, step *s, int n, tx_error *e) {
                 (!strcmp(st, "26000") || !strcmp(st, "0A000"))) {
                 prepared_forget(t->prep);
                 e->stale_statement = 1;
+            }
+            if (s[i].deferred) {
+                e->deferred = 1;
+                size_t at = strlen(e->message);
+                snprintf(e->message + at, sizeof e->message - at, " (in a statement deferred with "
+                         "tx:defer: %.120s)", s[i].sql);
             }
             if (s[i].kind == STEP_FENCE && !strcmp(st, "22012"))
                 tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
@@ -554,9 +723,8 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
     for (;;) {
         step s[FLIGHT_MAX];
         const char *fence_params[4];
-        int n = add_begin(t, s, fence_params);
-        n += add_pending(t, s + n);
-        n += add_final(t, s + n);
+        int final_at, n = add_head(t, s, fence_params, &final_at, e);
+        if (n < 0) return NULL;
         PGresult *failed;
         int cached;
         /* Prepared before the flight. Outside the transaction when it has
@@ -576,11 +744,11 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
         if (bad >= 0) {
             clear_steps(s, n);
             if (flight_failed(t, s, bad, e)) continue;
-            t->npending = 0; /* they ran, or t is doomed */
+            pending_flown(t);
             return NULL;
         }
         t->begun = 1;
-        t->npending = 0;
+        pending_flown(t);
         if (t->final.sql) final_free(&t->final);
         PGresult *r = s[n - 1].r;
         s[n - 1].r = NULL;
@@ -624,8 +792,9 @@ int tx_commit(tx *t, tx_error *e) {
         tx_rollback(t);
         return -1;
     }
-    /* Nothing ran and no final statement waits: nothing to commit. */
-    if (!t->begun && !t->final.sql) {
+    /* Nothing ran, and no final or deferred statement waits: nothing to
+     * commit. */
+    if (!t->begun && !t->final.sql && !has_deferred(t)) {
         tx_rollback(t);
         return 0;
     }
@@ -637,10 +806,8 @@ int tx_commit(tx *t, tx_error *e) {
      * decision) look in the database before they retry. */
     step s[FLIGHT_MAX];
     const char *fence_params[4];
-    int n = add_begin(t, s, fence_params);
-    n += add_pending(t, s + n);
-    int final_at = t->final.sql ? n : -1;
-    n += add_final(t, s + n);
+    int final_at, n = add_head(t, s, fence_params, &final_at, e);
+    if (n < 0) return -1;
     s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
     fly(t->conn, s, n);
     int bad = first_failure(t, s, n, e);
@@ -655,6 +822,7 @@ int tx_commit(tx *t, tx_error *e) {
     }
     clear_steps(s, n);
     final_free(&t->final);
+    pending_free(t);
     metrics_tx_committed();
     t->open = 0;
     pool_put(t->pool, t->conn);
@@ -664,6 +832,7 @@ int tx_commit(tx *t, tx_error *e) {
 
 void tx_rollback(tx *t) {
     final_free(&t->final);
+    pending_free(t);
     PQclear(t->final_result);
     t->final_result = NULL;
     if (!t->conn) {

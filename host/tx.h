@@ -32,6 +32,7 @@ typedef struct tx_error {
                            * schema: running the transaction again works */
     int outcome_unknown;  /* COMMIT was sent but no answer came back: the
                            * transaction may or may not have committed */
+    int deferred;         /* a statement queued with tx_defer failed */
 } tx_error;
 
 /* The statement that rides with COMMIT (tx_set_final): its parameters are
@@ -62,11 +63,14 @@ typedef struct tx {
     int item;        /* fenced by the work item below too */
     char machine[40], process[64], token[40];
     tx_final final;
-    /* Statements (static SQL of the host's) that ride in front of the
-     * next flight, after BEGIN and the fence: a batch's savepoints. */
-#define TX_PENDING_MAX 3
-    const char *pending[TX_PENDING_MAX];
+    /* Statements that ride in front of the next flight, after BEGIN and
+     * the fence, in the order queued: the host's static SQL (a batch's
+     * savepoints) and the caller's deferred statements (tx_defer). The
+     * array is allocated at the first, and freed by tx_rollback. */
+    struct tx_pending *pending;
     int npending;
+    unsigned long flights; /* flights flown: a mark older than the last
+                            * one names nothing still queued */
     PGresult *final_result; /* the final statement's answer, after COMMIT */
     int doomed;      /* the fence failed: every later call answers doom */
     tx_error doom;
@@ -95,11 +99,35 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
  * (22012) is reported as TXE_LOST. 0, or -1 with e set. */
 int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
                  int zero_means_lost, tx_error *e);
-/* Queues sql (a static string) to ride in front of the next flight;
- * tx_unpend takes it back when it is still the last one queued (1), so
- * that a savepoint nobody used costs nothing. */
-void tx_pend(tx *t, const char *sql);
-int tx_unpend(tx *t, const char *sql);
+/* At most this many statements wait for a flight; tx_defer sends at once
+ * rather than fill the last few, which stay free for tx_pend. */
+#define TX_PENDING_MAX 128
+#define TX_DEFER_MAX (TX_PENDING_MAX - 8)
+
+/* Where a queued statement stands, for taking it back. */
+typedef struct tx_mark {
+    unsigned long flight;
+    int at;
+} tx_mark;
+
+/* Queues sql (a static string of the host's) to ride in front of the
+ * next flight, and says where it stands. */
+tx_mark tx_pend(tx *t, const char *sql);
+/* Takes back the statement at m (with and_after, everything queued after
+ * it too) when it has not gone out: 1. 0 when a flight took it. So a
+ * savepoint nobody sent a statement in costs nothing. */
+int tx_unpend(tx *t, tx_mark m, int and_after);
+/* Drops every statement still queued (a failed member's deferred ones). */
+void tx_unpend_all(tx *t);
+/* Queues one of the caller's statements to ride with the next flight
+ * (the next statement, or COMMIT) without waiting for its answer: its
+ * text and parameters are copied, and it is prepared now (an error in
+ * its text is raised here). If it fails when it runs, the transaction is
+ * doomed with its error, which names it as deferred: the statement then
+ * in flight, or the commit, reports it, and nothing of the transaction
+ * commits. With the queue full it runs at once. 0, or -1 with e set. */
+int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
+             const int *formats, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */

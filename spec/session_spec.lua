@@ -79,6 +79,26 @@ describe("sessions", function()
     assert.equal("session_expired", failure(tx.commit, tx).kind)
   end)
 
+  it("fences deferred statements: a dead session's transaction of deferred statements commits none", function()
+    local s = core.session()
+    -- Paused right after a heartbeat, the session stays alive locally
+    -- for about an interval: what refuses the commit is the fence.
+    local last = admin:one("SELECT deadline::TEXT AS d FROM sessions WHERE session_id = $1", s:id()).d
+    H.wait_until(function()
+      return admin:one("SELECT deadline::TEXT AS d FROM sessions WHERE session_id = $1", s:id()).d ~= last
+    end, 10, "a heartbeat", 0.005)
+    core.pause_heartbeat(true)
+    admin:exec("DELETE FROM sessions WHERE session_id = $1", s:id())
+    local id = admin:one("SELECT gen_random_uuid()::TEXT AS id").id
+    local tx = core.begin(s)
+    -- BEGIN, the fence, the deferred INSERT and COMMIT go in one flight;
+    -- the fence raises, so neither of the two behind it runs.
+    tx:defer("INSERT INTO machines (machine_id) VALUES ($1)", id)
+    assert.equal("session_expired", failure(tx.commit, tx).kind)
+    assert.is_false(s:alive())
+    assert.equal(0, admin:one("SELECT count(*) AS n FROM machines WHERE machine_id = $1", id).n)
+  end)
+
   it("starts a new session for new work after a loss", function()
     local old = core.session()
     admin:exec("DELETE FROM sessions WHERE session_id = $1", old:id())

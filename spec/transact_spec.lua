@@ -97,6 +97,91 @@ describe("bmdb.transact", function()
     assert.equal(before, admin:one("SELECT count(*) AS n FROM machines").n)
   end)
 
+  -- tx:defer queues a statement without waiting for its answer: it rides
+  -- with the next statement's flight, or with COMMIT (README, "Deferred
+  -- statements").
+  describe("tx:defer", function()
+    setup(function()
+      admin:exec("CREATE TABLE deferred_t (k INT8 PRIMARY KEY, v TEXT, b BYTEA)")
+    end)
+
+    before_each(function() admin:exec("DELETE FROM deferred_t") end)
+
+    it("runs deferred statements in order, before the next statement and at commit", function()
+      local seen = bmdb.transact(function(tx)
+        tx:defer("INSERT INTO deferred_t (k, v) VALUES ($1, $2)", 1, "a")
+        tx:defer("UPDATE deferred_t SET v = v || $2 WHERE k = $1", 1, "b")
+        local v = tx:one("SELECT v FROM deferred_t WHERE k = 1").v
+        -- only deferred statements after the last one: they ride with COMMIT
+        tx:defer("INSERT INTO deferred_t (k, v, b) VALUES ($1, $2, $3)", 2, nil, "x\0y")
+        tx:defer("UPDATE deferred_t SET v = v || $2 WHERE k = $1", 1, "c")
+        return v
+      end)
+      assert.equal("ab", seen)
+      assert.equal("abc", admin:one("SELECT v FROM deferred_t WHERE k = 1").v)
+      local two = admin:one("SELECT v IS NULL AS null_v, b FROM deferred_t WHERE k = 2")
+      assert.is_true(two.null_v)
+      assert.equal("x\0y", two.b)
+    end)
+
+    it("commits a transaction of deferred statements only", function()
+      bmdb.transact(function(tx)
+        for k = 1, 3 do tx:defer("INSERT INTO deferred_t (k) VALUES ($1)", k) end
+      end)
+      assert.equal(3, admin:one("SELECT count(*) AS n FROM deferred_t").n)
+    end)
+
+    it("raises a deferred statement's failure from the next statement, naming it; nothing commits", function()
+      local err = failure(bmdb.transact, function(tx)
+        tx:defer("INSERT INTO deferred_t (k) VALUES ($1)", 1)
+        tx:defer("INSERT INTO deferred_t (k) VALUES ($1)", 1)
+        tx:one("SELECT 1 AS x")
+        error("not reached: the statement above raises")
+      end)
+      assert.truthy(bmdb.is_error(err, "sql"), tostring(err))
+      assert.equal("23505", err.sqlstate)
+      assert.is_true(err.deferred)
+      assert.matches("deferred with tx:defer: INSERT INTO deferred_t", err.message, 1, true)
+      assert.equal(0, admin:one("SELECT count(*) AS n FROM deferred_t").n)
+    end)
+
+    it("raises a deferred statement's failure from the commit; nothing commits", function()
+      local err = failure(bmdb.transact, function(tx)
+        tx:exec("INSERT INTO deferred_t (k) VALUES (1)")
+        tx:defer("INSERT INTO deferred_t (k) VALUES ($1)", 2)
+        tx:defer("SELECT 1 / (k - k) FROM deferred_t WHERE k = $1", 2)
+      end)
+      assert.equal("22012", err.sqlstate, tostring(err))
+      assert.is_true(err.deferred)
+      assert.equal(0, admin:one("SELECT count(*) AS n FROM deferred_t").n)
+    end)
+
+    it("raises an error in a deferred statement's text at once, and refuses transaction control", function()
+      local err = failure(bmdb.transact, function(tx)
+        local ok, e = pcall(tx.defer, tx, "SELEC 1")
+        assert.is_false(ok)
+        error(e, 0)
+      end)
+      assert.equal("42601", err.sqlstate, tostring(err))
+      assert.is_nil(err.deferred)
+      err = failure(bmdb.transact, function(tx) tx:defer("COMMIT") end)
+      assert.truthy(bmdb.is_error(err, "usage"), tostring(err))
+      assert.matches("defer: COMMIT is refused", tostring(err), 1, true)
+      err = failure(bmdb.transact, function(tx) tx:defer("SELECT $1::INT8", 1, 2) end)
+      assert.matches("bad argument #3 to 'defer' (no parameter $2", tostring(err), 1, true)
+    end)
+
+    it("runs them at once when the queue is full, and keeps their order", function()
+      bmdb.transact(function(tx)
+        tx:defer("INSERT INTO deferred_t (k, v) VALUES (0, '')")
+        for i = 1, 300 do tx:defer("UPDATE deferred_t SET v = v || $1 WHERE k = 0", tostring(i % 10)) end
+      end)
+      local want = {}
+      for i = 1, 300 do want[i] = tostring(i % 10) end
+      assert.equal(table.concat(want), admin:one("SELECT v FROM deferred_t WHERE k = 0").v)
+    end)
+  end)
+
   it("refuses a tx used after its function returned", function()
     local kept = bmdb.transact(function(tx) return tx end)
     local err = failure(kept.one, kept, "SELECT 1 AS x")

@@ -188,12 +188,14 @@ describe("workers", function()
   -- by raising after its write, BAD_SQL one whose commit function's second
   -- statement fails (the server then only accepts a rollback); FAIL_ONCE
   -- names one whose first commit function fails with a serialization
-  -- failure (40001).
+  -- failure (40001). With DEFER=1 the commit functions defer their
+  -- statements (tx:defer), so no member sends anything in its turn.
   local function batch_script(name)
     H.write_file(dir .. "/" .. name .. ".lua", [[
       local bmdb = require "bmdb"
       local core = require "bmdb.core"
       local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
+      local DEFER = os.getenv("DEFER") == "1"
       local failed_once, joined = false, false
 ]] .. H.script_wait_for .. [[
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
@@ -220,9 +222,10 @@ describe("workers", function()
                 return n == 4 or n == 0
               end)
             end
-            tx:exec("UPDATE batch SET done = true, runs = runs + 1 WHERE machine_id = $1", w.machine)
+            local send = DEFER and tx.defer or tx.exec
+            send(tx, "UPDATE batch SET done = true, runs = runs + 1 WHERE machine_id = $1", w.machine)
             if w.machine == BAD then error("the commit function of this item fails") end
-            if w.machine == BAD_SQL then tx:exec("SELECT 1 / 0") end
+            if w.machine == BAD_SQL then send(tx, "SELECT 1 / (runs - runs) FROM batch WHERE machine_id = $1", w.machine) end
             if w.machine == FAIL_ONCE and not failed_once then
               failed_once = true
               tx:exec("DO $d$ BEGIN RAISE EXCEPTION 'conflict' USING ERRCODE = '40001'; END $d$")
@@ -282,6 +285,45 @@ describe("workers", function()
     assert.equal(1, #shared, "no transaction both finished and claimed")
     assert.same({ 4, 4 }, { shared[1].started, shared[1].finished })
     assert.equal(8, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+  end)
+
+  -- Commit functions that only defer send nothing in their turns: their
+  -- statements ride with the batch's select (it claims the next four),
+  -- so the four items still end and the next four start in one
+  -- transaction.
+  it("finishes and claims in one transaction when the members' commit functions only defer", function()
+    run_batch(batch_script("batch_defer"), function()
+      return { BAD = "", BAD_SQL = "", FAIL_ONCE = "", DEFER = "1" }
+    end, 8)
+    local shared = admin:query([[SELECT xmin::TEXT AS xid, count(*) FILTER (WHERE event = 'Started') AS started,
+                                   count(*) FILTER (WHERE event = 'Finished') AS finished
+                                 FROM work_history WHERE machine_id IN (SELECT machine_id FROM batch)
+                                 GROUP BY xmin HAVING count(*) FILTER (WHERE event = 'Started') > 0
+                                   AND count(*) FILTER (WHERE event = 'Finished') > 0]])
+    assert.equal(1, #shared, "no transaction both finished and claimed")
+    assert.same({ 4, 4 }, { shared[1].started, shared[1].finished })
+    assert.equal(8, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+  end)
+
+  -- A deferred statement that fails does so in the batch's flight, after
+  -- its member's turn: the batch commits nothing, every member finishes
+  -- alone, and the failing one's own transaction then raises it.
+  it("finishes the others of a batch whose deferred statement fails, and fails only its item", function()
+    local ids = run_batch(batch_script("batch_defer_bad"), function(ids)
+      return { BAD = "", BAD_SQL = ids[3], FAIL_ONCE = "", DEFER = "1" }
+    end)
+    assert.same({ "Started", "Failed" }, events(ids[3]))
+    local cause = admin:one("SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Failed'", ids[3]).cause
+    assert.matches("division by zero", cause, 1, true)
+    assert.matches("deferred with tx:defer", cause, 1, true)
+    assert.is_false(admin:one("SELECT done FROM batch WHERE machine_id = $1", ids[3]).done)
+    for _, m in ipairs({ ids[1], ids[2], ids[4] }) do assert.same({ "Started", "Finished" }, events(m)) end
+    -- nothing of the failed batch committed: each other write landed once,
+    -- in a transaction of its own
+    assert.equal(3, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+    assert.equal(3, count([[SELECT DISTINCT xmin::TEXT FROM work_history
+                            WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]]))
+    assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
   end)
 
   it("finishes every member alone when a failure the batch may not survive ends it", function()

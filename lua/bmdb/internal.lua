@@ -1187,6 +1187,9 @@ claim_in_batch = function(w, tx, s, peers)
     -- COMMIT): a conflict now costs the whole batch, so claim in turn for
     -- a while.
     def.batch_claim_pause = BATCH_CLAIM_PAUSE
+  elseif not ok and type(sent) == "table" and sent.deferred then
+    -- A member's deferred statement failed in the select's flight: the
+    -- member's failure (it finishes alone, and raises it), not the claim's.
   elseif ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
     def.batch_claim_failures = 0
   else
