@@ -452,7 +452,7 @@ local function bench_idle()
   local dsn, c = fresh_db()
   c:exec("CREATE EXTENSION pg_stat_statements")
   c:exec("CREATE TABLE todo (machine_id UUID PRIMARY KEY)")
-  local hosts = start_hosts(dsn, script(noop_script:format(16)), 1)
+  local hosts = start_hosts(dsn, script(noop_script:format(16, "defer")), 1)
   H.sleep(2) -- past the first selects of a starting host
   local mine = "query NOT LIKE '%pg_stat_statements%'"
   c:exec("SELECT pg_stat_statements_reset()")
