@@ -239,8 +239,9 @@ static int has_deferred(const tx *t) {
 
 static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e);
 
-int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
-             const int *formats, tx_error *e) {
+/* -1 with e set when t takes no more statements: doomed (the same answer
+ * again), or over. */
+static int still_open(const tx *t, tx_error *e) {
     if (t->doomed) {
         *e = t->doom;
         return -1;
@@ -249,6 +250,12 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return -1;
     }
+    return 0;
+}
+
+int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
+             const int *formats, tx_error *e) {
+    if (still_open(t, e) < 0) return -1;
     if (t->failed) {
         tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
         return -1;
@@ -708,14 +715,7 @@ long tx_run(tx *t, const char *sql, int nparams, const char *const *params, PGre
 
 PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
                          const int *lengths, const int *formats, tx_error *e) {
-    if (t->doomed) {
-        *e = t->doom;
-        return NULL;
-    }
-    if (!t->open) {
-        tx_error_set(e, TXE_CLOSED, "transaction is already over");
-        return NULL;
-    }
+    if (still_open(t, e) < 0) return NULL;
     if (check_binary_params(t->conn, sql, nparams, formats, e) < 0) {
         t->failed = 1;
         return NULL;
@@ -771,14 +771,7 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
 }
 
 int tx_commit(tx *t, tx_error *e) {
-    if (t->doomed) {
-        *e = t->doom;
-        return -1;
-    }
-    if (!t->open) {
-        tx_error_set(e, TXE_CLOSED, "transaction is already over");
-        return -1;
-    }
+    if (still_open(t, e) < 0) return -1;
     if (t->failed) {
         tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
         tx_rollback(t);

@@ -271,12 +271,9 @@ describe("workers", function()
     assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
   end)
 
-  -- The slot that closes a batch claims the next items in the batch's
-  -- transaction, for itself and for the members of its worker: four
-  -- items finish together, and the Started rows of the next four share
-  -- the transaction id of their Finished rows.
-  it("claims the next items in the transaction of a batch of finishes", function()
-    run_batch(batch_script("batch_claim"), function() return { BAD = "", BAD_SQL = "", FAIL_ONCE = "" } end, 8)
+  -- Eight items ran once each, and one transaction both finished four and
+  -- claimed the next four: their Started and Finished rows share its xmin.
+  local function assert_finished_and_claimed_together()
     local shared = admin:query([[SELECT xmin::TEXT AS xid, count(*) FILTER (WHERE event = 'Started') AS started,
                                    count(*) FILTER (WHERE event = 'Finished') AS finished
                                  FROM work_history WHERE machine_id IN (SELECT machine_id FROM batch)
@@ -285,6 +282,15 @@ describe("workers", function()
     assert.equal(1, #shared, "no transaction both finished and claimed")
     assert.same({ 4, 4 }, { shared[1].started, shared[1].finished })
     assert.equal(8, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+  end
+
+  -- The slot that closes a batch claims the next items in the batch's
+  -- transaction, for itself and for the members of its worker: four
+  -- items finish together, and the Started rows of the next four share
+  -- the transaction id of their Finished rows.
+  it("claims the next items in the transaction of a batch of finishes", function()
+    run_batch(batch_script("batch_claim"), function() return { BAD = "", BAD_SQL = "", FAIL_ONCE = "" } end, 8)
+    assert_finished_and_claimed_together()
   end)
 
   -- Commit functions that only defer send nothing in their turns: their
@@ -295,14 +301,7 @@ describe("workers", function()
     run_batch(batch_script("batch_defer"), function()
       return { BAD = "", BAD_SQL = "", FAIL_ONCE = "", DEFER = "1" }
     end, 8)
-    local shared = admin:query([[SELECT xmin::TEXT AS xid, count(*) FILTER (WHERE event = 'Started') AS started,
-                                   count(*) FILTER (WHERE event = 'Finished') AS finished
-                                 FROM work_history WHERE machine_id IN (SELECT machine_id FROM batch)
-                                 GROUP BY xmin HAVING count(*) FILTER (WHERE event = 'Started') > 0
-                                   AND count(*) FILTER (WHERE event = 'Finished') > 0]])
-    assert.equal(1, #shared, "no transaction both finished and claimed")
-    assert.same({ 4, 4 }, { shared[1].started, shared[1].finished })
-    assert.equal(8, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+    assert_finished_and_claimed_together()
   end)
 
   -- A deferred statement that fails does so in the batch's flight, after
