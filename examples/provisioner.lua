@@ -23,8 +23,10 @@ return {
     run = function(w)
       -- Outside any transaction: the provider call may take minutes.
       local id = provider.call("create", w.machine)
+      -- The commit function needs no answer: deferred, its INSERT rides
+      -- with the release and COMMIT in one round trip.
       w:finish(function(tx)
-        tx:exec("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', $2)",
+        tx:defer("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', $2)",
                 w.machine, id)
       end)
       bmdb.log.info("provisioned", { machine = w.machine, provider_id = id })

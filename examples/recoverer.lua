@@ -23,7 +23,7 @@ return {
       -- retried after the backoff; w.attempt counts the tries.
       provider.call("reboot", w.machine, w.attempt)
       w:finish(function(tx)
-        tx:exec("DELETE FROM machine_failures WHERE machine_id = $1", w.machine)
+        tx:defer("DELETE FROM machine_failures WHERE machine_id = $1", w.machine)
       end)
     end,
   },
