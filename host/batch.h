@@ -5,8 +5,9 @@
  * runs its commit function inside a savepoint of its own, then queues its
  * release. A commit function that only defers its statements (tx_defer)
  * sends nothing in its turn: its statements ride with the batch's next
- * flight, and its savepoint, never sent, is taken back. The member whose turn ends with nobody left waiting closes the
- * batch: every queued release goes out as one statement, with COMMIT.
+ * flight, and its savepoint, never sent, is taken back. The member whose
+ * turn ends with nobody left waiting closes the batch: every queued
+ * release goes out as one statement, with COMMIT.
  * So k finishes cost one BEGIN, one fence, one release and one COMMIT,
  * and a commit function that fails undoes only its own savepoint.
  *

@@ -153,16 +153,24 @@ static ltx *check_open_tx(lua_State *L, const char *fname) {
 
 tx *lcore_check_tx(lua_State *L, const char *fname) { return check_open_tx(L, fname)->t; }
 
-static int tx_statement(lua_State *L, const char *fname) {
+/* A statement method's tx, its SQL (refused when it would start, end or
+ * split the transaction) and its parameters, into p. */
+static ltx *check_statement(lua_State *L, const char *fname, const char **sql, lvalue_params_t *p) {
     ltx *u = check_open_tx(L, fname);
-    const char *sql = lerror_checkstring(L, 2);
+    *sql = lerror_checkstring(L, 2);
     char name[64];
-    if (lvalue_transaction_control(sql, name, sizeof name))
-        return lerror_raise_kind(L, "usage", "%s: %s is refused inside bmdb.transact: the transaction "
-                                 "belongs to the host (return from the function to commit, raise to "
-                                 "roll back)", fname, name);
+    if (lvalue_transaction_control(*sql, name, sizeof name))
+        lerror_raise_kind(L, "usage", "%s: %s is refused inside bmdb.transact: the transaction "
+                          "belongs to the host (return from the function to commit, raise to "
+                          "roll back)", fname, name);
+    lvalue_params(L, fname, *sql, 3, p);
+    return u;
+}
+
+static int tx_statement(lua_State *L, const char *fname) {
+    const char *sql;
     lvalue_params_t p;
-    lvalue_params(L, fname, sql, 3, &p);
+    ltx *u = check_statement(L, fname, &sql, &p);
     tx_error e;
     PGresult *r = tx_exec_params(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     if (!r) return lerror_raise(L, &e);
@@ -172,15 +180,9 @@ static int tx_statement(lua_State *L, const char *fname) {
 /* tx:defer(sql, ...): queued to ride with the next statement or COMMIT,
  * its answer never waited for (tx.h, tx_defer). */
 static int tx_defer_l(lua_State *L) {
-    ltx *u = check_open_tx(L, "defer");
-    const char *sql = lerror_checkstring(L, 2);
-    char name[64];
-    if (lvalue_transaction_control(sql, name, sizeof name))
-        return lerror_raise_kind(L, "usage", "defer: %s is refused inside bmdb.transact: the transaction "
-                                 "belongs to the host (return from the function to commit, raise to "
-                                 "roll back)", name);
+    const char *sql;
     lvalue_params_t p;
-    lvalue_params(L, "defer", sql, 3, &p);
+    ltx *u = check_statement(L, "defer", &sql, &p);
     tx_error e;
     if (tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e) < 0) return lerror_raise(L, &e);
     return 0;

@@ -239,6 +239,18 @@ static int has_deferred(const tx *t) {
 
 static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e);
 
+/* sql's prepared name on t's connection (*name NULL: run it unnamed),
+ * prepared now if it was not; -1 with e set when the server refused the
+ * PREPARE. */
+static int prepare(tx *t, const char *sql, int n, const char **name, int *cached, tx_error *e) {
+    PGresult *failed;
+    *name = prepared_lookup(t->prep, t->conn, sql, n, cached, &failed);
+    if (!failed) return 0;
+    tx_error_from_result(e, t->conn, failed);
+    PQclear(failed);
+    return -1;
+}
+
 /* -1 with e set when t takes no more statements: doomed (the same answer
  * again), or over. */
 static int still_open(const tx *t, tx_error *e) {
@@ -269,16 +281,10 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
     /* Prepared now, on this connection, so an error in its text is the
      * caller's to see at once; the flight looks its name up again (a
      * fresh connection after a broken first flight prepares it anew). */
+    const char *name;
     int cached;
-    PGresult *failed;
-    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0) {
-        t->failed = 1;
-        return -1;
-    }
-    prepared_lookup(t->prep, t->conn, sql, nparams, &cached, &failed);
-    if (failed) {
-        tx_error_from_result(e, t->conn, failed);
-        PQclear(failed);
+    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0 ||
+        prepare(t, sql, nparams, &name, &cached, e) < 0) {
         t->failed = 1;
         return -1;
     }
@@ -325,14 +331,7 @@ static int add_pending(tx *t, step *s, tx_error *e) {
         tx_pending *q = &t->pending[i];
         s[i] = (step){.kind = STEP_PENDING, .sql = q->sql, .n = q->n, .params = q->params,
                       .lengths = q->lengths, .formats = q->formats, .deferred = q->copy != NULL};
-        if (!q->copy) continue;
-        PGresult *failed;
-        s[i].name = prepared_lookup(t->prep, t->conn, q->sql, q->n, &s[i].cached, &failed);
-        if (failed) {
-            tx_error_from_result(e, t->conn, failed);
-            PQclear(failed);
-            return -1;
-        }
+        if (q->copy && prepare(t, q->sql, q->n, &s[i].name, &s[i].cached, e) < 0) return -1;
     }
     return t->npending;
 }
@@ -725,15 +724,12 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
         const char *fence_params[4];
         int final_at, n = add_head(t, s, fence_params, &final_at, e);
         if (n < 0) return NULL;
-        PGresult *failed;
+        const char *name;
         int cached;
         /* Prepared before the flight. Outside the transaction when it has
          * not begun; inside, a statement that does not parse aborts it,
          * as it would have anyway. */
-        const char *name = prepared_lookup(t->prep, t->conn, sql, nparams, &cached, &failed);
-        if (failed) {
-            tx_error_from_result(e, t->conn, failed);
-            PQclear(failed);
+        if (prepare(t, sql, nparams, &name, &cached, e) < 0) {
             t->failed = 1;
             return NULL;
         }
