@@ -189,13 +189,15 @@ describe("workers", function()
   -- statement fails (the server then only accepts a rollback); FAIL_ONCE
   -- names one whose first commit function fails with a serialization
   -- failure (40001). With DEFER=1 the commit functions defer their
-  -- statements (tx:defer), so no member sends anything in its turn.
+  -- statements (tx:defer), so no member sends anything in its turn; BAD's
+  -- then runs a statement first (its savepoint goes out), and BAD_DEFERRED
+  -- names one that defers its write and raises without sending anything.
   local function batch_script(name)
     H.write_file(dir .. "/" .. name .. ".lua", [[
       local bmdb = require "bmdb"
       local core = require "bmdb.core"
       local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
-      local DEFER = os.getenv("DEFER") == "1"
+      local DEFER, BAD_DEFERRED = os.getenv("DEFER") == "1", os.getenv("BAD_DEFERRED")
       local failed_once, joined = false, false
 ]] .. H.script_wait_for .. [[
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
@@ -223,8 +225,13 @@ describe("workers", function()
               end)
             end
             local send = DEFER and tx.defer or tx.exec
+            if DEFER and w.machine == BAD then tx:exec("SELECT 1") end
             send(tx, "UPDATE batch SET done = true, runs = runs + 1 WHERE machine_id = $1", w.machine)
-            if w.machine == BAD then error("the commit function of this item fails") end
+            if w.machine == BAD or w.machine == BAD_DEFERRED then
+              -- deferred and then dropped, it never runs: run, it would fail the batch
+              if DEFER then tx:defer("SELECT 1 / (runs - runs) FROM batch WHERE machine_id = $1", w.machine) end
+              error("the commit function of this item fails")
+            end
             if w.machine == BAD_SQL then send(tx, "SELECT 1 / (runs - runs) FROM batch WHERE machine_id = $1", w.machine) end
             if w.machine == FAIL_ONCE and not failed_once then
               failed_once = true
@@ -302,6 +309,23 @@ describe("workers", function()
       return { BAD = "", BAD_SQL = "", FAIL_ONCE = "", DEFER = "1" }
     end, 8)
     assert_finished_and_claimed_together()
+  end)
+
+  -- A commit function that raises after deferring its write and a
+  -- statement that would fail: what it deferred is dropped with its
+  -- savepoint (sent or not), so the others' writes commit in the batch.
+  it("drops the deferred statements of a batch member whose commit function raises", function()
+    local ids = run_batch(batch_script("batch_defer_raise"), function(ids)
+      return { BAD = ids[2], BAD_DEFERRED = ids[4], BAD_SQL = "", FAIL_ONCE = "", DEFER = "1" }
+    end)
+    for _, bad in ipairs({ ids[2], ids[4] }) do
+      assert.same({ "Started", "Failed" }, events(bad))
+      assert.is_false(admin:one("SELECT done FROM batch WHERE machine_id = $1", bad).done)
+    end
+    assert.equal(2, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+    local finished = admin:one([[SELECT count(*) AS n, count(DISTINCT xmin::TEXT) AS xids FROM work_history
+                                 WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
+    assert.same({ n = 2, xids = 1 }, { n = finished.n, xids = finished.xids })
   end)
 
   -- A deferred statement that fails does so in the batch's flight, after
