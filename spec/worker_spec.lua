@@ -260,6 +260,13 @@ describe("workers", function()
     return ids, h
   end
 
+  -- n items Finished, their releases committed in one transaction: one xmin.
+  local function assert_finished_together(n)
+    local finished = admin:one([[SELECT count(*) AS n, count(DISTINCT xmin::TEXT) AS xids FROM work_history
+                                 WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
+    assert.same({ n = n, xids = 1 }, { n = finished.n, xids = finished.xids })
+  end
+
   it("finishes the others of a batch whose commit functions fail, undoing only those", function()
     local ids = run_batch(batch_script("batch_bad"), function(ids)
       return { BAD = ids[2], BAD_SQL = ids[4], FAIL_ONCE = "" }
@@ -271,10 +278,7 @@ describe("workers", function()
       assert.is_false(admin:one("SELECT done FROM batch WHERE machine_id = $1", bad).done)
     end
     assert.equal(2, count("SELECT 1 FROM batch WHERE done"))
-    -- the two releases committed in one transaction: one xmin
-    local finished = admin:one([[SELECT count(*) AS n, count(DISTINCT xmin::TEXT) AS xids FROM work_history
-                                 WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
-    assert.same({ n = 2, xids = 1 }, { n = finished.n, xids = finished.xids })
+    assert_finished_together(2)
     assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
   end)
 
@@ -323,9 +327,7 @@ describe("workers", function()
       assert.is_false(admin:one("SELECT done FROM batch WHERE machine_id = $1", bad).done)
     end
     assert.equal(2, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
-    local finished = admin:one([[SELECT count(*) AS n, count(DISTINCT xmin::TEXT) AS xids FROM work_history
-                                 WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]])
-    assert.same({ n = 2, xids = 1 }, { n = finished.n, xids = finished.xids })
+    assert_finished_together(2)
   end)
 
   -- A deferred statement that fails does so in the batch's flight, after
