@@ -6,15 +6,20 @@
  * item. Slots that finish at the same moment (a claim hands several of
  * them an item at once, so they do) share one transaction instead.
  *
- * Concurrency: one batch is open at a time, and its transaction is used
- * by one thread at a time, the member whose turn it is. Turns go by
- * ticket, in the order members joined, under mu. A member whose turn ends
- * with nobody waiting closes the batch (no new member joins from then on)
- * and commits it, so a batch never waits long for a member that may not
- * come: it grows while the members already in it take their turns, and
- * for at most BATCH_LINGER_S more while other slots hold items. Every
- * member is a finish between slot_finish_enter and slot_finish_leave, so
- * a claim of this host never overlaps the batch (slots.c says why). */
+ * Concurrency: one batch is open at a time. Its members run their commit
+ * functions at the same time, each on its own thread; what they defer
+ * waits in their own detached tx. The batch's transaction is used by one
+ * thread at a time (B.user, under mu): the opener while it borrows the
+ * connection, a member that sends a statement (from batch_use to its
+ * leave), a member moving its deferred statements in, and at the end the
+ * closer. A member that waited its turn for every commit function (as
+ * the first version here did) cost a thread wake-up per member in a row,
+ * a third of a batch's time at 16 slots when they only defer. The last
+ * member to leave closes the batch (no new member joins from then on)
+ * and commits it, after waiting for late joiners (linger), so a batch
+ * never waits long for a member that may not come. Every member is a
+ * finish between slot_finish_enter and slot_finish_leave, so a claim of
+ * this host never overlaps the batch (slots.c says why). */
 #include "batch.h"
 
 #include <errno.h>
@@ -32,34 +37,40 @@ static const char savepoint_sql[] = "SAVEPOINT bmdb_item";
 static const char release_sql[] = "RELEASE SAVEPOINT bmdb_item";
 static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
 
-/* How long the last member's turn waits, at most, for a finish that may
- * be about to join (batch_leave). A batch grows while its members take
- * turns; a member whose commit function only defers its statements takes
- * a few microseconds, less than a slot handed an item by the same claim
- * needs to run its body and join, so without the wait such batches closed
- * with one or two members. */
+/* How long the last member to leave waits, at most, for a finish that may
+ * be about to join (linger). A commit function that only defers its
+ * statements takes a few microseconds, less than a slot handed an item by
+ * the same claim needs to run its body and join, so without the wait
+ * such batches closed with one or two members. */
 #define BATCH_LINGER_S 0.001
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t grew;    /* a member joined: a lingering last turn goes on */
-static pthread_once_t grew_once = PTHREAD_ONCE_INIT;
-static void grew_init(void) { mono_cond_init(&grew); }
+static pthread_cond_t grew;    /* a member joined or left: a lingering closer looks again */
+static pthread_cond_t free_cv; /* nobody uses B.t: a member waiting to goes on */
+static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
+static void conds_init(void) {
+    mono_cond_init(&grew);
+    pthread_cond_init(&free_cv, NULL);
+}
 static unsigned long committed_batches, committed_finishes; /* under mu */
 
 static struct {
     /* under mu: */
     int open, accepting;
     session *sess;
-    int members, turn;
-    int failed;        /* the batch commits nothing; err says why */
+    int members;         /* joined */
+    int active;          /* joined and not yet left */
+    int lingering;       /* the last to leave waits for late joiners; it closes */
+    batch_member *user;  /* the one thread that may use t, or NULL */
+    int failed;          /* the batch commits nothing; err says why */
     tx_error err;
     batch_member *member[BATCH_MAX];
-    /* only the member whose turn it is: */
-    tx t;
-    int queued;        /* releases queued, members' tickets in released[] */
-    int release_set;   /* they are the transaction's final statement */
+    int queued;          /* releases queued, members' tickets in released[] */
     int released[BATCH_MAX];
     char machine[BATCH_MAX][40], process[BATCH_MAX][64], token[BATCH_MAX][40];
+    /* only the user of t: */
+    tx t;
+    int release_set;     /* the releases are the transaction's final statement */
     char machines[BATCH_MAX * 38 + 3], processes[BATCH_MAX * 65 + 3], tokens[BATCH_MAX * 38 + 3];
 } B;
 
@@ -67,55 +78,88 @@ static void fail_locked(const tx_error *e) {
     if (B.failed) return;
     B.failed = 1;
     B.err = *e;
+    pthread_cond_broadcast(&free_cv); /* whoever waits to use t learns it */
 }
 
-static void pass_turn(batch_member *m, int stays);
-static int set_release(tx_error *e);
+static void fail(const tx_error *e) {
+    pthread_mutex_lock(&mu);
+    fail_locked(e);
+    pthread_mutex_unlock(&mu);
+}
 
 int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     int opener = 0;
-    pthread_once(&grew_once, grew_init);
+    pthread_once(&conds_once, conds_init);
     pthread_mutex_lock(&mu);
     if (B.open && (!B.accepting || B.sess != sess || B.members == BATCH_MAX)) {
         pthread_mutex_unlock(&mu);
         return BATCH_ALONE;
+    }
+    memset(m, 0, sizeof *m);
+    if (B.open && B.failed) {
+        m->err = B.err;
+        pthread_mutex_unlock(&mu);
+        return BATCH_FAILED;
     }
     if (!B.open) {
         opener = 1;
         B.open = B.accepting = 1;
         B.sess = sess;
         session_ref(sess);
-        B.members = B.turn = B.failed = B.queued = B.release_set = 0;
+        B.members = B.active = B.lingering = B.failed = B.queued = B.release_set = 0;
+        B.user = m; /* while it borrows the connection */
     }
-    memset(m, 0, sizeof *m);
     pthread_cond_init(&m->cv, NULL);
     m->ticket = B.members++;
+    B.active++;
     B.member[m->ticket] = m;
     pthread_cond_signal(&grew);
     pthread_mutex_unlock(&mu);
 
     if (opener) {
-        /* Turn 0 is ours, so nobody else touches B.t meanwhile. BEGIN and
-         * the fence ride with the first statement, or with COMMIT. */
+        /* BEGIN and the fence ride with the first statement, or with
+         * COMMIT: this only borrows a connection. */
         tx_error e;
-        if (tx_begin(&B.t, p, sess, &e) < 0) {
-            pthread_mutex_lock(&mu);
-            fail_locked(&e);
-            pthread_mutex_unlock(&mu);
-        }
+        int rc = tx_begin(&B.t, p, sess, &e);
+        pthread_mutex_lock(&mu);
+        if (rc < 0) fail_locked(&e);
+        B.user = NULL;
+        pthread_cond_broadcast(&free_cv);
+        pthread_mutex_unlock(&mu);
     }
+    tx_init_detached(&m->own, sess);
+    *out = &m->own;
+    return BATCH_JOINED;
+}
+
+/* Waits until nobody uses B.t, and makes m its user: 0, or -1 when the
+ * batch failed (m->err says why). */
+static int take_t(batch_member *m) {
     pthread_mutex_lock(&mu);
-    while (B.turn != m->ticket) pthread_cond_wait(&m->cv, &mu);
+    while (B.user && !B.failed) pthread_cond_wait(&free_cv, &mu);
     int failed = B.failed;
+    if (failed) m->err = B.err;
+    else B.user = m;
     pthread_mutex_unlock(&mu);
-    if (failed) {
-        pass_turn(m, 0);
-        pthread_cond_destroy(&m->cv);
-        return BATCH_FAILED;
+    if (failed) return -1;
+    m->holds = 1;
+    return 0;
+}
+
+int batch_use(batch_member *m, tx **out, tx_error *e) {
+    if (!m->holds) {
+        if (take_t(m) < 0) {
+            m->saw_failed = 1;
+            *e = m->err;
+            return -1;
+        }
+        /* The savepoint rides in front of m's first statement; what m
+         * deferred so far goes in behind it, so m's failure undoes it too. */
+        m->savepoint = tx_pend(&B.t, savepoint_sql);
+        if (tx_adopt(&B.t, &m->own, e) < 0) return -1;
     }
-    m->savepoint = tx_pend(&B.t, savepoint_sql);
     *out = &B.t;
-    return BATCH_TURN;
+    return 0;
 }
 
 /* A text array literal of one field of the queued releases: first is
@@ -149,7 +193,9 @@ static int set_release(tx_error *e) {
  * lock and COMMIT, when claim_sent: then what it locked goes to claimed),
  * or a rollback when there is nothing to commit; then every member waiting
  * learns the outcome. */
-static void close_batch(int claim_sent, slot_handed *claimed, int max, int *nclaimed) {
+static int hand_to_members(const batch_member *closer, slot_handed *claimed, int *nclaimed);
+static void close_batch(const batch_member *closer, int claim_sent, double started, slot_handed *claimed,
+                        int max, int *nclaimed, int *handed) {
     tx_error e;
     int rc = -1;
     if (nclaimed) *nclaimed = 0;
@@ -169,11 +215,13 @@ static void close_batch(int claim_sent, slot_handed *claimed, int max, int *ncla
         for (int i = 0; rc == 0 && claim_sent && i < max; i++) {
             if (!work_locked_any(&B.t, i, claimed[i].machine, sizeof claimed[i].machine, &out)) break;
             claimed[i].attempt = out.attempt;
+            claimed[i].started = started;
             snprintf(claimed[i].token, sizeof claimed[i].token, "%s", out.token);
             snprintf(claimed[i].session, sizeof claimed[i].session, "%s", session_id(B.sess));
             ++*nclaimed;
         }
         tx_rollback(&B.t); /* frees what tx_commit kept (the final's answer) */
+        if (rc == 0 && claim_sent) *handed = hand_to_members(closer, claimed, nclaimed);
     }
     pthread_mutex_lock(&mu);
     if (rc < 0) fail_locked(&e);
@@ -190,115 +238,170 @@ static void close_batch(int claim_sent, slot_handed *claimed, int max, int *ncla
     }
     session_unref(B.sess);
     B.sess = NULL;
+    B.user = NULL;
     B.open = 0;
     pthread_mutex_unlock(&mu);
 }
 
-/* Passes the turn on; the member whose turn was the last closes the
- * batch. A member that does not wait for the outcome (stays) leaves the
- * list first: its record may be gone before the batch ends. */
-static void pass_turn(batch_member *m, int stays) {
-    pthread_mutex_lock(&mu);
-    if (!stays) {
-        B.member[m->ticket] = NULL;
-        if (B.failed) m->err = B.err;
-    }
-    int closer = ++B.turn == B.members;
-    if (closer) B.accepting = 0;
-    else pthread_cond_signal(&B.member[B.turn]->cv);
-    pthread_mutex_unlock(&mu);
-    if (closer) close_batch(0, NULL, 0, NULL);
-}
+static int close_claiming(const batch_member *closer, const char *process, int inside, int *peers);
 
-/* Whether the member ending its turn (one of process) closes the batch
- * and claims in its transaction: it is the last, nothing failed, and the
- * batch's members are the host's only finishes in flight
- * (slot_claim_alongside, which then gives it the claim turn). Its
- * releases become the final statement, to ride in front of the claim's
- * select. peers: how many members ended an item of process, it included
- * (they will claim next). */
-static int close_claiming(const char *process, int *peers) {
-    pthread_mutex_lock(&mu);
-    int last = B.turn + 1 == B.members && !B.failed, inside = 0;
-    if (last) {
-        B.accepting = 0; /* from here on, a finish goes alone */
-        for (int i = 0; i < B.members; i++) inside += B.member[i] != NULL;
+/* Under mu, by the last member to leave: waits for members that join
+ * meanwhile to leave too, and, while more slots hold an item than the
+ * batch has members (one of them may be about to finish and join), for
+ * BATCH_LINGER_S at most. Then the batch takes no new member. */
+static void linger_locked(void) {
+    struct timespec until = time_after(CLOCK_MONOTONIC, BATCH_LINGER_S);
+    B.lingering = 1;
+    for (int late = 0;;) {
+        if (B.active > 0) {
+            pthread_cond_wait(&grew, &mu);
+            continue;
+        }
+        if (late || B.failed || B.members == BATCH_MAX || slot_items_held() <= B.members) break;
+        if (pthread_cond_timedwait(&grew, &mu, &until) == ETIMEDOUT) {
+            late = 1;
+            B.accepting = 0;
+        }
     }
-    pthread_mutex_unlock(&mu);
-    if (!last || !slot_claim_alongside(inside)) return 0;
-    *peers = 0;
-    for (int i = 0; i < B.queued; i++) *peers += !strcmp(B.process[i], process);
-    tx_error e;
-    if (set_release(&e) == 0) return 1;
-    slot_claim_leave();
-    pthread_mutex_lock(&mu);
-    fail_locked(&e);
-    pthread_mutex_unlock(&mu);
-    return 0;
-}
-
-/* At the end of the last member's turn (so far): while more slots hold
- * an item than the batch has members, one of them may be about to finish
- * and join; wait for that, BATCH_LINGER_S at most. A joiner takes the
- * next turn, and the batch's end is then its to decide. */
-static void linger(void) {
-    pthread_mutex_lock(&mu);
-    if (!B.failed && B.turn + 1 == B.members && B.members < BATCH_MAX &&
-        slot_items_held() > B.members) {
-        struct timespec until = time_after(CLOCK_MONOTONIC, BATCH_LINGER_S);
-        while (B.turn + 1 == B.members && slot_items_held() > B.members)
-            if (pthread_cond_timedwait(&grew, &mu, &until) == ETIMEDOUT) break;
-    }
-    pthread_mutex_unlock(&mu);
+    B.accepting = 0;
+    B.lingering = 0;
 }
 
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
-                const char *token, int may_claim, int *peers) {
-    /* Still our turn: settle our savepoint. It went out with our first
-     * statement; when none was sent it is still queued, and taken back:
-     * nothing of ours reached the server. What we deferred rides after
-     * it; kept when ok (if it fails, it fails the batch), dropped when
-     * not. */
+                const char *token, int takes_next, int may_claim, int *peers) {
     tx_error e;
-    if (B.t.doomed || fatal) {
-        /* the fence failed, or a failure the transaction may not survive */
-        pthread_mutex_lock(&mu);
-        if (B.t.doomed) fail_locked(&B.t.doom);
+    int whole = m->saw_failed; /* the batch failed under m: not m's own failure */
+    if (m->holds) {
+        /* Settle m's savepoint. It went out with m's first statement; when
+         * none was sent it is still queued, and taken back: nothing of m's
+         * reached the server. What m deferred rides after it; kept when ok
+         * (if it fails, it fails the batch), dropped when not. */
+        if (B.t.doomed || fatal) {
+            /* the fence failed, or a failure the transaction may not
+             * survive: a doom may be another member's deferred statement */
+            pthread_mutex_lock(&mu);
+            if (B.t.doomed) fail_locked(&B.t.doom);
+            tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
+            fail_locked(&e);
+            pthread_mutex_unlock(&mu);
+            whole = 1;
+        } else if (ok) {
+            if (!tx_unpend(&B.t, m->savepoint, 0)) tx_pend(&B.t, release_sql);
+        } else if (!tx_unpend(&B.t, m->savepoint, 1)) {
+            /* Only m's own statements are undone: what it deferred since
+             * its last flight is dropped, and the server leaves the aborted
+             * state a failed one put it in. */
+            tx_unpend_all(&B.t);
+            tx_pend(&B.t, rollback_sql);
+            tx_pend(&B.t, release_sql);
+            B.t.failed = 0;
+        }
+    } else if (fatal) {
         tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
-        fail_locked(&e);
-        pthread_mutex_unlock(&mu);
-    } else if (ok) {
-        int i = B.queued++;
+        fail(&e);
+        whole = 1;
+    } else if (ok && m->own.npending > 0) {
+        /* m's deferred statements join the batch's queue (moved; run
+         * only when the queue is full, and then, outside any savepoint, a
+         * failure is the batch's). */
+        if (take_t(m) < 0) {
+            whole = 1;
+        } else if (tx_adopt(&B.t, &m->own, &e) < 0) {
+            fail(B.t.doomed ? &B.t.doom : &e);
+            whole = 1;
+        }
+    }
+    tx_rollback(&m->own); /* what it still queues: nothing, or dropped */
+
+    pthread_mutex_lock(&mu);
+    if (m->holds) {
+        m->holds = 0;
+        B.user = NULL;
+        pthread_cond_broadcast(&free_cv);
+    }
+    m->takes_next = takes_next;
+    if (ok && !B.failed) {
+        int i = m->queued_at = B.queued++;
         B.released[i] = m->ticket;
         snprintf(B.machine[i], sizeof B.machine[i], "%s", machine);
         snprintf(B.process[i], sizeof B.process[i], "%s", process);
         snprintf(B.token[i], sizeof B.token[i], "%s", token);
-        if (!tx_unpend(&B.t, m->savepoint, 0)) tx_pend(&B.t, release_sql);
-    } else if (!tx_unpend(&B.t, m->savepoint, 1)) {
-        /* Only our own statements are undone: what we deferred since our
-         * last flight is dropped, and the server leaves the aborted state
-         * a failed one put it in. */
-        tx_unpend_all(&B.t);
-        tx_pend(&B.t, rollback_sql);
-        tx_pend(&B.t, release_sql);
-        B.t.failed = 0;
     }
-    linger();
-    if (ok && may_claim && close_claiming(process, peers)) return BATCH_CLAIM;
-    pass_turn(m, ok);
-    if (ok) {
-        pthread_mutex_lock(&mu);
-        while (!m->done) pthread_cond_wait(&m->cv, &mu);
+    if (!ok) {
+        /* m does not wait for the outcome: its record may be gone before
+         * the batch ends. */
+        B.member[m->ticket] = NULL;
+        if (B.failed && whole) m->err = B.err;
+    }
+    B.active--;
+    pthread_cond_signal(&grew);
+    if (B.active > 0 || B.lingering) {
+        /* a member still in it, or the lingering one, closes the batch */
+        while (ok && !m->done) pthread_cond_wait(&m->cv, &mu);
         pthread_mutex_unlock(&mu);
+        pthread_cond_destroy(&m->cv);
+        return ok ? (m->committed ? 1 : BATCH_FAILED) : (whole ? BATCH_FAILED : 0);
     }
-    /* Nobody signals m->cv any more: its member has left the list, or
-     * the batch ended (under mu, before we woke). */
+    linger_locked();
+    int inside = 0, failed = B.failed;
+    for (int i = 0; i < B.members; i++) inside += B.member[i] != NULL;
+    B.user = m;
+    pthread_mutex_unlock(&mu);
+    if (ok && may_claim && !failed && close_claiming(m, process, inside, peers)) {
+        m->holds = 1;
+        return BATCH_CLAIM;
+    }
+    close_batch(m, 0, 0, NULL, 0, NULL, NULL);
     pthread_cond_destroy(&m->cv);
-    return ok && m->committed;
+    if (!ok) return whole ? BATCH_FAILED : 0;
+    return m->committed ? 1 : BATCH_FAILED;
 }
 
-int batch_close(batch_member *m, int claim_sent, slot_handed *claimed, int max, int *nclaimed) {
-    close_batch(claim_sent, claimed, max, nclaimed);
+/* What the closer's claim locked, past the closer's own first item, goes
+ * to the members of its process that take a next item, before they wake:
+ * each then runs it at once, where it would have woken to find the claim
+ * turn still taken, waited again, and taken it from the claim queue. The
+ * rest stays in claimed, after the closer's. Returns how many it handed. */
+static int hand_to_members(const batch_member *closer, slot_handed *claimed, int *nclaimed) {
+    if (*nclaimed <= 1) return 0;
+    const char *process = B.process[closer->queued_at];
+    int next = 1;
+    for (int i = 0; i < B.queued && next < *nclaimed; i++) {
+        batch_member *mm = B.member[B.released[i]];
+        if (mm == closer || !mm->takes_next || strcmp(B.process[i], process)) continue;
+        mm->next = claimed[next++];
+        mm->has_next = 1;
+    }
+    memmove(&claimed[1], &claimed[next], (size_t)(*nclaimed - next) * sizeof *claimed);
+    *nclaimed -= next - 1;
+    return next - 1;
+}
+
+/* Whether the closer (ending an item of process) claims in the batch's
+ * transaction: nothing failed, and the batch's members (inside of them
+ * wait for its outcome) are the host's only finishes in flight
+ * (slot_claim_alongside, which then gives it the claim turn). Its
+ * releases become the final statement, to ride in front of the claim's
+ * select. peers: the closer and the members of its process that take a
+ * next item (the claim is for them, and hands them theirs). */
+static int close_claiming(const batch_member *closer, const char *process, int inside, int *peers) {
+    if (!slot_claim_alongside(inside)) return 0;
+    *peers = 1; /* the closer, then the members that take a next item */
+    for (int i = 0; i < B.queued; i++) {
+        const batch_member *mm = B.member[B.released[i]];
+        *peers += mm != closer && mm->takes_next && !strcmp(B.process[i], process);
+    }
+    tx_error e;
+    if (set_release(&e) == 0) return 1;
+    slot_claim_leave();
+    fail(&e);
+    return 0;
+}
+
+int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
+                int *nclaimed, int *handed) {
+    *handed = 0;
+    close_batch(m, claim_sent, started, claimed, max, nclaimed, handed);
     pthread_cond_destroy(&m->cv);
     return m->committed;
 }

@@ -1,21 +1,24 @@
 /* batch.h -- several slots' finishes in one transaction.
  *
- * A slot that finishes an item joins the host's open batch, or opens one.
- * Members take turns on the batch's one transaction: in its turn a member
- * runs its commit function inside a savepoint of its own, then queues its
- * release. A commit function that only defers its statements (tx_defer)
- * sends nothing in its turn: its statements ride with the batch's next
- * flight, and its savepoint, never sent, is taken back. The member whose
- * turn ends with nobody left waiting closes the batch: every queued
- * release goes out as one statement, with COMMIT.
- * So k finishes cost one BEGIN, one fence, one release and one COMMIT,
- * and a commit function that fails undoes only its own savepoint.
+ * A slot that finishes an item joins the host's open batch, or opens one,
+ * and runs its commit function at once, on its own thread, with a tx of
+ * its own that only queues what it defers (tx_init_detached). Only a
+ * member that sends a statement (exec, query, one) waits to use the
+ * batch's transaction (batch_use): one member at a time, each in a
+ * savepoint of its own, its deferred statements moved in behind it. When
+ * a member leaves, its deferred statements join the batch's queue and its
+ * release is noted. The last member to leave closes the batch, after
+ * waiting briefly for slots that are about to finish: every release goes
+ * out as one statement, with COMMIT, and the deferred statements ride in
+ * front of it. So k finishes cost one BEGIN, one fence, one release and
+ * one COMMIT, members that only defer never wait for one another, and a
+ * commit function that fails undoes only its own statements.
  *
  * A failure that is not one member's own (the fence, a lost connection, a
  * serialization failure, a lock that is gone, a deferred statement that
- * failed in a later member's flight) ends the batch for all: no
- * member's work commits, and each then finishes alone, as it would have
- * without the batch (commit functions must be safe to run again). */
+ * failed) ends the batch for all: no member's work commits, and each then
+ * finishes alone, as it would have without the batch (commit functions
+ * must be safe to run again). */
 #ifndef BMDB_BATCH_H
 #define BMDB_BATCH_H
 
@@ -27,51 +30,71 @@
 #include "tx.h"
 
 typedef struct batch_member {
-    int ticket;      /* the turn it takes, from 0 */
-    int done;        /* the batch has ended for it */
-    int committed;   /* its release committed */
-    tx_error err;    /* else why not */
-    tx_mark savepoint; /* its savepoint, queued at its turn */
-    pthread_cond_t cv; /* its turn came, or the batch ended: only this
-                        * member is woken, never every member */
+    int ticket;        /* its place among the members, from 0 */
+    int holds;         /* it uses the batch's transaction (batch_use) */
+    int saw_failed;    /* batch_use found the batch failed */
+    int takes_next;    /* its slot runs an item handed to it next */
+    int queued_at;     /* where its release stands among the batch's */
+    int done;          /* the batch has ended for it */
+    int committed;     /* its release committed */
+    int has_next;      /* the closer's claim handed it next */
+    slot_handed next;
+    tx_error err;      /* else why not */
+    tx_mark savepoint; /* its savepoint, queued by batch_use */
+    tx own;            /* its deferred statements, until they join the batch's */
+    pthread_cond_t cv; /* the batch ended: only this member is woken */
 } batch_member;
 
 /* At most this many members, and only members of one session, share a
  * batch: a slot that finds it full (or another session's) finishes alone. */
 #define BATCH_MAX 64
 
-enum { BATCH_ALONE = 0, BATCH_TURN = 1, BATCH_FAILED = -1, BATCH_CLAIM = 2 };
+enum { BATCH_ALONE = 0, BATCH_JOINED = 1, BATCH_FAILED = -1, BATCH_CLAIM = 2 };
 
-/* Joins the open batch of sess, or opens one, and waits for m's turn.
- * BATCH_TURN: *out is the batch's transaction until batch_leave (the next
- * statement sent on it opens m's savepoint). BATCH_ALONE: no batch for
- * m; finish alone. BATCH_FAILED: the batch ended before m's turn, m->err
- * says why; finish alone. */
+/* Joins the open batch of sess, or opens one. BATCH_JOINED: *out is m's
+ * own tx, which queues deferred statements only, until batch_leave.
+ * BATCH_ALONE: no batch for m; finish alone. BATCH_FAILED: the open batch
+ * has failed, m->err says why; finish alone. */
 int batch_join(pool *p, session *sess, batch_member *m, tx **out);
 
-/* Ends m's turn. With ok, m's release (a Finished item's machine, process
- * and token) is queued and m waits for the batch to end: returns 1 when
- * it committed, else 0 with m->err set (outcome_unknown when COMMIT was
- * sent and no answer came back). Without ok, m's savepoint is rolled back
- * and 0 returned at once; with fatal too (a failure that may have doomed
- * the transaction: a serialization failure, a lost connection), the whole
- * batch fails.
+/* The batch's transaction for m's statements: waits while another member
+ * uses it, then opens m's savepoint and moves m's deferred statements in
+ * behind it; m keeps it until batch_leave. 0 with *out set, or -1 with e
+ * set (m->saw_failed when the batch had failed). */
+int batch_use(batch_member *m, tx **out, tx_error *e);
+
+/* Ends m's part. With ok, m's deferred statements and its release (a
+ * Finished item's machine, process and token) join the batch, and m waits
+ * for the batch to end: 1 when it committed (and, when takes_next and
+ * the closer claimed in the batch, m->has_next and m->next may hold m's
+ * next item), else BATCH_FAILED with m->err set (outcome_unknown when
+ * COMMIT was sent and no answer came back).
+ * Without ok, m's own statements are undone (its savepoint rolled back)
+ * and m does not wait: 0, or BATCH_FAILED when the batch failed under it
+ * (its error may not be its own: it finishes alone). With fatal too (a
+ * failure that may have doomed the transaction: a serialization failure,
+ * a lost connection), the whole batch fails.
  *
  * With may_claim (m's slot claims next), m may get BATCH_CLAIM instead:
  * it is the last member, the batch's members are the host's only
- * finishes in flight, and it holds the claim turn (slots.h). The
- * transaction is still m's, the releases its final statement; m claims
- * in it (the select's statement carries the releases; the lock becomes
- * the final), then calls batch_close, then slot_claim_leave. *peers:
- * how many members ended an item of m's process, m included. This is the
- * steady state DESIGN asks for: items ended and the next claimed in one
- * transaction, k at a time. */
+ * finishes in flight, and it holds the claim turn (slots.h). m then uses
+ * the batch's transaction (batch_use answers it), the releases its final
+ * statement; m claims in it (the select's statement carries the
+ * releases; the lock becomes the final), then calls batch_close, then
+ * slot_claim_leave. *peers: how many members of m's process take a next
+ * item, m included. This is the steady state DESIGN asks for: items
+ * ended and the next claimed in one transaction, k at a time. */
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
-                const char *token, int may_claim, int *peers);
+                const char *token, int takes_next, int may_claim, int *peers);
 /* Commits the batch that m closes after BATCH_CLAIM; with claim_sent,
- * what the lock claimed goes to claimed (up to max, *nclaimed of them).
- * 1 when it committed, else 0 with m->err set. */
-int batch_close(batch_member *m, int claim_sent, slot_handed *claimed, int max, int *nclaimed);
+ * what the lock claimed (a claim begun at started, mono_now()) goes
+ * first to m, then to the members that take a next item of m's process,
+ * which learn it as they wake (no claim turn, no second wake-up); what
+ * is left goes to claimed (up to max, *nclaimed of them, m's first;
+ * *handed: how many went to members). 1 when it committed, else 0 with
+ * m->err set. */
+int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
+                int *nclaimed, int *handed);
 
 /* Members of the open batch (0 when none): for the specs. */
 int batch_members(void);

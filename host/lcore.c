@@ -129,11 +129,29 @@ static int l_begin(lua_State *L) {
     return 1;
 }
 
-static ltx *check_open_tx(lua_State *L, const char *fname) {
+/* The batch this slot thread is a member of (one at most), and the tx
+ * its commit function was given. */
+typedef struct { batch_member m; ltx *tx; } lbatch;
+static __thread lbatch in_batch;
+
+/* A batch member's tx only queues deferred statements (batch.h) until
+ * the member sends a statement: then it waits to use the batch's. */
+static void use_batch(lua_State *L, ltx *u) {
+    if (u != in_batch.tx || u->t != &in_batch.m.own) return;
+    tx *t;
+    tx_error e;
+    if (batch_use(&in_batch.m, &t, &e) < 0) lerror_raise(L, &e);
+    u->t = t;
+}
+
+/* u, at argument 1, open; with queue_only, a batch member's tx may stay
+ * its own (tx:defer), else it becomes the batch's. */
+static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
     if (!u->t)
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its commit "
                           "function)", fname);
+    if (!queue_only) use_batch(L, u);
     if (u->t->doomed) {
         /* The fence failed earlier in this transaction: say so again,
          * however the body handled the first answer. */
@@ -151,12 +169,15 @@ static ltx *check_open_tx(lua_State *L, const char *fname) {
     return u;
 }
 
+static ltx *check_open_tx(lua_State *L, const char *fname) { return check_open_tx_for(L, fname, 0); }
+
 tx *lcore_check_tx(lua_State *L, const char *fname) { return check_open_tx(L, fname)->t; }
 
 /* A statement method's tx, its SQL (refused when it would start, end or
  * split the transaction) and its parameters, into p. */
-static ltx *check_statement(lua_State *L, const char *fname, const char **sql, lvalue_params_t *p) {
-    ltx *u = check_open_tx(L, fname);
+static ltx *check_statement(lua_State *L, const char *fname, const char **sql, lvalue_params_t *p,
+                            int queue_only) {
+    ltx *u = check_open_tx_for(L, fname, queue_only);
     *sql = lerror_checkstring(L, 2);
     char name[64];
     if (lvalue_transaction_control(*sql, name, sizeof name))
@@ -170,7 +191,7 @@ static ltx *check_statement(lua_State *L, const char *fname, const char **sql, l
 static int tx_statement(lua_State *L, const char *fname) {
     const char *sql;
     lvalue_params_t p;
-    ltx *u = check_statement(L, fname, &sql, &p);
+    ltx *u = check_statement(L, fname, &sql, &p, 0);
     tx_error e;
     PGresult *r = tx_exec_params(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     if (!r) return lerror_raise(L, &e);
@@ -182,9 +203,14 @@ static int tx_statement(lua_State *L, const char *fname) {
 static int tx_defer_l(lua_State *L) {
     const char *sql;
     lvalue_params_t p;
-    ltx *u = check_statement(L, "defer", &sql, &p);
+    ltx *u = check_statement(L, "defer", &sql, &p, 1);
     tx_error e;
-    if (tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e) < 0) return lerror_raise(L, &e);
+    int rc = tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
+    if (rc == 1) { /* a batch member's, which needs the batch's connection for this one */
+        use_batch(L, u);
+        rc = tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
+    }
+    if (rc < 0) return lerror_raise(L, &e);
     return 0;
 }
 
@@ -248,32 +274,48 @@ static void check_ids(lua_State *L, int midx, int pidx);
 
 /* ---- batches of finishes (batch.h) --------------------------------------
  *
- * core.batch_join(sess) -> tx, or nil (finish alone) and, when the batch
- * failed before this slot's turn, its error. The tx is the batch's for
- * this turn only; core.batch_leave ends the turn, and the tx with it. */
-typedef struct { batch_member m; ltx *tx; } lbatch;
-static __thread lbatch batch_turn; /* a slot thread is in one batch at most */
+ * core.batch_join(sess) -> tx, or nil (finish alone) and, when the open
+ * batch has failed, its error. The tx is this member's part of the batch
+ * (in_batch above) until core.batch_leave. */
 
 static int l_batch_join(lua_State *L) {
     session *s;
     ltx *u = push_tx(L, &s);
     tx *t;
-    int got = batch_join(the_pool, s, &batch_turn.m, &t);
-    if (got == BATCH_TURN) {
+    int got = batch_join(the_pool, s, &in_batch.m, &t);
+    if (got == BATCH_JOINED) {
         u->t = t;
-        batch_turn.tx = u;
+        in_batch.tx = u;
         return 1;
     }
     lua_pushnil(L);
     if (got == BATCH_ALONE) return 1;
-    lerror_push(L, &batch_turn.m.err);
+    lerror_push(L, &in_batch.m.err);
     return 2;
 }
 
-/* core.batch_leave(ok, fatal, machine, process, token, may_claim) -> true
- * (the batch committed this slot's release), or false and the batch's
- * error, or "claim" and peers (batch.h: the tx stays this slot's, to
- * claim in; then core.batch_close). */
+/* {machine, attempt, token, session_id, started}: an item a claim in a
+ * batch handed this slot, as its serve loop adopts it next. */
+static void push_next(lua_State *L, const slot_handed *h) {
+    lua_createtable(L, 5, 0);
+    lua_pushstring(L, h->machine);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, h->attempt);
+    lua_rawseti(L, -2, 2);
+    lua_pushstring(L, h->token);
+    lua_rawseti(L, -2, 3);
+    lua_pushstring(L, h->session);
+    lua_rawseti(L, -2, 4);
+    lua_pushnumber(L, h->started);
+    lua_rawseti(L, -2, 5);
+}
+
+/* core.batch_leave(ok, fatal, machine, process, token, takes_next,
+ * may_claim) -> true (the batch committed this slot's release; then,
+ * fourth, the next item the closer's claim handed it, if any); false
+ * (without ok: its own failure, undone); false, the batch's error and
+ * true (the batch failed: finish alone); or "claim" and peers (batch.h:
+ * the tx becomes the batch's, to claim in; then core.batch_close). */
 static int l_batch_leave(lua_State *L) {
     int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
     const char *machine = NULL, *process = NULL, *token = NULL;
@@ -284,25 +326,34 @@ static int l_batch_leave(lua_State *L) {
         token = lerror_checkstring(L, 5);
         if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
     }
-    if (!batch_turn.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch's turn");
+    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch");
     int peers = 0;
-    int got = batch_leave(&batch_turn.m, ok, fatal, machine, process, token, lua_toboolean(L, 6), &peers);
+    int got = batch_leave(&in_batch.m, ok, fatal, machine, process, token, lua_toboolean(L, 6),
+                          lua_toboolean(L, 7), &peers);
     if (got == BATCH_CLAIM) {
+        tx_error e;
+        batch_use(&in_batch.m, &in_batch.tx->t, &e); /* the closer holds it: cannot fail */
         lua_pushliteral(L, "claim");
         lua_pushinteger(L, peers);
         return 2;
     }
-    batch_turn.tx->t = NULL;
-    batch_turn.tx = NULL;
-    if (got) {
-        slot_note_item(NULL);
+    in_batch.tx->t = NULL;
+    in_batch.tx = NULL;
+    if (got == 1) {
+        const slot_handed *h = &in_batch.m.next;
+        slot_note_item(in_batch.m.has_next ? h->machine : NULL);
         lua_pushboolean(L, 1);
-        return 1;
+        if (!in_batch.m.has_next) return 1;
+        lua_pushnil(L);
+        lua_pushnil(L);
+        push_next(L, h);
+        return 4;
     }
     lua_pushboolean(L, 0);
-    if (!ok) return 1;
-    lerror_push(L, &batch_turn.m.err);
-    return 2;
+    if (got == 0) return 1;
+    lerror_push(L, &in_batch.m.err);
+    lua_pushboolean(L, 1);
+    return 3;
 }
 
 /* {machine, attempt, token} as entry i (from 0) of the list on top. */
@@ -317,18 +368,22 @@ static void push_claimed(lua_State *L, int i, const char *machine, int attempt, 
     lua_rawseti(L, -2, i + 1);
 }
 
-/* core.batch_close(claim_sent) -> true, nil, { {machine, attempt, token},
- * ... } (what the claim locked), or false and the batch's error: the end
- * of a batch whose closer claimed in it (core.batch_leave's "claim"). */
+/* core.batch_close(claim_sent, started) -> true, nil, { {machine,
+ * attempt, token}, ... } (what the claim locked and did not hand to the
+ * batch's members: the closer's first), or false and the batch's error:
+ * the end of a batch whose closer claimed in it (core.batch_leave's
+ * "claim"), and fourth how many it handed to members. */
 static int l_batch_close(lua_State *L) {
-    if (!batch_turn.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
-    batch_turn.tx->t = NULL;
-    batch_turn.tx = NULL;
+    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
+    in_batch.tx->t = NULL;
+    in_batch.tx = NULL;
     slot_handed claimed[BATCH_MAX];
     int n = 0;
-    if (!batch_close(&batch_turn.m, lua_toboolean(L, 1), claimed, BATCH_MAX, &n)) {
+    int handed = 0;
+    if (!batch_close(&in_batch.m, lua_toboolean(L, 1), luaL_optnumber(L, 2, 0), claimed, BATCH_MAX, &n,
+                     &handed)) {
         lua_pushboolean(L, 0);
-        lerror_push(L, &batch_turn.m.err);
+        lerror_push(L, &in_batch.m.err);
         return 2;
     }
     slot_note_item(n > 0 ? claimed[0].machine : NULL);
@@ -336,7 +391,8 @@ static int l_batch_close(lua_State *L) {
     lua_pushnil(L);
     lua_createtable(L, n, 0);
     for (int i = 0; i < n; i++) push_claimed(L, i, claimed[i].machine, claimed[i].attempt, claimed[i].token);
-    return 3;
+    lua_pushinteger(L, handed);
+    return 4;
 }
 
 static int l_batch_members(lua_State *L) {

@@ -140,6 +140,9 @@ static int finishing, claiming, claims_waiting;
 static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
 #define CLAIM_URGENT_S 0.05
 static claim_queue *claim_queues; /* never freed (one per process) */
+/* Items handed and not yet taken, in every queue: written under phase_mu,
+ * read without it by slot_items_held (a slot handed one holds it). */
+static int items_handed;
 
 static void phase_init(void) { mono_cond_init(&phase_cv); }
 
@@ -185,6 +188,7 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
     for (;;) {
         if (q->n > 0) {
             *out = q->items[--q->n];
+            __atomic_sub_fetch(&items_handed, 1, __ATOMIC_RELAXED);
             got = SLOT_CLAIM_HANDED;
             break;
         }
@@ -226,7 +230,10 @@ int slot_claim_hand(const char *process, const slot_handed *item) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(process);
     int ok = q->n < SLOT_HAND_MAX;
-    if (ok) q->items[q->n++] = *item;
+    if (ok) {
+        q->items[q->n++] = *item;
+        __atomic_add_fetch(&items_handed, 1, __ATOMIC_RELAXED);
+    }
     pthread_mutex_unlock(&phase_mu);
     return ok;
 }
@@ -242,7 +249,10 @@ int slot_claim_take(const char *process, slot_handed *out) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(process);
     int got = q->n > 0;
-    if (got) *out = q->items[--q->n];
+    if (got) {
+        *out = q->items[--q->n];
+        __atomic_sub_fetch(&items_handed, 1, __ATOMIC_RELAXED);
+    }
     pthread_mutex_unlock(&phase_mu);
     return got;
 }
@@ -307,7 +317,10 @@ void slot_note_item(const char *machine) {
     pthread_mutex_unlock(&item_mu);
 }
 
-int slot_items_held(void) { return __atomic_load_n(&items_held, __ATOMIC_RELAXED); }
+int slot_items_held(void) {
+    return __atomic_load_n(&items_held, __ATOMIC_RELAXED) +
+           __atomic_load_n(&items_handed, __ATOMIC_RELAXED);
+}
 
 void slot_item_read(const char *record, char *out, size_t len) {
     pthread_mutex_lock(&item_mu);

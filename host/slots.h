@@ -99,7 +99,8 @@ int slot_fleet_wake_take(void);
 void slot_bind_item(char *record);
 void slot_note_item(const char *machine);
 void slot_item_read(const char *record, char *out, size_t len);
-/* How many slots hold an item now (read without a lock: a hint, for a
+/* How many slots hold an item now, or were handed one they have not yet
+ * taken (read without a lock: a hint, for a
  * batch deciding whether a finish may be about to join it). */
 int slot_items_held(void);
 

@@ -237,6 +237,7 @@ static int has_deferred(const tx *t) {
     return 0;
 }
 
+static int binary_params(int n, const int *formats);
 static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e);
 
 /* sql's prepared name on t's connection (*name NULL: run it unnamed),
@@ -272,6 +273,11 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
         tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
         return -1;
     }
+    /* A detached tx cannot check a binary parameter, nor run a statement
+     * at once: the caller goes on with a connection (tx_init_detached). */
+    if (!t->conn && (binary_params(nparams, formats) || pending_room(t) < 0 ||
+                     t->npending >= TX_DEFER_MAX))
+        return 1;
     /* The last few places stay free for the host's savepoints. */
     if (pending_room(t) < 0 || t->npending >= TX_DEFER_MAX) {
         PGresult *r = tx_exec_params(t, sql, nparams, params, lengths, formats, e);
@@ -283,8 +289,8 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
      * fresh connection after a broken first flight prepares it anew). */
     const char *name;
     int cached;
-    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0 ||
-        prepare(t, sql, nparams, &name, &cached, e) < 0) {
+    if (t->conn && (check_binary_params(t->conn, sql, nparams, formats, e) < 0 ||
+                    prepare(t, sql, nparams, &name, &cached, e) < 0)) {
         t->failed = 1;
         return -1;
     }
@@ -322,6 +328,31 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
     return 0;
 }
 
+void tx_init_detached(tx *t, session *sess) {
+    memset(t, 0, sizeof *t);
+    t->sess = sess;
+    t->open = 1;
+}
+
+int tx_adopt(tx *dst, tx *src, tx_error *e) {
+    int rc = 0;
+    for (int i = 0; i < src->npending && rc == 0; i++) {
+        tx_pending *q = &src->pending[i];
+        if (still_open(dst, e) < 0) {
+            rc = -1;
+        } else if (pending_room(dst) == 0 && dst->npending < TX_DEFER_MAX) {
+            dst->pending[dst->npending++] = *q; /* its copy moves with it */
+            q->copy = NULL;
+        } else {
+            PGresult *r = tx_exec_params(dst, q->sql, q->n, q->params, q->lengths, q->formats, e);
+            if (!r) rc = -1;
+            PQclear(r);
+        }
+    }
+    pending_drop(src, 0);
+    return rc;
+}
+
 /* What is queued, after BEGIN and the fence. A failure among them dooms
  * the transaction, as a failed BEGIN does. Deferred statements go by
  * name, looked up on this connection (-1, with e set, when the PREPARE
@@ -331,7 +362,10 @@ static int add_pending(tx *t, step *s, tx_error *e) {
         tx_pending *q = &t->pending[i];
         s[i] = (step){.kind = STEP_PENDING, .sql = q->sql, .n = q->n, .params = q->params,
                       .lengths = q->lengths, .formats = q->formats, .deferred = q->copy != NULL};
-        if (q->copy && prepare(t, q->sql, q->n, &s[i].name, &s[i].cached, e) < 0) return -1;
+        if (q->copy && prepare(t, q->sql, q->n, &s[i].name, &s[i].cached, e) < 0) {
+            e->deferred = 1; /* (a detached tx's statements are prepared only now) */
+            return -1;
+        }
     }
     return t->npending;
 }
@@ -647,10 +681,14 @@ static const char *type_name(Oid t) {
  * integer would read four bytes as a number. So when there is one, the
  * statement is described first and a binary parameter of any other type
  * is refused, naming it. 0, or -1 with e set. */
-static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e) {
+static int binary_params(int n, const int *formats) {
     int binary = 0;
     for (int i = 0; formats && i < n; i++) binary |= formats[i];
-    if (!binary) return 0;
+    return binary;
+}
+
+static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e) {
+    if (!binary_params(n, formats)) return 0;
     PGresult *r = PQprepare(c, "", sql, n, NULL);
     if (PQresultStatus(r) == PGRES_COMMAND_OK) {
         PQclear(r);

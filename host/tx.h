@@ -125,9 +125,22 @@ void tx_unpend_all(tx *t);
  * its text is raised here). If it fails when it runs, the transaction is
  * doomed with its error, which names it as deferred: the statement then
  * in flight, or the commit, reports it, and nothing of the transaction
- * commits. With the queue full it runs at once. 0, or -1 with e set. */
+ * commits. With the queue full it runs at once. 0, or -1 with e set;
+ * on a detached tx, 1 (nothing done) where it would need a connection:
+ * a binary parameter to check, or a full queue. */
 int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
              const int *formats, tx_error *e);
+/* A transaction without a connection that only queues deferred
+ * statements (a batch member's until it sends one of its own, batch.h):
+ * tx_defer copies them without preparing them (they are prepared when
+ * they fly; an error in one's text then dooms the transaction it flies
+ * in), and tx_adopt hands them on. sess is only looked at, not held.
+ * tx_rollback frees what it still queues. */
+void tx_init_detached(tx *t, session *sess);
+/* Moves every statement queued in src to the end of dst's queue, in
+ * order; one that finds dst's queue full runs at once (as tx_defer's
+ * would). src is left empty. 0, or -1 with e set. */
+int tx_adopt(tx *dst, tx *src, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
  * error the transaction is aborted and only tx_rollback() is left. */

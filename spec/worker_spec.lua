@@ -315,6 +315,76 @@ describe("workers", function()
     assert_finished_and_claimed_together()
   end)
 
+  -- A member's commit function runs as soon as its slot joins the batch:
+  -- only a statement it sends waits to use the batch's transaction. The
+  -- gate's member joins first and its statement waits on a row the spec
+  -- holds locked; the other three join behind it, and their commit
+  -- functions, which only defer, run meanwhile (members that took turns
+  -- would wait behind the gate's). Released, all four commit together.
+  it("runs the commit functions of a batch's members while another member's statement waits", function()
+    H.write_file(dir .. "/batch_gate.lua", [[
+      local bmdb = require "bmdb"
+      local GATE, DIR = os.getenv("GATE"), os.getenv("DIR")
+]] .. H.script_wait_for .. [[
+      local function exists(p) local f = io.open(p) if f then f:close() end return f ~= nil end
+      local function touch(p) assert(io.open(p, "w")):close() end
+      return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1,
+        select = function(tx, limit)
+          return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1
+            FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          wait_for("four items started", function()
+            return bmdb.transact(function(tx)
+              return tx:one([=[SELECT count(*) AS n FROM work_history WHERE event = 'Started'
+                               AND machine_id IN (SELECT machine_id FROM batch)]=]).n == 4
+            end)
+          end)
+          if w.machine ~= GATE then
+            wait_for("the gate's member", function() return exists(DIR .. "/gate-in") end)
+          end
+          w:finish(function(tx)
+            if w.machine == GATE then
+              touch(DIR .. "/gate-in")
+              tx:exec("SELECT 1 FROM batch_gate FOR UPDATE")
+            else
+              touch(DIR .. "/ran-" .. w.machine)
+            end
+            tx:defer("UPDATE batch SET done = true, runs = runs + 1 WHERE machine_id = $1", w.machine)
+          end)
+        end } }
+    ]])
+    admin:exec("CREATE TABLE IF NOT EXISTS batch (machine_id UUID PRIMARY KEY REFERENCES machines, " ..
+               "done BOOLEAN NOT NULL DEFAULT false, runs INT8 NOT NULL DEFAULT 0)")
+    admin:exec("DELETE FROM batch")
+    admin:exec("CREATE TABLE batch_gate (x INT8)")
+    admin:exec("INSERT INTO batch_gate VALUES (1)")
+    local gate_dir = H.tmpdir("gate")
+    local locker = core.connect(dsn)
+    locker:exec("BEGIN")
+    locker:exec("SELECT 1 FROM batch_gate FOR UPDATE")
+    local ids = machines(4)
+    for _, m in ipairs(ids) do admin:exec("INSERT INTO batch (machine_id) VALUES ($1)", m) end
+    local h = start_host(dir .. "/batch_gate.lua", {}, { GATE = ids[1], DIR = gate_dir })
+    local function ran(m) local f = io.open(gate_dir .. "/ran-" .. m) if f then f:close() end return f ~= nil end
+    H.wait_until(function() return ran(ids[2]) and ran(ids[3]) and ran(ids[4]) end, 30,
+                 "the other members' commit functions")
+    -- the gate's statement still waits: nothing has committed
+    assert.equal(1, count([[SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'
+                            AND query LIKE '%batch_gate FOR UPDATE%']]))
+    assert.equal(0, count("SELECT 1 FROM work_history WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)"))
+    locker:exec("COMMIT")
+    locker:close()
+    H.wait_until(function()
+      return count([[SELECT 1 FROM work_history WHERE event = 'Finished'
+                     AND machine_id IN (SELECT machine_id FROM batch)]]) == 4
+    end, 30, "four finishes")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert_finished_together(4)
+    assert.equal(4, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+  end)
+
   -- A commit function that raises after deferring its write and a
   -- statement that would fail: what it deferred is dropped with its
   -- savepoint (sent or not), so the others' writes commit in the batch.

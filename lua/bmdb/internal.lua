@@ -307,8 +307,9 @@ end
 -- transaction of a batch of finishes (defined with the claims below).
 local serving, claim_in_batch, may_claim_in_batch
 
--- A finish in the host's batch (host/batch.h): commit_fn runs in the
--- batch's transaction, in a savepoint of its own, and the release goes
+-- A finish in the host's batch (host/batch.h): commit_fn runs at once,
+-- its deferred statements queued aside; a statement it sends waits to
+-- use the batch's transaction, in a savepoint of its own. Its release goes
 -- out with the other members' at the batch's COMMIT. Returns true and
 -- commit_fn's results once that committed; false when the item is to be
 -- finished alone: there was no batch for it, or the batch failed and
@@ -341,18 +342,23 @@ local function finish_in_batch(w, commit_fn)
     ok = not err
   end
   local fatal = not ok and (retryable(err) or is_error(err, "session_expired"))
-  local s = ok and serving and serving.w == w and not serving.next and serving or nil
-  local may_claim = s and core.state() == "running" and core.generation() == s.generation and
-                    may_claim_in_batch(s.def)
-  local committed, berr = core.batch_leave(ok, fatal, w.machine, w.process, w._token, may_claim)
+  -- s: this finish ends the item of a serve loop that runs its next item
+  -- after it, so the batch's claim may claim one for it (batch_leave).
+  local s = ok and serving and serving.w == w and not serving.next and
+            core.state() == "running" and core.generation() == serving.generation and serving or nil
+  local may_claim = s and may_claim_in_batch(s.def)
+  local committed, berr, whole, next =
+    core.batch_leave(ok, fatal, w.machine, w.process, w._token, s ~= nil, may_claim)
   if committed == "claim" then committed, berr = claim_in_batch(w, tx, s, berr) end
+  if next then s.next = next end -- handed by the closer's claim
   unhold()
   core.finish_leave()
   if committed then
     for _, process in ipairs(wakes) do pcall(send_wake, process) end
     return true, { unpack(r, 2, table.maxn(r)) }
   end
-  if ok or fatal then return false, nil, is_error(berr, "connection") and berr.outcome == "unknown" end
+  -- (whole: the batch failed under commit_fn; its error may not be its own)
+  if ok or fatal or whole then return false, nil, is_error(berr, "connection") and berr.outcome == "unknown" end
   if is_error(err, "lost") and not w._lost then w._lost = err.message end
   core.count("tx_failed")
   error(err, 0)
@@ -944,9 +950,9 @@ end
 
 -- What a committed claim that locked something (core.claimed) settles:
 -- the process is not paused, and each item counts as a claim.
-local function note_claimed(def, locked)
+local function note_claimed(def, n)
   core.note_pause(def.process, false)
-  for _ = 1, #locked do core.count("claim") end
+  for _ = 1, n do core.count("claim") end
 end
 
 -- The usual claim in two round trips: BEGIN, the fence and the select's
@@ -982,7 +988,7 @@ local function claim_fast(def, sess, k)
   if outcome ~= "sent" then return false end
   local locked = core.claimed(sent)
   if #locked == 0 then return false end
-  note_claimed(def, locked)
+  note_claimed(def, #locked)
   return true, locked
 end
 
@@ -1174,9 +1180,9 @@ claim_in_batch = function(w, tx, s, peers)
   local ok, sent = pcall(select_and_lock, def, tx, k)
   open_tx = nil
   unhold()
-  local committed, err, locked = core.batch_close(ok and sent)
+  local committed, err, locked, handed = core.batch_close(ok and sent, started)
   if committed and #locked > 0 then
-    note_claimed(def, locked)
+    note_claimed(def, #locked + handed)
     hand_out(def, handle(w), locked, started)
     s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
   end
