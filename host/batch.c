@@ -23,6 +23,7 @@
 #include "batch.h"
 
 #include <errno.h>
+#include <stddef.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <string.h>
@@ -45,7 +46,7 @@ static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
 #define BATCH_LINGER_S 0.001
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
-static pthread_cond_t grew;    /* a member joined or left: a lingering closer looks again */
+static pthread_cond_t grew;    /* the last member left: a lingering closer looks again */
 static pthread_cond_t free_cv; /* nobody uses B.t: a member waiting to goes on */
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 static void conds_init(void) {
@@ -95,7 +96,12 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
         pthread_mutex_unlock(&mu);
         return BATCH_ALONE;
     }
-    memset(m, 0, sizeof *m);
+    memset(m, 0, offsetof(batch_member, wake_ready));
+    if (!m->wake_ready) {
+        pthread_mutex_init(&m->wake_mu, NULL);
+        pthread_cond_init(&m->wake_cv, NULL);
+        m->wake_ready = 1;
+    }
     if (B.open && B.failed) {
         m->err = B.err;
         pthread_mutex_unlock(&mu);
@@ -109,11 +115,9 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
         B.members = B.active = B.lingering = B.failed = B.queued = B.release_set = 0;
         B.user = m; /* while it borrows the connection */
     }
-    pthread_cond_init(&m->cv, NULL);
     m->ticket = B.members++;
     B.active++;
     B.member[m->ticket] = m;
-    pthread_cond_signal(&grew);
     pthread_mutex_unlock(&mu);
 
     if (opener) {
@@ -190,12 +194,13 @@ static int set_release(tx_error *e) {
 }
 
 /* The closer's part: the releases and COMMIT in one flight (or the claim's
- * lock and COMMIT, when claim_sent: then what it locked goes to claimed),
- * or a rollback when there is nothing to commit; then every member waiting
- * learns the outcome. */
-static int hand_to_members(const batch_member *closer, slot_handed *claimed, int *nclaimed);
-static void close_batch(const batch_member *closer, int claim_sent, double started, slot_handed *claimed,
-                        int max, int *nclaimed, int *handed) {
+ * lock and COMMIT, when claim_sent: then what it locked is handed out, and
+ * what is left goes to claimed), or a rollback when there is nothing to
+ * commit; then the claim turn, if the closer holds it, is let go, and
+ * every member waiting learns the outcome. */
+static int hand_out(const batch_member *closer, slot_handed *claimed, int *nclaimed);
+static void close_batch(const batch_member *closer, int claim_turn, int claim_sent, double started,
+                        slot_handed *claimed, int max, int *nclaimed, int *handed) {
     tx_error e;
     int rc = -1;
     if (nclaimed) *nclaimed = 0;
@@ -221,8 +226,11 @@ static void close_batch(const batch_member *closer, int claim_sent, double start
             ++*nclaimed;
         }
         tx_rollback(&B.t); /* frees what tx_commit kept (the final's answer) */
-        if (rc == 0 && claim_sent) *handed = hand_to_members(closer, claimed, nclaimed);
+        if (rc == 0 && claim_sent) *handed = hand_out(closer, claimed, nclaimed);
     }
+    /* The claim's transaction is over: finishes may start (the members
+     * about to wake, among them) before the closer's Lua is done. */
+    if (claim_turn) slot_claim_leave();
     pthread_mutex_lock(&mu);
     if (rc < 0) fail_locked(&e);
     if (!B.failed && B.queued > 0) {
@@ -230,17 +238,28 @@ static void close_batch(const batch_member *closer, int claim_sent, double start
         committed_finishes += (unsigned long)B.queued;
     }
     for (int i = 0; i < B.queued; i++) B.member[B.released[i]]->committed = !B.failed;
+    batch_member *waiting[BATCH_MAX];
+    int nwaiting = 0;
     for (int i = 0; i < B.members; i++) {
-        if (!B.member[i]) continue; /* left without waiting */
-        B.member[i]->done = 1;
-        if (B.failed) B.member[i]->err = B.err;
-        pthread_cond_signal(&B.member[i]->cv);
+        batch_member *mm = B.member[i];
+        if (!mm || mm == closer) continue; /* left without waiting, or closing */
+        if (B.failed) mm->err = B.err;
+        waiting[nwaiting++] = mm;
     }
     session_unref(B.sess);
     B.sess = NULL;
     B.user = NULL;
     B.open = 0;
     pthread_mutex_unlock(&mu);
+    /* Each waits on its own lock (its record lives as long as its slot
+     * thread): woken after mu is let go, it does not wake only to wait
+     * for mu again, one context switch more per member. */
+    for (int i = 0; i < nwaiting; i++) {
+        pthread_mutex_lock(&waiting[i]->wake_mu);
+        waiting[i]->done = 1;
+        pthread_cond_signal(&waiting[i]->wake_cv);
+        pthread_mutex_unlock(&waiting[i]->wake_mu);
+    }
 }
 
 static int close_claiming(const batch_member *closer, const char *process, int inside, int *peers);
@@ -333,13 +352,17 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         B.member[m->ticket] = NULL;
         if (B.failed && whole) m->err = B.err;
     }
-    B.active--;
-    pthread_cond_signal(&grew);
-    if (B.active > 0 || B.lingering) {
-        /* a member still in it, or the lingering one, closes the batch */
-        while (ok && !m->done) pthread_cond_wait(&m->cv, &mu);
+    if (--B.active > 0 || B.lingering) {
+        /* a member still in it, or the lingering one, closes the batch;
+         * the lingering one waits for the last member to leave */
+        int last = B.active == 0;
         pthread_mutex_unlock(&mu);
-        pthread_cond_destroy(&m->cv);
+        if (last) pthread_cond_signal(&grew);
+        if (ok) {
+            pthread_mutex_lock(&m->wake_mu);
+            while (!m->done) pthread_cond_wait(&m->wake_cv, &m->wake_mu);
+            pthread_mutex_unlock(&m->wake_mu);
+        }
         return ok ? (m->committed ? 1 : BATCH_FAILED) : (whole ? BATCH_FAILED : 0);
     }
     linger_locked();
@@ -351,30 +374,36 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         m->holds = 1;
         return BATCH_CLAIM;
     }
-    close_batch(m, 0, 0, NULL, 0, NULL, NULL);
-    pthread_cond_destroy(&m->cv);
+    close_batch(m, 0, 0, 0, NULL, 0, NULL, NULL);
     if (!ok) return whole ? BATCH_FAILED : 0;
     return m->committed ? 1 : BATCH_FAILED;
 }
 
 /* What the closer's claim locked, past the closer's own first item, goes
- * to the members of its process that take a next item, before they wake:
- * each then runs it at once, where it would have woken to find the claim
- * turn still taken, waited again, and taken it from the claim queue. The
- * rest stays in claimed, after the closer's. Returns how many it handed. */
-static int hand_to_members(const batch_member *closer, slot_handed *claimed, int *nclaimed) {
+ * to the members of its process that take a next item, before they wake
+ * (each then runs it at once, where it would have woken to find the claim
+ * turn still taken, waited again, and taken it from the claim queue), and
+ * then to the slots that wait to claim (slot_claim_hand). What did not
+ * fit there stays in claimed, after the closer's (the closer lets it go).
+ * Returns how many it handed. */
+static int hand_out(const batch_member *closer, slot_handed *claimed, int *nclaimed) {
     if (*nclaimed <= 1) return 0;
     const char *process = B.process[closer->queued_at];
-    int next = 1;
+    int next = 1, kept = 1;
     for (int i = 0; i < B.queued && next < *nclaimed; i++) {
         batch_member *mm = B.member[B.released[i]];
         if (mm == closer || !mm->takes_next || strcmp(B.process[i], process)) continue;
         mm->next = claimed[next++];
         mm->has_next = 1;
     }
-    memmove(&claimed[1], &claimed[next], (size_t)(*nclaimed - next) * sizeof *claimed);
-    *nclaimed -= next - 1;
-    return next - 1;
+    int handed = next - 1;
+    slot_note_handed(handed);
+    for (; next < *nclaimed; next++) {
+        if (slot_claim_hand(process, &claimed[next])) handed++;
+        else claimed[kept++] = claimed[next];
+    }
+    *nclaimed = kept;
+    return handed;
 }
 
 /* Whether the closer (ending an item of process) claims in the batch's
@@ -401,8 +430,7 @@ static int close_claiming(const batch_member *closer, const char *process, int i
 int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
                 int *nclaimed, int *handed) {
     *handed = 0;
-    close_batch(m, claim_sent, started, claimed, max, nclaimed, handed);
-    pthread_cond_destroy(&m->cv);
+    close_batch(m, 1, claim_sent, started, claimed, max, nclaimed, handed);
     return m->committed;
 }
 

@@ -35,14 +35,20 @@ typedef struct batch_member {
     int saw_failed;    /* batch_use found the batch failed */
     int takes_next;    /* its slot runs an item handed to it next */
     int queued_at;     /* where its release stands among the batch's */
-    int done;          /* the batch has ended for it */
+    int done;          /* the batch has ended for it (under wake_mu) */
     int committed;     /* its release committed */
     int has_next;      /* the closer's claim handed it next */
     slot_handed next;
     tx_error err;      /* else why not */
     tx_mark savepoint; /* its savepoint, queued by batch_use */
     tx own;            /* its deferred statements, until they join the batch's */
-    pthread_cond_t cv; /* the batch ended: only this member is woken */
+    /* Last, and kept from one batch to the next (batch_join clears only
+     * what is above): the member's own wake-up, set up once. The closer
+     * wakes each member under its own lock after letting go of the
+     * batch's, so a woken member never waits again for that one. */
+    int wake_ready;
+    pthread_mutex_t wake_mu;
+    pthread_cond_t wake_cv;
 } batch_member;
 
 /* At most this many members, and only members of one session, share a
@@ -80,18 +86,19 @@ int batch_use(batch_member *m, tx **out, tx_error *e);
  * finishes in flight, and it holds the claim turn (slots.h). m then uses
  * the batch's transaction (batch_use answers it), the releases its final
  * statement; m claims in it (the select's statement carries the
- * releases; the lock becomes the final), then calls batch_close, then
- * slot_claim_leave. *peers: how many members of m's process take a next
- * item, m included. This is the steady state DESIGN asks for: items
+ * releases; the lock becomes the final), then calls batch_close, which
+ * lets the claim turn go. *peers: how many members of m's process take a
+ * next item, m included. This is the steady state DESIGN asks for: items
  * ended and the next claimed in one transaction, k at a time. */
 int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
                 const char *token, int takes_next, int may_claim, int *peers);
-/* Commits the batch that m closes after BATCH_CLAIM; with claim_sent,
- * what the lock claimed (a claim begun at started, mono_now()) goes
- * first to m, then to the members that take a next item of m's process,
- * which learn it as they wake (no claim turn, no second wake-up); what
- * is left goes to claimed (up to max, *nclaimed of them, m's first;
- * *handed: how many went to members). 1 when it committed, else 0 with
+/* Commits the batch that m closes after BATCH_CLAIM, and lets the claim
+ * turn go. With claim_sent, what the lock claimed (a claim begun at
+ * started, mono_now()) goes first to m, then to the members that take a
+ * next item of m's process, which learn it as they wake (no claim turn,
+ * no second wake-up), then to the slots that wait (slot_claim_hand);
+ * claimed gets m's and what did not fit (up to max, *nclaimed of them;
+ * *handed: how many went to others). 1 when it committed, else 0 with
  * m->err set. */
 int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
                 int *nclaimed, int *handed);

@@ -342,6 +342,7 @@ static int l_batch_leave(lua_State *L) {
     if (got == 1) {
         const slot_handed *h = &in_batch.m.next;
         slot_note_item(in_batch.m.has_next ? h->machine : NULL);
+        if (in_batch.m.has_next) slot_note_handed(-1); /* taken */
         lua_pushboolean(L, 1);
         if (!in_batch.m.has_next) return 1;
         lua_pushnil(L);
@@ -369,10 +370,11 @@ static void push_claimed(lua_State *L, int i, const char *machine, int attempt, 
 }
 
 /* core.batch_close(claim_sent, started) -> true, nil, { {machine,
- * attempt, token}, ... } (what the claim locked and did not hand to the
- * batch's members: the closer's first), or false and the batch's error:
- * the end of a batch whose closer claimed in it (core.batch_leave's
- * "claim"), and fourth how many it handed to members. */
+ * attempt, token}, ... } (the closer's item first, then what the claim
+ * locked and could hand to nobody: the caller lets it go), and how many
+ * it handed to other slots; or false and the batch's error: the end of a
+ * batch whose closer claimed in it (core.batch_leave's "claim"). The
+ * claim turn is let go either way. */
 static int l_batch_close(lua_State *L) {
     if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
     in_batch.tx->t = NULL;

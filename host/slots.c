@@ -140,8 +140,9 @@ static int finishing, claiming, claims_waiting;
 static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
 #define CLAIM_URGENT_S 0.05
 static claim_queue *claim_queues; /* never freed (one per process) */
-/* Items handed and not yet taken, in every queue: written under phase_mu,
- * read without it by slot_items_held (a slot handed one holds it). */
+/* Items handed and not yet taken, in every queue (written under phase_mu)
+ * or straight to a slot (slot_note_handed); read by slot_items_held (a
+ * slot handed one holds it). */
 static int items_handed;
 
 static void phase_init(void) { mono_cond_init(&phase_cv); }
@@ -316,6 +317,8 @@ void slot_note_item(const char *machine) {
     snprintf(item, SLOT_ITEM_LEN, "%s", machine ? machine : "");
     pthread_mutex_unlock(&item_mu);
 }
+
+void slot_note_handed(int delta) { __atomic_add_fetch(&items_handed, delta, __ATOMIC_RELAXED); }
 
 int slot_items_held(void) {
     return __atomic_load_n(&items_held, __ATOMIC_RELAXED) +

@@ -103,5 +103,8 @@ void slot_item_read(const char *record, char *out, size_t len);
  * taken (read without a lock: a hint, for a
  * batch deciding whether a finish may be about to join it). */
 int slot_items_held(void);
+/* Items handed to slots other than through the claim queue (a batch's
+ * closer to its members, batch.c): +n when handed, -1 as each is taken. */
+void slot_note_handed(int delta);
 
 #endif

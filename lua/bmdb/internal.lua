@@ -1076,17 +1076,20 @@ local function adopt(def, machine, attempt, token, session_id, started)
   return bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
 end
 
+-- An item claimed for a slot that turned out not to be there: let go.
+local function let_go(def, sess, l)
+  pcall(transact_on, sess, function(tx)
+    core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
+  end)
+end
+
 -- A claim for several slots keeps the first item it locked and hands
 -- the others to the slots of its process that wait (core.claim_hand).
 local function hand_out(def, sess, locked, started)
   for i = 2, #locked do
     local l = locked[i]
-    if not core.claim_hand(def.process, l[1], l[2], l[3], sess:id(), started) then
-      -- No room to hand it (more than SLOT_HAND_MAX): let it go.
-      pcall(transact_on, sess, function(tx)
-        core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
-      end)
-    end
+    -- No room to hand it (more than SLOT_HAND_MAX): let it go.
+    if not core.claim_hand(def.process, l[1], l[2], l[3], sess:id(), started) then let_go(def, sess, l) end
   end
 end
 
@@ -1171,23 +1174,22 @@ end
 -- only in turn, where the full claim says what is wrong. What it claimed
 -- for itself becomes s.next, which the serve loop runs next.
 claim_in_batch = function(w, tx, s, peers)
+  hold(close_batch) -- (which lets the claim turn go too)
   local def = s.def
   local started = core.now()
   local k = math.min(def.batch, peers + core.claim_waiters(def.process))
-  hold(core.claim_leave)
-  hold(close_batch)
   open_tx = tx
   local ok, sent = pcall(select_and_lock, def, tx, k)
   open_tx = nil
   unhold()
+  -- The batch's members and the waiting slots are handed their items
+  -- there; what is left is this slot's, and what fitted nowhere.
   local committed, err, locked, handed = core.batch_close(ok and sent, started)
   if committed and #locked > 0 then
     note_claimed(def, #locked + handed)
-    hand_out(def, handle(w), locked, started)
     s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
+    for i = 2, #locked do let_go(def, handle(w), locked[i]) end
   end
-  unhold()
-  core.claim_leave()
   if conflict(not ok and sent) or conflict(not committed and err) then
     -- Another host's claim or finish met this one (at the select, or at
     -- COMMIT): a conflict now costs the whole batch, so claim in turn for
