@@ -574,33 +574,39 @@ static int l_log(lua_State *L) {
     if (!log_enabled(lvl)) return 0;
     const char *kv[64];
     size_t n = 0;
-    if (lua_istable(L, 3)) {
-        /* fields is a flat list {k1, v1, k2, v2, ...} (order kept) or a
-         * map; either way the texts go into a scratch table so they stay
-         * referenced while log_kvv reads them. */
+    if (lua_istable(L, 3) && lua_objlen(L, 3) > 0) {
+        /* A flat list {k1, v1, k2, v2, ...} (order kept), as the host's
+         * own lines are (two per work item): each text stays on the stack
+         * while log_kvv reads it; strings and numbers are taken as they
+         * are, anything else through tostring. */
+        size_t len = lua_objlen(L, 3);
+        luaL_checkstack(L, 64, "log fields");
+        for (size_t i = 1; i <= len && n < 32 * 2; i++) {
+            lua_rawgeti(L, 3, (int)i);
+            int t = lua_type(L, -1);
+            if (t != LUA_TSTRING && t != LUA_TNUMBER) {
+                lua_getglobal(L, "tostring");
+                lua_insert(L, -2);
+                lua_call(L, 1, 1);
+            }
+            kv[n++] = lua_tostring(L, -1);
+        }
+        n /= 2;
+    } else if (lua_istable(L, 3)) {
+        /* a map: its texts go into a scratch table, so they stay
+         * referenced while log_kvv reads them */
         lua_newtable(L);
         int texts = lua_gettop(L);
-        if (lua_objlen(L, 3) > 0) {
-            size_t len = lua_objlen(L, 3);
-            for (size_t i = 1; i <= len && n < 32 * 2; i++) {
+        lua_pushnil(L);
+        while (n < 32 && lua_next(L, 3)) {
+            for (int i = 0; i < 2; i++) {
                 lua_getglobal(L, "tostring");
-                lua_rawgeti(L, 3, (int)i);
+                lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
                 lua_call(L, 1, 1);
-                lua_rawseti(L, texts, (int)++n);
+                lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
             }
-            n /= 2;
-        } else {
-            lua_pushnil(L);
-            while (n < 32 && lua_next(L, 3)) {
-                for (int i = 0; i < 2; i++) {
-                    lua_getglobal(L, "tostring");
-                    lua_pushvalue(L, i == 0 ? -3 : -2); /* key, then value */
-                    lua_call(L, 1, 1);
-                    lua_rawseti(L, texts, (int)(2 * n + (size_t)i + 1));
-                }
-                lua_pop(L, 1);
-                n++;
-            }
+            lua_pop(L, 1);
+            n++;
         }
         for (size_t i = 0; i < 2 * n; i++) {
             lua_rawgeti(L, texts, (int)i + 1);

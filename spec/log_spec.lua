@@ -80,4 +80,18 @@ describe("log lines", function()
     assert.equal(2, cut)
     assert.matches(" msg=done\n", err, 1, true)
   end)
+
+  -- Field values are written as tostring writes them, whatever their type
+  -- (strings and numbers are taken as they are, the rest through tostring).
+  it("write each field's value as tostring would", function()
+    local fields = H.tmpdir("log") .. "/fields.lua"
+    H.write_file(fields, [[
+      local bmdb = require "bmdb"
+      local t = setmetatable({}, { __tostring = function() return "T" end })
+      bmdb.log.info("fields", { n = 3, f = 0.5, big = 2^53, b = false, s = "x y", t = t })
+    ]])
+    local code, _, err = H.run({ H.bin, fields }, { env = { BMDB_DSN = dsn } })
+    assert.equal(0, code, err)
+    assert.matches(' msg=fields b=false big=9.007199254741e+15 f=0.5 n=3 s="x y" t=T\n', err, 1, true)
+  end)
 end)
