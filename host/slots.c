@@ -282,6 +282,9 @@ void slot_set_notify_enabled(void) { __atomic_store_n(&notify_enabled, 1, __ATOM
 
 static pthread_once_t fleet_once = PTHREAD_ONCE_INIT;
 static int fleet_fd = -1; /* eventfd: its counter is the pending requests */
+/* A request is written to fleet_fd already and not yet taken: the next
+ * ones need no write (one syscall fewer per release in a burst). */
+static int fleet_pending;
 
 static void fleet_init(void) { fleet_fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
 
@@ -292,12 +295,18 @@ int slot_fleet_wake_fd(void) {
 
 void slot_fleet_wake_request(void) {
     uint64_t one = 1;
+    if (__atomic_exchange_n(&fleet_pending, 1, __ATOMIC_ACQ_REL)) return;
     if (slot_fleet_wake_fd() < 0 || write(fleet_fd, &one, sizeof one) < 0) { /* counter full: pending anyway */ }
 }
 
 int slot_fleet_wake_take(void) {
     uint64_t n = 0;
-    return slot_fleet_wake_fd() >= 0 && read(fleet_fd, &n, sizeof n) == sizeof n && n > 0;
+    int got = slot_fleet_wake_fd() >= 0 && read(fleet_fd, &n, sizeof n) == sizeof n && n > 0;
+    /* Cleared after the read: a request between the two is served by the
+     * NOTIFY the caller sends next (it comes after that request's commit);
+     * one after it writes again. */
+    __atomic_store_n(&fleet_pending, 0, __ATOMIC_RELEASE);
+    return got;
 }
 
 /* ---- the item each slot holds ---------------------------------------------- */

@@ -580,6 +580,50 @@ describe("workers", function()
     assert.matches('msg="work canceled".*result=canceled cause="host shutdown"', h:stderr())
   end)
 
+  -- A release may make a machine eligible for another process: the host
+  -- folds the releases of a burst into one NOTIFY (slots.c), which wakes
+  -- the idle slots of every process. Two bursts apart, each must send its
+  -- own (the first must not leave the second thinking one is pending).
+  it("wakes another process's idle slot with a release, burst after burst", function()
+    admin:exec("CREATE TABLE staged (machine_id UUID PRIMARY KEY REFERENCES machines)")
+    H.write_file(dir .. "/stages.lua", [[
+      local bmdb = require "bmdb"
+      local function stage(process, sql)
+        return bmdb.worker { process = process, poll = 60,
+          select = function(tx, limit) return tx:query(sql, limit) end,
+          run = function(w) end }
+      end
+      return {
+        stage("Stage1", [=[SELECT s.machine_id FROM staged s WHERE NOT EXISTS (SELECT 1 FROM work_history h
+          WHERE h.machine_id = s.machine_id AND h.process = 'Stage1' AND h.event = 'Finished') AND NOT EXISTS
+          (SELECT 1 FROM work_blocked b WHERE b.machine_id = s.machine_id AND b.process = 'Stage1') LIMIT $1]=]),
+        stage("Stage2", [=[SELECT s.machine_id FROM staged s WHERE EXISTS (SELECT 1 FROM work_history h
+          WHERE h.machine_id = s.machine_id AND h.process = 'Stage1' AND h.event = 'Finished') AND NOT EXISTS
+          (SELECT 1 FROM work_history h WHERE h.machine_id = s.machine_id AND h.process = 'Stage2'
+          AND h.event = 'Finished') AND NOT EXISTS (SELECT 1 FROM work_blocked b
+          WHERE b.machine_id = s.machine_id AND b.process = 'Stage2') LIMIT $1]=]),
+      }
+    ]])
+    -- poll 60 s: only a wake-up can explain the second stage within the bounds below
+    local h = start_host(dir .. "/stages.lua", { "--log-level", "debug" })
+    H.wait_until(function()
+      local _, idle = h:stderr():gsub('msg="slot idle"', "")
+      return idle >= 2
+    end, 20, "both processes' slots to go idle")
+    local function stage2_finished(m)
+      return count([[SELECT 1 FROM work_history WHERE machine_id = $1 AND process = 'Stage2'
+                     AND event = 'Finished']], m) == 1
+    end
+    for round = 1, 2 do
+      local m = machines(1)[1]
+      admin:exec("INSERT INTO staged VALUES ($1)", m)
+      admin:exec("SELECT pg_notify('bmdb_wake', 'Stage1')") -- the first stage, woken by hand
+      H.wait_until(function() return stage2_finished(m) end, 20, "round " .. round .. "'s second stage")
+    end
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+  end)
+
   it("picks up a newly eligible machine on NOTIFY without waiting for the poll interval", function()
     H.write_file(dir .. "/block.lua", blocker)
     -- poll 60 s: only a wake-up can explain a pick-up within the bound below
