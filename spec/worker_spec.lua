@@ -179,6 +179,23 @@ describe("workers", function()
     assert.equal(1, count("SELECT 1 FROM work_history WHERE machine_id = $1 AND event = 'Finished'", b))
   end)
 
+  -- What every batch spec's script shares: its worker's select over the
+  -- batch table, and four_started, true once four items (or eight: a
+  -- batch claims its next four at once) have started.
+  local batch_script_head = H.script_wait_for .. [[
+      local function batch_select(tx, limit)
+        return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1
+          FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
+      end
+      local function four_started()
+        return bmdb.transact(function(tx)
+          local n = tx:one([=[SELECT count(*) AS n FROM work_history WHERE event = 'Started'
+                              AND machine_id IN (SELECT machine_id FROM batch)]=]).n
+          return n > 0 and n % 4 == 0
+        end)
+      end
+]]
+
   -- Four slots finish at once and share one transaction (host/batch.h),
   -- one savepoint each. The script's bodies wait until four items (or
   -- eight) have started, and the first commit function until all four
@@ -189,7 +206,7 @@ describe("workers", function()
   -- statement fails (the server then only accepts a rollback); FAIL_ONCE
   -- names one whose first commit function fails with a serialization
   -- failure (40001). With DEFER=1 the commit functions defer their
-  -- statements (tx:defer), so no member sends anything in its turn; BAD's
+  -- statements (tx:defer), so no member sends anything; BAD's
   -- then runs a statement first (its savepoint goes out), and BAD_DEFERRED
   -- names one that defers its write and raises without sending anything.
   local function batch_script(name)
@@ -199,21 +216,11 @@ describe("workers", function()
       local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
       local DEFER, BAD_DEFERRED = os.getenv("DEFER") == "1", os.getenv("BAD_DEFERRED")
       local failed_once, joined = false, false
-]] .. H.script_wait_for .. [[
+]] .. batch_script_head .. [[
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
-        select = function(tx, limit)
-          return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1
-            FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
-        end,
+        select = batch_select,
         run = function(w)
-          -- four items started, or eight: a batch claims its next four at once
-          wait_for("four items started", function()
-            return bmdb.transact(function(tx)
-              local n = tx:one([=[SELECT count(*) AS n FROM work_history WHERE event = 'Started'
-                                  AND machine_id IN (SELECT machine_id FROM batch)]=]).n
-              return n > 0 and n % 4 == 0
-            end)
-          end)
+          wait_for("four items started", four_started)
           w:finish(function(tx)
             -- (once; and a member that finishes alone after the batch
             -- failed is in none: then there are none)
@@ -243,13 +250,19 @@ describe("workers", function()
     return dir .. "/" .. name .. ".lua"
   end
 
-  local function run_batch(script, env, n)
-    n = n or 4
+  -- The batch table, holding n new machines (their ids), none done.
+  local function fill_batch(n)
     admin:exec("CREATE TABLE IF NOT EXISTS batch (machine_id UUID PRIMARY KEY REFERENCES machines, " ..
                "done BOOLEAN NOT NULL DEFAULT false, runs INT8 NOT NULL DEFAULT 0)")
     admin:exec("DELETE FROM batch")
     local ids = machines(n)
     for _, m in ipairs(ids) do admin:exec("INSERT INTO batch (machine_id) VALUES ($1)", m) end
+    return ids
+  end
+
+  local function run_batch(script, env, n)
+    n = n or 4
+    local ids = fill_batch(n)
     local h = start_host(script, {}, env(ids))
     H.wait_until(function()
       return count([[SELECT 1 FROM work_history WHERE event IN ('Finished', 'Failed')
@@ -304,7 +317,7 @@ describe("workers", function()
     assert_finished_and_claimed_together()
   end)
 
-  -- Commit functions that only defer send nothing in their turns: their
+  -- Commit functions that only defer send nothing of their own: their
   -- statements ride with the batch's select (it claims the next four),
   -- so the four items still end and the next four start in one
   -- transaction.
@@ -325,21 +338,13 @@ describe("workers", function()
     H.write_file(dir .. "/batch_gate.lua", [[
       local bmdb = require "bmdb"
       local GATE, DIR = os.getenv("GATE"), os.getenv("DIR")
-]] .. H.script_wait_for .. [[
+]] .. batch_script_head .. [[
       local function exists(p) local f = io.open(p) if f then f:close() end return f ~= nil end
       local function touch(p) assert(io.open(p, "w")):close() end
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1,
-        select = function(tx, limit)
-          return tx:query([=[SELECT b.machine_id FROM batch b WHERE NOT b.done AND NOT EXISTS (SELECT 1
-            FROM work_blocked k WHERE k.machine_id = b.machine_id AND k.process = 'Batch') LIMIT $1]=], limit)
-        end,
+        select = batch_select,
         run = function(w)
-          wait_for("four items started", function()
-            return bmdb.transact(function(tx)
-              return tx:one([=[SELECT count(*) AS n FROM work_history WHERE event = 'Started'
-                               AND machine_id IN (SELECT machine_id FROM batch)]=]).n == 4
-            end)
-          end)
+          wait_for("four items started", four_started)
           if w.machine ~= GATE then
             wait_for("the gate's member", function() return exists(DIR .. "/gate-in") end)
           end
@@ -354,17 +359,13 @@ describe("workers", function()
           end)
         end } }
     ]])
-    admin:exec("CREATE TABLE IF NOT EXISTS batch (machine_id UUID PRIMARY KEY REFERENCES machines, " ..
-               "done BOOLEAN NOT NULL DEFAULT false, runs INT8 NOT NULL DEFAULT 0)")
-    admin:exec("DELETE FROM batch")
     admin:exec("CREATE TABLE batch_gate (x INT8)")
     admin:exec("INSERT INTO batch_gate VALUES (1)")
     local gate_dir = H.tmpdir("gate")
     local locker = core.connect(dsn)
     locker:exec("BEGIN")
     locker:exec("SELECT 1 FROM batch_gate FOR UPDATE")
-    local ids = machines(4)
-    for _, m in ipairs(ids) do admin:exec("INSERT INTO batch (machine_id) VALUES ($1)", m) end
+    local ids = fill_batch(4)
     local h = start_host(dir .. "/batch_gate.lua", {}, { GATE = ids[1], DIR = gate_dir })
     local function ran(m) local f = io.open(gate_dir .. "/ran-" .. m) if f then f:close() end return f ~= nil end
     H.wait_until(function() return ran(ids[2]) and ran(ids[3]) and ran(ids[4]) end, 30,
@@ -401,7 +402,7 @@ describe("workers", function()
   end)
 
   -- A deferred statement that fails does so in the batch's flight, after
-  -- its member's turn: the batch commits nothing, every member finishes
+  -- its member has left: the batch commits nothing, every member finishes
   -- alone, and the failing one's own transaction then raises it.
   it("finishes the others of a batch whose deferred statement fails, and fails only its item", function()
     local ids = run_batch(batch_script("batch_defer_bad"), function(ids)
