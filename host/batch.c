@@ -434,9 +434,10 @@ int batch_close(batch_member *m, int claim_sent, double started, slot_handed *cl
     return m->committed;
 }
 
-int batch_members(void) {
+int batch_members(int *active) {
     pthread_mutex_lock(&mu);
     int n = B.open ? B.members : 0;
+    if (active) *active = B.open ? B.active : 0;
     pthread_mutex_unlock(&mu);
     return n;
 }

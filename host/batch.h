@@ -103,8 +103,9 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
 int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
                 int *nclaimed, int *handed);
 
-/* Members of the open batch (0 when none): for the specs. */
-int batch_members(void);
+/* Members of the open batch (0 when none), and how many of them have not
+ * yet left it (*active, if not NULL): for the specs. */
+int batch_members(int *active);
 /* Batches committed, and the finishes they committed, since start (the
  * stop line: their ratio is the mean batch size). */
 void batch_counts(unsigned long *batches, unsigned long *finishes);

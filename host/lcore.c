@@ -397,9 +397,12 @@ static int l_batch_close(lua_State *L) {
     return 4;
 }
 
+/* core.batch_members() -> members of the open batch, those not yet left */
 static int l_batch_members(lua_State *L) {
-    lua_pushinteger(L, batch_members());
-    return 1;
+    int active;
+    lua_pushinteger(L, batch_members(&active));
+    lua_pushinteger(L, active);
+    return 2;
 }
 
 /* ---- work locks -------------------------------------------------------- */

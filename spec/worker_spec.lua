@@ -209,12 +209,14 @@ describe("workers", function()
   -- statements (tx:defer), so no member sends anything; BAD's
   -- then runs a statement first (its savepoint goes out), and BAD_DEFERRED
   -- names one that defers its write and raises without sending anything.
+  -- LAST_EXEC names one that sends a statement once the others have left.
   local function batch_script(name)
     H.write_file(dir .. "/" .. name .. ".lua", [[
       local bmdb = require "bmdb"
       local core = require "bmdb.core"
       local BAD, BAD_SQL, FAIL_ONCE = os.getenv("BAD"), os.getenv("BAD_SQL"), os.getenv("FAIL_ONCE")
       local DEFER, BAD_DEFERRED = os.getenv("DEFER") == "1", os.getenv("BAD_DEFERRED")
+      local LAST_EXEC = os.getenv("LAST_EXEC")
       local failed_once, joined = false, false
 ]] .. batch_script_head .. [[
       return { bmdb.worker { process = "Batch", concurrency = 4, poll = 0.1, backoff = { initial = 3600 },
@@ -230,6 +232,14 @@ describe("workers", function()
                 local n = core.batch_members()
                 return n == 4 or n == 0
               end)
+            end
+            if w.machine == LAST_EXEC then
+              -- the other members have left: what they deferred flies with this
+              wait_for("the other members to leave", function()
+                local n, active = core.batch_members()
+                return n == 0 or active == 1
+              end)
+              tx:exec("SELECT 1")
             end
             local send = DEFER and tx.defer or tx.exec
             if DEFER and w.machine == BAD then tx:exec("SELECT 1") end
@@ -420,6 +430,23 @@ describe("workers", function()
     assert.equal(3, count([[SELECT DISTINCT xmin::TEXT FROM work_history
                             WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]]))
     assert.equal(0, count("SELECT 1 FROM work WHERE process = 'Batch'"))
+  end)
+
+  -- A member's statement flies with what the members that left before it
+  -- deferred. When one of those fails, the statement reports it, but the
+  -- failure is not that member's: the batch fails, every member finishes
+  -- alone, and only the item whose commit function deferred it is Failed.
+  it("fails only the deferring item when a member's statement meets another's failing deferred one", function()
+    local ids = run_batch(batch_script("batch_defer_meets"), function(ids)
+      return { BAD = "", BAD_SQL = ids[3], FAIL_ONCE = "", DEFER = "1", LAST_EXEC = ids[1] }
+    end)
+    assert.same({ "Started", "Failed" }, events(ids[3]))
+    local cause = admin:one("SELECT cause FROM work_history WHERE machine_id = $1 AND event = 'Failed'", ids[3]).cause
+    assert.matches("deferred with tx:defer", cause, 1, true)
+    for _, m in ipairs({ ids[1], ids[2], ids[4] }) do assert.same({ "Started", "Finished" }, events(m)) end
+    assert.equal(3, count("SELECT 1 FROM batch WHERE done AND runs = 1"))
+    assert.equal(3, count([[SELECT DISTINCT xmin::TEXT FROM work_history
+                            WHERE event = 'Finished' AND machine_id IN (SELECT machine_id FROM batch)]]))
   end)
 
   it("finishes every member alone when a failure the batch may not survive ends it", function()
