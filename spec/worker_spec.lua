@@ -461,7 +461,8 @@ describe("workers", function()
 
   -- A commit function that yields in a coroutine the body then abandons
   -- holds what its finish holds for the host: at one slot the claim turn
-  -- (its finish also claims), at several a turn of a batch. The body's end
+  -- (its finish also claims), at several a place in a batch (and the use
+  -- of its transaction, after a statement). The body's end
   -- must let go of them, or this host never claims again.
   it("claims again after a commit function yielded in a coroutine that was never resumed", function()
     local a, b = unpack(machines(2))

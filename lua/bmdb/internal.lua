@@ -68,7 +68,7 @@ local open_tx = nil
 -- Wake-ups asked for inside the open transaction, sent after it commits.
 local after_commit = nil
 -- What this state holds for the host while a commit function runs (its
--- place among the finishes, the claim turn, a turn of a batch), as the
+-- place among the finishes, the claim turn, a place in a batch), as the
 -- functions that let go of it, innermost last. A commit function that
 -- yields in a coroutine never resumed would keep them for good, blocking
 -- the host's claims or the batch; run_body lets go of them then.
