@@ -17,7 +17,10 @@
  * a third of a batch's time at 16 slots when they only defer. The last
  * member to leave closes the batch (no new member joins from then on)
  * and commits it, after waiting for late joiners (linger), so a batch
- * never waits long for a member that may not come. Every member is a
+ * never waits long for a member that may not come. A closer that claims
+ * in the batch hands out what it locked and lets the claim turn go
+ * before it wakes anyone (hand_out, close_batch), so each member wakes
+ * once, under its own lock, with its next item. Every member is a
  * finish between slot_finish_enter and slot_finish_leave, so a claim of
  * this host never overlaps the batch (slots.c says why). */
 #include "batch.h"
@@ -47,7 +50,7 @@ static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t grew;    /* the last member left: a lingering closer looks again */
-static pthread_cond_t free_cv; /* nobody uses B.t: a member waiting to goes on */
+static pthread_cond_t free_cv; /* nobody uses B.t: a member waiting for it goes on */
 static pthread_once_t conds_once = PTHREAD_ONCE_INIT;
 static void conds_init(void) {
     mono_cond_init(&grew);
