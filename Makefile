@@ -23,7 +23,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps check-deps bench-deps run check check-asan asan-host check-all bench install clean
+.PHONY: all deps check-deps bench-deps run check check-asan asan-host check-tsan tsan-host check-all bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
 
@@ -99,6 +99,26 @@ asan-host:
 check-asan: check-deps
 	@$(MAKE) --no-print-directory all asan-host
 	$(ASAN_ENV) $(BUSTED) --exclude-tags=slow $(BUSTED_ARGS)
+
+# The specs that exercise the host's threads (batches, claims, the
+# listener, shutdown, the HTTP server), against a bmdb-host built with
+# ThreadSanitizer: a data race in the C core makes the host exit 66. Not
+# part of check-all: the host runs several times slower, and the fault
+# specs' timing margins are set for the ordinary build. Thread leaks are
+# not reported (a slot stuck in C is left behind at exit by design), and
+# spec/support/tsan.supp holds the one known false positive.
+TSAN_FLAGS  := -fsanitize=thread
+TSAN_SPECS  := spec/worker_spec.lua spec/transact_spec.lua spec/session_spec.lua spec/work_spec.lua \
+               spec/fencing_spec.lua spec/control_spec.lua spec/shutdown_spec.lua spec/http_spec.lua
+tsan-host:
+	@$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS='-O1 -g $(TSAN_FLAGS) -fno-omit-frame-pointer' \
+	  LDFLAGS='$(TSAN_FLAGS)' build/tsan/bmdb-host
+
+check-tsan: check-deps
+	@$(MAKE) --no-print-directory all tsan-host
+	BMDB_HOST_BIN=$(CURDIR)/build/tsan/bmdb-host \
+	  TSAN_OPTIONS="halt_on_error=1 exitcode=66 report_thread_leaks=0 suppressions=$(CURDIR)/spec/support/tsan.supp" \
+	  $(BUSTED) $(or $(BUSTED_ARGS),$(TSAN_SPECS))
 
 # Everything: every spec including the slow fault specs, first against the
 # ordinary build, then against the sanitized one; each fault spec appends
