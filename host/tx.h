@@ -139,7 +139,8 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
 void tx_init_detached(tx *t, session *sess);
 /* Moves every statement queued in src to the end of dst's queue, in
  * order; one that finds dst's queue full runs at once (as tx_defer's
- * would). src is left empty. 0, or -1 with e set. */
+ * would), so dst has a connection (it is not a detached tx). src is left
+ * empty. 0, or -1 with e set. */
 int tx_adopt(tx *dst, tx *src, tx_error *e);
 /* Runs one statement with text parameters (NULL entries are SQL NULL).
  * Returns the result (caller PQclear()s it), or NULL with e set; after an
