@@ -293,21 +293,22 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
                 const char *token, int takes_next, int may_claim, int *peers) {
     tx_error e;
     int whole = m->saw_failed; /* the batch failed under m: not m's own failure */
-    if (m->holds) {
+    int doomed = m->holds && B.t.doomed; /* (only a holder may look at B.t) */
+    if (doomed || fatal) {
+        /* the fence failed, or a failure the transaction may not survive:
+         * a doom may be another member's deferred statement */
+        pthread_mutex_lock(&mu);
+        if (doomed) fail_locked(&B.t.doom);
+        tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
+        fail_locked(&e);
+        pthread_mutex_unlock(&mu);
+        whole = 1;
+    } else if (m->holds) {
         /* Settle m's savepoint. It went out with m's first statement; when
          * none was sent it is still queued, and taken back: nothing of m's
          * reached the server. What m deferred rides after it; kept when ok
          * (if it fails, it fails the batch), dropped when not. */
-        if (B.t.doomed || fatal) {
-            /* the fence failed, or a failure the transaction may not
-             * survive: a doom may be another member's deferred statement */
-            pthread_mutex_lock(&mu);
-            if (B.t.doomed) fail_locked(&B.t.doom);
-            tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
-            fail_locked(&e);
-            pthread_mutex_unlock(&mu);
-            whole = 1;
-        } else if (ok) {
+        if (ok) {
             if (!tx_unpend(&B.t, m->savepoint, 0)) tx_pend(&B.t, release_sql);
         } else if (!tx_unpend(&B.t, m->savepoint, 1)) {
             /* Only m's own statements are undone: what it deferred since
@@ -318,10 +319,6 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
             tx_pend(&B.t, release_sql);
             B.t.failed = 0;
         }
-    } else if (fatal) {
-        tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
-        fail(&e);
-        whole = 1;
     } else if (ok && m->own.npending > 0) {
         /* m's deferred statements join the batch's queue (moved; run
          * only when the queue is full, and then, outside any savepoint, a

@@ -294,16 +294,21 @@ static int l_batch_join(lua_State *L) {
     return 2;
 }
 
+/* {machine, attempt, token} on top, with room for more fields. */
+static void push_item(lua_State *L, const char *machine, int attempt, const char *token, int fields) {
+    lua_createtable(L, fields, 0);
+    lua_pushstring(L, machine);
+    lua_rawseti(L, -2, 1);
+    lua_pushinteger(L, attempt);
+    lua_rawseti(L, -2, 2);
+    lua_pushstring(L, token);
+    lua_rawseti(L, -2, 3);
+}
+
 /* {machine, attempt, token, session_id, started}: an item a claim in a
  * batch handed this slot, as its serve loop adopts it next. */
 static void push_next(lua_State *L, const slot_handed *h) {
-    lua_createtable(L, 5, 0);
-    lua_pushstring(L, h->machine);
-    lua_rawseti(L, -2, 1);
-    lua_pushinteger(L, h->attempt);
-    lua_rawseti(L, -2, 2);
-    lua_pushstring(L, h->token);
-    lua_rawseti(L, -2, 3);
+    push_item(L, h->machine, h->attempt, h->token, 5);
     lua_pushstring(L, h->session);
     lua_rawseti(L, -2, 4);
     lua_pushnumber(L, h->started);
@@ -359,13 +364,7 @@ static int l_batch_leave(lua_State *L) {
 
 /* {machine, attempt, token} as entry i (from 0) of the list on top. */
 static void push_claimed(lua_State *L, int i, const char *machine, int attempt, const char *token) {
-    lua_createtable(L, 3, 0);
-    lua_pushstring(L, machine);
-    lua_rawseti(L, -2, 1);
-    lua_pushinteger(L, attempt);
-    lua_rawseti(L, -2, 2);
-    lua_pushstring(L, token);
-    lua_rawseti(L, -2, 3);
+    push_item(L, machine, attempt, token, 3);
     lua_rawseti(L, -2, i + 1);
 }
 

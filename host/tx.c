@@ -199,6 +199,10 @@ static int pending_room(tx *t) {
     return t->npending < TX_PENDING_MAX ? 0 : -1;
 }
 
+/* Room for one more deferred statement: the last few places stay free
+ * for the host's savepoints (tx_pend). */
+static int defer_room(tx *t) { return pending_room(t) == 0 && t->npending < TX_DEFER_MAX; }
+
 tx_mark tx_pend(tx *t, const char *sql) {
     tx_mark m = {t->flights, -1};
     /* The host pends at most three in a row (a savepoint's end, the next
@@ -275,11 +279,9 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
     }
     /* A detached tx cannot check a binary parameter, nor run a statement
      * at once: the caller goes on with a connection (tx_init_detached). */
-    if (!t->conn && (binary_params(nparams, formats) || pending_room(t) < 0 ||
-                     t->npending >= TX_DEFER_MAX))
-        return 1;
-    /* The last few places stay free for the host's savepoints. */
-    if (pending_room(t) < 0 || t->npending >= TX_DEFER_MAX) {
+    int room = defer_room(t);
+    if (!t->conn && (binary_params(nparams, formats) || !room)) return 1;
+    if (!room) {
         PGresult *r = tx_exec_params(t, sql, nparams, params, lengths, formats, e);
         PQclear(r);
         return r ? 0 : -1;
@@ -340,7 +342,7 @@ int tx_adopt(tx *dst, tx *src, tx_error *e) {
         tx_pending *q = &src->pending[i];
         if (still_open(dst, e) < 0) {
             rc = -1;
-        } else if (pending_room(dst) == 0 && dst->npending < TX_DEFER_MAX) {
+        } else if (defer_room(dst)) {
             dst->pending[dst->npending++] = *q; /* its copy moves with it */
             q->copy = NULL;
         } else {
