@@ -90,11 +90,20 @@ local function loadavg()
 end
 
 -- User + system seconds of a process, all its threads.
-local function cpu_seconds(pid)
+-- /proc/PID/stat's fields after the command: f[2] is the parent's pid,
+-- f[12] to f[15] utime, stime, cutime, cstime (fields 14 to 17). nil once
+-- the process is gone.
+local function stat_fields(pid)
   local stat = H.read_file("/proc/" .. pid .. "/stat")
+  if not stat then return nil end
   local f = {}
   for x in stat:match("%) (.*)$"):gmatch("%S+") do f[#f + 1] = x end
-  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK -- fields 14 and 15
+  return f
+end
+
+local function cpu_seconds(pid)
+  local f = stat_fields(pid)
+  return (tonumber(f[12]) + tonumber(f[13])) / CLK_TCK
 end
 
 -- Resident set now and at its peak, in bytes.
@@ -129,6 +138,26 @@ local function settings()
   end
   c:close()
   return out
+end
+
+-- CPU seconds the database server has spent so far: its postmaster's own
+-- and its reaped children's, and every live child's (backends,
+-- autovacuum, the writers). A contender's database CPU is the difference
+-- across its run; bench/peer/run.js counts the same way.
+local function server_cpu()
+  local pm = tonumber((H.read_file(S.data .. "/postmaster.pid") or ""):match("^(%d+)"))
+  local total = 0
+  local ls = io.popen("ls /proc")
+  for name in ls:lines() do
+    local f = name:match("^%d+$") and stat_fields(name)
+    if f and tonumber(name) == pm then
+      total = total + tonumber(f[12]) + tonumber(f[13]) + tonumber(f[14]) + tonumber(f[15])
+    elseif f and tonumber(f[2]) == pm then
+      total = total + tonumber(f[12]) + tonumber(f[13])
+    end
+  end
+  ls:close()
+  return total / CLK_TCK
 end
 
 -- A fresh database with the schema: dsn, admin connection.
@@ -318,11 +347,13 @@ local function bench_host(hosts_n, slots, what, verb)
   local hosts = start_hosts(dsn, script(noop_script:format(slots, verb or "defer")), hosts_n)
   local cpu0 = 0
   for _, h in ipairs(hosts) do cpu0 = cpu0 + cpu_seconds(h.pid) end
+  local db0 = server_cpu()
   c:exec("WITH e AS (INSERT INTO todo SELECT machine_id FROM machines) SELECT pg_notify('bmdb_wake', 'Bench')")
   local t0 = H.now()
   H.wait_until(function() return c:one("SELECT NOT EXISTS (SELECT 1 FROM todo) AS done").done end,
     DRAIN_TIMEOUT, ITEMS .. " items", 0.01)
   local seconds = H.now() - t0
+  local db_cpu = server_cpu() - db0
   local cpu, peak = 0, 0
   for _, h in ipairs(hosts) do
     cpu = cpu + cpu_seconds(h.pid)
@@ -332,17 +363,21 @@ local function bench_host(hosts_n, slots, what, verb)
   c:close()
   return { rate = ITEMS / seconds, retries = retries / math.max(claims, 1),
            batched = batched / ITEMS, per_batch = batched / math.max(batches, 1),
-           cpu = (cpu - cpu0) / ITEMS, peak = peak }
+           cpu = (cpu - cpu0) / ITEMS, db_cpu = db_cpu / ITEMS, peak = peak }
 end
 
 local function bench_peer(concurrency, mode)
   local db = S:create_db():match("dbname=(%S+)")
   local code, out, err = H.run({ "node", H.root .. "/bench/peer/run.js", tostring(ITEMS), tostring(concurrency), mode },
-    { env = { PGHOST = S.dir, PGPORT = "5432", PGUSER = "bmdb", PGDATABASE = db, TIMEOUT = DRAIN_TIMEOUT },
+    { env = { PGHOST = S.dir, PGPORT = "5432", PGUSER = "bmdb", PGDATABASE = db, TIMEOUT = DRAIN_TIMEOUT,
+              BENCH_PGPID = H.read_file(S.data .. "/postmaster.pid"):match("^(%d+)"),
+              BENCH_CLK_TCK = tostring(CLK_TCK) },
       timeout = DRAIN_TIMEOUT + 60 })
-  local jobs, seconds, cpu, rss = out:match("result jobs=(%d+) seconds=([%d.]+) cpu=([%d.]+) rss=(%d+)")
+  local jobs, seconds, cpu, rss, db_cpu =
+    out:match("result jobs=(%d+) seconds=([%d.]+) cpu=([%d.]+) rss=(%d+) dbcpu=([%d.]+)")
   assert(code == 0 and jobs, "the peer failed (exit " .. code .. "):\n" .. err:sub(-2000))
-  return { rate = tonumber(jobs) / tonumber(seconds), cpu = tonumber(cpu) / tonumber(jobs), peak = tonumber(rss) }
+  return { rate = tonumber(jobs) / tonumber(seconds), cpu = tonumber(cpu) / tonumber(jobs), peak = tonumber(rss),
+           db_cpu = tonumber(db_cpu) / tonumber(jobs) }
 end
 
 local pgbench_db
@@ -362,10 +397,13 @@ local function bench_pgbench(clients)
                  "-T", tostring(PGBENCH_SECONDS) }
   for _, a in ipairs(conn) do argv[#argv + 1] = a end
   argv[#argv + 1] = pgbench_db
+  local db0 = server_cpu()
   local code, out, err = H.run(argv, { timeout = PGBENCH_SECONDS + 60 })
   local tps = out:match("tps = ([%d.]+) %(without initial connection time%)")
-  assert(code == 0 and tps, "pgbench failed: " .. err .. out)
-  return { rate = tonumber(tps) }
+  local n = out:match("number of transactions actually processed: (%d+)")
+  assert(code == 0 and tps and n, "pgbench failed: " .. err .. out)
+  H.sleep(0.2) -- for the server to reap pgbench's backends, whose CPU it then counts
+  return { rate = tonumber(tps), db_cpu = (server_cpu() - db0) / tonumber(n) }
 end
 
 -- ---------------------------------------------------------------- scale
@@ -513,6 +551,14 @@ local function report(r)
   row("bmdb-host finishes batched (share / per batch)", function(i)
     return host[i] and string.format("%.2f / %.1f", host[i].batched, host[i].per_batch) or "—"
   end)
+  row("database CPU per item, job or transaction: bmdb-host / peer defaults / peer batched / pgbench -N", function(i)
+    local cells = {}
+    for k, t in ipairs({ host, def, bat, pgb }) do
+      if t[i] and t[i].db_cpu then cells[#cells + 1] = string.format("%.3f", t[i].db_cpu * 1000)
+      elseif k == 1 or t[i] then cells[#cells + 1] = "—" end
+    end
+    return table.concat(cells, " / ") .. " ms"
+  end)
   row("bmdb-host CPU per item", function(i) return f("%.3f ms", host[i] and host[i].cpu * 1000) end)
   row("graphile-worker CPU per job, defaults", function(i) return f("%.3f ms", def[i] and def[i].cpu * 1000) end)
   row("graphile-worker CPU per job, batched", function(i) return f("%.3f ms", bat[i] and bat[i].cpu * 1000) end)
@@ -569,13 +615,18 @@ for the DELETE's answer instead); the clock runs
 from that statement's return until `todo` is empty (polled every 10 ms).
 Retries per claim are the hosts' own `claims` and `retries` (logged when
 they stop); CPU is the hosts' utime + stime (/proc/PID/stat) over the
-drain; peak RSS is VmHWM. graphile-worker (bench/peer/run.js): the runner
+drain; peak RSS is VmHWM. Database CPU is the server's, over the same
+span (every contender's the same way): the utime + stime of the
+postmaster and its children, live ones and reaped ones (cutime,
+cstime), so autovacuum and the writers count too, and for bmdb-host the
+harness's own polling, a few µs per item. graphile-worker (bench/peer/run.js): the runner
 starts idle, %d no-op jobs are added with one `addJobs`, the clock runs
 from its return until every job succeeded and its row is gone; defaults
 except the pool (10 or concurrency + 2, as its documentation asks),
 batched adds `localQueue: { size: 500 }` and `completeJobBatchDelay: 0`.
 Both log one line per item or job, at their default log level. pgbench:
-`pgbench -N -c C -j min(C, nproc) -T %d` on scale 1. Wake: an idle host
+`pgbench -N -c C -j min(C, nproc) -T %d` on scale 1 (its database CPU over
+the whole run, connections included, per transaction). Wake: an idle host
 (poll 30 s) and one statement that makes a machine eligible and NOTIFYs;
 the body reads CLOCK_MONOTONIC as it starts. Scale: one slot, select
 `machines m WHERE NOT EXISTS (done) AND NOT EXISTS (work_blocked) LIMIT $1`

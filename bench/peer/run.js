@@ -11,12 +11,15 @@
 // starts when that statement has returned, and stops when every job has
 // succeeded and its row is gone. The result is one line on stdout:
 //
-//   result jobs=N seconds=S cpu=C rss=R
+//   result jobs=N seconds=S cpu=C rss=R dbcpu=D
 //
 // (cpu: this process's user+system seconds during the drain; rss: its peak
-// resident set in bytes). It exits non-zero, with the reason on stderr, if
-// anything fails or the jobs are not done within TIMEOUT seconds (default
-// 300): a bench run always stops by itself.
+// resident set in bytes; dbcpu: the database server's CPU seconds during
+// the drain, counted as bench/run.lua counts it, given the postmaster's
+// pid in BENCH_PGPID and the clock tick in BENCH_CLK_TCK; 0 without
+// them). It exits non-zero, with the reason on stderr, if anything fails
+// or the jobs are not done within TIMEOUT seconds (default 300): a bench
+// run always stops by itself.
 "use strict";
 
 function usage(msg) {
@@ -64,6 +67,25 @@ function preset(opts, conn) {
   return { worker };
 }
 
+// The database server's CPU seconds so far: the postmaster's own and its
+// reaped children's, and every live child's (bench/run.lua's server_cpu).
+function serverCpu() {
+  const pm = Number(process.env.BENCH_PGPID);
+  const tick = Number(process.env.BENCH_CLK_TCK) || 100;
+  if (!pm) return 0;
+  const fs = require("fs");
+  let total = 0;
+  for (const name of fs.readdirSync("/proc")) {
+    if (!/^\d+$/.test(name)) continue;
+    let stat;
+    try { stat = fs.readFileSync(`/proc/${name}/stat`, "utf8"); } catch (e) { continue; }
+    const f = stat.slice(stat.lastIndexOf(")") + 2).split(" "); // f[1] ppid, f[11..14] times
+    if (Number(name) === pm) total += Number(f[11]) + Number(f[12]) + Number(f[13]) + Number(f[14]);
+    else if (Number(f[1]) === pm) total += Number(f[11]) + Number(f[12]);
+  }
+  return total / tick;
+}
+
 async function main() {
   const opts = options(process.argv);
   const conn = connectionString();
@@ -96,6 +118,7 @@ async function main() {
   for (let i = 0; i < opts.jobs; i++) specs.push({ identifier: "noop", payload: {} });
   await utils.addJobs(specs);
   const cpu0 = process.cpuUsage();
+  const db0 = serverCpu();
   const t0 = process.hrtime.bigint();
 
   await done;
@@ -107,13 +130,14 @@ async function main() {
   }
   const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
   const cpu = process.cpuUsage(cpu0);
+  const dbcpu = serverCpu() - db0;
 
   await runner.stop();
   await utils.release();
   clearTimeout(deadline);
   const rss = process.resourceUsage().maxRSS * 1024;
   process.stdout.write(`result jobs=${opts.jobs} seconds=${seconds.toFixed(4)} ` +
-    `cpu=${((cpu.user + cpu.system) / 1e6).toFixed(4)} rss=${rss}\n`);
+    `cpu=${((cpu.user + cpu.system) / 1e6).toFixed(4)} rss=${rss} dbcpu=${dbcpu.toFixed(4)}\n`);
 }
 
 main().catch((err) => {
