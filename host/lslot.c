@@ -48,6 +48,11 @@ static int l_claim_waiters(lua_State *L) {
     return 1;
 }
 
+static int l_claim_queued(lua_State *L) {
+    lua_pushinteger(L, slot_claim_queued(lerror_checkstring(L, 1)));
+    return 1;
+}
+
 /* core.claim_hand(process, machine, attempt, token, session_id, started) -> bool */
 static int l_claim_hand(lua_State *L) {
     slot_handed h;
@@ -134,6 +139,7 @@ static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"claim_enter", l_claim_enter},
                                  {"claim_leave", l_claim_leave},
                                  {"claim_waiters", l_claim_waiters},
+                                 {"claim_queued", l_claim_queued},
                                  {"claim_hand", l_claim_hand},
                                  {"claim_take", l_claim_take},
                                  {"finish_enter", l_finish_enter},

@@ -127,7 +127,8 @@ void slot_wake_everyone(void) {
 typedef struct claim_queue {
     char process[64];
     int waiters;                /* slots of process inside slot_claim_enter */
-    int n;
+    int n;                      /* items queued, oldest first */
+    int counted;                /* of them, those counted in items_handed */
     slot_handed items[SLOT_HAND_MAX];
     struct claim_queue *next;
 } claim_queue;
@@ -142,10 +143,26 @@ static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
 static claim_queue *claim_queues; /* never freed (one per process) */
 /* Items handed and not yet taken, in every queue (written under phase_mu)
  * or straight to a slot (slot_note_handed); read by slot_items_held (a
- * slot handed one holds it). */
+ * slot handed one holds it). Of a queue's items only as many count as
+ * slots wait there: the rest were claimed ahead (the worker's `ahead`),
+ * and no slot holds them until one comes back for its next item. */
 static int items_handed;
 
 static void phase_init(void) { mono_cond_init(&phase_cv); }
+
+/* Under phase_mu, after q->n or q->waiters changed. */
+static void recount(claim_queue *q) {
+    int now = q->n < q->waiters ? q->n : q->waiters;
+    __atomic_add_fetch(&items_handed, now - q->counted, __ATOMIC_RELAXED);
+    q->counted = now;
+}
+
+/* Under phase_mu: the oldest queued item, so an item claimed ahead waits
+ * no longer than the ones claimed after it. */
+static void take_oldest(claim_queue *q, slot_handed *out) {
+    *out = q->items[0];
+    memmove(q->items, q->items + 1, (size_t)(--q->n) * sizeof q->items[0]);
+}
 
 static claim_queue *claim_queue_for(const char *process) {
     for (claim_queue *q = claim_queues; q; q = q->next)
@@ -185,11 +202,11 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(process);
     q->waiters++;
+    recount(q);
     if (claims_waiting++ == 0) claims_waiting_since = mono_now();
     for (;;) {
         if (q->n > 0) {
-            *out = q->items[--q->n];
-            __atomic_sub_fetch(&items_handed, 1, __ATOMIC_RELAXED);
+            take_oldest(q, out);
             got = SLOT_CLAIM_HANDED;
             break;
         }
@@ -202,6 +219,7 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out) {
         if (pthread_cond_timedwait(&phase_cv, &phase_mu, &until) == ETIMEDOUT) break;
     }
     q->waiters--;
+    recount(q);
     claims_waiting--;
     /* Finishes wait while claims wait: one that gave up may free them. */
     if (got == SLOT_CLAIM_TIMEOUT) pthread_cond_broadcast(&phase_cv);
@@ -227,13 +245,20 @@ int slot_claim_waiters(const char *process) {
     return n > 0 ? n : 0;
 }
 
+int slot_claim_queued(const char *process) {
+    pthread_mutex_lock(&phase_mu);
+    int n = claim_queue_for(process)->n;
+    pthread_mutex_unlock(&phase_mu);
+    return n;
+}
+
 int slot_claim_hand(const char *process, const slot_handed *item) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(process);
     int ok = q->n < SLOT_HAND_MAX;
     if (ok) {
         q->items[q->n++] = *item;
-        __atomic_add_fetch(&items_handed, 1, __ATOMIC_RELAXED);
+        recount(q);
     }
     pthread_mutex_unlock(&phase_mu);
     return ok;
@@ -251,8 +276,8 @@ int slot_claim_take(const char *process, slot_handed *out) {
     claim_queue *q = claim_queue_for(process);
     int got = q->n > 0;
     if (got) {
-        *out = q->items[--q->n];
-        __atomic_sub_fetch(&items_handed, 1, __ATOMIC_RELAXED);
+        take_oldest(q, out);
+        recount(q);
     }
     pthread_mutex_unlock(&phase_mu);
     return got;

@@ -38,7 +38,9 @@ void slot_wake_everyone(void);
  * (SLOT_CLAIM_TIMEOUT; also at once when the host leaves running).
  * slot_claim_waiters says how many slots of process wait for an item that
  * nobody handed them yet; slot_claim_hand queues one (0 when the queue is
- * full: the caller keeps it). slot_claim_take takes a queued item without
+ * full: the caller keeps it), to be taken oldest first; slot_claim_queued
+ * says how many are queued, those claimed ahead of any slot's need among
+ * them (the worker's `ahead`). slot_claim_take takes a queued item without
  * waiting, for a slot that stops claiming (reload, drain) and must not
  * strand one. */
 #define SLOT_HAND_MAX 64
@@ -60,6 +62,7 @@ int slot_claim_enter(const char *process, double seconds, slot_handed *out);
 int slot_claim_alongside(int finishes);
 void slot_claim_leave(void);
 int slot_claim_waiters(const char *process);
+int slot_claim_queued(const char *process);
 int slot_claim_hand(const char *process, const slot_handed *item);
 int slot_claim_take(const char *process, slot_handed *out);
 

@@ -594,6 +594,83 @@ describe("workers", function()
     assert.equal(0, count("SELECT 1 FROM sessions WHERE runtime_info LIKE $1", "%:" .. h.pid))
   end)
 
+  -- A worker with `ahead` locks more items in a claim than its slots
+  -- need; they wait in the host's queue, and a slot takes the oldest when
+  -- it comes back for its next item, so one select and lock serve several
+  -- items. GATE: the bodies wait until that file exists.
+  local ahead_script = [[
+    local bmdb = require "bmdb"
+    local function exists(path)
+      local f = io.open(path)
+      if f then f:close() end
+      return f ~= nil
+    end
+    return {
+      bmdb.worker {
+        process = "Ahead", concurrency = 1, ahead = 4, poll = 0.2,
+        select = function(tx, limit)
+          return tx:query([=[SELECT w.machine_id FROM wanted w
+            WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
+                              AND h.process = 'Ahead' AND h.event = 'Finished')
+            AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Ahead')
+            LIMIT $1]=], limit)
+        end,
+        run = function(w)
+          local gate = os.getenv("GATE")
+          while gate and not exists(gate) do bmdb.sleep(0.02) end
+          w:finish()
+        end,
+      },
+    }
+  ]]
+
+  it("claims ahead of its slot for a worker with `ahead`, and runs each item once", function()
+    H.write_file(dir .. "/ahead.lua", ahead_script)
+    local ids = machines(20)
+    want(ids)
+    local h = start_host(dir .. "/ahead.lua")
+    H.wait_until(function()
+      return count("SELECT 1 FROM work_history WHERE process = 'Ahead' AND event = 'Finished'") == 20
+    end, 60, "the 20 items")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
+    -- each claim's Started rows share its transaction's id: one slot with
+    -- ahead = 4 locks five items a claim (one each without it)
+    local claims = admin:one([[SELECT count(DISTINCT xmin::TEXT) AS n FROM work_history
+                               WHERE process = 'Ahead' AND event = 'Started']]).n
+    assert.is_true(claims <= 5, claims .. " claims for 20 items")
+    assert.matches('msg="workers stopped" claims=20 ', h:stderr())
+    assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
+  it("runs the items it claimed ahead when it drains, and claims nothing new", function()
+    H.write_file(dir .. "/ahead.lua", ahead_script)
+    local ids = machines(6)
+    want(ids)
+    local gate = dir .. "/ahead-gate"
+    os.remove(gate)
+    local h = start_host(dir .. "/ahead.lua", {}, { GATE = gate })
+    -- one item in flight, four waiting in the host's queue
+    H.wait_until(function() return count("SELECT 1 FROM work WHERE process = 'Ahead'") == 5 end, 20, "a claim of five")
+    h:kill("TERM")
+    H.wait_until(function() return h:stderr():match("draining") end, 10, "the drain to start")
+    H.write_file(gate, "")
+    assert.equal(0, h:wait(30), h:stderr())
+    local finished, untouched = 0, 0
+    for _, m in ipairs(ids) do
+      local e = events(m)
+      if #e == 0 then untouched = untouched + 1
+      else
+        assert.same({ "Started", "Finished" }, e)
+        finished = finished + 1
+      end
+    end
+    assert.equal(5, finished)
+    assert.equal(1, untouched)
+    assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
   it("cancels items in flight on a second signal and records them", function()
     H.write_file(dir .. "/block.lua", blocker)
     local m = machines(1)[1]

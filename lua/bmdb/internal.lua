@@ -829,7 +829,11 @@ local function check_backoff(spec, where)
 end
 
 local known_fields = { process = true, concurrency = true, backoff = true, select = true, run = true,
-                       poll = true, batch = true, timeout = true }
+                       poll = true, batch = true, timeout = true, ahead = true }
+
+-- The most items a worker may hold claimed ahead of its slots (a host's
+-- queue of handed items holds SLOT_HAND_MAX, 64, per process).
+local AHEAD_MAX = 32
 
 -- Validates a definition; returns the problems found (empty when valid).
 function bmdb.problems(def)
@@ -861,6 +865,10 @@ function bmdb.problems(def)
   if b ~= nil and (not finite(b) or b < 1 or b ~= math.floor(b)) then
     bad(where .. "batch must be a whole number of candidates of at least 1, got " .. tostring(b))
   end
+  local a = def.ahead
+  if a ~= nil and (not finite(a) or a < 0 or a ~= math.floor(a) or a > AHEAD_MAX) then
+    bad(where .. "ahead must be a whole number of items from 0 to " .. AHEAD_MAX .. ", got " .. tostring(a))
+  end
   local ok, err = pcall(check_backoff, def.backoff, where)
   if not ok then bad(err) end
   for k in pairs(def) do
@@ -869,7 +877,8 @@ function bmdb.problems(def)
   return problems
 end
 
--- bmdb.worker{process=, concurrency=, backoff=, select=, run=, poll=, batch=}
+-- bmdb.worker{process=, concurrency=, backoff=, select=, run=, poll=, batch=,
+-- timeout=, ahead=}
 function bmdb.worker(def)
   local problems = bmdb.problems(def)
   if #problems > 0 then raise("definition", 2, table.concat(problems, "; ")) end
@@ -878,6 +887,7 @@ function bmdb.worker(def)
   w.concurrency = w.concurrency or 1
   w.poll = w.poll or 1
   w.batch = w.batch or 16
+  w.ahead = w.ahead or 0
   return setmetatable(w, Worker)
 end
 
@@ -1093,11 +1103,22 @@ local function hand_out(def, sess, locked, started)
   end
 end
 
+-- How many items a claim for `needed` slots locks: also as many as the
+-- worker holds ahead (def.ahead) beyond what is queued already, up to the
+-- select's batch of candidates. The items beyond the slots' need wait in
+-- the host's queue of handed items, each slot taking the oldest when it
+-- comes back for its next, so a worker of short items selects and locks
+-- once for several of them instead of once per batch of finishes.
+local function claim_size(def, needed)
+  local ahead = math.max(0, def.ahead - core.claim_queued(def.process))
+  return math.min(def.batch, needed + ahead)
+end
+
 local function claim_as_claimer(def, opts)
   if opts then return claim(def, opts) end
   local sess = core.session(1)
   local started = core.now()
-  local k = math.min(def.batch, 1 + core.claim_waiters(def.process))
+  local k = claim_size(def, 1 + core.claim_waiters(def.process))
   local settled, locked = claim_fast(def, sess, k)
   if not settled then return claim(def) end
   if #locked == 0 then return nil end
@@ -1177,10 +1198,15 @@ claim_in_batch = function(w, tx, s, peers)
   hold(close_batch) -- (which lets the claim turn go too)
   local def = s.def
   local started = core.now()
-  local k = math.min(def.batch, peers + core.claim_waiters(def.process))
-  open_tx = tx
-  local ok, sent = pcall(select_and_lock, def, tx, k)
-  open_tx = nil
+  local needed = peers + core.claim_waiters(def.process)
+  local ok, sent = true, false
+  -- Items claimed ahead that cover every slot of this claim: the batch
+  -- only commits its releases, and the slots take those items next.
+  if def.ahead == 0 or core.claim_queued(def.process) < needed then
+    open_tx = tx
+    ok, sent = pcall(select_and_lock, def, tx, claim_size(def, needed))
+    open_tx = nil
+  end
   unhold()
   -- The batch's members and the waiting slots are handed their items
   -- there; what is left is this slot's, and what fitted nowhere.
