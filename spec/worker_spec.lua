@@ -607,7 +607,8 @@ describe("workers", function()
     end
     return {
       bmdb.worker {
-        process = "Ahead", concurrency = 1, ahead = 4, poll = 0.2,
+        process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
+        timeout = tonumber(os.getenv("TIMEOUT") or ""),
         select = function(tx, limit)
           return tx:query([=[SELECT w.machine_id FROM wanted w
             WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
@@ -616,8 +617,10 @@ describe("workers", function()
             LIMIT $1]=], limit)
         end,
         run = function(w)
+          io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
           local gate = os.getenv("GATE")
           while gate and not exists(gate) do bmdb.sleep(0.02) end
+          if os.getenv("HOLD") then bmdb.sleep(tonumber(os.getenv("HOLD"))) end
           w:finish()
         end,
       },
@@ -669,6 +672,26 @@ describe("workers", function()
     assert.equal(5, finished)
     assert.equal(1, untouched)
     assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
+  -- An item's timeout runs from its claim: one that passed while the item
+  -- waited must not start its body (its lock is the timeout's to end).
+  -- Three items of 0.7 s with a timeout of 1 s, claimed at once: the
+  -- third's time is up before the slot comes back for it.
+  it("does not start an item claimed ahead whose timeout passed while it waited", function()
+    H.write_file(dir .. "/ahead.lua", ahead_script)
+    want(machines(3))
+    local h = start_host(dir .. "/ahead.lua", {}, { AHEAD = "2", TIMEOUT = "1", HOLD = "0.7" })
+    local skipped
+    H.wait_until(function()
+      skipped = h:stderr():match('msg="claimed item not started: its timeout passed while it waited"[^\n]*machine=(%S+)')
+      return skipped
+    end, 20, "an item not started")
+    H.wait_until(function() return events(skipped)[2] end, 20, "its timeout recorded")
+    assert.same({ "Started", "Failed" }, events(skipped))
+    assert.is_nil(h:stdout():find("running " .. skipped, 1, true), "its body ran")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
   end)
 
   it("cancels items in flight on a second signal and records them", function()

@@ -1083,6 +1083,15 @@ local function adopt(def, machine, attempt, token, session_id, started)
   local sess = core.session(1)
   -- A lock taken under a session that has since been lost is not ours.
   if sess:id() ~= session_id then return nil end
+  -- Nor one whose timeout passed while it waited (claimed ahead): its
+  -- body must not start, and the row is the timeout's to record. (A
+  -- cancel while it waits is learned as for any item: the body's first
+  -- transaction finds its lock gone.)
+  if def.timeout and core.now() >= started + def.timeout then
+    core.log("info", "claimed item not started: its timeout passed while it waited",
+             { "session", session_id, "machine", machine, "process", def.process, "timeout", def.timeout })
+    return nil
+  end
   return bmdb.new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
 end
 
@@ -1240,8 +1249,12 @@ end
 -- stopped waiting: a drain or a reload began): this slot runs it before
 -- it leaves the loop, as it would an item it had claimed itself.
 local function take_handed(def)
-  local machine, attempt, token, session_id, started = core.claim_take(def.process)
-  if machine then return adopt(def, machine, attempt, token, session_id, started) end
+  while true do
+    local machine, attempt, token, session_id, started = core.claim_take(def.process)
+    if not machine then return nil end
+    local w = adopt(def, machine, attempt, token, session_id, started)
+    if w then return w end
+  end
 end
 
 -- One slot's loop: claim, run, decide, until the host drains ("stop"), the
