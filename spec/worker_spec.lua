@@ -26,6 +26,20 @@ describe("workers", function()
 
   local function events(m) return H.events(admin, m) end
 
+  -- A worker script's select: the wanted machines that process has not
+  -- finished and nothing blocks.
+  local function wanted_select(process)
+    return ([[
+          select = function(tx, limit)
+            return tx:query([=[SELECT w.machine_id FROM wanted w
+              WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
+                                AND h.process = '%s' AND h.event = 'Finished')
+              AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = '%s')
+              LIMIT $1]=], limit)
+          end,
+]]):format(process, process)
+  end
+
   setup(function()
     dsn = H.postgres():create_db()
     assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = dsn } })))
@@ -609,13 +623,7 @@ describe("workers", function()
       bmdb.worker {
         process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
         timeout = tonumber(os.getenv("TIMEOUT") or ""),
-        select = function(tx, limit)
-          return tx:query([=[SELECT w.machine_id FROM wanted w
-            WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
-                              AND h.process = 'Ahead' AND h.event = 'Finished')
-            AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Ahead')
-            LIMIT $1]=], limit)
-        end,
+]] .. wanted_select("Ahead") .. [[
         run = function(w)
           io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
           local gate = os.getenv("GATE")
@@ -810,13 +818,7 @@ describe("workers", function()
       return {
         bmdb.worker {
           process = "Lose", poll = 0.1,
-          select = function(tx, limit)
-            return tx:query([=[SELECT w.machine_id FROM wanted w
-              WHERE NOT EXISTS (SELECT 1 FROM work_history h WHERE h.machine_id = w.machine_id
-                                AND h.process = 'Lose' AND h.event = 'Finished')
-              AND NOT EXISTS (SELECT 1 FROM work_blocked b WHERE b.machine_id = w.machine_id AND b.process = 'Lose')
-              LIMIT $1]=], limit)
-          end,
+]] .. wanted_select("Lose") .. [[
           run = function(w)
             io.stdout:write("running ", w.machine, " ", w.session_id, "\n"); io.stdout:flush()
             local mark = os.getenv("MARK")
