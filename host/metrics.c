@@ -15,11 +15,11 @@
 
 #include "lifecycle.h"
 
-enum kind { COUNTER, HISTOGRAM };
+enum kind { COUNTER, GAUGE, HISTOGRAM };
 
 typedef struct series {
     char labels[128]; /* rendered: process="x",result="y" */
-    double value;     /* a counter's count */
+    double value;     /* a counter's count, a gauge's value */
     unsigned long long *buckets, count;
     double sum;
     struct series *next;
@@ -40,7 +40,7 @@ static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_STRAYS_RELEASED, F_COUNT
+    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -71,6 +71,10 @@ static family families[F_COUNT] = {
     [F_STRAYS_RELEASED] = {"bmdb_stray_locks_released_total",
                            "Work rows of this host's live session that no slot held, released (strays.c).",
                            COUNTER, NULL, 0, NULL},
+    [F_ITEMS_WAITING] = {"bmdb_items_waiting",
+                         "Items claimed ahead of this host's slots and waiting for one, by process (a worker's "
+                         "ahead).",
+                         GAUGE, NULL, 0, NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -167,6 +171,15 @@ void metrics_claim_empty(const char *process) {
     char l[128];
     labels(l, sizeof l, "process", process, NULL, NULL);
     add(F_CLAIMS_EMPTY, l, 1);
+}
+
+void metrics_items_waiting(const char *process, int n) {
+    char l[128];
+    labels(l, sizeof l, "process", process, NULL, NULL);
+    pthread_mutex_lock(&mu);
+    series *s = find(&families[F_ITEMS_WAITING], l);
+    if (s) s->value = n;
+    pthread_mutex_unlock(&mu);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }
@@ -296,7 +309,7 @@ void metrics_render(FILE *out) {
     for (int i = 0; i < F_COUNT; i++) {
         const family *f = &families[i];
         fprintf(out, "# HELP %s %s\n# TYPE %s %s\n", f->name, f->help, f->name,
-                f->kind == HISTOGRAM ? "histogram" : "counter");
+                f->kind == HISTOGRAM ? "histogram" : f->kind == GAUGE ? "gauge" : "counter");
         /* An unlabelled counter is 0 before its first event: present, so a
          * rate() over it starts at the host's start. */
         if (!f->series && f->kind == COUNTER && i != F_TX_RETRIED && i != F_HEARTBEATS &&

@@ -32,6 +32,10 @@ void metrics_tx_failed(void);
 void metrics_work(const char *process, const char *event, const char *machine, double seconds);
 void metrics_claim_empty(const char *process);
 
+/* How many items claimed ahead of process's slots wait in the host now
+ * (slots.h's queue of handed items). */
+void metrics_items_waiting(const char *process, int n);
+
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */
 void metrics_strays_released(long n);

@@ -21,6 +21,7 @@
 #include <time.h>
 
 #include "lifecycle.h"
+#include "metrics.h"
 
 /* ---- idle waits ---------------------------------------------------------- */
 
@@ -129,6 +130,7 @@ typedef struct claim_queue {
     int waiters;                /* slots of process inside slot_claim_enter */
     int n;                      /* items queued, oldest first */
     int counted;                /* of them, those counted in items_handed */
+    int waiting_shown;          /* the rest, as the metrics last showed them */
     slot_handed items[SLOT_HAND_MAX];
     struct claim_queue *next;
 } claim_queue;
@@ -155,6 +157,8 @@ static void recount(claim_queue *q) {
     int now = q->n < q->waiters ? q->n : q->waiters;
     __atomic_add_fetch(&items_handed, now - q->counted, __ATOMIC_RELAXED);
     q->counted = now;
+    int ahead = q->n - now;
+    if (ahead != q->waiting_shown) metrics_items_waiting(q->process, q->waiting_shown = ahead);
 }
 
 /* Under phase_mu: the oldest queued item, so an item claimed ahead waits

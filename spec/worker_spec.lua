@@ -1,5 +1,6 @@
 -- Worker scripts: several hosts, several slots, one database.
 local H = require "support.helpers"
+local http = require "support.http"
 local core = require "bmdb.core"
 
 describe("workers", function()
@@ -661,9 +662,17 @@ describe("workers", function()
     want(ids)
     local gate = dir .. "/ahead-gate"
     os.remove(gate)
-    local h = start_host(dir .. "/ahead.lua", {}, { GATE = gate })
-    -- one item in flight, four waiting in the host's queue
+    local h = start_host(dir .. "/ahead.lua", { "--http", "127.0.0.1:0" }, { GATE = gate })
+    -- one item in flight, four waiting in the host's queue, which the
+    -- metrics show
     H.wait_until(function() return count("SELECT 1 FROM work WHERE process = 'Ahead'") == 5 end, 20, "a claim of five")
+    local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
+    local body
+    H.wait_until(function()
+      body = select(3, http.get(port, "/metrics"))
+      return body and body:find('\nbmdb_items_waiting{process="Ahead"} 4\n', 1, true)
+    end, 10, "four items waiting in the metrics")
+    assert.truthy(body:find("\n# TYPE bmdb_items_waiting gauge\n", 1, true))
     h:kill("TERM")
     H.wait_until(function() return h:stderr():match("draining") end, 10, "the drain to start")
     H.write_file(gate, "")
