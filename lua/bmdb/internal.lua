@@ -1112,22 +1112,27 @@ local function hand_out(def, sess, locked, started)
   end
 end
 
--- How many items a claim for `needed` slots locks: also as many as the
--- worker holds ahead (def.ahead) beyond what is queued already, up to the
--- select's batch of candidates. The items beyond the slots' need wait in
--- the host's queue of handed items, each slot taking the oldest when it
+-- Items claimed ahead for def's worker that wait in the host's queue of
+-- handed items (none without `ahead`, and then the host is not asked).
+local function waiting_ahead(def)
+  return def.ahead > 0 and core.claim_queued(def.process) or 0
+end
+
+-- How many items a claim for `needed` slots locks, `waiting` items being
+-- queued already: also as many as the worker holds ahead (def.ahead)
+-- beyond those, up to the select's batch of candidates. The items beyond
+-- the slots' need wait in the queue, each slot taking the oldest when it
 -- comes back for its next, so a worker of short items selects and locks
 -- once for several of them instead of once per batch of finishes.
-local function claim_size(def, needed)
-  local ahead = math.max(0, def.ahead - core.claim_queued(def.process))
-  return math.min(def.batch, needed + ahead)
+local function claim_size(def, needed, waiting)
+  return math.min(def.batch, needed + math.max(0, def.ahead - waiting))
 end
 
 local function claim_as_claimer(def, opts)
   if opts then return claim(def, opts) end
   local sess = core.session(1)
   local started = core.now()
-  local k = claim_size(def, 1 + core.claim_waiters(def.process))
+  local k = claim_size(def, 1 + core.claim_waiters(def.process), waiting_ahead(def))
   local settled, locked = claim_fast(def, sess, k)
   if not settled then return claim(def) end
   if #locked == 0 then return nil end
@@ -1211,9 +1216,10 @@ claim_in_batch = function(w, tx, s, peers)
   local ok, sent = true, false
   -- Items claimed ahead that cover every slot of this claim: the batch
   -- only commits its releases, and the slots take those items next.
-  if def.ahead == 0 or core.claim_queued(def.process) < needed then
+  local waiting = waiting_ahead(def)
+  if waiting < needed then
     open_tx = tx
-    ok, sent = pcall(select_and_lock, def, tx, claim_size(def, needed))
+    ok, sent = pcall(select_and_lock, def, tx, claim_size(def, needed, waiting))
     open_tx = nil
   end
   unhold()
