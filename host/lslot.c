@@ -53,6 +53,12 @@ static int l_claim_queued(lua_State *L) {
     return 1;
 }
 
+/* core.claim_give_back(process, on) */
+static int l_claim_give_back(lua_State *L) {
+    slot_claim_give_back(lerror_checkstring(L, 1), lua_toboolean(L, 2));
+    return 0;
+}
+
 /* core.claim_hand(process, machine, attempt, token, session_id, started) -> bool */
 static int l_claim_hand(lua_State *L) {
     slot_handed h;
@@ -140,6 +146,7 @@ static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"claim_leave", l_claim_leave},
                                  {"claim_waiters", l_claim_waiters},
                                  {"claim_queued", l_claim_queued},
+                                 {"claim_give_back", l_claim_give_back},
                                  {"claim_hand", l_claim_hand},
                                  {"claim_take", l_claim_take},
                                  {"finish_enter", l_finish_enter},

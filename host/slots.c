@@ -21,7 +21,9 @@
 #include <time.h>
 
 #include "lifecycle.h"
+#include "log.h"
 #include "metrics.h"
+#include "strays.h"
 
 /* ---- idle waits ---------------------------------------------------------- */
 
@@ -131,6 +133,7 @@ typedef struct claim_queue {
     int n;                      /* items queued, oldest first */
     int counted;                /* of them, those counted in items_handed */
     int waiting_shown;          /* the rest, as the metrics last showed them */
+    int give_back;              /* slot_claim_give_back */
     slot_handed items[SLOT_HAND_MAX];
     struct claim_queue *next;
 } claim_queue;
@@ -285,6 +288,37 @@ int slot_claim_take(const char *process, slot_handed *out) {
     }
     pthread_mutex_unlock(&phase_mu);
     return got;
+}
+
+void slot_claim_give_back(const char *process, int on) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue_for(process)->give_back = on;
+    pthread_mutex_unlock(&phase_mu);
+}
+
+void slot_give_back_waiting(void) {
+    slot_handed stale[SLOT_HAND_MAX];
+    char process[SLOT_HAND_MAX][64];
+    int n = 0;
+    double before = mono_now() - SLOT_GIVE_BACK_S;
+    pthread_mutex_lock(&phase_mu);
+    for (claim_queue *q = claim_queues; q; q = q->next) {
+        int k = 0; /* the oldest come first */
+        while (q->give_back && k < q->n && q->items[k].started <= before && n < SLOT_HAND_MAX) {
+            snprintf(process[n], sizeof process[n], "%s", q->process);
+            stale[n++] = q->items[k++];
+        }
+        if (k == 0) continue;
+        q->n -= k;
+        memmove(q->items, q->items + k, (size_t)q->n * sizeof q->items[0]);
+        recount(q);
+    }
+    pthread_mutex_unlock(&phase_mu);
+    for (int i = 0; i < n; i++) {
+        log_kv(LOG_INFO, "item claimed ahead given back: it waited in the host too long", "machine",
+               stale[i].machine, "process", process[i], NULL);
+        strays_give_back(stale[i].token);
+    }
 }
 
 /* ---- generation, counters, notify ------------------------------------------ */

@@ -65,6 +65,18 @@ int slot_claim_waiters(const char *process);
 int slot_claim_queued(const char *process);
 int slot_claim_hand(const char *process, const slot_handed *item);
 int slot_claim_take(const char *process, slot_handed *out);
+/* Items claimed ahead by a worker that claims ahead by default (it did
+ * not set `ahead`: slot_claim_give_back(process, 1)) and that have waited
+ * in its queue SLOT_GIVE_BACK_S or longer (its slots are busy with longer
+ * items than when they were claimed) are given back: taken out of the
+ * queue and handed to strays_give_back, which releases them, so a later
+ * claim runs them, here or on another host, rather than this host after
+ * a long wait with their timeouts running. A worker that sets `ahead`
+ * keeps its items waiting, as it asked. The host's main loop calls
+ * slot_give_back_waiting. */
+#define SLOT_GIVE_BACK_S 1.0
+void slot_claim_give_back(const char *process, int on);
+void slot_give_back_waiting(void);
 
 /* The code generation: 1 until the first reload; slots compare it at every
  * item boundary. Only worker.c moves it on, when it swaps the code. */

@@ -34,6 +34,10 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static owned_token owned[OWNED_MAX]; /* under mu, as are the two below */
 static int nowned, enabled, full;
 
+/* Tokens given back (strays_give_back), under mu: released next pass. */
+static char given[SUSPECTS_MAX][40];
+static int ngiven;
+
 /* Tokens without an owner in the last pass: the heartbeat thread's own. */
 static char suspects[SUSPECTS_MAX][40];
 static int nsuspects;
@@ -76,31 +80,59 @@ void strays_disown(const char *token) {
     pthread_mutex_unlock(&mu);
 }
 
+void strays_give_back(const char *token) {
+    pthread_mutex_lock(&mu);
+    int i = find_owned(token);
+    if (i >= 0) drop_owned(i);
+    /* no room: it is released as a stray, two passes later */
+    if (enabled && ngiven < SUSPECTS_MAX) snprintf(given[ngiven++], sizeof given[0], "%s", token);
+    pthread_mutex_unlock(&mu);
+}
+
 static int suspected(const char *token) {
     for (int i = 0; i < nsuspects; i++)
         if (strcmp(suspects[i], token) == 0) return 1;
     return 0;
 }
 
+#define STRAY_CAUSE "no slot of its session held it (left by a COMMIT that got no answer)"
+#define GIVEN_BACK_CAUSE "claimed ahead and given back: it waited in the host too long"
+
 /* Releases the rows of session whose tokens are in the array literal
- * tokens, each recorded Canceled, in one SERIALIZABLE transaction as every
- * BMDB transaction; a row that went meanwhile (a collector, a takeover)
- * is simply not there. */
-static void release(PGconn **cp, const char *session, const char *tokens, double until) {
+ * tokens, each recorded Canceled with cause, in one SERIALIZABLE
+ * transaction as every BMDB transaction; a row that went meanwhile (a
+ * collector, a takeover) is simply not there. Strays count in the
+ * metrics, items given back do not. */
+static void release(PGconn **cp, const char *session, const char *tokens, int strays, double until) {
     static const char *const sql[] = {
         "WITH gone AS (DELETE FROM work WHERE session_id = $1 AND token = ANY($2::UUID[]) "
         " RETURNING machine_id, process, session_id, token) "
         "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
-        "SELECT machine_id, process, session_id, 'Canceled', "
-        " 'no slot of its session held it (left by a COMMIT that got no answer)', token FROM gone",
+        "SELECT machine_id, process, session_id, 'Canceled', $3::TEXT, token FROM gone",
     };
-    const char *params[] = {session, tokens};
+    const char *params[] = {session, tokens, strays ? STRAY_CAUSE : GIVEN_BACK_CAUSE};
     char why[600];
     long released = 0;
-    if (pool_exec_transaction_bounded(cp, sql, 1, params, 2, until, &released, why, sizeof why) < 0)
+    if (pool_exec_transaction_bounded(cp, sql, 1, params, 3, until, &released, why, sizeof why) < 0)
         log_kv(LOG_WARN, "cannot release work rows no slot holds; the next pass retries", "error", why, NULL);
-    else
+    else if (strays)
         metrics_strays_released(released);
+}
+
+/* The tokens given back since the last pass, released first. Should that
+ * fail, they are no one's: the sweep below takes them for strays. */
+static void release_given(PGconn **cp, const char *session, double until) {
+    char tokens[SUSPECTS_MAX * 38 + 3] = "{";
+    size_t len = 1;
+    pthread_mutex_lock(&mu);
+    for (int k = 0; k < ngiven; k++)
+        len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", given[k]);
+    int n = ngiven;
+    ngiven = 0;
+    pthread_mutex_unlock(&mu);
+    if (n == 0) return;
+    snprintf(tokens + len, sizeof tokens - len, "}");
+    release(cp, session, tokens, 0, until);
 }
 
 void strays_sweep(PGconn **cp, const char *session, double until) {
@@ -108,6 +140,7 @@ void strays_sweep(PGconn **cp, const char *session, double until) {
     int on = enabled && !full;
     pthread_mutex_unlock(&mu);
     if (!on || !*cp) return;
+    release_given(cp, session, until);
     const char *params[] = {session};
     char why[600];
     PGresult *r = pool_exec_bounded(
@@ -153,7 +186,7 @@ void strays_sweep(PGconn **cp, const char *session, double until) {
             len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", token);
         }
         snprintf(tokens + len, sizeof tokens - len, "}");
-        release(cp, session, tokens, until);
+        release(cp, session, tokens, 1, until);
     }
     PQclear(r);
 }

@@ -12,7 +12,9 @@
  * reads its session's work rows; a row whose token is not owned in two
  * passes in a row (an interval apart, far longer than reading a committed
  * lock's answer takes) is released, recorded Canceled, so its machine is
- * claimable again. Off unless the host runs workers (strays_enable). */
+ * claimable again. Off unless the host runs workers (strays_enable).
+ * An item the host gives back (strays_give_back) needs no such wait:
+ * the next pass releases it. */
 #ifndef BMDB_STRAYS_H
 #define BMDB_STRAYS_H
 
@@ -23,6 +25,10 @@ void strays_enable(void);
 void strays_own(const char *token);
 /* The item of token is done with (settled, or never to be run). */
 void strays_disown(const char *token);
+/* The item of token was claimed ahead and will not run here (slots.h,
+ * SLOT_GIVE_BACK_S): the next pass releases its row at once, recorded
+ * Canceled, so another slot or host may claim it. */
+void strays_give_back(const char *token);
 /* One pass over session's work rows on the heartbeat's connection, bounded
  * by until (monotonic seconds). Failures are logged and retried next pass. */
 void strays_sweep(PGconn **cp, const char *session, double until);

@@ -612,7 +612,8 @@ describe("workers", function()
   -- A worker with `ahead` locks more items in a claim than its slots
   -- need; they wait in the host's queue, and a slot takes the oldest when
   -- it comes back for its next item, so one select and lock serve several
-  -- items. GATE: the bodies wait until that file exists.
+  -- items. GATE: the bodies wait until that file exists (from the
+  -- GATE_FROM-th body this slot runs on).
   local ahead_script = [[
     local bmdb = require "bmdb"
     local function exists(path)
@@ -620,14 +621,18 @@ describe("workers", function()
       if f then f:close() end
       return f ~= nil
     end
+    local bodies = 0
     return {
       bmdb.worker {
+        -- AHEAD=default: the field is left out
         process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
         timeout = tonumber(os.getenv("TIMEOUT") or ""),
 ]] .. wanted_select("Ahead") .. [[
         run = function(w)
           io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
           local gate = os.getenv("GATE")
+          bodies = bodies + 1
+          if bodies < tonumber(os.getenv("GATE_FROM") or "1") then gate = nil end
           while gate and not exists(gate) do bmdb.sleep(0.02) end
           if os.getenv("HOLD") then bmdb.sleep(tonumber(os.getenv("HOLD"))) end
           w:finish()
@@ -688,6 +693,72 @@ describe("workers", function()
     end
     assert.equal(5, finished)
     assert.equal(1, untouched)
+    assert.equal(0, count("SELECT 1 FROM work"))
+  end)
+
+  -- Without `ahead`, a worker claims ahead only while its items are short
+  -- (internal.lua, AHEAD_WITHIN: as many as its slots are expected to
+  -- start within 10 ms). One slot of no-op items: after its first eight,
+  -- claims lock several. One slot of 50 ms items: every claim locks one.
+  it("claims ahead by default while its items are short, and not when they are long", function()
+    H.write_file(dir .. "/ahead.lua", ahead_script)
+    local function claims_for(n, env)
+      admin:exec("DELETE FROM wanted")
+      local ids = machines(n)
+      want(ids)
+      local h = start_host(dir .. "/ahead.lua", {}, env)
+      H.wait_until(function()
+        return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
+                     "{" .. table.concat(ids, ",") .. "}") == n
+      end, 60, "the " .. n .. " items")
+      h:kill("TERM")
+      assert.equal(0, h:wait(30), h:stderr())
+      for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
+      assert.equal(0, count("SELECT 1 FROM work"))
+      return admin:one([[SELECT count(DISTINCT xmin::TEXT) AS n FROM work_history
+                         WHERE machine_id = ANY($1::UUID[]) AND event = 'Started']],
+                       "{" .. table.concat(ids, ",") .. "}").n
+    end
+    local short = claims_for(40, { AHEAD = "default" })
+    assert.is_true(short <= 30, short .. " claims for 40 short items")
+    local long = claims_for(12, { AHEAD = "default", HOLD = "0.05" })
+    assert.equal(12, long)
+  end)
+
+  -- What a worker claimed ahead by default waits about 10 ms; when its
+  -- slot is held up by a longer item (here the 10th, which waits for a
+  -- file), what waits behind it is given back after a second (slots.h,
+  -- SLOT_GIVE_BACK_S), recorded Canceled, and claimed again later.
+  it("gives back what it claimed ahead by default when it waits long", function()
+    H.write_file(dir .. "/ahead.lua", ahead_script)
+    local ids = machines(20)
+    want(ids)
+    local gate = dir .. "/ahead-gate"
+    os.remove(gate)
+    local h = start_host(dir .. "/ahead.lua", {}, { AHEAD = "default", GATE = gate, GATE_FROM = "10" })
+    local back = H.wait_until(function()
+      return admin:one([[SELECT machine_id FROM work_history WHERE machine_id = ANY($1::UUID[])
+                         AND event = 'Canceled' AND cause LIKE 'claimed ahead and given back%' LIMIT 1]],
+                       "{" .. table.concat(ids, ",") .. "}")
+    end, 30, "an item given back")
+    assert.matches('msg="item claimed ahead given back: it waited in the host too long" machine=' ..
+                   back.machine_id, h:stderr(), 1, true)
+    H.write_file(gate, "")
+    H.wait_until(function()
+      return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
+                   "{" .. table.concat(ids, ",") .. "}") == 20
+    end, 60, "the 20 items")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    -- it ran once, after it was claimed again
+    assert.same({ "Started", "Canceled", "Started", "Finished" }, events(back.machine_id))
+    local out, runs, at = h:stdout(), 0, 1
+    while true do
+      at = out:find("running " .. back.machine_id, at, true)
+      if not at then break end
+      runs, at = runs + 1, at + 1
+    end
+    assert.equal(1, runs)
     assert.equal(0, count("SELECT 1 FROM work"))
   end)
 

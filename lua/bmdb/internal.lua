@@ -835,6 +835,18 @@ local known_fields = { process = true, concurrency = true, backoff = true, selec
 -- queue of handed items holds SLOT_HAND_MAX, 64, per process).
 local AHEAD_MAX = 32
 
+-- A worker that does not set `ahead` claims ahead only while its items
+-- are short: at most AHEAD_AUTO items, and only as many as its slots are
+-- expected to start within AHEAD_WITHIN seconds, judged by how long this
+-- slot's recent items took (a moving average), once it has timed
+-- AHEAD_AUTO_AFTER of them. An item's lock, Started row and timeout begin
+-- at its claim, so what claiming ahead changes for an item is bounded by
+-- that wait; bare-metal items of minutes are never claimed ahead, and
+-- short ones save a select and a lock per item (BENCHMARKS.md).
+local AHEAD_AUTO = 16
+local AHEAD_WITHIN = 0.01
+local AHEAD_AUTO_AFTER = 8
+
 -- Validates a definition; returns the problems found (empty when valid).
 function bmdb.problems(def)
   local problems = {}
@@ -887,7 +899,8 @@ function bmdb.worker(def)
   w.concurrency = w.concurrency or 1
   w.poll = w.poll or 1
   w.batch = w.batch or 16
-  w.ahead = w.ahead or 0
+  w.ahead_auto = w.ahead == nil
+  w.ahead = w.ahead or AHEAD_AUTO
   return setmetatable(w, Worker)
 end
 
@@ -1076,6 +1089,7 @@ local function claim(def, opts)
   end
   raise("claim", 0, "worker " .. def.process .. ": too many candidates failed to lock")
 end
+
 -- A claim in the host's turn (slots.h: claims run alone, and claim for
 -- every slot of the process that waits to). Returns the work item for
 -- this slot, or nil.
@@ -1086,7 +1100,8 @@ local function adopt(def, machine, attempt, token, session_id, started)
   -- Nor one whose timeout passed while it waited (claimed ahead): its
   -- body must not start, and the row is the timeout's to record. (A
   -- cancel while it waits is learned as for any item: the body's first
-  -- transaction finds its lock gone.)
+  -- transaction finds its lock gone. One that waits long is given back
+  -- before that: slots.h, SLOT_GIVE_BACK_S.)
   if def.timeout and core.now() >= started + def.timeout then
     core.log("info", "claimed item not started: its timeout passed while it waited",
              { "session", session_id, "machine", machine, "process", def.process, "timeout", def.timeout })
@@ -1113,19 +1128,36 @@ local function hand_out(def, sess, locked, started)
 end
 
 -- Items claimed ahead for def's worker that wait in the host's queue of
--- handed items (none without `ahead`, and then the host is not asked).
+-- handed items (none with `ahead = 0`, and then the host is not asked).
 local function waiting_ahead(def)
   return def.ahead > 0 and core.claim_queued(def.process) or 0
 end
 
 -- How many items a claim for `needed` slots locks, `waiting` items being
--- queued already: also as many as the worker holds ahead (def.ahead)
--- beyond those, up to the select's batch of candidates. The items beyond
+-- queued already: also as many as the worker holds ahead (def.ahead, or
+-- by default what its recent items allow: AHEAD_AUTO) beyond those, up
+-- to the select's batch of candidates. The items beyond
 -- the slots' need wait in the queue, each slot taking the oldest when it
 -- comes back for its next, so a worker of short items selects and locks
 -- once for several of them instead of once per batch of finishes.
 local function claim_size(def, needed, waiting)
-  return math.min(def.batch, needed + math.max(0, def.ahead - waiting))
+  local ahead = def.ahead
+  if def.ahead_auto then
+    local t = def.item_seconds
+    if (def.items_timed or 0) < AHEAD_AUTO_AFTER then return math.min(def.batch, needed) end
+    -- the k-th item waiting starts after about k * t / concurrency
+    ahead = math.min(ahead, math.floor(AHEAD_WITHIN * def.concurrency / math.max(t, 1e-6)))
+  end
+  return math.min(def.batch, needed + math.max(0, ahead - waiting))
+end
+
+-- How long one of this slot's items took, body and finish, for a worker
+-- that claims ahead by default (claim_size): a moving average over about
+-- the last eight.
+local function time_item(def, seconds)
+  def.items_timed = (def.items_timed or 0) + 1
+  local t = def.item_seconds
+  def.item_seconds = t and t + (seconds - t) / 8 or seconds
 end
 
 local function claim_as_claimer(def, opts)
@@ -1272,12 +1304,17 @@ function bmdb.serve(result, process, index, generation)
   end
   if not def or index > def.concurrency then return "removed" end
   def.claim_opts = bmdb.claim_opts(def.backoff, def.timeout)
+  -- What this worker claimed ahead by default is given back when it has
+  -- waited long (slots.h, SLOT_GIVE_BACK_S); what it asked for, it keeps.
+  core.claim_give_back(def.process, def.ahead_auto)
   bmdb.slot_index = index
   math.randomseed(core.seed())
   local pending -- claimed by the batch that finished the item before (claim_in_batch)
   local function run(w)
     serving = { w = w, def = def, generation = generation }
+    local t0 = def.ahead_auto and core.now()
     pcall(bmdb.run, w, def.run) -- the decision is recorded and logged
+    if t0 then time_item(def, core.now() - t0) end
     local n = serving.next
     serving = nil
     pending = n and adopt(def, n[1], n[2], n[3], n[4], n[5])
