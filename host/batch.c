@@ -47,6 +47,10 @@ static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
  * the same claim needs to run its body and join, so without the wait
  * such batches closed with one or two members. */
 #define BATCH_LINGER_S 0.001
+/* The same wait while items claimed ahead wait in the host: the batch
+ * then most likely only commits releases, its members' next items are
+ * already claimed, and a late joiner saves a COMMIT, not a claim. */
+#define BATCH_LINGER_AHEAD_S 0.0002
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t grew;    /* the last member left: a lingering closer looks again */
@@ -272,7 +276,8 @@ static int close_claiming(const batch_member *closer, const char *process, int i
  * batch has members (one of them may be about to finish and join), for
  * BATCH_LINGER_S at most. Then the batch takes no new member. */
 static void linger_locked(void) {
-    struct timespec until = time_after(CLOCK_MONOTONIC, BATCH_LINGER_S);
+    struct timespec until =
+        time_after(CLOCK_MONOTONIC, slot_items_ahead() > 0 ? BATCH_LINGER_AHEAD_S : BATCH_LINGER_S);
     B.lingering = 1;
     for (int late = 0;;) {
         if (B.active > 0) {

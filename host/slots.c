@@ -152,6 +152,9 @@ static claim_queue *claim_queues; /* never freed (one per process) */
  * slots wait there: the rest were claimed ahead (the worker's `ahead`),
  * and no slot holds them until one comes back for its next item. */
 static int items_handed;
+/* Items queued beyond the slots that wait for one (claimed ahead), in
+ * every queue: what the metrics show, summed; read by slot_items_ahead. */
+static int items_ahead;
 
 static void phase_init(void) { mono_cond_init(&phase_cv); }
 
@@ -161,7 +164,10 @@ static void recount(claim_queue *q) {
     __atomic_add_fetch(&items_handed, now - q->counted, __ATOMIC_RELAXED);
     q->counted = now;
     int ahead = q->n - now;
-    if (ahead != q->waiting_shown) metrics_items_waiting(q->process, q->waiting_shown = ahead);
+    if (ahead != q->waiting_shown) {
+        __atomic_add_fetch(&items_ahead, ahead - q->waiting_shown, __ATOMIC_RELAXED);
+        metrics_items_waiting(q->process, q->waiting_shown = ahead);
+    }
 }
 
 /* Under phase_mu: the oldest queued item, so an item claimed ahead waits
@@ -251,6 +257,8 @@ int slot_claim_waiters(const char *process) {
     pthread_mutex_unlock(&phase_mu);
     return n > 0 ? n : 0;
 }
+
+int slot_items_ahead(void) { return __atomic_load_n(&items_ahead, __ATOMIC_RELAXED); }
 
 int slot_claim_queued(const char *process) {
     pthread_mutex_lock(&phase_mu);

@@ -63,6 +63,8 @@ int slot_claim_alongside(int finishes);
 void slot_claim_leave(void);
 int slot_claim_waiters(const char *process);
 int slot_claim_queued(const char *process);
+/* Items claimed ahead waiting in any queue (no slot waits for them). */
+int slot_items_ahead(void);
 int slot_claim_hand(const char *process, const slot_handed *item);
 int slot_claim_take(const char *process, slot_handed *out);
 /* Items claimed ahead by a worker that claims ahead by default (it did
