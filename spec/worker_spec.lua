@@ -622,23 +622,32 @@ describe("workers", function()
       return f ~= nil
     end
     local bodies = 0
-    return {
-      bmdb.worker {
-        -- AHEAD=default: the field is left out
-        process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
-        timeout = tonumber(os.getenv("TIMEOUT") or ""),
+    local worker = bmdb.worker {
+      -- AHEAD=default: the field is left out
+      process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
+      timeout = tonumber(os.getenv("TIMEOUT") or ""),
 ]] .. wanted_select("Ahead") .. [[
-        run = function(w)
-          io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
-          local gate = os.getenv("GATE")
-          bodies = bodies + 1
-          if bodies < tonumber(os.getenv("GATE_FROM") or "1") then gate = nil end
-          while gate and not exists(gate) do bmdb.sleep(0.02) end
-          if os.getenv("HOLD") then bmdb.sleep(tonumber(os.getenv("HOLD"))) end
-          w:finish()
-        end,
-      },
+      run = function(w)
+        io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
+        local gate = os.getenv("GATE")
+        bodies = bodies + 1
+        if bodies < tonumber(os.getenv("GATE_FROM") or "1") then gate = nil end
+        while gate and not exists(gate) do bmdb.sleep(0.02) end
+        if os.getenv("HOLD") then bmdb.sleep(tonumber(os.getenv("HOLD"))) end
+        w:finish()
+      end,
     }
+    -- CONFLICT_AT=n: the n-th select fails to serialize, as when another
+    -- host's claim meets this one
+    local selects, select = 0, worker.select
+    worker.select = function(tx, limit)
+      selects = selects + 1
+      if selects == tonumber(os.getenv("CONFLICT_AT") or "") then
+        tx:exec("DO $$ BEGIN RAISE EXCEPTION 'a conflict' USING ERRCODE = 'serialization_failure'; END $$")
+      end
+      return select(tx, limit)
+    end
+    return { worker }
   ]]
 
   it("claims ahead of its slot for a worker with `ahead`, and runs each item once", function()
@@ -698,8 +707,10 @@ describe("workers", function()
 
   -- Without `ahead`, a worker claims ahead only while its items are short
   -- (internal.lua, AHEAD_WITHIN: as many as its slots are expected to
-  -- start within 10 ms). One slot of no-op items: after its first eight,
-  -- claims lock several. One slot of 50 ms items: every claim locks one.
+  -- start within 10 ms), and not for a while after a conflict. One slot
+  -- of no-op items: after its first eight, claims lock several. One slot
+  -- of 50 ms items: every claim locks one. And one slot of no-op items
+  -- whose first or third claim conflicts: every claim locks one.
   it("claims ahead by default while its items are short, and not when they are long", function()
     H.write_file(dir .. "/ahead.lua", ahead_script)
     local function claims_for(n, env)
@@ -723,6 +734,12 @@ describe("workers", function()
     assert.is_true(short <= 30, short .. " claims for 40 short items")
     local long = claims_for(12, { AHEAD = "default", HOLD = "0.05" })
     assert.equal(12, long)
+    -- after a conflict, before any claim ahead, a slot claims one item at
+    -- a time for its next 256 claims: the first claim is one in turn,
+    -- which runs again; the third is in the transaction of a batch of
+    -- finishes, which then fails whole (internal.lua, claim_in_batch)
+    assert.equal(40, claims_for(40, { AHEAD = "default", CONFLICT_AT = "1" }))
+    assert.equal(40, claims_for(40, { AHEAD = "default", CONFLICT_AT = "3" }))
   end)
 
   -- What a worker claimed ahead by default waits about 10 ms; when its

@@ -846,6 +846,16 @@ local AHEAD_MAX = 32
 local AHEAD_AUTO = 16
 local AHEAD_WITHIN = 0.01
 local AHEAD_AUTO_AFTER = 8
+-- Claims of several hosts that read the same candidates meet: the later
+-- one's lock waits for the earlier's COMMIT, then fails to serialize and
+-- runs again, and a claim of many items meets others more often and makes
+-- them wait longer (3 hosts x 4 slots ran at 0.3 to 0.6 times the rate
+-- without claiming ahead). So after a conflict (a claim ran again) a
+-- worker's slot claims ahead by default only after AHEAD_PAUSE more
+-- claims; a further conflict starts the count again, so several hosts
+-- that keep meeting do not claim ahead, and a host alone always may.
+local AHEAD_PAUSE = 256
+local function contended(def) def.ahead_pause = AHEAD_PAUSE end
 
 -- Validates a definition; returns the problems found (empty when valid).
 function bmdb.problems(def)
@@ -987,9 +997,12 @@ end
 -- or the lock failed (a machine that does not exist). A drain that begins
 -- while we select wins. A process last seen paused reads only the pause.
 local function claim_fast(def, sess, k)
-  local sent
+  local sent, attempts = nil, 0
   local ok, outcome = pcall(transact_on, sess, function(tx)
     sent = nil
+    attempts = attempts + 1
+    -- a retry: another host's claim or finish met ours (claim_size)
+    if attempts == 2 then contended(def) end
     if still_paused(tx, def) then return "idle" end
     local ids = candidate_ids(def.select(tx, def.batch))
     if not ids then return "full" end
@@ -1144,7 +1157,9 @@ local function claim_size(def, needed, waiting)
   local ahead = def.ahead
   if def.ahead_auto then
     local t = def.item_seconds
-    if (def.items_timed or 0) < AHEAD_AUTO_AFTER then return math.min(def.batch, needed) end
+    local pause = def.ahead_pause or 0
+    if pause > 0 then def.ahead_pause = pause - 1 end
+    if pause > 0 or (def.items_timed or 0) < AHEAD_AUTO_AFTER then return math.min(def.batch, needed) end
     -- the k-th item waiting starts after about k * t / concurrency
     ahead = math.min(ahead, math.floor(AHEAD_WITHIN * def.concurrency / math.max(t, 1e-6)))
   end
@@ -1266,8 +1281,9 @@ claim_in_batch = function(w, tx, s, peers)
   if conflict(not ok and sent) or conflict(not committed and err) then
     -- Another host's claim or finish met this one (at the select, or at
     -- COMMIT): a conflict now costs the whole batch, so claim in turn for
-    -- a while.
+    -- a while, and for longer without claiming ahead.
     def.batch_claim_pause = BATCH_CLAIM_PAUSE
+    contended(def)
   elseif not ok and type(sent) == "table" and sent.deferred then
     -- A member's deferred statement failed in the select's flight: the
     -- member's failure (it finishes alone, and raises it), not the claim's.
