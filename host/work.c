@@ -324,23 +324,28 @@ int work_release_finished(tx *t, const char *machines, const char *processes, co
      * values, so the statement is prepared once whatever the count. A
      * claim's token names one work row (a random UUID, new per claim), so
      * matching each array alone is exact, and the primary key is read by
-     * its machine ids. The division compares the rows released with the
-     * items named: one lock that is gone (or past its timeout, which the
-     * item fence would have refused) fails them all, and the batch's
-     * members then finish one by one, where each learns its own answer. */
+     * its machine ids. The session is checked in the division, not in the
+     * WHERE: there PostgreSQL chose work_session's index, estimating a row
+     * or two per session, and a bitmap scan of it read the entry of every
+     * item the session had released since the last vacuum (4,315 of them
+     * for 4 rows, 7,000 items into a run). The division compares the rows
+     * released, all of this session, with the items named: one lock that
+     * is gone (or past its timeout, which the item fence would have
+     * refused) fails them all, and the batch's members then finish one by
+     * one, where each learns its own answer. */
     char n[16];
     snprintf(n, sizeof n, "%d", count);
     const char *p[] = {machines, processes, tokens, session_id(t->sess), n};
     return tx_set_final(t,
             "WITH gone AS (DELETE FROM work WHERE machine_id = ANY($1::UUID[]) "
-            " AND process = ANY($2::TEXT[]) AND token = ANY($3::UUID[]) AND session_id = $4 "
+            " AND process = ANY($2::TEXT[]) AND token = ANY($3::UUID[]) "
             " AND (deadline IS NULL OR deadline > now()) "
             " RETURNING machine_id, process, session_id, token), "
             "recorded AS (INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
             " SELECT machine_id, process, session_id, 'Finished', NULL, token FROM gone RETURNING 1), "
             "cleared AS (DELETE FROM work_backoff "
             " WHERE (machine_id, process) IN (SELECT machine_id, process FROM gone) RETURNING 1) "
-            "SELECT 1 / ((SELECT count(*) FROM gone) / $5::INT8)",
+            "SELECT 1 / ((SELECT count(*) FROM gone WHERE session_id = $4) / $5::INT8)",
             5, p, 0, e);
 }
 
