@@ -40,7 +40,7 @@ static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_COUNT
+    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -72,9 +72,12 @@ static family families[F_COUNT] = {
                            "Work rows of this host's live session that no slot held, released (strays.c).",
                            COUNTER, NULL, 0, NULL},
     [F_ITEMS_WAITING] = {"bmdb_items_waiting",
-                         "Items claimed ahead of this host's slots and waiting for one, by process (a worker's "
-                         "ahead).",
-                         GAUGE, NULL, 0, NULL},
+                         "Items claimed ahead of this host's slots and waiting for one, by process.", GAUGE,
+                         NULL, 0, NULL},
+    [F_ITEMS_GIVEN_BACK] = {"bmdb_items_given_back_total",
+                            "Items claimed ahead by default that waited too long and were given back, by "
+                            "process (slots.h).",
+                            COUNTER, NULL, 0, NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -180,6 +183,12 @@ void metrics_items_waiting(const char *process, int n) {
     series *s = find(&families[F_ITEMS_WAITING], l);
     if (s) s->value = n;
     pthread_mutex_unlock(&mu);
+}
+
+void metrics_item_given_back(const char *process) {
+    char l[128];
+    labels(l, sizeof l, "process", process, NULL, NULL);
+    add(F_ITEMS_GIVEN_BACK, l, 1);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }

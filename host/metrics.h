@@ -35,6 +35,8 @@ void metrics_claim_empty(const char *process);
 /* How many items claimed ahead of process's slots wait in the host now
  * (slots.h's queue of handed items). */
 void metrics_items_waiting(const char *process, int n);
+/* An item claimed ahead was given back (slots.h, SLOT_GIVE_BACK_S). */
+void metrics_item_given_back(const char *process);
 
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */

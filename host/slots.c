@@ -325,6 +325,7 @@ void slot_give_back_waiting(void) {
     for (int i = 0; i < n; i++) {
         log_kv(LOG_INFO, "item claimed ahead given back: it waited in the host too long", "machine",
                stale[i].machine, "process", process[i], NULL);
+        metrics_item_given_back(process[i]);
         strays_give_back(stale[i].token);
     }
 }

@@ -650,11 +650,24 @@ describe("workers", function()
     return { worker }
   ]]
 
-  it("claims ahead of its slot for a worker with `ahead`, and runs each item once", function()
+  -- The ahead script over n new machines, all wanted; env.GATE = true
+  -- stands for a gate file not there yet. Returns the host, the machines
+  -- and the gate's path.
+  local function start_ahead(n, args, env)
     H.write_file(dir .. "/ahead.lua", ahead_script)
-    local ids = machines(20)
+    local ids = machines(n)
     want(ids)
-    local h = start_host(dir .. "/ahead.lua")
+    local gate = dir .. "/ahead-gate"
+    os.remove(gate)
+    if env and env.GATE then env.GATE = gate end
+    return start_host(dir .. "/ahead.lua", args, env), ids, gate
+  end
+
+  -- ids as a UUID[] parameter
+  local function uuids(ids) return "{" .. table.concat(ids, ",") .. "}" end
+
+  it("claims ahead of its slot for a worker with `ahead`, and runs each item once", function()
+    local h, ids = start_ahead(20)
     H.wait_until(function()
       return count("SELECT 1 FROM work_history WHERE process = 'Ahead' AND event = 'Finished'") == 20
     end, 60, "the 20 items")
@@ -671,12 +684,7 @@ describe("workers", function()
   end)
 
   it("runs the items it claimed ahead when it drains, and claims nothing new", function()
-    H.write_file(dir .. "/ahead.lua", ahead_script)
-    local ids = machines(6)
-    want(ids)
-    local gate = dir .. "/ahead-gate"
-    os.remove(gate)
-    local h = start_host(dir .. "/ahead.lua", { "--http", "127.0.0.1:0" }, { GATE = gate })
+    local h, ids, gate = start_ahead(6, { "--http", "127.0.0.1:0" }, { GATE = true })
     -- one item in flight, four waiting in the host's queue, which the
     -- metrics show
     H.wait_until(function() return count("SELECT 1 FROM work WHERE process = 'Ahead'") == 5 end, 20, "a claim of five")
@@ -712,23 +720,19 @@ describe("workers", function()
   -- of 50 ms items: every claim locks one. And one slot of no-op items
   -- whose first or third claim conflicts: every claim locks one.
   it("claims ahead by default while its items are short, and not when they are long", function()
-    H.write_file(dir .. "/ahead.lua", ahead_script)
     local function claims_for(n, env)
       admin:exec("DELETE FROM wanted")
-      local ids = machines(n)
-      want(ids)
-      local h = start_host(dir .. "/ahead.lua", {}, env)
+      local h, ids = start_ahead(n, {}, env)
       H.wait_until(function()
         return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
-                     "{" .. table.concat(ids, ",") .. "}") == n
+                     uuids(ids)) == n
       end, 60, "the " .. n .. " items")
       h:kill("TERM")
       assert.equal(0, h:wait(30), h:stderr())
       for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
       assert.equal(0, count("SELECT 1 FROM work"))
       return admin:one([[SELECT count(DISTINCT xmin::TEXT) AS n FROM work_history
-                         WHERE machine_id = ANY($1::UUID[]) AND event = 'Started']],
-                       "{" .. table.concat(ids, ",") .. "}").n
+                         WHERE machine_id = ANY($1::UUID[]) AND event = 'Started']], uuids(ids)).n
     end
     local short = claims_for(40, { AHEAD = "default" })
     assert.is_true(short <= 30, short .. " claims for 40 short items")
@@ -747,23 +751,27 @@ describe("workers", function()
   -- file), what waits behind it is given back after a second (slots.h,
   -- SLOT_GIVE_BACK_S), recorded Canceled, and claimed again later.
   it("gives back what it claimed ahead by default when it waits long", function()
-    H.write_file(dir .. "/ahead.lua", ahead_script)
-    local ids = machines(20)
-    want(ids)
-    local gate = dir .. "/ahead-gate"
-    os.remove(gate)
-    local h = start_host(dir .. "/ahead.lua", {}, { AHEAD = "default", GATE = gate, GATE_FROM = "10" })
+    local h, ids, gate = start_ahead(20, { "--http", "127.0.0.1:0" },
+                                     { AHEAD = "default", GATE = true, GATE_FROM = "10" })
     local back = H.wait_until(function()
       return admin:one([[SELECT machine_id FROM work_history WHERE machine_id = ANY($1::UUID[])
                          AND event = 'Canceled' AND cause LIKE 'claimed ahead and given back%' LIMIT 1]],
-                       "{" .. table.concat(ids, ",") .. "}")
+                       uuids(ids))
     end, 30, "an item given back")
     assert.matches('msg="item claimed ahead given back: it waited in the host too long" machine=' ..
                    back.machine_id, h:stderr(), 1, true)
+    -- the metrics count them
+    local given = count([[SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[])
+                          AND cause LIKE 'claimed ahead and given back%']], uuids(ids))
+    local port = tonumber(h:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
+    H.wait_until(function()
+      local body = select(3, http.get(port, "/metrics"))
+      return body and body:find('\nbmdb_items_given_back_total{process="Ahead"} ' .. given .. "\n", 1, true)
+    end, 10, given .. " given back in the metrics")
     H.write_file(gate, "")
     H.wait_until(function()
       return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
-                   "{" .. table.concat(ids, ",") .. "}") == 20
+                   uuids(ids)) == 20
     end, 60, "the 20 items")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
@@ -784,9 +792,7 @@ describe("workers", function()
   -- Three items of 0.7 s with a timeout of 1 s, claimed at once: the
   -- third's time is up before the slot comes back for it.
   it("does not start an item claimed ahead whose timeout passed while it waited", function()
-    H.write_file(dir .. "/ahead.lua", ahead_script)
-    want(machines(3))
-    local h = start_host(dir .. "/ahead.lua", {}, { AHEAD = "2", TIMEOUT = "1", HOLD = "0.7" })
+    local h = start_ahead(3, {}, { AHEAD = "2", TIMEOUT = "1", HOLD = "0.7" })
     local skipped
     H.wait_until(function()
       skipped = h:stderr():match('msg="claimed item not started: its timeout passed while it waited"[^\n]*machine=(%S+)')
