@@ -336,17 +336,23 @@ return {
 }
 ]]
 
+-- The no-op worker of `slots` slots; verb "defer" or "exec" (below);
+-- ahead: the worker's `ahead`, or nil to leave it out, so the worker
+-- claims ahead while its items are short, as by default.
+local function noop(slots, verb, ahead)
+  return noop_script:format(slots, ahead and (" ahead = " .. ahead .. ",") or "", verb)
+end
+
 -- ITEMS machines made eligible in one statement while the hosts idle; the
 -- clock runs from its return until the todo table is empty.
 -- The commit function defers its DELETE (tx:defer), as README advises;
--- with verb "exec" it waits for the DELETE's answer instead. ahead: the
--- worker's `ahead` (nil: left out, so the worker claims ahead while its
--- items are short, as by default).
+-- with verb "exec" it waits for the DELETE's answer instead. ahead: as
+-- for noop().
 local function bench_host(hosts_n, slots, what, verb, ahead)
   local dsn, c = fresh_db()
   c:exec("CREATE TABLE todo (machine_id UUID PRIMARY KEY)")
   c:exec("INSERT INTO machines (machine_id) SELECT gen_random_uuid() FROM generate_series(1, $1)", ITEMS)
-  local hosts = start_hosts(dsn, script(noop_script:format(slots, ahead and (" ahead = " .. ahead .. ",") or "", verb or "defer")), hosts_n)
+  local hosts = start_hosts(dsn, script(noop(slots, verb or "defer", ahead)), hosts_n)
   local cpu0 = 0
   for _, h in ipairs(hosts) do cpu0 = cpu0 + cpu_seconds(h.pid) end
   local db0 = server_cpu()
@@ -492,7 +498,7 @@ local function bench_idle()
   local dsn, c = fresh_db()
   c:exec("CREATE EXTENSION pg_stat_statements")
   c:exec("CREATE TABLE todo (machine_id UUID PRIMARY KEY)")
-  local hosts = start_hosts(dsn, script(noop_script:format(16, "", "defer")), 1)
+  local hosts = start_hosts(dsn, script(noop(16, "defer")), 1)
   H.sleep(2) -- past the first selects of a starting host
   local mine = "query NOT LIKE '%pg_stat_statements%'"
   c:exec("SELECT pg_stat_statements_reset()")
@@ -749,8 +755,7 @@ end
 -- back the worker scripts it would run, so a spec can check them.
 if ... == "scripts" then
   return { reload = reload_template:format(1, 1), wake = wake_script,
-           noop = noop_script:format(16, "", "defer"), noop_exec = noop_script:format(16, "", "exec"),
-           noop_no_ahead = noop_script:format(1, " ahead = 0,", "defer"),
+           noop = noop(16, "defer"), noop_exec = noop(16, "exec"), noop_no_ahead = noop(1, "defer", 0),
            scale = scale_script }
 end
 

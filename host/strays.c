@@ -98,12 +98,18 @@ static int suspected(const char *token) {
 #define STRAY_CAUSE "no slot of its session held it (left by a COMMIT that got no answer)"
 #define GIVEN_BACK_CAUSE "claimed ahead and given back: it waited in the host too long"
 
-/* Releases the rows of session whose tokens are in the array literal
- * tokens, each recorded Canceled with cause, in one SERIALIZABLE
- * transaction as every BMDB transaction; a row that went meanwhile (a
- * collector, a takeover) is simply not there. Strays count in the
- * metrics, items given back do not. */
-static void release(PGconn **cp, const char *session, const char *tokens, int strays, double until) {
+/* Releases the rows of session with the n tokens (n <= SUSPECTS_MAX),
+ * each recorded Canceled with its cause, in one SERIALIZABLE transaction
+ * as every BMDB transaction; a row that went meanwhile (a collector, a
+ * takeover) is simply not there. Strays count in the metrics, items
+ * given back do not. */
+static void release(PGconn **cp, const char *session, const char *const *token, int n, int strays,
+                    double until) {
+    char tokens[SUSPECTS_MAX * 38 + 3] = "{";
+    size_t len = 1;
+    for (int k = 0; k < n; k++)
+        len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", token[k]);
+    snprintf(tokens + len, sizeof tokens - len, "}");
     static const char *const sql[] = {
         "WITH gone AS (DELETE FROM work WHERE session_id = $1 AND token = ANY($2::UUID[]) "
         " RETURNING machine_id, process, session_id, token) "
@@ -122,17 +128,15 @@ static void release(PGconn **cp, const char *session, const char *tokens, int st
 /* The tokens given back since the last pass, released first. Should that
  * fail, they are no one's: the sweep below takes them for strays. */
 static void release_given(PGconn **cp, const char *session, double until) {
-    char tokens[SUSPECTS_MAX * 38 + 3] = "{";
-    size_t len = 1;
+    char copy[SUSPECTS_MAX][40];
+    const char *token[SUSPECTS_MAX];
     pthread_mutex_lock(&mu);
-    for (int k = 0; k < ngiven; k++)
-        len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", given[k]);
     int n = ngiven;
+    memcpy(copy, given, sizeof given[0] * (size_t)n);
     ngiven = 0;
     pthread_mutex_unlock(&mu);
-    if (n == 0) return;
-    snprintf(tokens + len, sizeof tokens - len, "}");
-    release(cp, session, tokens, 0, until);
+    for (int k = 0; k < n; k++) token[k] = copy[k];
+    if (n > 0) release(cp, session, token, n, 0, until);
 }
 
 void strays_sweep(PGconn **cp, const char *session, double until) {
@@ -176,17 +180,14 @@ void strays_sweep(PGconn **cp, const char *session, double until) {
     nsuspects = nnext;
 
     if (nstray > 0) {
-        char tokens[SUSPECTS_MAX * 38 + 3] = "{";
-        size_t len = 1;
+        const char *token[SUSPECTS_MAX];
         for (int k = 0; k < nstray; k++) {
-            const char *token = PQgetvalue(r, stray[k], 0);
+            token[k] = PQgetvalue(r, stray[k], 0);
             log_kv(LOG_WARN, "releasing a work row no slot of this host holds (left by a COMMIT that got no answer)",
                    "machine", PQgetvalue(r, stray[k], 1), "process", PQgetvalue(r, stray[k], 2), "token",
-                   token, NULL);
-            len += (size_t)snprintf(tokens + len, sizeof tokens - len, "%s%s", k ? "," : "", token);
+                   token[k], NULL);
         }
-        snprintf(tokens + len, sizeof tokens - len, "}");
-        release(cp, session, tokens, 1, until);
+        release(cp, session, token, nstray, 1, until);
     }
     PQclear(r);
 }

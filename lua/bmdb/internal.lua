@@ -1148,11 +1148,11 @@ end
 
 -- How many items a claim for `needed` slots locks, `waiting` items being
 -- queued already: also as many as the worker holds ahead (def.ahead, or
--- by default what its recent items allow: AHEAD_AUTO) beyond those, up
--- to the select's batch of candidates. The items beyond
--- the slots' need wait in the queue, each slot taking the oldest when it
--- comes back for its next, so a worker of short items selects and locks
--- once for several of them instead of once per batch of finishes.
+-- by default what its recent items allow: AHEAD_AUTO) beyond those, up to
+-- the select's batch of candidates. The items beyond the slots' need wait
+-- in the queue, each slot taking the oldest when it comes back for its
+-- next, so a worker of short items selects and locks once for several of
+-- them instead of once per batch of finishes.
 local function claim_size(def, needed, waiting)
   local ahead = def.ahead
   if def.ahead_auto then
