@@ -693,6 +693,8 @@ int luaopen_bmdb_core(lua_State *L) {
     lcore_class(L, TX_MT, tx_methods, tx_gc);
     lua_newtable(L);
     luaL_register(L, NULL, core_funcs);
+    lua_pushinteger(L, BATCH_MAX); /* the most items one claim hands out */
+    lua_setfield(L, -2, "claim_max");
     lslot_register(L);
     lboot_register(L);
     lcontrol_register(L);

@@ -366,7 +366,8 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
         control_check_timeouts(); /* bodies past their item's timeout */
-        slot_give_back_waiting(); /* items claimed ahead that wait too long */
+        /* items claimed ahead that wait too long: released at once */
+        if (slot_give_back_waiting() > 0) sessions_wake_heartbeat();
         sessions_check_deadline();
         host_state st = lifecycle_state();
         if (sig == 0) reload_read_events(rl);

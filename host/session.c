@@ -46,6 +46,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t cur_changed, wake_heartbeat; /* CLOCK_MONOTONIC, see cond_init */
 static session *cur;            /* under mu; NULL while between sessions */
 static int stopping, paused;    /* under mu */
+static int round_now;           /* under mu: sessions_wake_heartbeat asked */
 /* Set by sessions_start before the heartbeat thread exists and cleared by
  * sessions_stop after it was joined: read without a lock in between. */
 static pool *the_pool;
@@ -179,10 +180,11 @@ static void set_current(session *s) {
 /* Sleeps on the heartbeat's condition until `until` (monotonic) or a stop. */
 static void heartbeat_sleep(double until) {
     pthread_mutex_lock(&mu);
-    while (!stopping && cur && mono_now() < until) {
+    while (!stopping && cur && !round_now && mono_now() < until) {
         struct timespec ts = time_after(CLOCK_MONOTONIC, until - mono_now());
         pthread_cond_timedwait(&wake_heartbeat, &mu, &ts);
     }
+    round_now = 0;
     pthread_mutex_unlock(&mu);
 }
 
@@ -285,10 +287,13 @@ static int keep_session(PGconn **cp, session *s, int pause, double *next_gc) {
     double now = mono_now();
     if (!session_alive(s)) {
         lose_locally(s);
-    } else if (ok > 0 && !pause && now >= *next_gc) {
-        *next_gc = now + cfg.interval_s;
-        collect_expired(cp, now + cfg.interval_s / 4.0);
-        if (cfg.housekeeping->sweep && *cp) cfg.housekeeping->sweep(cp, s->id, now + cfg.interval_s / 4.0);
+    } else if (ok > 0 && !pause) {
+        if (cfg.housekeeping->soon && *cp) cfg.housekeeping->soon(cp, s->id, now + cfg.interval_s / 4.0);
+        if (now >= *next_gc) {
+            *next_gc = now + cfg.interval_s;
+            collect_expired(cp, now + cfg.interval_s / 4.0);
+            if (cfg.housekeeping->sweep && *cp) cfg.housekeeping->sweep(cp, s->id, now + cfg.interval_s / 4.0);
+        }
     }
     return ok;
 }
@@ -382,6 +387,13 @@ session *session_current(double timeout_s) {
     if (s) s->refs++;
     pthread_mutex_unlock(&mu);
     return s;
+}
+
+void sessions_wake_heartbeat(void) {
+    pthread_mutex_lock(&mu);
+    round_now = 1;
+    pthread_cond_signal(&wake_heartbeat);
+    pthread_mutex_unlock(&mu);
 }
 
 void sessions_pause_heartbeat(int pause) {

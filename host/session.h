@@ -32,6 +32,10 @@ struct session_housekeeping {
     /* Every interval after collecting, on the same connection: what the
      * live session's own work needs (strays.h). May be NULL. */
     void (*sweep)(PGconn **cp, const char *session, double until);
+    /* Every round after a good poke (and at once after
+     * sessions_wake_heartbeat): what the session's work asked to have
+     * done soon (strays.h: items given back). May be NULL. */
+    void (*soon)(PGconn **cp, const char *session, double until);
 };
 
 struct session_config {
@@ -71,6 +75,10 @@ int session_lose(session *s, const char *why);
  * calls this every tick so the loss is declared on time even while the
  * heartbeat waits on a connect. */
 void sessions_check_deadline(void);
+
+/* Has the heartbeat run a round now rather than at its next: for work
+ * that should not wait an interval (housekeeping's `soon`). */
+void sessions_wake_heartbeat(void);
 
 /* For specs: stop poking (the session then expires) or resume. */
 void sessions_pause_heartbeat(int paused);

@@ -304,7 +304,7 @@ void slot_claim_give_back(const char *process, int on) {
     pthread_mutex_unlock(&phase_mu);
 }
 
-void slot_give_back_waiting(void) {
+int slot_give_back_waiting(void) {
     slot_handed stale[SLOT_HAND_MAX];
     char process[SLOT_HAND_MAX][64];
     int n = 0;
@@ -328,6 +328,7 @@ void slot_give_back_waiting(void) {
         metrics_item_given_back(process[i]);
         strays_give_back(stale[i].token);
     }
+    return n;
 }
 
 /* ---- generation, counters, notify ------------------------------------------ */

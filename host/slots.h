@@ -75,10 +75,10 @@ int slot_claim_take(const char *process, slot_handed *out);
  * claim runs them, here or on another host, rather than this host after
  * a long wait with their timeouts running. A worker that sets `ahead`
  * keeps its items waiting, as it asked. The host's main loop calls
- * slot_give_back_waiting. */
+ * slot_give_back_waiting, which returns how many it gave back. */
 #define SLOT_GIVE_BACK_S 1.0
 void slot_claim_give_back(const char *process, int on);
-void slot_give_back_waiting(void);
+int slot_give_back_waiting(void);
 
 /* The code generation: 1 until the first reload; slots compare it at every
  * item boundary. Only worker.c moves it on, when it swaps the code. */

@@ -125,9 +125,9 @@ static void release(PGconn **cp, const char *session, const char *const *token, 
         metrics_strays_released(released);
 }
 
-/* The tokens given back since the last pass, released first. Should that
- * fail, they are no one's: the sweep below takes them for strays. */
-static void release_given(PGconn **cp, const char *session, double until) {
+/* The tokens given back since the last call. Should their release fail,
+ * they are no one's: the sweep below takes them for strays. */
+void strays_release_given(PGconn **cp, const char *session, double until) {
     char copy[SUSPECTS_MAX][40];
     const char *token[SUSPECTS_MAX];
     pthread_mutex_lock(&mu);
@@ -144,7 +144,7 @@ void strays_sweep(PGconn **cp, const char *session, double until) {
     int on = enabled && !full;
     pthread_mutex_unlock(&mu);
     if (!on || !*cp) return;
-    release_given(cp, session, until);
+    strays_release_given(cp, session, until);
     const char *params[] = {session};
     char why[600];
     PGresult *r = pool_exec_bounded(

@@ -14,7 +14,8 @@
  * lock's answer takes) is released, recorded Canceled, so its machine is
  * claimable again. Off unless the host runs workers (strays_enable).
  * An item the host gives back (strays_give_back) needs no such wait:
- * the next pass releases it. */
+ * strays_release_given releases it at the heartbeat's next round, which
+ * the host's main loop then asks for at once. */
 #ifndef BMDB_STRAYS_H
 #define BMDB_STRAYS_H
 
@@ -26,9 +27,12 @@ void strays_own(const char *token);
 /* The item of token is done with (settled, or never to be run). */
 void strays_disown(const char *token);
 /* The item of token was claimed ahead and will not run here (slots.h,
- * SLOT_GIVE_BACK_S): the next pass releases its row at once, recorded
+ * SLOT_GIVE_BACK_S): strays_release_given releases its row, recorded
  * Canceled, so another slot or host may claim it. */
 void strays_give_back(const char *token);
+/* Releases what was given back since the last call, on the heartbeat's
+ * connection, bounded by until; what fails is taken for strays later. */
+void strays_release_given(PGconn **cp, const char *session, double until);
 /* One pass over session's work rows on the heartbeat's connection, bounded
  * by until (monotonic seconds). Failures are logged and retried next pass. */
 void strays_sweep(PGconn **cp, const char *session, double until);

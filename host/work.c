@@ -44,7 +44,8 @@ static const char *const end_sql[] = {
     "DELETE FROM sessions WHERE session_id = $1",
 };
 
-const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2, strays_sweep};
+const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2, strays_sweep,
+                                                       strays_release_given};
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"

@@ -624,8 +624,9 @@ describe("workers", function()
     local bodies = 0
     local worker = bmdb.worker {
       -- AHEAD=default: the field is left out
-      process = "Ahead", concurrency = 1, ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
-      timeout = tonumber(os.getenv("TIMEOUT") or ""),
+      process = "Ahead", concurrency = tonumber(os.getenv("CONCURRENCY") or "1"),
+      ahead = tonumber(os.getenv("AHEAD") or "4"), poll = 0.2,
+      timeout = tonumber(os.getenv("TIMEOUT") or ""), batch = tonumber(os.getenv("BATCH") or ""),
 ]] .. wanted_select("Ahead") .. [[
       run = function(w)
         io.stdout:write("running ", w.machine, "\n"); io.stdout:flush()
@@ -641,6 +642,7 @@ describe("workers", function()
     -- host's claim meets this one
     local selects, select = 0, worker.select
     worker.select = function(tx, limit)
+      io.stdout:write("limit ", limit, "\n"); io.stdout:flush()
       selects = selects + 1
       if selects == tonumber(os.getenv("CONFLICT_AT") or "") then
         tx:exec("DO $$ BEGIN RAISE EXCEPTION 'a conflict' USING ERRCODE = 'serialization_failure'; END $$")
@@ -746,12 +748,52 @@ describe("workers", function()
     assert.equal(40, claims_for(40, { AHEAD = "default", CONFLICT_AT = "3" }))
   end)
 
+  -- A claim locks no more than the host reads back and hands out (64,
+  -- a batch's BATCH_MAX): what a lock of more took stayed locked to no
+  -- slot until the stray sweep released it. Without a `batch` of its
+  -- own, a worker asks select for as many candidates as the claim locks
+  -- (at least 16); with one, for that many, and locks no more.
+  it("asks select for the candidates a claim locks, and never locks more than the host hands out", function()
+    local function run(n, env)
+      admin:exec("DELETE FROM wanted")
+      local h, ids = start_ahead(n, {}, env)
+      H.wait_until(function()
+        return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
+                     uuids(ids)) == n
+      end, 60, "the " .. n .. " items")
+      h:kill("TERM")
+      assert.equal(0, h:wait(30), h:stderr())
+      assert.not_matches("no slot of this host holds", h:stderr(), 1, true)
+      for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
+      assert.equal(0, count("SELECT 1 FROM work"))
+      local limits = {}
+      for l in h:stdout():gmatch("limit (%d+)") do limits[#limits + 1] = tonumber(l) end
+      local largest = admin:one([[SELECT max(n) AS n FROM (SELECT count(*) AS n FROM work_history
+                                  WHERE machine_id = ANY($1::UUID[]) AND event = 'Started'
+                                  GROUP BY xmin::TEXT) c]], uuids(ids)).n
+      return largest, limits
+    end
+    -- one slot holding 32 ahead: its first claim locks 33, and asked for 33
+    local largest, limits = run(40, { AHEAD = "32" })
+    assert.equal(33, largest)
+    assert.equal(33, limits[1])
+    -- a batch of its own bounds both
+    largest, limits = run(20, { AHEAD = "32", BATCH = "8" })
+    assert.equal(8, largest)
+    for _, l in ipairs(limits) do assert.equal(8, l) end
+    -- 40 slots and 32 ahead of them, a batch of 100: claims of 64 at most
+    largest = run(300, { AHEAD = "32", BATCH = "100", CONCURRENCY = "40" })
+    assert.is_true(largest <= 64, largest .. " items in one claim")
+  end)
+
   -- What a worker claimed ahead by default waits about 10 ms; when its
   -- slot is held up by a longer item (here the 10th, which waits for a
   -- file), what waits behind it is given back after a second (slots.h,
-  -- SLOT_GIVE_BACK_S), recorded Canceled, and claimed again later.
+  -- SLOT_GIVE_BACK_S), released at once, recorded Canceled, and claimed
+  -- again later. At once: the heartbeat's interval here is a minute, so
+  -- an item released at its next sweep would be waited for in vain.
   it("gives back what it claimed ahead by default when it waits long", function()
-    local h, ids, gate = start_ahead(20, { "--http", "127.0.0.1:0" },
+    local h, ids, gate = start_ahead(20, { "--http", "127.0.0.1:0", "--interval", "60" },
                                      { AHEAD = "default", GATE = true, GATE_FROM = "10" })
     local back = H.wait_until(function()
       return admin:one([[SELECT machine_id FROM work_history WHERE machine_id = ANY($1::UUID[])

@@ -834,16 +834,29 @@ local known_fields = { process = true, concurrency = true, backoff = true, selec
 -- The most items a worker may hold claimed ahead of its slots (a host's
 -- queue of handed items holds SLOT_HAND_MAX, 64, per process).
 local AHEAD_MAX = 32
+-- The most items one claim locks: what the host reads back and hands out
+-- of a claim (core.claim_max, a batch's BATCH_MAX, 64); a lock of more
+-- would leave the rest locked to no slot until the stray sweep.
+local CLAIM_MAX = core.claim_max
+-- Candidates a select is asked for by default: 16, or as many as the
+-- claim locks when it locks more (several slots, or items claimed ahead).
+local BATCH_DEFAULT = 16
+-- The limit a claim that locks up to k items passes to select.
+local function select_limit(def, k)
+  return def.batch_auto and math.max(def.batch, k) or def.batch
+end
 
 -- A worker that does not set `ahead` claims ahead only while its items
--- are short: at most AHEAD_AUTO items, and only as many as its slots are
--- expected to start within AHEAD_WITHIN seconds, judged by how long this
--- slot's recent items took (a moving average), once it has timed
--- AHEAD_AUTO_AFTER of them. An item's lock, Started row and timeout begin
--- at its claim, so what claiming ahead changes for an item is bounded by
--- that wait; bare-metal items of minutes are never claimed ahead, and
--- short ones save a select and a lock per item (BENCHMARKS.md).
-local AHEAD_AUTO = 16
+-- are short: as many items as its slots are expected to start within
+-- AHEAD_WITHIN seconds, judged by how long this slot's recent items took
+-- (a moving average), once it has timed AHEAD_AUTO_AFTER of them, and no
+-- more than one claim holds (CLAIM_MAX, with what waits already). An
+-- item's lock, Started row and timeout begin at its claim, so what
+-- claiming ahead changes for an item is bounded by that wait; bare-metal
+-- items of minutes are never claimed ahead, and short ones save a select
+-- and a lock per item (BENCHMARKS.md: the select's cost is mostly per
+-- call, so claims of up to 64 ran c=4 1.2-1.3x faster than of 16).
+local AHEAD_AUTO = CLAIM_MAX
 local AHEAD_WITHIN = 0.01
 local AHEAD_AUTO_AFTER = 8
 -- Claims of several hosts that read the same candidates meet: the later
@@ -908,7 +921,8 @@ function bmdb.worker(def)
   for k, v in pairs(def) do w[k] = v end
   w.concurrency = w.concurrency or 1
   w.poll = w.poll or 1
-  w.batch = w.batch or 16
+  w.batch_auto = w.batch == nil
+  w.batch = w.batch or BATCH_DEFAULT
   w.ahead_auto = w.ahead == nil
   w.ahead = w.ahead or AHEAD_AUTO
   return setmetatable(w, Worker)
@@ -1004,7 +1018,7 @@ local function claim_fast(def, sess, k)
     -- a retry: another host's claim or finish met ours (claim_size)
     if attempts == 2 then contended(def) end
     if still_paused(tx, def) then return "idle" end
-    local ids = candidate_ids(def.select(tx, def.batch))
+    local ids = candidate_ids(def.select(tx, select_limit(def, k)))
     if not ids then return "full" end
     if #ids == 0 then
       read_pause(tx, def)
@@ -1148,8 +1162,9 @@ end
 
 -- How many items a claim for `needed` slots locks, `waiting` items being
 -- queued already: also as many as the worker holds ahead (def.ahead, or
--- by default what its recent items allow: AHEAD_AUTO) beyond those, up to
--- the select's batch of candidates. The items beyond the slots' need wait
+-- by default what its recent items allow) beyond those, up to the
+-- worker's `batch` when it sets one, else CLAIM_MAX (so what is claimed
+-- and what waits fit the host's queue). The items beyond the slots' need wait
 -- in the queue, each slot taking the oldest when it comes back for its
 -- next, so a worker of short items selects and locks once for several of
 -- them instead of once per batch of finishes.
@@ -1159,11 +1174,11 @@ local function claim_size(def, needed, waiting)
     local t = def.item_seconds
     local pause = def.ahead_pause or 0
     if pause > 0 then def.ahead_pause = pause - 1 end
-    if pause > 0 or (def.items_timed or 0) < AHEAD_AUTO_AFTER then return math.min(def.batch, needed) end
+    if pause > 0 or (def.items_timed or 0) < AHEAD_AUTO_AFTER then ahead = 0
     -- the k-th item waiting starts after about k * t / concurrency
-    ahead = math.min(ahead, math.floor(AHEAD_WITHIN * def.concurrency / math.max(t, 1e-6)))
+    else ahead = math.min(AHEAD_AUTO - needed, math.floor(AHEAD_WITHIN * def.concurrency / math.max(t, 1e-6))) end
   end
-  return math.min(def.batch, needed + math.max(0, ahead - waiting))
+  return math.min(def.batch_auto and CLAIM_MAX or math.min(def.batch, CLAIM_MAX), needed + math.max(0, ahead - waiting))
 end
 
 -- How long one of this slot's items took, body and finish, for a worker
@@ -1234,7 +1249,7 @@ end
 -- statement; true when that lock was set.
 local function select_and_lock(def, tx, k)
   if still_paused(tx, def) then return false end
-  local ids = candidate_ids(def.select(tx, def.batch))
+  local ids = candidate_ids(def.select(tx, select_limit(def, k)))
   if not ids or #ids == 0 or core.state() ~= "running" then return false end
   shuffle(ids)
   core.lock_any(tx, ids, def.process, def.claim_opts, k)
