@@ -668,6 +668,24 @@ describe("workers", function()
   -- ids as a UUID[] parameter
   local function uuids(ids) return "{" .. table.concat(ids, ",") .. "}" end
 
+  -- The ahead script over n new machines, the only ones wanted, run until
+  -- every item finished and then drained: each ran once, none was left to
+  -- the stray sweep, no work row is left. Returns the host and machines.
+  local function drain_ahead(n, env)
+    admin:exec("DELETE FROM wanted")
+    local h, ids = start_ahead(n, {}, env)
+    H.wait_until(function()
+      return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
+                   uuids(ids)) == n
+    end, 60, "the " .. n .. " items")
+    h:kill("TERM")
+    assert.equal(0, h:wait(30), h:stderr())
+    assert.not_matches("no slot of this host holds", h:stderr(), 1, true)
+    for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
+    assert.equal(0, count("SELECT 1 FROM work"))
+    return h, ids
+  end
+
   it("claims ahead of its slot for a worker with `ahead`, and runs each item once", function()
     local h, ids = start_ahead(20)
     H.wait_until(function()
@@ -723,16 +741,7 @@ describe("workers", function()
   -- whose first or third claim conflicts: every claim locks one.
   it("claims ahead by default while its items are short, and not when they are long", function()
     local function claims_for(n, env)
-      admin:exec("DELETE FROM wanted")
-      local h, ids = start_ahead(n, {}, env)
-      H.wait_until(function()
-        return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
-                     uuids(ids)) == n
-      end, 60, "the " .. n .. " items")
-      h:kill("TERM")
-      assert.equal(0, h:wait(30), h:stderr())
-      for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
-      assert.equal(0, count("SELECT 1 FROM work"))
+      local _, ids = drain_ahead(n, env)
       return admin:one([[SELECT count(DISTINCT xmin::TEXT) AS n FROM work_history
                          WHERE machine_id = ANY($1::UUID[]) AND event = 'Started']], uuids(ids)).n
     end
@@ -755,17 +764,7 @@ describe("workers", function()
   -- (at least 16); with one, for that many, and locks no more.
   it("asks select for the candidates a claim locks, and never locks more than the host hands out", function()
     local function run(n, env)
-      admin:exec("DELETE FROM wanted")
-      local h, ids = start_ahead(n, {}, env)
-      H.wait_until(function()
-        return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
-                     uuids(ids)) == n
-      end, 60, "the " .. n .. " items")
-      h:kill("TERM")
-      assert.equal(0, h:wait(30), h:stderr())
-      assert.not_matches("no slot of this host holds", h:stderr(), 1, true)
-      for _, m in ipairs(ids) do assert.same({ "Started", "Finished" }, events(m)) end
-      assert.equal(0, count("SELECT 1 FROM work"))
+      local h, ids = drain_ahead(n, env)
       local limits = {}
       for l in h:stdout():gmatch("limit (%d+)") do limits[#limits + 1] = tonumber(l) end
       local largest = admin:one([[SELECT max(n) AS n FROM (SELECT count(*) AS n FROM work_history
