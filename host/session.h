@@ -32,9 +32,9 @@ struct session_housekeeping {
     /* Every interval after collecting, on the same connection: what the
      * live session's own work needs (strays.h). May be NULL. */
     void (*sweep)(PGconn **cp, const char *session, double until);
-    /* Every round after a good poke (and at once after
-     * sessions_wake_heartbeat): what the session's work asked to have
-     * done soon (strays.h: items given back). May be NULL. */
+    /* Every round after a good poke, before any collecting and sweep (and
+     * at once after sessions_wake_heartbeat): what the session's work
+     * asked to have done soon (strays.h: items given back). May be NULL. */
     void (*soon)(PGconn **cp, const char *session, double until);
 };
 

@@ -34,7 +34,8 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static owned_token owned[OWNED_MAX]; /* under mu, as are the two below */
 static int nowned, enabled, full;
 
-/* Tokens given back (strays_give_back), under mu: released next pass. */
+/* Tokens given back (strays_give_back), under mu: released by the
+ * heartbeat's next round (strays_release_given). */
 static char given[SUSPECTS_MAX][40];
 static int ngiven;
 
@@ -125,8 +126,10 @@ static void release(PGconn **cp, const char *session, const char *const *token, 
         metrics_strays_released(released);
 }
 
-/* The tokens given back since the last call. Should their release fail,
- * they are no one's: the sweep below takes them for strays. */
+/* The tokens given back since the last call. The heartbeat calls this
+ * every round before any sweep (session.h, `soon`), so the sweep never
+ * sees them as strays; should their release fail, they are no one's, and
+ * the sweep takes them for strays two passes later. */
 void strays_release_given(PGconn **cp, const char *session, double until) {
     char copy[SUSPECTS_MAX][40];
     const char *token[SUSPECTS_MAX];
@@ -144,7 +147,6 @@ void strays_sweep(PGconn **cp, const char *session, double until) {
     int on = enabled && !full;
     pthread_mutex_unlock(&mu);
     if (!on || !*cp) return;
-    strays_release_given(cp, session, until);
     const char *params[] = {session};
     char why[600];
     PGresult *r = pool_exec_bounded(

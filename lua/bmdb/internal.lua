@@ -1163,8 +1163,8 @@ end
 -- How many items a claim for `needed` slots locks, `waiting` items being
 -- queued already: also as many as the worker holds ahead (def.ahead, or
 -- by default what its recent items allow) beyond those, up to the
--- worker's `batch` when it sets one, else CLAIM_MAX (so what is claimed
--- and what waits fit the host's queue). The items beyond the slots' need wait
+-- worker's `batch` when it sets one, and never more than CLAIM_MAX (so
+-- what is claimed and what waits fit the host's queue). The items beyond the slots' need wait
 -- in the queue, each slot taking the oldest when it comes back for its
 -- next, so a worker of short items selects and locks once for several of
 -- them instead of once per batch of finishes.
@@ -1178,7 +1178,8 @@ local function claim_size(def, needed, waiting)
     -- the k-th item waiting starts after about k * t / concurrency
     else ahead = math.min(AHEAD_AUTO - needed, math.floor(AHEAD_WITHIN * def.concurrency / math.max(t, 1e-6))) end
   end
-  return math.min(def.batch_auto and CLAIM_MAX or math.min(def.batch, CLAIM_MAX), needed + math.max(0, ahead - waiting))
+  local most = def.batch_auto and CLAIM_MAX or math.min(def.batch, CLAIM_MAX)
+  return math.min(most, needed + math.max(0, ahead - waiting))
 end
 
 -- How long one of this slot's items took, body and finish, for a worker
