@@ -66,7 +66,9 @@ function H.sleep(seconds)
   C.nanosleep(ts, nil)
 end
 
--- step: seconds between polls (default 20 ms; benchmarks poll finer).
+-- what: the condition, named in the error on time-out (or a function
+-- that names it then, to say what was last seen); step: seconds between
+-- polls (default 20 ms; benchmarks poll finer).
 function H.wait_until(fn, timeout, what, step)
   timeout = timeout or 10
   local deadline = H.now() + timeout
@@ -74,6 +76,7 @@ function H.wait_until(fn, timeout, what, step)
     local v = fn()
     if v then return v end
     if H.now() > deadline then
+      if type(what) == "function" then what = what() end
       error(string.format("timed out after %gs waiting for %s", timeout, what or "a condition"), 2)
     end
     H.sleep(step or 0.02)
