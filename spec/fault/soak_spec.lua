@@ -40,7 +40,9 @@ describe("fault: soak #slow", function()
         faults = faults + 1
         next_restart = H.now() + 60
       end
-      assert.is_true(h:running(), h:stderr())
+      if not h:running() then
+        error(("the host exited with %d %.0f s into the soak\n%s"):format(h.code, H.now() - t0, F.log_tail(h)))
+      end
       samples[#samples + 1] = {
         t = H.now() - t0, rss = H.rss_kb(h.pid), fds = H.fd_count(h.pid),
         conns = admin:count("SELECT 1 FROM pg_stat_activity WHERE application_name = 'soakA'"),
@@ -64,7 +66,8 @@ describe("fault: soak #slow", function()
     admin:exec("UPDATE passes SET target = n + 1")
     F.wait_complete(admin, { h }, 180)
     h:kill("TERM")
-    assert.equal(0, h:wait(60), h:stderr())
+    local code = h:wait(60)
+    assert.equal(0, code, "the host exited with " .. code .. " on SIGTERM\n" .. F.log_tail(h))
     local a = F.audit(admin, F.committed(h), true)
     local flat = last.fds <= first.fds + FD_SLACK and max_of("conns", 0, math.huge) <= POOL
       and (os.getenv("ASAN_OPTIONS") or last.rss <= first.rss * RSS_FACTOR + RSS_SLACK_KB)

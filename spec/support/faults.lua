@@ -208,17 +208,23 @@ function F.wait_complete(admin, hosts, timeout)
       end
     end
   end
-  for _, h in ipairs(hosts) do
-    local log = {}
-    for l in h:stderr():gmatch("[^\n]+") do
-      if not l:match('msg="work started"') and not l:match("result=finished") and not l:match("result=failed .*injected failure") then
-        log[#log + 1] = l
-      end
-    end
-    lines[#lines + 1] = "--- " .. (h.name or h.pid) .. ":"
-    for i = math.max(1, #log - 30), #log do lines[#lines + 1] = log[i] end
-  end
+  for _, h in ipairs(hosts) do lines[#lines + 1] = F.log_tail(h) end
   error(err .. "\n" .. table.concat(lines, "\n"), 2)
+end
+
+-- The last n (default 30) lines of a host's log other than routine starts
+-- and finishes, under a line naming the host: what a failing fault spec
+-- shows of a host whose whole log would run to megabytes.
+function F.log_tail(h, n)
+  local log = {}
+  for l in h:stderr():gmatch("[^\n]+") do
+    if not l:match('msg="work started"') and not l:match("result=finished") and not l:match("result=failed .*injected failure") then
+      log[#log + 1] = l
+    end
+  end
+  local lines = { "--- " .. (h.name or h.pid) .. ":" }
+  for i = math.max(1, #log - (n or 30)), #log do lines[#lines + 1] = log[i] end
+  return table.concat(lines, "\n")
 end
 
 -- ---------------------------------------------------------------- audit
