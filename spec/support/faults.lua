@@ -44,7 +44,7 @@ function Admin:call(method, sql, ...)
     -- passes SET target = n + 1" locks rows in the table's order while a
     -- batch of finishes updates its members' rows in its own, and the
     -- server then aborts one of the two (2 of 300 such updates against a
-    -- working host; a soak once failed on it).
+    -- working host; most likely what failed a soak in CI once).
     if type(r) == "table" and r.kind == "sql" and (r.sqlstate == "40P01" or r.sqlstate == "40001") then
       return false
     end
