@@ -786,14 +786,18 @@ describe("workers", function()
   end)
 
   -- What a worker claimed ahead by default waits about 10 ms; when its
-  -- slot is held up by a longer item (here the 10th, which waits for a
-  -- file), what waits behind it is given back after a second (slots.h,
-  -- SLOT_GIVE_BACK_S), released at once, recorded Canceled, and claimed
-  -- again later. At once: the heartbeat's interval here is a minute, so
-  -- an item released at its next sweep would be waited for in vain.
+  -- slots are held up by longer items (here each slot's 10th, which waits
+  -- for a file), what waits behind them is given back after a second
+  -- (slots.h, SLOT_GIVE_BACK_S), released at once, recorded Canceled, and
+  -- claimed again later. At once: the heartbeat's interval here is a
+  -- minute, so an item released at its next sweep would be waited for in
+  -- vain. Four slots: they claim ahead while their items take under 40 ms
+  -- (one slot, under 10 ms, which an item's finish and next claim under
+  -- AddressSanitizer late in the suite did not always make: nothing was
+  -- claimed ahead, so nothing was given back).
   it("gives back what it claimed ahead by default when it waits long", function()
-    local h, ids, gate = start_ahead(20, { "--http", "127.0.0.1:0", "--interval", "60" },
-                                     { AHEAD = "default", GATE = true, GATE_FROM = "10" })
+    local h, ids, gate = start_ahead(60, { "--http", "127.0.0.1:0", "--interval", "60" },
+                                     { AHEAD = "default", GATE = true, GATE_FROM = "10", CONCURRENCY = "4" })
     local back = H.wait_until(function()
       return admin:one([[SELECT machine_id FROM work_history WHERE machine_id = ANY($1::UUID[])
                          AND event = 'Canceled' AND cause LIKE 'claimed ahead and given back%' LIMIT 1]],
@@ -816,8 +820,8 @@ describe("workers", function()
     H.write_file(gate, "")
     H.wait_until(function()
       return count("SELECT 1 FROM work_history WHERE machine_id = ANY($1::UUID[]) AND event = 'Finished'",
-                   uuids(ids)) == 20
-    end, 60, "the 20 items")
+                   uuids(ids)) == 60
+    end, 60, "the 60 items")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
     -- it ran once, after it was claimed again
