@@ -48,10 +48,7 @@ describe("fault: exclusion under load #slow", function()
     -- stopped once it serves.
     for _, h in ipairs(hosts) do h:await("stderr", "workers started", 30) end
     for _, h in ipairs(hosts) do h:kill("TERM") end
-    for _, h in ipairs(hosts) do
-      local code = h:wait(60)
-      assert.equal(0, code, h.name .. " exited with " .. code .. " on SIGTERM\n" .. F.log_tail(h))
-    end
+    for _, h in ipairs(hosts) do F.assert_drained(h) end
     local committed = {}
     for _, h in ipairs(all) do F.committed(h, committed) end
     local a = F.audit(admin, committed, true)

@@ -224,6 +224,14 @@ function F.wait_complete(admin, hosts, timeout)
   error(err .. "\n" .. table.concat(lines, "\n"), 2)
 end
 
+-- Waits for host h to exit after its SIGTERM and asserts it drained
+-- cleanly (exit 0); a failure names the host, its exit code and its last
+-- log lines.
+function F.assert_drained(h, timeout)
+  local code = h:wait(timeout or 60)
+  if code ~= 0 then error((h.name or h.pid) .. " exited with " .. code .. " on SIGTERM\n" .. F.log_tail(h), 2) end
+end
+
 -- The last n (default 30) lines of a host's log other than routine starts
 -- and finishes, under a line naming the host: what a failing fault spec
 -- shows of a host whose whole log would run to megabytes.
