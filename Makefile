@@ -1,9 +1,10 @@
 # bmdb-host: build, test, run. `make run` and `make check` install whatever
 # Debian packages are missing first, so a fresh machine needs nothing else.
 
-PKGS      := luajit libpq uuid libmicrohttpd libsystemd
+PKGS      := luajit libpq uuid libmicrohttpd libsystemd libcurl
 DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
-             uuid-dev lua-busted postgresql libmicrohttpd-dev libsystemd-dev
+             uuid-dev lua-busted postgresql libmicrohttpd-dev libsystemd-dev \
+             libcurl4-openssl-dev
 PREFIX    ?= /usr/local
 
 # CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the
@@ -14,7 +15,7 @@ BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
 override CPPFLAGS += -Ihost -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
-MOD_LIBS  := $(shell pkg-config --libs libpq uuid libmicrohttpd libsystemd 2>/dev/null) -pthread
+MOD_LIBS  := $(shell pkg-config --libs libpq uuid libmicrohttpd libsystemd libcurl 2>/dev/null) -pthread
 
 CORE_SRC  := $(filter-out host/main.c,$(wildcard host/*.c))
 CORE_OBJ  := $(CORE_SRC:host/%.c=$(BUILD)/%.o) $(BUILD)/bundle.o

@@ -301,6 +301,15 @@ int control_state_lost(lua_State *L, char *why, size_t whylen) {
     return lost;
 }
 
+double control_state_deadline(lua_State *L) {
+    double d = 0;
+    pthread_mutex_lock(&items_mu);
+    for (item *it = items; it; it = it->next)
+        if (it->L == L && it->deadline > 0 && (d == 0 || it->deadline < d)) d = it->deadline;
+    pthread_mutex_unlock(&items_mu);
+    return d;
+}
+
 /* ---- the command line ------------------------------------------------------ */
 
 int control_parse(const char *cmd, int argc, char **argv, control_args *a, char *err, size_t errlen) {

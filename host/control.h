@@ -46,6 +46,9 @@ void control_check_timeouts(void);
 /* 1 when the item of token (or some item of L) was taken away, with why. */
 int control_item_lost(const char *token, char *why, size_t whylen);
 int control_state_lost(lua_State *L, char *why, size_t whylen);
+/* The earliest local deadline (monotonic) of L's items, 0 when none has
+ * a timeout: host-owned I/O does not wait past it (iofence.h). */
+double control_state_deadline(lua_State *L);
 
 /* bmdb-host cancel | pause | resume | hold | unhold */
 typedef struct control_args {

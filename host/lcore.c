@@ -53,6 +53,10 @@ static session *check_session(lua_State *L, int idx) {
     return u->s;
 }
 
+session *lcore_opt_session(lua_State *L, int idx) {
+    return lua_isnoneornil(L, idx) ? NULL : check_session(L, idx);
+}
+
 /* core.session(): the host's current session, waiting briefly while the
  * heartbeat replaces a lost one. */
 static int l_session(lua_State *L) {
@@ -548,7 +552,7 @@ static int l_backoff_last(lua_State *L) {
  * it: items in flight keep their grace period. */
 static int l_sleep(lua_State *L) {
     double seconds = lerror_checknumber(L, 1);
-    session *s = lua_isnoneornil(L, 2) ? NULL : check_session(L, 2);
+    session *s = lcore_opt_session(L, 2);
     double end = mono_now() + seconds;
     unsigned gen = lifecycle_kick_gen();
     double left;

@@ -31,5 +31,9 @@ void lcontrol_register(lua_State *L);
  * canceled or the session expired), for lcontrol.c. */
 struct tx;
 struct tx *lcore_check_tx(lua_State *L, const char *fname);
+/* The session handle at idx, or NULL when it is none or nil: what a
+ * host-owned I/O call is fenced by (iofence.h). */
+struct session;
+struct session *lcore_opt_session(lua_State *L, int idx);
 
 #endif

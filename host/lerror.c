@@ -49,7 +49,7 @@ void lerror_push(lua_State *L, const tx_error *e) {
     lua_setmetatable(L, -2);
 }
 
-static void lerror_push_kind(lua_State *L, const char *kind, const char *msg) {
+void lerror_push_kind(lua_State *L, const char *kind, const char *msg) {
     lua_createtable(L, 0, 3);
     set_field(L, "kind", kind);
     set_field(L, "message", msg);

@@ -26,6 +26,9 @@ int lerror_raise(lua_State *L, const tx_error *e);
 /* The same error object, pushed instead of raised. */
 void lerror_push(lua_State *L, const tx_error *e);
 int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...);
+/* Pushes {kind=, message=} with the metatable, for a caller that adds
+ * fields of its own (an http error's reason) before lua_error. */
+void lerror_push_kind(lua_State *L, const char *kind, const char *msg);
 /* A "usage" error worded as luaL_argerror words it, with the caller's
  * position: "x.lua:3: bad argument #2 to 'query' (string expected, got nil)". */
 int lerror_argerror(lua_State *L, int narg, const char *fmt, ...);

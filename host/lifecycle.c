@@ -2,12 +2,16 @@
  *
  * One mutex and one condition variable: state changes and kicks are rare,
  * and every interruptible wait in the host (bmdb.sleep, idle worker slots,
- * the heartbeat's pause) sleeps here so a single broadcast reaches all. */
+ * the heartbeat's pause) sleeps here so a single broadcast reaches all;
+ * waits in poll() (host-owned I/O) watch an eventfd that the same
+ * broadcast writes to. */
 #include "lifecycle.h"
 
 #include <math.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <time.h>
+#include <unistd.h>
 
 /* state and kick_gen are under lock; `changed` waits on CLOCK_MONOTONIC.
  * lock is taken inside session.c's mu and slots.c's idle_mu, never
@@ -17,6 +21,35 @@ static pthread_cond_t changed;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static host_state state = HOST_RUNNING;
 static unsigned kick_gen = 0;
+static int watched[LIFECYCLE_WATCH_MAX]; /* eventfds, under lock */
+static int nwatched;
+
+/* Under lock. An eventfd's write never blocks short of 2^64 - 1 unread. */
+static void wake_watchers(void) {
+    uint64_t one = 1;
+    for (int i = 0; i < nwatched; i++)
+        if (write(watched[i], &one, sizeof one) < 0) {
+            /* EAGAIN: the counter is full, so the fd is readable anyway */
+        }
+}
+
+int lifecycle_watch(int fd) {
+    pthread_mutex_lock(&lock);
+    int ok = nwatched < LIFECYCLE_WATCH_MAX;
+    if (ok) watched[nwatched++] = fd;
+    pthread_mutex_unlock(&lock);
+    return ok ? 0 : -1;
+}
+
+void lifecycle_unwatch(int fd) {
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < nwatched; i++)
+        if (watched[i] == fd) {
+            watched[i] = watched[--nwatched];
+            break;
+        }
+    pthread_mutex_unlock(&lock);
+}
 
 void mono_cond_init(pthread_cond_t *cv) {
     pthread_condattr_t a;
@@ -69,6 +102,7 @@ void lifecycle_advance(host_state to) {
     if (to > state) state = to;
     kick_gen++;
     pthread_cond_broadcast(&changed);
+    wake_watchers();
     pthread_mutex_unlock(&lock);
 }
 
@@ -77,6 +111,7 @@ void lifecycle_kick(void) {
     pthread_mutex_lock(&lock);
     kick_gen++;
     pthread_cond_broadcast(&changed);
+    wake_watchers();
     pthread_mutex_unlock(&lock);
 }
 

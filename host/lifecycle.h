@@ -21,6 +21,14 @@ void lifecycle_kick(void);
 int lifecycle_wait(double seconds, host_state stop_at, unsigned *kick_gen);
 unsigned lifecycle_kick_gen(void);
 
+/* Waits outside this module (poll() in host-owned I/O: iofence.h) watch an
+ * eventfd: every advance and every kick writes to each watched fd, so a
+ * poll that includes it returns as a lifecycle_wait would. At most
+ * LIFECYCLE_WATCH_MAX at once; 0, or -1 when full. */
+#define LIFECYCLE_WATCH_MAX 1024
+int lifecycle_watch(int fd);
+void lifecycle_unwatch(int fd);
+
 /* Monotonic seconds, the one clock for local deadlines. */
 double mono_now(void);
 /* The absolute time `seconds` from now on clock, for timed waits. */

@@ -95,6 +95,13 @@ int session_alive(session *s) {
     return alive;
 }
 
+double session_local_deadline(session *s) {
+    pthread_mutex_lock(&mu);
+    double d = s->deadline;
+    pthread_mutex_unlock(&mu);
+    return d;
+}
+
 int session_lose(session *s, const char *why) {
     pthread_mutex_lock(&mu);
     int was_lost = s->lost;

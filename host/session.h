@@ -67,6 +67,8 @@ const char *session_id(const session *s);
 const char *session_component(const session *s);
 /* Not lost, and the local deadline is still ahead. */
 int session_alive(session *s);
+/* s's local deadline (monotonic) as of now: each good poke moves it on. */
+double session_local_deadline(session *s);
 /* Marks s lost (the database no longer has it); wakes every waiter.
  * 1 when this call lost it, 0 when it was lost already. */
 int session_lose(session *s, const char *why);
