@@ -671,13 +671,18 @@ function bmdb.session()
   return { id = s:id(), component = s:component(), alive = s:alive() }
 end
 
+-- The session that the running code's host-owned I/O and sleeps are
+-- fenced by (host/iofence.h): the current item's, none outside work.
+function bmdb.io_session()
+  return current_work and handle(current_work) or nil
+end
+
 -- Sleeps, but not past shutdown or the loss of the session in use.
 function bmdb.sleep(seconds)
   if not finite(seconds) or seconds < 0 then
     argerror(2, 1, "sleep", "expected a finite number of seconds >= 0, got " .. tostring(seconds))
   end
-  local s = current_work and handle(current_work) or nil
-  if core.sleep(seconds, s) then return end
+  if core.sleep(seconds, bmdb.io_session()) then return end
   if core.state() == "cancelling" then
     raise("canceled", 2, "canceled: the host is shutting down")
   end
