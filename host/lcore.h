@@ -26,6 +26,9 @@ void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CF
 void lslot_register(lua_State *L);
 void lboot_register(lua_State *L);
 void lcontrol_register(lua_State *L);
+void lhttp_register(lua_State *L);
+/* libcurl's global set-up: main() calls it before any thread starts. */
+void lhttp_global_init(void);
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

@@ -609,6 +609,8 @@ int main(int argc, char **argv) {
         return print_error(EXIT_USAGE, "no script given");
     }
 
+    lhttp_global_init(); /* libcurl's, before any thread (bmdb.http) */
+
     /* Block the signals we wait for before any thread exists, so every
      * thread inherits the mask and only the signalfd sees them. */
     sigset_t mask;

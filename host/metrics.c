@@ -34,13 +34,14 @@ typedef struct family {
 } family;
 
 static const double heartbeat_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
+static const double http_bounds[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600};
 #define NB(a) (int)(sizeof a / sizeof *a)
 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_COUNT
+    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_HTTP_REQUESTS, F_HTTP_SECONDS, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -78,6 +79,12 @@ static family families[F_COUNT] = {
                             "Items claimed ahead by default that waited too long and were given back, by "
                             "process (slots.h).",
                             COUNTER, NULL, 0, NULL},
+    [F_HTTP_REQUESTS] = {"bmdb_http_requests_total",
+                         "Requests of bmdb.http, by host and status class (2xx ... 5xx, or error: no response).",
+                         COUNTER, NULL, 0, NULL},
+    [F_HTTP_SECONDS] = {"bmdb_http_request_duration_seconds",
+                        "Time from a bmdb.http request's start to its response or error, by host.", HISTOGRAM,
+                        http_bounds, NB(http_bounds), NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -189,6 +196,15 @@ void metrics_item_given_back(const char *process) {
     char l[128];
     labels(l, sizeof l, "process", process, NULL, NULL);
     add(F_ITEMS_GIVEN_BACK, l, 1);
+}
+
+void metrics_http(const char *host, int status, double seconds) {
+    char l[128], cls[8] = "error";
+    if (status >= 100 && status < 600) snprintf(cls, sizeof cls, "%dxx", status / 100);
+    labels(l, sizeof l, "host", host, "class", cls);
+    add(F_HTTP_REQUESTS, l, 1);
+    labels(l, sizeof l, "host", host, NULL, NULL);
+    observe(F_HTTP_SECONDS, l, seconds);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }

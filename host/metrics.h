@@ -38,6 +38,9 @@ void metrics_items_waiting(const char *process, int n);
 /* An item claimed ahead was given back (slots.h, SLOT_GIVE_BACK_S). */
 void metrics_item_given_back(const char *process);
 
+/* A bmdb.http request to host ended: status 0 when it got no response. */
+void metrics_http(const char *host, int status, double seconds);
+
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */
 void metrics_strays_released(long n);
