@@ -70,6 +70,7 @@ static void buf_reserve(struct buf *b, size_t extra)
 
 static void buf_add(struct buf *b, const void *s, size_t n)
 {
+    if (n == 0) return; /* s may be an empty buffer's NULL */
     buf_reserve(b, n);
     memcpy(b->p + b->len, s, n);
     b->len += n;
