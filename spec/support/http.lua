@@ -53,7 +53,7 @@ local unread = {}
 
 -- Reads until the peer closes or timeout seconds pass; returns what came,
 -- and true when the peer closed (false when the time ran out).
-function M.read_all(fd, timeout)
+function M.read_rest(fd, timeout)
   local buf, parts = ffi.new("char[65536]"), { unread[fd] }
   unread[fd] = nil
   local deadline = H.now() + (timeout or 10)
@@ -73,6 +73,11 @@ function M.read_all(fd, timeout)
     parts[#parts + 1] = ffi.string(buf, n)
   end
   return table.concat(parts), closed
+end
+
+-- What came until the peer closed or timeout seconds passed.
+function M.read_all(fd, timeout)
+  return (M.read_rest(fd, timeout))
 end
 
 M.close = function(fd)
