@@ -26,7 +26,7 @@ BUSTED    := busted --lua=luajit
 
 .PHONY: all deps check-deps bench-deps run check check-asan asan-host check-tsan tsan-host check-all bench install clean
 
-all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so
+all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so $(BUILD)/fake-provider
 
 # Installs only what is missing; silent when everything is there.
 deps:
@@ -55,6 +55,16 @@ $(BUILD)/bmdb-host: $(BUILD)/main.o $(CORE_OBJ)
 $(BUILD)/bmdb/core.so: $(CORE_OBJ) | $(BUILD)
 	@mkdir -p $(BUILD)/bmdb
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -shared -o $@ $^ $(LDFLAGS) $(MOD_LIBS)
+
+# The fake provider's HTTP server (examples/fake-provider/): libc only.
+$(BUILD)/fake-provider: examples/fake-provider/fake-provider.c | $(BUILD)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $< $(LDFLAGS)
+
+# The benchmark's baseline HTTP client, a plain libcurl loop: built for
+# `make bench` only.
+$(BUILD)/curl-loop: bench/curl_loop.c | $(BUILD)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) $(shell pkg-config --cflags libcurl 2>/dev/null) -o $@ $< \
+	  $(LDFLAGS) $(shell pkg-config --libs libcurl 2>/dev/null)
 
 $(BUILD):
 	@mkdir -p $(BUILD)
@@ -153,7 +163,7 @@ bench-deps: deps
 	  npm ci --no-audit --no-fund --loglevel=error; fi
 
 bench: bench-deps
-	@$(MAKE) --no-print-directory all
+	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop
 	luajit bench/run.lua
 
 # The binary carries its Lua library; the module files are installed too so

@@ -3,7 +3,7 @@
 local M = {}
 
 local here = debug.getinfo(1, "S").source:match("^@(.*/)") or "./"
-M.command = os.getenv("BMDB_PROVIDER") or (here .. "fake-provider")
+M.command = os.getenv("BMDB_PROVIDER") or (here .. "fake-provider-cli")
 
 local function quote(s)
   return "'" .. tostring(s):gsub("'", "'\\''") .. "'"

@@ -1,7 +1,8 @@
 -- support/http.lua -- a plain HTTP/1.1 client over loopback TCP for the
--- specs, on LuaJIT's FFI: a GET, and raw connections for the hostile
--- clients (slowloris, an oversize request line, a flood). Every read is
--- bounded by a timeout; nothing waits forever.
+-- specs, on LuaJIT's FFI: a GET or any request, answers read one by one on
+-- a keep-alive connection, and raw connections for the hostile clients
+-- (slowloris, an oversize request line, a flood). Every read is bounded by
+-- a timeout; nothing waits forever.
 local ffi = require "ffi"
 local H = require "support.helpers" -- declares close() among others
 
@@ -46,11 +47,18 @@ function M.send(fd, s)
   return true
 end
 
--- Reads until the peer closes or timeout seconds pass; returns what came.
-function M.read_all(fd, timeout)
-  local buf, parts = ffi.new("char[65536]"), {}
+-- Bytes read past one answer by read_response, by socket: the start of
+-- the next answer on a keep-alive connection.
+local unread = {}
+
+-- Reads until the peer closes or timeout seconds pass; returns what came,
+-- and true when the peer closed (false when the time ran out).
+function M.read_rest(fd, timeout)
+  local buf, parts = ffi.new("char[65536]"), { unread[fd] }
+  unread[fd] = nil
   local deadline = H.now() + (timeout or 10)
   local pfd = ffi.new("struct pollfd_h[1]")
+  local closed = false
   while true do
     local left = deadline - H.now()
     if left <= 0 then break end
@@ -58,22 +66,60 @@ function M.read_all(fd, timeout)
     local r = C.poll(pfd, 1, math.floor(left * 1000) + 1)
     if r <= 0 then break end
     local n = C.recv(fd, buf, 65536, 0)
-    if n <= 0 then break end
+    if n <= 0 then
+      closed = true
+      break
+    end
     parts[#parts + 1] = ffi.string(buf, n)
   end
-  return table.concat(parts)
+  return table.concat(parts), closed
 end
 
-M.close = function(fd) C.close(fd) end
+-- What came until the peer closed or timeout seconds passed.
+function M.read_all(fd, timeout)
+  return (M.read_rest(fd, timeout))
+end
 
--- GET path -> status, headers (lower-case names), body; nil, why when no
--- answer came.
-function M.get(port, path, timeout)
-  local fd, why = M.connect(port)
-  if not fd then return nil, why end
-  M.send(fd, "GET " .. path .. " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-  local raw = M.read_all(fd, timeout or 10)
+M.close = function(fd)
+  unread[fd] = nil
   C.close(fd)
+end
+
+-- Reads one answer (its head, and a body of its Content-Length) from a
+-- connection that stays open: status, headers (lower-case names), body;
+-- nil, why when it does not come whole within timeout seconds.
+function M.read_response(fd, timeout)
+  local buf, have = ffi.new("char[65536]"), unread[fd] or ""
+  unread[fd] = nil
+  local deadline = H.now() + (timeout or 10)
+  local pfd = ffi.new("struct pollfd_h[1]")
+  while true do
+    local head_end = have:find("\r\n\r\n", 1, true)
+    if head_end then
+      local head = have:sub(1, head_end - 1)
+      local status = tonumber(head:match("^HTTP/1%.%d (%d+)"))
+      local headers = {}
+      for k, v in head:gmatch("\r\n([^:\r\n]+):%s*([^\r\n]*)") do headers[k:lower()] = v end
+      local len = tonumber(headers["content-length"] or 0)
+      if status and #have >= head_end + 3 + len then
+        local rest = have:sub(head_end + 4 + len)
+        if rest ~= "" then unread[fd] = rest end
+        return status, headers, have:sub(head_end + 4, head_end + 3 + len)
+      end
+    end
+    local left = deadline - H.now()
+    if left <= 0 then return nil, "no whole answer in time: " .. have:sub(1, 200) end
+    pfd[0].fd, pfd[0].events = fd, POLLIN
+    if C.poll(pfd, 1, math.floor(left * 1000) + 1) > 0 then
+      local n = C.recv(fd, buf, 65536, 0)
+      if n <= 0 then return nil, "connection closed: " .. have:sub(1, 200) end
+      have = have .. ffi.string(buf, n)
+    end
+  end
+end
+
+-- An answer read to the peer's close -> status, headers, body.
+local function parse(raw)
   local head, body = raw:match("^(.-)\r\n\r\n(.*)$")
   if not head then return nil, "no complete answer: " .. raw:sub(1, 200) end
   local status = tonumber(head:match("^HTTP/1%.%d (%d+)"))
@@ -90,6 +136,28 @@ function M.get(port, path, timeout)
     body = table.concat(out)
   end
   return status, headers, body
+end
+
+-- One request on a connection of its own (closed after the answer):
+-- method, path, opts {headers = {name = value}, body =, timeout =} ->
+-- status, headers (lower-case names), body; nil, why when no answer came.
+function M.request(port, method, path, opts)
+  opts = opts or {}
+  local fd, why = M.connect(port)
+  if not fd then return nil, why end
+  local lines = { method .. " " .. path .. " HTTP/1.1", "Host: 127.0.0.1", "Connection: close" }
+  for k, v in pairs(opts.headers or {}) do lines[#lines + 1] = k .. ": " .. v end
+  if opts.body then lines[#lines + 1] = "Content-Length: " .. #opts.body end
+  M.send(fd, table.concat(lines, "\r\n") .. "\r\n\r\n" .. (opts.body or ""))
+  local raw = M.read_all(fd, opts.timeout or 10)
+  M.close(fd)
+  return parse(raw)
+end
+
+-- GET path -> status, headers (lower-case names), body; nil, why when no
+-- answer came.
+function M.get(port, path, timeout)
+  return M.request(port, "GET", path, { timeout = timeout })
 end
 
 return M
