@@ -12,6 +12,7 @@
 #include "control.h"
 #include "lerror.h"
 #include "lifecycle.h"
+#include "lstate.h"
 #include "session.h"
 
 /* One eventfd per thread, made at its first call and closed with it. */
@@ -47,10 +48,13 @@ iofence_stop iofence_check(iofence *f) {
         snprintf(f->why, sizeof f->why, "timed out");
         return IOFENCE_TIMEOUT;
     }
-    /* An item's deadline passed: control_check_timeouts marks it lost
-     * within its tick, and kicks; until then the call stops as lost. */
+    /* An item's deadline passed: the main loop's tick would mark it lost
+     * a moment later; marked now, the call raises what the body would
+     * see then, and the body's interrupt is spent with it. */
     double item = control_state_deadline(f->L);
     if (item > 0 && mono_now() >= item) {
+        control_check_timeouts();
+        if (control_state_lost(f->L, f->why, sizeof f->why)) return IOFENCE_LOST;
         snprintf(f->why, sizeof f->why, "lost: the item's timeout passed");
         return IOFENCE_LOST;
     }
@@ -96,6 +100,7 @@ void iofence_end(iofence *f) {
 }
 
 int iofence_raise(lua_State *L, iofence *f, iofence_stop why, const char *what) {
+    lstate_interrupt_taken(L);
     const char *kind = why == IOFENCE_LOST ? "lost" : why == IOFENCE_SESSION ? "session_expired" : "canceled";
     return lerror_raise_kind(L, kind, "%s (%s)", f->why, what);
 }

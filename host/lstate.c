@@ -57,6 +57,11 @@ void lstate_interrupt_lost(lua_State *L) {
     pthread_mutex_unlock(&states_mu);
 }
 
+void lstate_interrupt_taken(lua_State *L) {
+    lua_Hook h = lua_gethook(L);
+    if (h == lost_hook || h == cancel_hook) lua_sethook(L, NULL, 0, 0);
+}
+
 static void register_state(lua_State *L) {
     pthread_mutex_lock(&states_mu);
     if (nstates < MAX_STATES) states[nstates++] = L;

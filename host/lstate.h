@@ -55,6 +55,10 @@ void lstate_interrupt_all(void);
 /* Makes L raise "lost" at its next instruction count, if one of its items
  * is marked lost by then (control.c). */
 void lstate_interrupt_lost(lua_State *L);
+/* A bmdb call on L raises lost or canceled itself (iofence.h): the hook
+ * that one of the two calls above set on L is spent, so the body can
+ * catch that error and clean up. Another hook (debug.sethook) is kept. */
+void lstate_interrupt_taken(lua_State *L);
 /* f is the host's os.exit of script states. */
 int lstate_is_os_exit(lua_CFunction f);
 

@@ -43,6 +43,13 @@ describe("bmdb.http", function()
     H.write_file(path, [[
       local bmdb = require "bmdb"
       local URL = ]] .. string.format("%q", srv.url) .. [[
+      -- The kind of error a request raised. The request's own raise spends
+      -- the interrupt the host set on the body, so the body can go on to
+      -- log it (and a body could clean up).
+      local function ended(url)
+        local ok, e = pcall(bmdb.http.request, { url = url })
+        return e and e.kind
+      end
       return { bmdb.worker {
         process = ]] .. string.format("%q", process) .. [[, poll = 0.2, ]] .. (extra or "") .. [[
         select = function(tx, limit)
@@ -141,10 +148,10 @@ describe("bmdb.http", function()
   it("aborts a request in flight when the item's timeout takes its lock; the slot goes on", function()
     local before = closed_hangs()
     local script = worker_script("timeout", "Hang", [[
-      if w.attempt == 1 then
-        local ok, e = pcall(bmdb.http.request, { url = URL .. "/_hang" })
-        bmdb.log.info("request ended", { kind = e and e.kind, alive = w:alive() })
-        error(e)
+      local marker = ]] .. string.format("%q", dir .. "/hung") .. [[
+      if not io.open(marker) then -- the first item only
+        io.open(marker, "w"):close()
+        bmdb.log.info("request ended", { kind = ended(URL .. "/_hang"), alive = w:alive() })
       end
     ]], "timeout = 1, backoff = { initial = 1 },")
     local a, b = new_machine("Hang"), new_machine("Hang")
@@ -169,17 +176,16 @@ describe("bmdb.http", function()
     local pings = srv:stats().by_path["/_sleep"] or 0
     local script = worker_script("cancel", "Loop", [[
       local n = 0
-      while true do
-        local ok, e = pcall(bmdb.http.request, { url = URL .. "/_sleep?ms=50" })
-        if not ok then
-          -- once lost, no request starts: the next one raises at once
-          local ok2, e2 = pcall(bmdb.http.request, { url = URL .. "/_sleep?ms=50" })
-          bmdb.log.info("requests stopped", { kind = e.kind, n = n, again = e2 and e2.kind })
-          error(e)
+      local ok, first = pcall(function()
+        while true do
+          bmdb.http.request { url = URL .. "/_sleep?ms=50" }
+          n = n + 1
+          if n == 5 then bmdb.log.info("five requests done") end
         end
-        n = n + 1
-        if n == 5 then bmdb.log.info("five requests done") end
-      end
+      end)
+      -- once lost, no request starts: the next one raises at once
+      local ok2, e2 = pcall(bmdb.http.request, { url = URL .. "/_sleep?ms=50" })
+      bmdb.log.info("requests stopped", { kind = first.kind, n = n, again = e2 and e2.kind })
     ]])
     local m = new_machine("Loop")
     local h = start_host(script)
@@ -203,9 +209,7 @@ describe("bmdb.http", function()
     local relay = H.relay(dsn)
     local script = worker_script("session", "Sess", [[
       bmdb.log.info("requesting")
-      local ok, e = pcall(bmdb.http.request, { url = URL .. "/_hang" })
-      bmdb.log.info("request ended", { kind = e and e.kind })
-      error(e)
+      bmdb.log.info("request ended", { kind = ended(URL .. "/_hang") })
     ]])
     new_machine("Sess")
     local h = H.spawn { argv = { H.bin, "--interval", "2", script }, env = { BMDB_DSN = relay.dsn } }
@@ -223,9 +227,7 @@ describe("bmdb.http", function()
     local before = closed_hangs()
     local script = worker_script("drain", "Drain", [[
       bmdb.log.info("requesting")
-      local ok, e = pcall(bmdb.http.request, { url = URL .. "/_hang" })
-      bmdb.log.info("request ended", { kind = e and e.kind })
-      error(e)
+      bmdb.log.info("request ended", { kind = ended(URL .. "/_hang") })
     ]])
     local m = new_machine("Drain")
     local h = start_host(script, {}, { "--grace", "1" })

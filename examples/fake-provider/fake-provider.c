@@ -760,7 +760,11 @@ static void echo(struct conn *c)
     }
     buf_str(&g.body, "},\"body\":");
     buf_json(&g.body, c->in.p + c->start + r->head, r->body);
-    buf_str(&g.body, "}");
+    /* the client's port: a client that keeps its connection alive shows one */
+    struct sockaddr_in peer;
+    socklen_t plen = sizeof peer;
+    int port = getpeername(c->fd, (struct sockaddr *)&peer, &plen) == 0 ? ntohs(peer.sin_port) : 0;
+    buf_fmt(&g.body, ",\"peer_port\":%d}", port);
 }
 
 static void route(struct conn *c, struct reply *rep)
