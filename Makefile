@@ -24,7 +24,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps check-deps bench-deps run check check-asan asan-host check-tsan tsan-host check-all bench install clean
+.PHONY: all deps check-deps bench-deps bench-io run check check-asan asan-host check-tsan tsan-host check-all bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so $(BUILD)/fake-provider
 
@@ -163,8 +163,15 @@ bench-deps: deps
 	  npm ci --no-audit --no-fund --loglevel=error; fi
 
 bench: bench-deps
-	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop
+	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop $(BUILD)/spawn-loop
 	luajit bench/run.lua
+	luajit bench/io.lua
+
+# Body I/O alone (bench/io.lua): abort latency, bmdb.http and bmdb.exec
+# against plain C loops.
+bench-io: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop $(BUILD)/spawn-loop
+	luajit bench/io.lua
 
 # The binary carries its Lua library; the module files are installed too so
 # operators' busted specs can `require "bmdb.testing"` under LuaJIT.
