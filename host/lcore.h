@@ -26,6 +26,8 @@ void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CF
 void lslot_register(lua_State *L);
 void lboot_register(lua_State *L);
 void lcontrol_register(lua_State *L);
+/* core.json_encode, core.json_decode, core.json_null, core.json_array (ljson.c) */
+void ljson_register(lua_State *L);
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */
