@@ -16,7 +16,7 @@
  * encoder reads tables raw and runs no Lua code, so nothing it traverses
  * can change under it. */
 #include <lauxlib.h>
-#include <locale.h>
+#include <langinfo.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,9 +29,12 @@
 #define MAX_DEPTH 1000
 
 /* printf and strtod follow LC_NUMERIC: the host never sets it, but a
- * script's os.setlocale could, and "0,1" must not pass for a number. */
+ * script's os.setlocale could, and "0,1" must not pass for a number.
+ * (nl_langinfo, not localeconv: that one writes a static, a race between
+ * slots.) */
 static void check_locale(lua_State *L) {
-    if (localeconv()->decimal_point[0] != '.' || localeconv()->decimal_point[1])
+    const char *point = nl_langinfo(RADIXCHAR);
+    if (point[0] != '.' || point[1])
         lerror_raise_kind(L, "json", "json: the locale's decimal point is not '.' (os.setlocale changed LC_NUMERIC)");
 }
 

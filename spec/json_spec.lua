@@ -189,6 +189,7 @@ describe("bmdb.json", function()
       assert.equal("1e+300", encode(1e300))
       assert.equal("1e+17", encode(1e17))
       assert.equal("-1.5e-07", encode(-1.5e-7))
+      assert.equal("4.94065645841247e-324", encode(5e-324)) -- 15 digits at least, as documented
       assert.equal(5e-324, decode(encode(5e-324)))
       assert.equal(2.2250738585072014e-308, decode(encode(2.2250738585072014e-308)))
       assert.equal(1.7976931348623157e308, decode(encode(1.7976931348623157e308)))
@@ -350,6 +351,27 @@ describe("bmdb.json", function()
     end)
   end)
 
+  -- In a process of its own: a locale changes the whole process.
+  it("refuses to work under a locale whose decimal point is a comma", function()
+    local dir = H.tmpdir("locale")
+    local code = H.run({ "localedef", "-i", "de_DE", "-f", "UTF-8", dir .. "/de_DE.UTF-8" })
+    if code ~= 0 then
+      pending("localedef cannot build de_DE here (no locale sources)")
+      return
+    end
+    local code2, out, err = H.run({ "luajit", "-e", string.format("package.cpath = %q", H.root .. "/build/?.so") .. [[
+      local core = require "bmdb.core"
+      assert(os.setlocale("de_DE.UTF-8", "numeric"))
+      for _, f in ipairs { function() return core.json_encode(0.5) end, function() return core.json_decode("0.5") end } do
+        local ok, e = pcall(f)
+        print(ok, e.kind, e.message)
+      end
+    ]] }, { env = { LOCPATH = dir } })
+    assert.equal(0, code2, err)
+    local refused = "false\tjson\tjson: the locale's decimal point is not '.' (os.setlocale changed LC_NUMERIC)\n"
+    assert.equal(refused .. refused, out)
+  end)
+
   describe("in a script the binary runs", function()
     local dsn, dir
 
@@ -368,11 +390,19 @@ describe("bmdb.json", function()
         print(j.encode { n = 2 ^ 53, f = 0.1, e = j.array(), o = {}, s = "é\n", v = v, null = j.null })
         local ok, err = pcall(j.encode, { x = { print } })
         print(err.kind, err.message)
+        -- the error paths and a growing buffer, for a sanitized build
+        local big = string.rep("é\n\"x", 50000)
+        assert(j.decode(j.encode { big, big })[2] == big)
+        for _, s in ipairs { "[1,]", '"\\ud800"', string.rep("[", 1001), '"' .. big:gsub("\n", "\\n"):gsub('"', '\\"') .. '\\q"' } do
+          ok, err = pcall(j.decode, s)
+          assert(not ok and err.kind == "json", tostring(err))
+        end
+        print("errors raised")
       ]])
       local code, out, err = H.run({ H.bin, path }, { env = { BMDB_DSN = dsn } })
       assert.equal(0, code, err)
       assert.equal('{"e":[],"f":0.1,"n":9007199254740992,"null":null,"o":{},"s":"é\\n","v":[1,null,{"a":{},"b":[]}]}\n'
-        .. "json\tjson: cannot encode a function at $.x[1]\n", out)
+        .. "json\tjson: cannot encode a function at $.x[1]\nerrors raised\n", out)
     end)
   end)
 end)
