@@ -38,6 +38,14 @@ void metrics_items_waiting(const char *process, int n);
 /* An item claimed ahead was given back (slots.h, SLOT_GIVE_BACK_S). */
 void metrics_item_given_back(const char *process);
 
+/* A bmdb.exec call ended (lexec.c): command is the program's base name,
+ * outcome one of exited, signaled, timeout, too_large, lost, canceled,
+ * spawn_failed, failed; seconds < 0: it never ran (no duration). The
+ * first EXEC_COMMANDS_MAX names get series of their own, the rest count
+ * as command="other", so a script cannot grow the registry unbounded. */
+#define EXEC_COMMANDS_MAX 32
+void metrics_exec(const char *command, const char *outcome, double seconds);
+
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */
 void metrics_strays_released(long n);

@@ -1,7 +1,7 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold
+--   worker, is_error, cancel, pause, resume, hold, unhold, exec
 --
 -- README's "The Lua API" describes each. The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
@@ -23,4 +23,5 @@ return {
   resume = I.resume,
   hold = I.hold,
   unhold = I.unhold,
+  exec = require "bmdb.exec",
 }
