@@ -173,8 +173,7 @@ bench-io: deps
 	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop $(BUILD)/spawn-loop
 	luajit bench/io.lua
 
-# posix_spawn's own rate, beside bench/exec_loop.lua's through bmdb.exec:
-# `make $(BUILD)/spawn-loop && $(BUILD)/spawn-loop [N]`.
+# posix_spawn's own rate, the baseline of bmdb.exec's in bench/io.lua.
 $(BUILD)/spawn-loop: bench/spawn_loop.c | $(BUILD)
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $<
 

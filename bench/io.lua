@@ -87,18 +87,26 @@ local function abort_latency()
 end
 
 -- ---------------------------------------------------------------- 2. http
-local function bmdb_http_rate()
-  local script = write("http.lua", [[
+-- A one-off script that makes `call` (Lua text) n times, timed inside
+-- the host by the monotonic clock, and prints its rate.
+local function timed_script(name, setup, call, n)
+  return write(name, [[
     local bmdb = require "bmdb"
     local ffi = require "ffi"
     ffi.cdef "struct bench_ts { long s, ns; }; int clock_gettime(int, struct bench_ts *);"
     local function now() local t = ffi.new("struct bench_ts"); ffi.C.clock_gettime(1, t); return t.s + t.ns / 1e9 end
-    local url, n = ]] .. string.format("%q", srv.url .. "/_ping") .. ", " .. REQUESTS .. [[
-    bmdb.http.request { url = url } -- the connection, made once
+    ]] .. setup .. [[
     local t0 = now()
-    for _ = 1, n do assert(bmdb.http.request { url = url }.status == 200) end
-    print(string.format("rate %.1f", n / (now() - t0)))
+    for _ = 1, ]] .. n .. [[ do ]] .. call .. [[ end
+    print(string.format("rate %.1f", ]] .. n .. [[ / (now() - t0)))
   ]])
+end
+
+local function bmdb_http_rate()
+  local url = string.format("%q", srv.url .. "/_ping")
+  -- the connection is made once, before the clock starts
+  local script = timed_script("http.lua", "bmdb.http.request { url = " .. url .. " }",
+    "assert(bmdb.http.request { url = " .. url .. " }.status == 200)", REQUESTS)
   return tonumber(run_ok({ H.bin, script }, { BMDB_DSN = dsn }):match("rate ([%d.]+)"))
 end
 
@@ -117,16 +125,7 @@ end
 
 -- ---------------------------------------------------------------- 3. exec
 local function bmdb_exec_rate()
-  local script = write("exec.lua", [[
-    local bmdb = require "bmdb"
-    local ffi = require "ffi"
-    ffi.cdef "struct bench_ts { long s, ns; }; int clock_gettime(int, struct bench_ts *);"
-    local function now() local t = ffi.new("struct bench_ts"); ffi.C.clock_gettime(1, t); return t.s + t.ns / 1e9 end
-    local n = ]] .. SPAWNS .. [[
-    local t0 = now()
-    for _ = 1, n do assert(bmdb.exec { argv = { "true" } }.status == 0) end
-    print(string.format("rate %.1f", n / (now() - t0)))
-  ]])
+  local script = timed_script("exec.lua", "", 'assert(bmdb.exec { argv = { "true" } }.status == 0)', SPAWNS)
   return tonumber(run_ok({ H.bin, script }, { BMDB_DSN = dsn }):match("rate ([%d.]+)"))
 end
 
