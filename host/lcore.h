@@ -3,8 +3,8 @@
  * One luaopen_bmdb_core() for the binary's states and for busted (build/
  * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
  * transactions, locks, host services), of lslot.c (what the slots' loop
- * uses) and of lboot.c (open, close, embedded, connect: the bootstrap for
- * specs and bmdb.testing). */
+ * uses), of lboot.c (open, close, embedded, connect: the bootstrap for
+ * specs and bmdb.testing) and of lexec.c (exec: a command as a body's I/O). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -29,6 +29,7 @@ void lcontrol_register(lua_State *L);
 void lhttp_register(lua_State *L);
 /* libcurl's global set-up: main() calls it before any thread starts. */
 void lhttp_global_init(void);
+void lexec_register(lua_State *L); /* core.exec: lexec.c */
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

@@ -41,7 +41,8 @@ static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_HTTP_REQUESTS, F_HTTP_SECONDS, F_COUNT
+    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_HTTP_REQUESTS, F_HTTP_SECONDS, F_EXEC_TOTAL,
+    F_EXEC_SECONDS, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -85,6 +86,12 @@ static family families[F_COUNT] = {
     [F_HTTP_SECONDS] = {"bmdb_http_request_duration_seconds",
                         "Time from a bmdb.http request's start to its response or error, by host.", HISTOGRAM,
                         http_bounds, NB(http_bounds), NULL},
+    [F_EXEC_TOTAL] = {"bmdb_exec_total",
+                      "bmdb.exec calls, by command (the program's base name) and outcome (exited, signaled, "
+                      "timeout, too_large, lost, canceled, spawn_failed, failed).",
+                      COUNTER, NULL, 0, NULL},
+    [F_EXEC_SECONDS] = {"bmdb_exec_seconds", "Time from a bmdb.exec command's start to its end, by command.",
+                        HISTOGRAM, work_bounds, NB(work_bounds), NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -205,6 +212,26 @@ void metrics_http(const char *host, int status, double seconds) {
     add(F_HTTP_REQUESTS, l, 1);
     labels(l, sizeof l, "host", host, NULL, NULL);
     observe(F_HTTP_SECONDS, l, seconds);
+}
+
+/* The commands that have series of their own; under mu. */
+static char exec_commands[EXEC_COMMANDS_MAX][48];
+static int exec_ncommands;
+
+void metrics_exec(const char *command, const char *outcome, double seconds) {
+    char name[48], l[128];
+    snprintf(name, sizeof name, "%s", command);
+    pthread_mutex_lock(&mu);
+    int known = 0;
+    for (int i = 0; i < exec_ncommands && !known; i++) known = !strcmp(exec_commands[i], name);
+    if (!known && exec_ncommands < EXEC_COMMANDS_MAX) memcpy(exec_commands[exec_ncommands++], name, sizeof name);
+    else if (!known) snprintf(name, sizeof name, "other");
+    pthread_mutex_unlock(&mu);
+    labels(l, sizeof l, "command", name, "outcome", outcome);
+    add(F_EXEC_TOTAL, l, 1);
+    if (seconds < 0) return;
+    labels(l, sizeof l, "command", name, NULL, NULL);
+    observe(F_EXEC_SECONDS, l, seconds);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }
@@ -338,7 +365,7 @@ void metrics_render(FILE *out) {
         /* An unlabelled counter is 0 before its first event: present, so a
          * rate() over it starts at the host's start. */
         if (!f->series && f->kind == COUNTER && i != F_TX_RETRIED && i != F_HEARTBEATS &&
-            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY)
+            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY && i != F_EXEC_TOTAL)
             fprintf(out, "%s 0\n", f->name);
         for (const series *s = f->series; s; s = s->next) {
             if (f->kind == HISTOGRAM) render_histogram(out, f, s);

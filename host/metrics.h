@@ -40,6 +40,13 @@ void metrics_item_given_back(const char *process);
 
 /* A bmdb.http request to host ended: status 0 when it got no response. */
 void metrics_http(const char *host, int status, double seconds);
+/* A bmdb.exec call ended (lexec.c): command is the program's base name,
+ * outcome one of exited, signaled, timeout, too_large, lost, canceled,
+ * spawn_failed, failed; seconds < 0: it never ran (no duration). The
+ * first EXEC_COMMANDS_MAX names get series of their own, the rest count
+ * as command="other", so a script cannot grow the registry unbounded. */
+#define EXEC_COMMANDS_MAX 32
+void metrics_exec(const char *command, const char *outcome, double seconds);
 
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */
