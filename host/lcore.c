@@ -704,5 +704,6 @@ int luaopen_bmdb_core(lua_State *L) {
     lcontrol_register(L);
     lhttp_register(L);
     lexec_register(L);
+    ljson_register(L);
     return 1;
 }
