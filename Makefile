@@ -166,6 +166,11 @@ bench: bench-deps
 	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop
 	luajit bench/run.lua
 
+# posix_spawn's own rate, beside bench/exec_loop.lua's through bmdb.exec:
+# `make $(BUILD)/spawn-loop && $(BUILD)/spawn-loop [N]`.
+$(BUILD)/spawn-loop: bench/spawn_loop.c | $(BUILD)
+	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $<
+
 # The binary carries its Lua library; the module files are installed too so
 # operators' busted specs can `require "bmdb.testing"` under LuaJIT.
 LUA_SHARE ?= $(PREFIX)/share/lua/5.1
@@ -175,6 +180,7 @@ install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
 	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
+	install -D -m 0644 lua/bmdb/exec.lua $(DESTDIR)$(LUA_SHARE)/bmdb/exec.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0644 lua/bmdb/json.lua $(DESTDIR)$(LUA_SHARE)/bmdb/json.lua
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so

@@ -49,7 +49,7 @@ describe("bmdb.exec", function()
     for i = 0, 1024 * 1024 - 1, 256 do parts[#parts + 1] = string.char(i / 256 % 256) .. ("\0x"):rep(127) .. "\n" end
     local input = table.concat(parts)
     assert.equal(1024 * 1024, #input)
-    local r = bmdb.exec { argv = { "cat" }, stdin = input }
+    local r = bmdb.exec { argv = { "cat" }, stdin = input, timeout = 60 }
     assert.equal(0, r.status)
     assert.is_true(r.stdout == input, "cat gave back other bytes")
     -- no stdin: /dev/null; an empty one: EOF at once
