@@ -78,10 +78,19 @@ check-deps: deps
 	  $$sudo apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 
-# The example worker on the embedded default database (.bmdb/).
+# The example provisioner on the embedded default database (.bmdb/),
+# against the fake provider on its default port (examples/provider.lua),
+# which is started first and stopped when the recipe's shell exits (the
+# trap) or dies (--die-with-parent). Until Ctrl-C.
 run: deps
 	@$(MAKE) --no-print-directory all
-	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5
+	./build/fake-provider --port 8099 --die-with-parent >build/fake-provider.out & provider=$$!; \
+	trap 'kill $$provider 2>/dev/null' EXIT; \
+	n=0; until grep -q '^listening' build/fake-provider.out; do \
+	  kill -0 $$provider 2>/dev/null && [ $$n -lt 100 ] || { echo "the fake provider did not start" >&2; exit 1; }; \
+	  n=$$((n + 1)); sleep 0.1; \
+	done; \
+	./build/bmdb-host --migrations examples/migrations examples/seed.lua 5 && \
 	./build/bmdb-host --migrations examples/migrations examples/provisioner.lua
 
 # The specs (spec/, spec/fault/ and the operator example in examples/, as

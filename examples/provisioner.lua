@@ -1,8 +1,10 @@
--- provisioner.lua: takes new machines through the provider.
---   bmdb-host examples/provisioner.lua
+-- provisioner.lua: takes new machines through the provider's API.
+--   bmdb-host examples/provisioner.lua     (BMDB_PROVIDER_URL: see provider.lua)
 -- A machine is a candidate while it has no machine_provided row and no
 -- live work or backoff for Provision. Run as many copies as you like: the
--- work rows keep any machine from being provisioned twice.
+-- work rows keep any machine from being provisioned twice at once, and the
+-- create's idempotency key (the machine's id) keeps a retried create from
+-- making a second device.
 local bmdb = require "bmdb"
 local provider = require "provider"
 
@@ -10,6 +12,8 @@ return {
   bmdb.worker {
     process = "Provision",
     concurrency = 4,
+    timeout = 300,
+    -- a failed create (a 503, a timeout) is retried after 5 s, 10 s, ... 300 s
     backoff = { initial = 5, maximum = 300, exponent = 2 },
     select = function(tx, limit)
       return tx:query([[
@@ -22,12 +26,12 @@ return {
     end,
     run = function(w)
       -- Outside any transaction: the provider call may take minutes.
-      local id = provider.call("create", w.machine)
+      local id = provider.create(w.machine)
       -- The commit function needs no answer: deferred, its INSERT rides
       -- with the release and COMMIT in one round trip.
       w:finish(function(tx)
-        tx:defer("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', $2)",
-                w.machine, id)
+        tx:defer("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, $2, $3)",
+                w.machine, provider.name, id)
       end)
       bmdb.log.info("provisioned", { machine = w.machine, provider_id = id })
     end,

@@ -1,9 +1,10 @@
 -- The shipped examples, run as README tells an operator to run them.
 local H = require "support.helpers"
 local core = require "bmdb.core"
+local P = require "support.provider"
 
 describe("examples", function()
-  local dsn, admin
+  local dsn, admin, provider, dir
 
   local function host(args)
     local argv = { H.bin, "--migrations", H.root .. "/examples/migrations", H.root .. "/examples/" .. args[1] }
@@ -11,40 +12,133 @@ describe("examples", function()
     return argv
   end
 
+  -- The environment an operator gives the examples: the database and the
+  -- provider's API.
+  local function env(more)
+    local e = { BMDB_DSN = dsn, BMDB_PROVIDER_URL = provider.url }
+    for k, v in pairs(more or {}) do e[k] = v end
+    return e
+  end
+
+  local function count(sql, ...) return admin:one("SELECT count(*) AS n FROM " .. sql, ...).n end
+
+  local function events(m, process)
+    local seq = {}
+    for i, e in ipairs(admin:query([[SELECT event, cause FROM work_history WHERE machine_id = $1 AND process = $2
+                                     ORDER BY occurred_at, history_id]], m, process)) do
+      seq[i] = e
+    end
+    return seq
+  end
+
+  local function stop(p)
+    p:kill("TERM")
+    assert.equal(0, p:wait(30), p:stderr())
+  end
+
   setup(function()
     dsn = H.postgres():create_db()
     assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },
       { env = { BMDB_DSN = dsn } })))
     admin = core.connect(dsn)
+    provider = P.start()
+    dir = H.tmpdir("examples")
   end)
 
-  teardown(function() admin:close() end)
+  teardown(function()
+    provider:stop()
+    admin:close()
+  end)
 
-  it("seed, provisioner, report-failure and recoverer take machines through their lives", function()
-    local code, out, err = H.run(host { "seed.lua" }, { env = { BMDB_DSN = dsn } })
+  it("seed, provisioner, initializer, report-failure and recoverer take machines through their lives", function()
+    local code, out, err = H.run(host { "seed.lua" }, { env = env() })
     assert.equal(0, code, err)
     assert.matches("added 5 machines; the fleet has 5", out, 1, true)
 
-    local p = H.spawn { argv = host { "provisioner.lua" }, env = { BMDB_DSN = dsn } }
-    H.wait_until(function() return admin:one("SELECT count(*) AS n FROM machine_provided").n == 5 end, 60,
-      "every machine to be provisioned")
-    p:kill("TERM")
-    assert.equal(0, p:wait(30), p:stderr())
-    assert.equal(5, admin:one("SELECT count(DISTINCT machine_id) AS n FROM work_history WHERE event = 'Finished'").n)
+    -- two provisioner hosts share the work; each machine gets one device
+    local p1 = H.spawn { argv = host { "provisioner.lua" }, env = env() }
+    local p2 = H.spawn { argv = host { "provisioner.lua" }, env = env() }
+    H.wait_until(function() return count("machine_provided") == 5 end, 60, "every machine to be provisioned")
+    stop(p1)
+    stop(p2)
+    assert.equal(5, count("work_history WHERE event = 'Finished' AND process = 'Provision'"))
+    assert.equal(5, provider:stats().devices)
+    for _, row in ipairs(admin:query("SELECT machine_id, provider_id FROM machine_provided")) do
+      local status, _, body = provider:get("/devices/" .. row.provider_id)
+      assert.equal(200, status)
+      assert.matches('"machine":"' .. row.machine_id .. '"', body, 1, true)
+    end
 
-    code, out, err = H.run(host { "report-failure.lua", "1" }, { env = { BMDB_DSN = dsn } })
+    local i = H.spawn { argv = host { "initializer.lua" }, env = env() }
+    H.wait_until(function() return count("machine_initialized") == 5 end, 60, "every machine to be initialized")
+    stop(i)
+    assert.equal(5, count([[machine_initialized i JOIN machine_provided p USING (machine_id)
+      WHERE i.agent_version = '1.0' AND i.output = 'agent 1.0 installed on ' || i.machine_id || ' (device ' || p.provider_id || ')' || chr(10)]]))
+
+    -- The provider answers every request 503 until the machine failed
+    -- twice: the recoverer backs off (2 s, then 4 s) and retries.
+    code, out, err = H.run(host { "report-failure.lua", "1" }, { env = env() })
     assert.equal(0, code, err)
     local m = admin:one("SELECT machine_id FROM machine_failures").machine_id
-    local r = H.spawn { argv = host { "recoverer.lua" }, env = { BMDB_DSN = dsn } }
-    H.wait_until(function() return admin:one("SELECT count(*) AS n FROM machine_failures").n == 0 end, 60,
-      "the failed machine to be recovered")
-    r:kill("TERM")
-    assert.equal(0, r:wait(30), r:stderr())
-    local h = admin:query([[SELECT event FROM work_history WHERE machine_id = $1 AND process = 'Recover'
-                            ORDER BY occurred_at, history_id]], m)
-    local seq = {}
-    for i, e in ipairs(h) do seq[i] = e.event end
-    assert.same({ "Started", "Failed", "Started", "Failed", "Started", "Finished" }, seq)
+    local device = admin:one("SELECT provider_id FROM machine_provided WHERE machine_id = $1", m).provider_id
+    provider:config { fail_every = 1 }
+    local r = H.spawn { argv = host { "recoverer.lua" }, env = env() }
+    H.wait_until(function() return count("work_history WHERE machine_id = $1 AND event = 'Failed'", m) >= 2 end, 60,
+      "two failed reboots")
+    provider:config { fail_every = 0 }
+    H.wait_until(function() return count("machine_failures") == 0 end, 60, "the failed machine to be recovered")
+    stop(r)
+    local seq = events(m, "Recover")
+    assert.is_true(#seq >= 6, "at least two failures and a finish")
+    for k, e in ipairs(seq) do
+      if k % 2 == 1 then
+        assert.equal("Started", e.event)
+      elseif k < #seq then
+        assert.equal("Failed", e.event)
+        assert.equal("provider: POST /devices/" .. device .. "/reboot answered 503 (provider unavailable)",
+          e.cause:match("^[^\n]*")) -- then the traceback
+      else
+        assert.equal("Finished", e.event)
+      end
+    end
+    assert.matches('"state":"rebooting"', select(3, provider:get("/devices/" .. device)), 1, true)
+  end)
+
+  it("the initializer fails a command's non-zero exit with its stderr, and stops one at its timeout", function()
+    local fleet = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },
+      { env = { BMDB_DSN = fleet } })))
+    local c = core.connect(fleet)
+    local failing = c:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    local hanging = c:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    c:exec("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', 'dev-a'), ($2, 'fake', 'dev-b')",
+      failing, hanging)
+    -- stands in for `ssh root@HOST agent-install`: one host refuses, the
+    -- other never answers
+    local pidfile = dir .. "/hanging.pid"
+    local cmd = dir .. "/agent-install"
+    H.write_file(cmd, "#!/bin/sh\n" ..
+      "if [ \"$1\" = " .. failing .. " ]; then echo \"ssh: connect to host $1 port 22: Connection refused\" >&2; exit 255; fi\n" ..
+      "echo $$ > " .. pidfile .. "\nexec sleep 600\n")
+    assert.equal(0, (H.run { "chmod", "+x", cmd }))
+    local i = H.spawn { argv = host { "initializer.lua" },
+                        env = { BMDB_DSN = fleet, BMDB_AGENT_INSTALL = cmd, BMDB_AGENT_TIMEOUT = "1" } }
+    H.wait_until(function()
+      return c:one("SELECT count(*) AS n FROM work_history WHERE event = 'Failed' AND process = 'Initialize'").n == 2
+    end, 60, "both machines' initialization to fail")
+    stop(i)
+    local cause = {}
+    for _, row in ipairs(c:query("SELECT machine_id, cause FROM work_history WHERE event = 'Failed'")) do
+      cause[row.machine_id] = row.cause
+    end
+    assert.equal("agent-install exited 255: ssh: connect to host " .. failing .. " port 22: Connection refused",
+      cause[failing])
+    assert.matches("exec " .. cmd .. ": timed out after 1s; its process group was terminated", cause[hanging], 1, true)
+    local pid = tonumber(H.read_file(pidfile))
+    assert.is_number(pid)
+    assert.is_false(H.signal(pid, 0), "the command outlived its timeout")
+    assert.equal(0, c:one("SELECT count(*) AS n FROM machine_initialized").n)
+    c:close()
   end)
 
   -- An operator copies these selects to fleets of any size: the
@@ -70,7 +164,7 @@ describe("examples", function()
   end)
 
   it("seed rejects a bad count with a clear error", function()
-    local code, _, err = H.run(host { "seed.lua", "many" }, { env = { BMDB_DSN = dsn } })
+    local code, _, err = H.run(host { "seed.lua", "many" }, { env = env() })
     assert.equal(1, code)
     assert.matches("COUNT a whole number >= 1, got many", err, 1, true)
   end)
