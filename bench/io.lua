@@ -94,7 +94,7 @@ local function timed_script(name, setup, call, n)
     local bmdb = require "bmdb"
     local ffi = require "ffi"
     ffi.cdef "struct bench_ts { long s, ns; }; int clock_gettime(int, struct bench_ts *);"
-    local function now() local t = ffi.new("struct bench_ts"); ffi.C.clock_gettime(1, t); return t.s + t.ns / 1e9 end
+    local function now() local t = ffi.new("struct bench_ts"); ffi.C.clock_gettime(1, t); return tonumber(t.s) + tonumber(t.ns) / 1e9 end
     ]] .. setup .. [[
     local t0 = now()
     for _ = 1, ]] .. n .. [[ do ]] .. call .. [[ end
