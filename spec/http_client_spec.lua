@@ -65,19 +65,11 @@ describe("bmdb.http", function()
     return path
   end
 
+  -- Each machine is wanted by one process, so its history is that process's.
   local function new_machine(process)
     local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
     admin:exec("INSERT INTO wanted VALUES ($1, $2)", m, process)
     return m
-  end
-
-  local function events(m, process)
-    local out = {}
-    for _, r in ipairs(admin:query([[SELECT event FROM work_history WHERE machine_id = $1 AND process = $2
-                                     ORDER BY occurred_at, history_id]], m, process)) do
-      out[#out + 1] = r.event
-    end
-    return out
   end
 
   local function closed_hangs() return #srv:events("closed") end
@@ -162,7 +154,7 @@ describe("bmdb.http", function()
     H.wait_until(function()
       local done = 0
       for _, m in ipairs { a, b } do
-        for _, ev in ipairs(events(m, "Hang")) do if ev == "Finished" then done = done + 1 end end
+        for _, ev in ipairs(H.events(admin, m)) do if ev == "Finished" then done = done + 1 end end
       end
       return done >= 1
     end, 30, "the slot to finish an item after the aborted one")
@@ -200,7 +192,7 @@ describe("bmdb.http", function()
     assert.is_true(got == n or got == n + 1, ("server got %d, body completed %d"):format(got, n))
     h:kill("TERM")
     assert.equal(0, h:wait(40), h:stderr())
-    assert.same({ "Started", "Canceled" }, events(m, "Loop"))
+    assert.same({ "Started", "Canceled" }, H.events(admin, m))
     assert.is_true(closed_hangs() >= before) -- (the aborted one was a sleep, not a hang)
   end)
 
@@ -237,6 +229,6 @@ describe("bmdb.http", function()
     assert.equal(0, h:wait(40), h:stderr())
     assert.matches('msg="request ended" kind=canceled', h:stderr())
     assert.is_true(closed_hangs() > before, "the server saw no connection closed")
-    assert.same({ "Started", "Canceled" }, events(m, "Drain"))
+    assert.same({ "Started", "Canceled" }, H.events(admin, m))
   end)
 end)
