@@ -59,6 +59,7 @@ extern char **environ;
 #define CHUNK 65536
 /* Without a pidfd (a kernel before 5.3) the leader's exit is polled. */
 #define NO_PIDFD_POLL_MS 10
+#define NO_FENCE_FD_POLL_MS 100
 
 /* ---- options ----------------------------------------------------------- */
 
@@ -373,8 +374,10 @@ static void feed(run *r) {
     close_fd(&r->in_fd);
 }
 
-/* Reads what stream i holds now, keeping up to max bytes; a byte past it
- * sets too_large and is dropped (during a stop the rest is only drained). */
+/* Reads what stream i holds now, keeping up to max bytes. A read past
+ * them sets too_large, is dropped, and ends this turn: a command that
+ * writes as fast as we read cannot keep the caller here (during a stop,
+ * the rest is only drained, a chunk a turn). */
 static void collect(run *r, int i) {
     stream *s = &r->out[i];
     char sink[4096];
@@ -401,6 +404,7 @@ static void collect(run *r, int i) {
         ssize_t n = read(s->fd, dst, want);
         if (n > 0 && dst == sink) {
             if (!r->too_large) r->too_large = 1 + i;
+            return;
         } else if (n > 0) {
             s->len += (size_t)n;
         } else if (n == 0) {
@@ -510,7 +514,9 @@ static iofence_stop wait_run(run *r, iofence *f) {
         if (r->in_fd >= 0) p[n++] = (struct pollfd){.fd = r->in_fd, .events = POLLOUT};
         for (int i = 0; i < 2; i++)
             if (r->out[i].fd >= 0) p[n++] = (struct pollfd){.fd = r->out[i].fd, .events = POLLIN};
-        int ms = iofence_poll_ms(f, !r->reaped && r->pidfd < 0 ? NO_PIDFD_POLL_MS : -1);
+        /* Without its eventfd (out of descriptors) the fence is polled. */
+        int cap = !r->reaped && r->pidfd < 0 ? NO_PIDFD_POLL_MS : f->fd < 0 ? NO_FENCE_FD_POLL_MS : -1;
+        int ms = iofence_poll_ms(f, cap);
         if (poll(p, (nfds_t)n, ms) < 0 && errno != EINTR) {
             r->io_err = errno;
             return IOFENCE_GO;
@@ -610,8 +616,8 @@ static int l_exec(lua_State *L) {
     }
 
     /* SIGPIPE (a command that stops reading its stdin) must not kill a
-     * process that does not block it (busted's LuaJIT): blocked
-     * here, and what a write raised is taken back before unblocking. */
+     * process that does not block it, as busted's LuaJIT: blocked here,
+     * and the one a write raised is taken back before the mask is. */
     sigset_t pipe_sig, old_mask;
     sigemptyset(&pipe_sig);
     sigaddset(&pipe_sig, SIGPIPE);
