@@ -24,7 +24,7 @@ MIGRATIONS:= $(sort $(wildcard migrations/*.sql))
 
 BUSTED    := busted --lua=luajit
 
-.PHONY: all deps check-deps bench-deps run check check-asan asan-host check-tsan tsan-host check-all bench install clean
+.PHONY: all deps check-deps bench-deps bench-io run check check-asan asan-host check-tsan tsan-host check-all bench install clean
 
 all: $(BUILD)/bmdb-host $(BUILD)/bmdb/core.so $(BUILD)/fake-provider
 
@@ -172,11 +172,17 @@ bench-deps: deps
 	  npm ci --no-audit --no-fund --loglevel=error; fi
 
 bench: bench-deps
-	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop
+	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop $(BUILD)/spawn-loop
 	luajit bench/run.lua
+	luajit bench/io.lua
 
-# posix_spawn's own rate, beside bench/exec_loop.lua's through bmdb.exec:
-# `make $(BUILD)/spawn-loop && $(BUILD)/spawn-loop [N]`.
+# Body I/O alone (bench/io.lua): abort latency, bmdb.http and bmdb.exec
+# against plain C loops.
+bench-io: deps
+	@$(MAKE) --no-print-directory all $(BUILD)/curl-loop $(BUILD)/spawn-loop
+	luajit bench/io.lua
+
+# posix_spawn's own rate, the baseline of bmdb.exec's in bench/io.lua.
 $(BUILD)/spawn-loop: bench/spawn_loop.c | $(BUILD)
 	$(CC) $(BASE_CFLAGS) $(CFLAGS) -o $@ $<
 
@@ -192,6 +198,7 @@ install: all
 	install -D -m 0644 lua/bmdb/exec.lua $(DESTDIR)$(LUA_SHARE)/bmdb/exec.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0644 lua/bmdb/json.lua $(DESTDIR)$(LUA_SHARE)/bmdb/json.lua
+	install -D -m 0644 lua/bmdb/http.lua $(DESTDIR)$(LUA_SHARE)/bmdb/http.lua
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 
 clean:

@@ -1,7 +1,7 @@
 /* iofence.h -- when a host-owned I/O call must stop, and a descriptor that
  * says so the moment it may have to.
  *
- * bmdb.http, bmdb.exec and the waits of bmdb.limit run outside the
+ * bmdb.http and bmdb.exec run outside the
  * database, so the fence of a transaction cannot reach them. This one
  * does: a call stops when its own timeout passes, when an item of its
  * Lua state has its lock taken away (timeout, operator cancel, takeover:

@@ -703,7 +703,7 @@ int luaopen_bmdb_core(lua_State *L) {
     lboot_register(L);
     lcontrol_register(L);
     lhttp_register(L);
-    lexec_register(L);
     ljson_register(L);
+    lexec_register(L);
     return 1;
 }

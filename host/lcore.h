@@ -29,9 +29,9 @@ void lcontrol_register(lua_State *L);
 void lhttp_register(lua_State *L);
 /* libcurl's global set-up: main() calls it before any thread starts. */
 void lhttp_global_init(void);
-void lexec_register(lua_State *L); /* core.exec: lexec.c */
 /* core.json_encode, core.json_decode, core.json_null, core.json_array (ljson.c) */
 void ljson_register(lua_State *L);
+void lexec_register(lua_State *L); /* core.exec: lexec.c */
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

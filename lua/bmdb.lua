@@ -1,7 +1,7 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold, http, exec, json
+--   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec
 --
 -- README's "The Lua API" describes each. The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
@@ -24,6 +24,6 @@ return {
   hold = I.hold,
   unhold = I.unhold,
   http = { request = require("bmdb.http").request },
-  exec = require "bmdb.exec",
   json = require "bmdb.json",
+  exec = require "bmdb.exec",
 }
