@@ -702,5 +702,6 @@ int luaopen_bmdb_core(lua_State *L) {
     lslot_register(L);
     lboot_register(L);
     lcontrol_register(L);
+    llimit_register(L);
     return 1;
 }

@@ -3,8 +3,9 @@
  * One luaopen_bmdb_core() for the binary's states and for busted (build/
  * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
  * transactions, locks, host services), of lslot.c (what the slots' loop
- * uses) and of lboot.c (open, close, embedded, connect: the bootstrap for
- * specs and bmdb.testing). */
+ * uses), of lboot.c (open, close, embedded, connect: the bootstrap for
+ * specs and bmdb.testing), of lcontrol.c (work control) and of llimit.c
+ * (the waits and releases of bmdb.limit). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -26,6 +27,7 @@ void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CF
 void lslot_register(lua_State *L);
 void lboot_register(lua_State *L);
 void lcontrol_register(lua_State *L);
+void llimit_register(lua_State *L);
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

@@ -35,12 +35,13 @@ typedef struct family {
 
 static const double heartbeat_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
 static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600};
+static const double limit_bounds[] = {0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
 #define NB(a) (int)(sizeof a / sizeof *a)
 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
-    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_COUNT
+    F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_LIMIT_WAITS, F_LIMIT_WAIT_SECONDS, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -78,6 +79,12 @@ static family families[F_COUNT] = {
                             "Items claimed ahead by default that waited too long and were given back, by "
                             "process (slots.h).",
                             COUNTER, NULL, 0, NULL},
+    [F_LIMIT_WAITS] = {"bmdb_limit_waits_total",
+                       "Takes of a fleet-wide limit (bmdb.limit) that had to wait, by limit.", COUNTER, NULL, 0,
+                       NULL},
+    [F_LIMIT_WAIT_SECONDS] = {"bmdb_limit_wait_seconds",
+                              "How long a take of a limit that had to wait waited in all, by limit.", HISTOGRAM,
+                              limit_bounds, NB(limit_bounds), NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -189,6 +196,13 @@ void metrics_item_given_back(const char *process) {
     char l[128];
     labels(l, sizeof l, "process", process, NULL, NULL);
     add(F_ITEMS_GIVEN_BACK, l, 1);
+}
+
+void metrics_limit_wait(const char *limit, double seconds) {
+    char l[128];
+    labels(l, sizeof l, "limit", limit, NULL, NULL);
+    add(F_LIMIT_WAITS, l, 1);
+    observe(F_LIMIT_WAIT_SECONDS, l, seconds);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }
@@ -322,7 +336,7 @@ void metrics_render(FILE *out) {
         /* An unlabelled counter is 0 before its first event: present, so a
          * rate() over it starts at the host's start. */
         if (!f->series && f->kind == COUNTER && i != F_TX_RETRIED && i != F_HEARTBEATS &&
-            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY)
+            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY && i != F_LIMIT_WAITS)
             fprintf(out, "%s 0\n", f->name);
         for (const series *s = f->series; s; s = s->next) {
             if (f->kind == HISTOGRAM) render_histogram(out, f, s);

@@ -38,6 +38,10 @@ void metrics_items_waiting(const char *process, int n);
 /* An item claimed ahead was given back (slots.h, SLOT_GIVE_BACK_S). */
 void metrics_item_given_back(const char *process);
 
+/* A take of limit (bmdb.limit) that had to wait, and for how long in all
+ * (its wait however it ended: a token or place, max_wait, a fence stop). */
+void metrics_limit_wait(const char *limit, double seconds);
+
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */
 void metrics_strays_released(long n);

@@ -1,9 +1,10 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold
+--   worker, is_error, cancel, pause, resume, hold, unhold, limit
 --
--- README's "The Lua API" describes each. The implementation, and what the
+-- README's "The Lua API" describes each (limit: "Limits shared by the
+-- fleet", in bmdb/limit.lua). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
 
@@ -23,4 +24,5 @@ return {
   resume = I.resume,
   hold = I.hold,
   unhold = I.unhold,
+  limit = require("bmdb.limit").limit,
 }
