@@ -124,7 +124,7 @@ static int l_limit_guard(lua_State *L) {
     lua_pushvalue(L, 4);
     for (int i = 5; i <= top; i++) lua_pushvalue(L, i);
     int st = lua_pcall(L, top - 4, LUA_MULTRET, 0);
-    if (name && st == 0) {
+    if (name) {
         give_back(name, token, s);
         if (lua_istable(L, handle)) {
             lua_pushliteral(L, "released");

@@ -227,6 +227,7 @@ describe("bmdb.limit", function()
       local ok, err = pcall(lim.run, lim, function() error(raised, 0) end)
       assert.is_false(ok)
       assert.equal(raised, err) -- the same object
+      assert.equal(0, admin:one("SELECT count(*) AS n FROM limit_places WHERE name = 'runner'").n)
       ok, err = pcall(lim.run, lim, function() error("plain text", 0) end)
       assert.equal("plain text", err)
       assert.equal(0, admin:one("SELECT count(*) AS n FROM limit_places WHERE name = 'runner'").n)
@@ -411,5 +412,60 @@ describe("bmdb.limit", function()
     assert.is_true(admin:one("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ + INTERVAL '30 seconds' AS sooner",
       got.at, waiting.at).sooner)
     stop(a, b)
+  end)
+
+  describe("on a server without notifications", function()
+    local quiet -- a DSN whose role may not call pg_notify: the releases notify nobody
+
+    setup(function()
+      admin:exec("CREATE ROLE quiet LOGIN")
+      admin:exec("GRANT ALL ON ALL TABLES IN SCHEMA public TO quiet")
+      admin:exec("REVOKE EXECUTE ON FUNCTION pg_notify(TEXT, TEXT) FROM PUBLIC")
+      quiet = dsn:gsub("user=bmdb", "user=quiet")
+    end)
+
+    teardown(function() admin:exec("GRANT EXECUTE ON FUNCTION pg_notify(TEXT, TEXT) TO PUBLIC") end)
+
+    it("a release wakes a waiter of its own host at once", function()
+      local go = dir .. "/go_local"
+      local env = { BMDB_DSN = quiet, PROCESS = "Local", LIMIT = "local", CONC = 1, RECHECK = 60, GO = go,
+                    SLOTS = 2, HOST = "a" }
+      want("Local", "holdrun")
+      local a = start_host(env, { "--no-migrate", "--interval", "60", "--log-level", "debug" })
+      H.wait_until(function() return records("Local", "holding") == 1 end, 30, "the holder")
+      want("Local", "wait")
+      a:await("stderr", 'msg="waiting for a limit" limit=local', 30)
+      H.write_file(go, "")
+      H.wait_until(function() return records("Local", "got") == 1 end, 25, "the waiter to get the place")
+      local got, waiting = record("Local", "got"), record("Local", "waiting")
+      assert.is_true(got.n <= 3, "take attempts: " .. got.n)
+      assert.is_true(admin:one("SELECT $1::TIMESTAMPTZ < $2::TIMESTAMPTZ + INTERVAL '60 seconds' AS sooner",
+        got.at, waiting.at).sooner)
+      stop(a)
+    end)
+
+    it("a waiter on another host looks again every recheck period, and gets the place", function()
+      local go = dir .. "/go_remote"
+      local env = { BMDB_DSN = quiet, PROCESS = "Remote", LIMIT = "remote", CONC = 1, RECHECK = 0.5, GO = go,
+                    SLOTS = 1 }
+      want("Remote", "holdrun")
+      env.HOST = "a"
+      local a = start_host(env, { "--no-migrate", "--interval", "60" })
+      H.wait_until(function() return records("Remote", "holding") == 1 end, 30, "the holder")
+      env.HOST = "b"
+      local b = start_host(env, { "--no-migrate", "--interval", "60", "--log-level", "debug" })
+      want("Remote", "wait")
+      b:await("stderr", 'msg="waiting for a limit" limit=remote', 30)
+      H.write_file(go, "")
+      H.wait_until(function() return records("Remote", "got") == 1 end, 25, "the waiter to get the place")
+      local got = record("Remote", "got")
+      -- One look per recheck period while it waited, and the first: a
+      -- bounded number of statements, however long the wait.
+      local waited = admin:one("SELECT extract(epoch FROM $1::TIMESTAMPTZ - $2::TIMESTAMPTZ)::FLOAT8 AS s",
+        got.at, record("Remote", "waiting").at).s
+      assert.is_true(got.n >= 2, "take attempts: " .. got.n)
+      assert.is_true(got.n <= math.ceil(waited / 0.5) + 2, "take attempts: " .. got.n .. " in " .. waited .. "s")
+      stop(a, b)
+    end)
   end)
 end)
