@@ -165,6 +165,7 @@ install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
 	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
+	install -D -m 0644 lua/bmdb/limit.lua $(DESTDIR)$(LUA_SHARE)/bmdb/limit.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 

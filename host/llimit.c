@@ -14,6 +14,7 @@
 #include <lauxlib.h>
 #include <math.h>
 #include <poll.h>
+#include <stdio.h>
 #include <string.h>
 #include <uuid/uuid.h>
 
