@@ -196,6 +196,7 @@ install: all
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
 	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
 	install -D -m 0644 lua/bmdb/exec.lua $(DESTDIR)$(LUA_SHARE)/bmdb/exec.lua
+	install -D -m 0644 lua/bmdb/limit.lua $(DESTDIR)$(LUA_SHARE)/bmdb/limit.lua
 	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
 	install -D -m 0644 lua/bmdb/json.lua $(DESTDIR)$(LUA_SHARE)/bmdb/json.lua
 	install -D -m 0644 lua/bmdb/http.lua $(DESTDIR)$(LUA_SHARE)/bmdb/http.lua

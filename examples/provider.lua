@@ -19,6 +19,10 @@ M.name = "fake"
 M.url = (os.getenv("BMDB_PROVIDER_URL") or "http://127.0.0.1:8099"):gsub("/+$", "")
 M.timeout = 30 -- seconds for a whole call; the item's timeout bounds it too
 
+-- Creates are rationed across the fleet, whatever the number of hosts and
+-- slots: 120 a minute, in bursts of up to 10 (a provider's API quota). A
+-- limiter is a local object; its limit is the fleet's rows.
+local creates = bmdb.limit("provider-create", { rate = 120, per = 60, burst = 10 })
 
 local function call(method, path, opts)
   local r = bmdb.http.request {
@@ -35,6 +39,7 @@ end
 -- retried (its answer lost, the host gone before it recorded the device)
 -- gets the device the first one made (200), never a second device.
 function M.create(machine)
+  creates:take() -- fenced: a lost lock stops the wait
   local r = call("POST", "/devices", { json = { machine = machine }, headers = { ["Idempotency-Key"] = machine } })
   if type(r.json.id) ~= "string" then error("provider: POST /devices answered without a device id", 0) end
   return r.json.id

@@ -4,7 +4,8 @@
 -- live work or backoff for Provision. Run as many copies as you like: the
 -- work rows keep any machine from being provisioned twice at once, and the
 -- create's idempotency key (the machine's id) keeps a retried create from
--- making a second device.
+-- making a second device. Creates share the fleet's rate limit
+-- ("provider-create", provider.lua).
 local bmdb = require "bmdb"
 local provider = require "provider"
 

@@ -96,6 +96,9 @@ describe("the example workers", function()
     assert.equal("fake", p.provider)
     assert.equal(m, provider.get("/devices/" .. p.provider_id).machine)
     assert.equal(before + 1, provider.get("/_stats").devices)
+    -- the create took its token from the fleet's limit (provider.lua)
+    assert.same({ kind = "rate", rate = 120, per = 60, burst = 10 },
+      db:one("SELECT kind, rate, per, burst FROM limits WHERE name = 'provider-create'"))
     -- provided now: no longer a candidate
     assert.is_nil(T.run_one("examples/provisioner.lua", "Provision", { machine = m }))
   end)

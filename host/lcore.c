@@ -705,5 +705,6 @@ int luaopen_bmdb_core(lua_State *L) {
     lhttp_register(L);
     ljson_register(L);
     lexec_register(L);
+    llimit_register(L);
     return 1;
 }

@@ -4,7 +4,9 @@
  * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
  * transactions, locks, host services), of lslot.c (what the slots' loop
  * uses), of lboot.c (open, close, embedded, connect: the bootstrap for
- * specs and bmdb.testing) and of lexec.c (exec: a command as a body's I/O). */
+ * specs and bmdb.testing), of lcontrol.c (work control), of lexec.c (exec:
+ * a command as a body's I/O) and of llimit.c (the waits and releases of
+ * bmdb.limit). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -32,6 +34,7 @@ void lhttp_global_init(void);
 /* core.json_encode, core.json_decode, core.json_null, core.json_array (ljson.c) */
 void ljson_register(lua_State *L);
 void lexec_register(lua_State *L); /* core.exec: lexec.c */
+void llimit_register(lua_State *L);
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

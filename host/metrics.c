@@ -36,13 +36,14 @@ typedef struct family {
 static const double heartbeat_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
 static const double http_bounds[] = {0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 static const double work_bounds[] = {0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 3600};
+static const double limit_bounds[] = {0.01, 0.05, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 300};
 #define NB(a) (int)(sizeof a / sizeof *a)
 
 enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
     F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_HTTP_REQUESTS, F_HTTP_SECONDS, F_EXEC_TOTAL,
-    F_EXEC_SECONDS, F_COUNT
+    F_EXEC_SECONDS, F_LIMIT_WAITS, F_LIMIT_WAIT_SECONDS, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -92,6 +93,12 @@ static family families[F_COUNT] = {
                       COUNTER, NULL, 0, NULL},
     [F_EXEC_SECONDS] = {"bmdb_exec_seconds", "Time from a bmdb.exec command's start to its end, by command.",
                         HISTOGRAM, work_bounds, NB(work_bounds), NULL},
+    [F_LIMIT_WAITS] = {"bmdb_limit_waits_total",
+                       "Takes of a fleet-wide limit (bmdb.limit) that had to wait, by limit.", COUNTER, NULL, 0,
+                       NULL},
+    [F_LIMIT_WAIT_SECONDS] = {"bmdb_limit_wait_seconds",
+                              "How long a take of a limit that had to wait waited in all, by limit.", HISTOGRAM,
+                              limit_bounds, NB(limit_bounds), NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -234,6 +241,13 @@ void metrics_exec(const char *command, const char *outcome, double seconds) {
     observe(F_EXEC_SECONDS, l, seconds);
 }
 
+void metrics_limit_wait(const char *limit, double seconds) {
+    char l[128];
+    labels(l, sizeof l, "limit", limit, NULL, NULL);
+    add(F_LIMIT_WAITS, l, 1);
+    observe(F_LIMIT_WAIT_SECONDS, l, seconds);
+}
+
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }
 void metrics_strays_released(long n) { add(F_STRAYS_RELEASED, "", (double)n); }
 
@@ -365,7 +379,8 @@ void metrics_render(FILE *out) {
         /* An unlabelled counter is 0 before its first event: present, so a
          * rate() over it starts at the host's start. */
         if (!f->series && f->kind == COUNTER && i != F_TX_RETRIED && i != F_HEARTBEATS &&
-            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY && i != F_EXEC_TOTAL)
+            i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY && i != F_EXEC_TOTAL &&
+            i != F_LIMIT_WAITS)
             fprintf(out, "%s 0\n", f->name);
         for (const series *s = f->series; s; s = s->next) {
             if (f->kind == HISTOGRAM) render_histogram(out, f, s);

@@ -47,6 +47,9 @@ void metrics_http(const char *host, int status, double seconds);
  * as command="other", so a script cannot grow the registry unbounded. */
 #define EXEC_COMMANDS_MAX 32
 void metrics_exec(const char *command, const char *outcome, double seconds);
+/* A take of limit (bmdb.limit) that had to wait, and for how long in all
+ * (its wait however it ended: a token or place, max_wait, a fence stop). */
+void metrics_limit_wait(const char *limit, double seconds);
 
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */

@@ -32,6 +32,7 @@
 
 #include "control.h"
 #include "lifecycle.h"
+#include "limit.h"
 #include "log.h"
 #include "metrics.h"
 #include "lstate.h"
@@ -193,9 +194,11 @@ static PGconn *listen_conn(void) {
     char err[512];
     PGconn *c = pool_connect_own(the_pool, err, sizeof err);
     if (!c) return NULL;
-    /* bmdb_cancel: an operator canceled a lock; the payload is its token */
-    static const char *const listens[] = {"LISTEN bmdb_wake", "LISTEN bmdb_cancel"};
-    for (int i = 0; i < 2; i++) {
+    /* bmdb_cancel: an operator canceled a lock; the payload is its token.
+     * bmdb_limit: a place of a limit was given back; the payload is its
+     * name (limit.h). */
+    static const char *const listens[] = {"LISTEN bmdb_wake", "LISTEN bmdb_cancel", "LISTEN bmdb_limit"};
+    for (int i = 0; i < 3; i++) {
         PGresult *r = pool_exec_bounded(&c, listens[i], 0, NULL, mono_now() + LISTENER_WAIT_S, err, sizeof err);
         int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
         const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -214,6 +217,7 @@ static PGconn *listen_conn(void) {
     }
     slot_set_notify_enabled();
     slot_wake(NULL); /* we may have missed notifications while away */
+    limit_released(NULL);
     return c;
 }
 
@@ -261,6 +265,7 @@ static void *listener_main(void *arg) {
         PGnotify *note;
         while ((note = PQnotifies(c))) {
             if (!strcmp(note->relname, "bmdb_cancel")) control_lost_token(note->extra, "canceled by an operator");
+            else if (!strcmp(note->relname, "bmdb_limit")) limit_released(note->extra);
             else slot_wake(note->extra);
             PQfreemem(note);
         }

@@ -1,9 +1,10 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec
+--   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec, limit
 --
--- README's "The Lua API" describes each. The implementation, and what the
+-- README's "The Lua API" describes each (limit: "Limits shared by the
+-- fleet", in bmdb/limit.lua). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
 
@@ -26,4 +27,5 @@ return {
   http = { request = require("bmdb.http").request },
   json = require "bmdb.json",
   exec = require "bmdb.exec",
+  limit = require("bmdb.limit").limit,
 }

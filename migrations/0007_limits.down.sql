@@ -1,0 +1,2 @@
+DROP TABLE limit_places;
+DROP TABLE limits;
