@@ -235,6 +235,29 @@ describe("bmdb.limit", function()
       lim:release()
     end)
 
+    it("concurrency: a place a body took and never gave back goes back when its item ends", function()
+      local lim = bmdb.limit("forgotten", { concurrency = 1 })
+      local places = "SELECT count(*) AS n FROM limit_places WHERE name = 'forgotten'"
+      local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+      local held_inside
+      bmdb.work(m, "LimitLeak", function()
+        lim:take()
+        held_inside = admin:one(places).n
+      end)
+      assert.equal(1, held_inside)
+      assert.equal(0, admin:one(places).n)
+      -- also when the body raised, and not twice when it gave it back
+      local ok = pcall(bmdb.work, m, "LimitLeak2", function() lim:take(); error("boom", 0) end)
+      assert.is_false(ok)
+      assert.equal(0, admin:one(places).n)
+      bmdb.work(m, "LimitLeak3", function() assert.is_true(lim:take():release()) end)
+      assert.equal(0, admin:one(places).n)
+      -- outside work a place is the session's until given back
+      lim:take()
+      assert.equal(1, admin:one(places).n)
+      assert.is_true(lim:release())
+    end)
+
     it("a name is one limit: a take of the other kind is refused", function()
       bmdb.limit("onekind", { concurrency = 2 }):run(function() end)
       local r = bmdb.limit("onekind", { rate = 5 })

@@ -643,9 +643,20 @@ local function run_body(w, body)
 end
 -- The item stays tracked while it is settled: a cancel notified meanwhile
 -- still marks it lost.
+-- Then what the body left to the item's end (bmdb.at_item_end) runs,
+-- last registered first: the item is untracked, so no lost hook cuts it.
 function bmdb.run(w, body)
   local r = { pcall(run_body, w, body) }
   if w._token then core.untrack(w._token) end
+  local at_end = w._at_end
+  w._at_end = nil
+  for i = #(at_end or {}), 1, -1 do
+    local ok, err = pcall(at_end[i])
+    if not ok then
+      core.log("warn", "cleanup at the end of an item failed",
+               { "machine", w.machine, "process", w.process, "error", bmdb.describe(err) })
+    end
+  end
   if not r[1] then error(r[2], 0) end
   return unpack(r, 2, table.maxn(r))
 end
@@ -664,6 +675,18 @@ function bmdb.try_work(machine, process, body, opts)
   local w, err = bmdb.lock(machine, process, opts, "try_work", 2)
   if not w then return nil, err end
   return bmdb.run(w, body)
+end
+
+-- fn() runs once the running item has ended, however it ended (for
+-- what a module holds on the item's behalf, such as bmdb.limit's
+-- places). False outside work: nothing is registered.
+function bmdb.at_item_end(fn)
+  local w = current_work
+  if not w then return false end
+  local t = w._at_end or {}
+  t[#t + 1] = fn
+  w._at_end = t
+  return true
 end
 
 function bmdb.session()

@@ -289,11 +289,20 @@ function Limiter:take(opts)
   local io = I.io_session()
   if self.kind == "rate" then return take_rate(self, max_wait, io) end
   local sess = io or core.session()
-  return core.limit_guard(self.name, sess, function(token)
+  local h = core.limit_guard(self.name, sess, function(token)
     local h = take_place(self, max_wait, token, io, sess)
     self._held[#self._held + 1] = h -- last: lim:release() finds it
     return h
   end)
+  -- A place a body forgot goes back with its item, not its session: a
+  -- leak would otherwise stall every host on the limit until restarts.
+  I.at_item_end(function()
+    if h.released then return end
+    core.log("warn", "a place the body took was not given back; giving it back as its item ended",
+             { "limit", self.name, "place", h.place })
+    h:release()
+  end)
+  return h
 end
 
 -- Takes, runs fn(...), and for a concurrency limit gives the place back
