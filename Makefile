@@ -109,7 +109,7 @@ check: check-deps
 # libasan preloaded into LuaJIT, and through it into every PostgreSQL the
 # specs start).
 SAN_FLAGS   := -fsanitize=address,undefined
-ASAN_CFLAGS := -O1 -g $(SAN_FLAGS) -fno-omit-frame-pointer
+ASAN_CFLAGS := -O1 -g $(SAN_FLAGS) -fno-omit-frame-pointer -DBMDB_LOCKCHECK
 ASAN_ENV    := BMDB_HOST_BIN=$(CURDIR)/build/asan/bmdb-host ASAN_OPTIONS=detect_leaks=1 \
                UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 asan-host:
@@ -131,7 +131,7 @@ TSAN_FLAGS  := -fsanitize=thread
 TSAN_SPECS  := spec/worker_spec.lua spec/transact_spec.lua spec/session_spec.lua spec/work_spec.lua \
                spec/fencing_spec.lua spec/control_spec.lua spec/shutdown_spec.lua spec/http_spec.lua
 tsan-host:
-	@$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS='-O1 -g $(TSAN_FLAGS) -fno-omit-frame-pointer' \
+	@$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS='-O1 -g $(TSAN_FLAGS) -fno-omit-frame-pointer -DBMDB_LOCKCHECK' \
 	  LDFLAGS='$(TSAN_FLAGS)' build/tsan/bmdb-host
 
 check-tsan: check-deps
