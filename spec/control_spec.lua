@@ -1,4 +1,4 @@
--- Work control (issue 12): item fences, timeouts, poison pills, operator
+-- Work control: item fences, timeouts, poison pills, operator
 -- cancel, pause and hold, with real hosts and a real PostgreSQL.
 local H = require "support.helpers"
 local bmdb = require "bmdb"

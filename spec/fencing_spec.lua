@@ -1,5 +1,5 @@
 -- Fencing and liveness under faults: each case is a defect a review or an
--- adversarial run found (issue 8, "Fencing and liveness"), reproduced
+-- adversarial run found, reproduced
 -- against a real PostgreSQL and real hosts.
 local H = require "support.helpers"
 local bmdb = require "bmdb"

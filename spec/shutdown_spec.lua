@@ -48,7 +48,7 @@ describe("shutdown", function()
   -- The session ended in order: its row is deleted, and the lock it held
   -- on m is released and recorded Canceled.
   -- event: how the item ended (a body that called os.exit failed it:
-  -- a poison pill backs off, issue 12).
+  -- a poison pill backs off).
   local function ended_in_order(session, m, event)
     assert.equal(0, admin:one("SELECT count(*) AS n FROM sessions WHERE session_id = $1", session).n)
     assert.equal(0, admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", m).n)

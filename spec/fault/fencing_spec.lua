@@ -215,7 +215,7 @@ describe("fault: fencing", function()
     survived = survived + 1
   end)
 
-  -- Defect 1 of issue 8: a COMMIT that stalls (here a deferred trigger that
+  -- A COMMIT that stalls (here a deferred trigger that
   -- sleeps, then the host's server processes stopped) must not land after
   -- a takeover: either the old holder's commit or the new holder's, never
   -- both.
