@@ -345,7 +345,7 @@ end
 
 -- ITEMS machines made eligible in one statement while the hosts idle; the
 -- clock runs from its return until the todo table is empty.
--- The commit function defers its DELETE (tx:defer), as README advises;
+-- The commit function defers its DELETE (tx:defer), as docs/workers.md advises;
 -- with verb "exec" it waits for the DELETE's answer instead. ahead: as
 -- for noop().
 local function bench_host(hosts_n, slots, what, verb, ahead)
@@ -626,7 +626,7 @@ one statement (`INSERT INTO todo ... ; pg_notify`) while the hosts idle;
 the body only calls `w:finish` with one `DELETE FROM todo`, which its
 commit function defers (`tx:defer`; in the row "with tx:exec" it waits
 for the DELETE's answer instead). The worker leaves `ahead` out, so it
-claims ahead while its items are short, as by default (README); the row
+claims ahead while its items are short, as by default (docs/workers.md); the row
 "not claiming ahead" has `ahead = 0`. The clock runs
 from that statement's return until `todo` is empty (polled every 10 ms).
 Retries per claim are the hosts' own `claims` and `retries` (logged when

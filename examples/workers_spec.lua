@@ -1,5 +1,5 @@
 -- An operator's spec for the example workers, written with bmdb.testing.
--- Run it like any busted spec (README: "Testing your own workers"), from
+-- Run it like any busted spec (docs/testing.md: "Testing your own workers"), from
 -- the repository's top directory after `make` (it starts
 -- build/fake-provider).
 --

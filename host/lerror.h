@@ -2,7 +2,7 @@
  *
  * An error object is a table {kind=, message=, ...} with the metatable
  * "bmdb.error" (tostring gives a readable line). kind says what happened
- * and so what the caller can do: README's "Errors" lists the kinds. C code
+ * and so what the caller can do: docs/api.md's "Errors" lists the kinds. C code
  * decides by kind (an exit status, a retry), never by searching the text.
  * Objects stay objects through lerror_traceback, which attaches the
  * traceback as the field `traceback` instead of flattening the error to a

@@ -7,7 +7,7 @@
  * byte counts and request bodies through JSON, and idempotency keys are
  * built from encoded text, so the codec must keep every number, keep []
  * apart from {}, and write the same value the same way every time (object
- * keys sorted). README "JSON: bmdb.json" is the contract.
+ * keys sorted). docs/talking-to-the-world.md, "JSON: bmdb.json", is the contract.
  *
  * Errors longjmp (lua_error), so nothing here is malloc'ed: the encoder's
  * output and its sorted keys live in userdata on the Lua stack (a buffer

@@ -1,6 +1,6 @@
 /* lvalue.c -- Lua values to statement parameters, results to Lua values.
  *
- * Like lauxlib.c, this file only translates: the rules are README's
+ * Like lauxlib.c, this file only translates: the rules are docs/api.md's
  * "Parameters" and "Results". Nothing here runs SQL; lcore.c and lboot.c
  * hand it a statement's arguments and its result. */
 #include "lvalue.h"

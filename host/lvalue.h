@@ -1,6 +1,6 @@
 /* lvalue.h -- Lua values to statement parameters, results to Lua values.
  *
- * The conversion rules are README's "Parameters" and "Results". Errors
+ * The conversion rules are docs/api.md's "Parameters" and "Results". Errors
  * are bmdb error objects: an argument the statement cannot take is a
  * "usage" error worded as luaL_argerror words it. */
 #ifndef BMDB_LVALUE_H

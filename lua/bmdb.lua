@@ -3,8 +3,9 @@
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
 --   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec, limit
 --
--- README's "The Lua API" describes each (limit: "Limits shared by the
--- fleet", in bmdb/limit.lua). The implementation, and what the
+-- docs/api.md describes each (worker: docs/workers.md; cancel, pause,
+-- resume, hold, unhold: docs/work-control.md; http, json, exec, limit:
+-- docs/talking-to-the-world.md). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
 

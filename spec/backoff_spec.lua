@@ -1,4 +1,4 @@
--- The backoff rules of README "Backoff", as a pure computation.
+-- The backoff rules of docs/api.md "Backoff", as a pure computation.
 local bmdb = require "bmdb"
 
 describe("bmdb.backoff_next", function()

@@ -1,4 +1,4 @@
--- The shipped examples, run as README tells an operator to run them.
+-- The shipped examples, run as README ("Running it") tells an operator to run them.
 local H = require "support.helpers"
 local core = require "bmdb.core"
 local P = require "support.provider"

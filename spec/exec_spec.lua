@@ -248,8 +248,8 @@ describe("bmdb.exec", function()
     -- DIR: the sleeper's pid, each body's outcome. An item runs its role
     -- once; run again (after a cancel) it only finishes.
     --
-    -- A lock taken away also interrupts the body with a hook (README's
-    -- "Work control"), which raises once, at the body's next instruction:
+    -- A lock taken away also interrupts the body with a hook (docs/work-control.md:
+    -- timeouts, cancel), which raises once, at the body's next instruction:
     -- right after the call that raised, or a little later. So a body
     -- records its outcome as a file of that name, made even when the hook
     -- strikes between open and close, and tried again when it strikes

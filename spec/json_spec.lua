@@ -1,4 +1,4 @@
--- bmdb.json (README "JSON: bmdb.json"): in process, through build/bmdb/
+-- bmdb.json (docs/talking-to-the-world.md, "JSON: bmdb.json"): in process, through build/bmdb/
 -- core.so, and once in a script the binary runs.
 local H = require "support.helpers"
 local bmdb = require "bmdb"

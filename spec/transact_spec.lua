@@ -98,7 +98,7 @@ describe("bmdb.transact", function()
   end)
 
   -- tx:defer queues a statement without waiting for its answer: it rides
-  -- with the next statement's flight, or with COMMIT (README, "Deferred
+  -- with the next statement's flight, or with COMMIT (docs/api.md, "Deferred
   -- statements").
   describe("tx:defer", function()
     setup(function()

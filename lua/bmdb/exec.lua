@@ -1,6 +1,6 @@
 -- bmdb/exec.lua -- bmdb.exec(opts): a command run as the body's I/O,
--- fenced by the session of the running item (none outside work). README's
--- "Commands: bmdb.exec" says what it does; host/lexec.c does it, and
+-- fenced by the session of the running item (none outside work). docs/talking-to-the-world.md,
+-- "Commands: bmdb.exec", says what it does; host/lexec.c does it, and
 -- checks the options.
 local core = require "bmdb.core"
 local I = require "bmdb.internal"

@@ -88,7 +88,7 @@ function M.request(opts)
   if tls_verify ~= nil and type(tls_verify) ~= "boolean" then usage("tls_verify", "must be a boolean") end
   if opts.ca_file ~= nil and type(opts.ca_file) ~= "string" then usage("ca_file", "must be a path") end
   for k in pairs(opts) do
-    if not M.fields[k] then usage(tostring(k), "is not an option (see README, Talking to the world)") end
+    if not M.fields[k] then usage(tostring(k), "is not an option (see docs/talking-to-the-world.md)") end
   end
   local r = core.http_request({
     method = method, url = url, headers = lines, body = body,

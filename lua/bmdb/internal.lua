@@ -9,7 +9,7 @@
 -- the binary (where it is embedded) and under busted (where bmdb.core is
 -- build/bmdb/core.so).
 --
--- Errors (README "Errors"): every failure is an error object with a kind.
+-- Errors (docs/api.md, "Errors"): every failure is an error object with a kind.
 -- Programming errors (kind usage, nested, closed, definition) and lost
 -- fences (session_expired, lost, canceled), like sql and connection
 -- failures, are raised. Outcomes a correct script must expect -- the pair
@@ -233,7 +233,7 @@ local function grow(last, exponent)
   return math.ceil(last * exponent)
 end
 
--- Backoff periods (README "Backoff"): whole seconds, never below 1. Without a spec
+-- Backoff periods (docs/api.md, "Backoff"): whole seconds, never below 1. Without a spec
 -- the previous period is kept; without exponent > 1 a spec gives `initial`;
 -- otherwise each consecutive failure multiplies, rounds up and caps.
 function bmdb.backoff_next(spec, last)

@@ -1,5 +1,5 @@
 -- bmdb/json.lua -- bmdb.json: JSON that keeps every number and tells []
--- from {} (README "JSON: bmdb.json").
+-- from {} (docs/talking-to-the-world.md, "JSON: bmdb.json").
 --
 --   encode(v) -> string, decode(s) -> value, null, array(t), is_array(t)
 --

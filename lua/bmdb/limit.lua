@@ -1,5 +1,5 @@
 -- bmdb/limit.lua -- limits shared by every slot of every host:
--- bmdb.limit(name, spec) (README "Limits shared by the fleet").
+-- bmdb.limit(name, spec) (docs/talking-to-the-world.md, "Limits shared by the fleet").
 --
 -- A limit is rows (migration 0007), so it holds across hosts and restarts.
 -- A rate limit is one row of `limits` with its GCRA state, tat (the

@@ -6,7 +6,7 @@
 local H = require "support.helpers"
 local F = require "support.faults"
 
--- Tolerances (stated in README's Guarantees): memory may grow by 20% plus
+-- Tolerances (stated in docs/guarantees.md): memory may grow by 20% plus
 -- 4 MB (allocator and LuaJIT GC noise); descriptors by 4 (a connection
 -- being replaced at the moment of the sample); connections never exceed
 -- the pool (8). Under AddressSanitizer the quarantine holds freed memory
