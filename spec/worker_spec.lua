@@ -734,7 +734,7 @@ describe("workers", function()
   end)
 
   -- Without `ahead`, a worker claims ahead only while its items are short
-  -- (internal.lua, AHEAD_WITHIN: as many as its slots are expected to
+  -- (policy.lua, AHEAD_WITHIN: as many as its slots are expected to
   -- start within 10 ms), and not for a while after a conflict. One slot
   -- of no-op items: after its first eight, claims lock several. One slot
   -- of 50 ms items: every claim locks one. And one slot of no-op items
@@ -752,7 +752,7 @@ describe("workers", function()
     -- after a conflict, before any claim ahead, a slot claims one item at
     -- a time for its next 256 claims: the first claim is one in turn,
     -- which runs again; the third is in the transaction of a batch of
-    -- finishes, which then fails whole (internal.lua, claim_in_batch)
+    -- finishes, which then fails whole (claim.lua, in_batch)
     assert.equal(40, claims_for(40, { AHEAD = "default", CONFLICT_AT = "1" }))
     assert.equal(40, claims_for(40, { AHEAD = "default", CONFLICT_AT = "3" }))
   end)

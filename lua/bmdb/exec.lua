@@ -3,9 +3,9 @@
 -- "Commands: bmdb.exec", says what it does; host/lexec.c does it, and
 -- checks the options.
 local core = require "bmdb.core"
-local I = require "bmdb.internal"
+local T = require "bmdb.transact"
 
 return function(opts)
   -- A tail call: a bad option is reported at the caller's line.
-  return core.exec(opts, I.io_session())
+  return core.exec(opts, T.io_session())
 end

@@ -2,7 +2,7 @@
 -- and normalized for the transport in host/lhttp.c, which fences the
 -- request (host/iofence.h) and keeps the slot's connections alive.
 local core = require "bmdb.core"
-local I = require "bmdb.internal"
+local T = require "bmdb.transact"
 -- bmdb.json is loaded when a request first needs it.
 local json_module
 local function json()
@@ -94,7 +94,7 @@ function M.request(opts)
     method = method, url = url, headers = lines, body = body,
     timeout = seconds(opts, "timeout"), connect_timeout = seconds(opts, "connect_timeout"),
     max_body = max_body, tls_verify = tls_verify ~= false, ca_file = opts.ca_file,
-  }, I.io_session())
+  }, T.io_session())
   if is_json_type(r.headers["content-type"]) and r.body ~= "" then
     local ok, v = pcall(json().decode, r.body)
     if ok then r.json = v else r.json_error = tostring(v) end

@@ -15,7 +15,8 @@
 -- bmdb.transact's, so it runs under the caller's fence: a body whose lock
 -- or session is gone gets nothing.
 local core = require "bmdb.core"
-local I = require "bmdb.internal"
+local T = require "bmdb.transact"
+local W = require "bmdb.work"
 
 local M = {}
 
@@ -224,7 +225,7 @@ Limiter.__index = Limiter
 
 local function take_rate(l, max_wait, io)
   local started = core.now()
-  local r = I.transact(function(tx)
+  local r = T.transact(function(tx)
     return tx:one(RATE_SQL, l.name, l.rate, l.per, l.burst, l.T, l.tau, max_wait)
   end)
   if r.wait == nil then
@@ -254,7 +255,7 @@ local function take_place(l, max_wait, token, io, sess)
     -- ends the wait at once.
     local gen = core.limit_gen(l.name)
     attempts = attempts + 1
-    local r = I.transact(function(tx)
+    local r = T.transact(function(tx)
       tx:defer(EXPIRED_SQL, l.name)
       return tx:one(PLACE_SQL, l.name, l.concurrency, sid, token)
     end)
@@ -286,7 +287,7 @@ end
 function Limiter:take(opts)
   if getmetatable(self) ~= Limiter then bad(2, 1, "take", nil, "use lim:take(), not lim.take()") end
   local max_wait = check_take_opts(opts)
-  local io = I.io_session()
+  local io = T.io_session()
   if self.kind == "rate" then return take_rate(self, max_wait, io) end
   local sess = io or core.session()
   local h = core.limit_guard(self.name, sess, function(token)
@@ -296,7 +297,7 @@ function Limiter:take(opts)
   end)
   -- A place a body forgot goes back with its item, not its session: a
   -- leak would otherwise stall every host on the limit until restarts.
-  I.at_item_end(function()
+  W.at_item_end(function()
     if h.released then return end
     core.log("warn", "a place the body took was not given back; giving it back as its item ended",
              { "limit", self.name, "place", h.place })
@@ -310,7 +311,7 @@ end
 function Limiter:run(fn, ...)
   if getmetatable(self) ~= Limiter then bad(2, 1, "run", nil, "use lim:run(fn, ...), not lim.run(fn, ...)") end
   if type(fn) ~= "function" then bad(2, 1, "run", nil, "function expected, got " .. type(fn)) end
-  local io = I.io_session()
+  local io = T.io_session()
   if self.kind == "rate" then
     take_rate(self, nil, io)
     return fn(...)

@@ -12,7 +12,9 @@
 -- process, deterministically (candidates in select's order), so a spec can
 -- assert on the database afterwards.
 local core = require "bmdb.core"
-local I = require "bmdb.internal"
+local D = require "bmdb.define"
+local C = require "bmdb.claim"
+local W = require "bmdb.work"
 
 local T = {}
 
@@ -66,7 +68,7 @@ function T.load(script, args)
   package.path, _G.arg = saved_path, saved_arg
   if not ok then error(result, 2) end
   local workers = {}
-  for _, def in ipairs(I.workers(result) or {}) do workers[def.process] = def end
+  for _, def in ipairs(D.workers(result) or {}) do workers[def.process] = def end
   return workers
 end
 
@@ -78,9 +80,9 @@ function T.run_one(script, process, opts)
   opts = opts or {}
   local def = T.load(script, opts.args)[process]
   if not def then error(script .. " has no worker for process " .. tostring(process), 2) end
-  local w = I.claim(def, { ordered = true, machine = opts.machine })
+  local w = C.in_turn(def, { ordered = true, machine = opts.machine })
   if not w then return nil end
-  local ok, err = pcall(I.run, w, def.run)
+  local ok, err = pcall(W.run, w, def.run)
   return { machine = w.machine, attempt = w.attempt, event = w._decided or nil, error = (not ok) and err or nil }
 end
 
