@@ -1,21 +1,16 @@
 /* control.c -- what operators do to work: cancel a lock, pause a process,
- * hold a machine; and how a host learns that a lock of its own was taken
- * away (a timeout, an operator's cancel) while its body still runs.
+ * hold a machine; the command line that does it; and what this host last
+ * saw of each pause, so it is logged once per change.
  *
  * The operations are plain SQL inside a caller's transaction, shared by
  * the command line (bmdb-host cancel/pause/resume/hold/unhold, no session)
  * and the Lua API (bmdb.cancel ..., fenced by the script's session). What
  * they change is row data the claim reads anyway (work.c), so a pause or a
- * hold costs a claim no extra round trip.
+ * hold costs a claim no extra round trip. How a body whose lock was taken
+ * away learns it is items.c's.
  *
- * The item registry: every work item whose body runs in this host is
- * tracked with its Lua state, token and local deadline. The host's main
- * loop checks the deadlines (control_check_timeouts) and the listener
- * reports cancels (control_lost_token); either marks the item lost, kicks
- * sleepers and sets a hook on the body's state that raises "lost", as a
- * shutdown interrupts a busy body. A body stuck outside Lua ignores the
- * hook: its lock is free anyway (the database deadline passed or the row
- * is gone), and the log names its slot. */
+ * Globals and their guards (lock order: host/README.md):
+ *   pauses   pause_mu (taken alone; nothing under it) */
 #include "control.h"
 
 #include <pthread.h>
@@ -23,17 +18,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "lstate.h"
 #include "lifecycle.h"
+#include "lockcheck.h"
 #include "log.h"
 #include "work.h"
 
 /* How long an operator's cancel waits for the holder's transaction in
  * flight (its fence holds a KEY SHARE lock on the work row). */
 #define CANCEL_LOCK_TIMEOUT "5s"
-/* After the interrupt, how long a body may take to stop before its slot is
- * reported stuck. */
-#define STUCK_AFTER_S 5.0
 
 /* ---- operations, inside a caller's transaction ---------------------------- */
 
@@ -151,10 +143,17 @@ typedef struct seen_pause {
 static pthread_mutex_t pause_mu = PTHREAD_MUTEX_INITIALIZER;
 static seen_pause *pauses; /* under pause_mu */
 
-void control_note_pause(const char *process, int paused, const char *why) {
-    pthread_mutex_lock(&pause_mu);
+/* Where process's entry is (or would be linked). Caller holds pause_mu. */
+static seen_pause **find_pause(const char *process) {
+    LOCK_HELD(&pause_mu);
     seen_pause **pp = &pauses;
     while (*pp && strcmp((*pp)->process, process) != 0) pp = &(*pp)->next;
+    return pp;
+}
+
+void control_note_pause(const char *process, int paused, const char *why) {
+    pthread_mutex_lock(&pause_mu);
+    seen_pause **pp = find_pause(process);
     int was = *pp != NULL;
     if (paused && !was) {
         seen_pause *s = calloc(1, sizeof *s);
@@ -177,137 +176,9 @@ void control_note_pause(const char *process, int paused, const char *why) {
 
 int control_seen_paused(const char *process) {
     pthread_mutex_lock(&pause_mu);
-    seen_pause *s = pauses;
-    while (s && strcmp(s->process, process) != 0) s = s->next;
+    int seen = *find_pause(process) != NULL;
     pthread_mutex_unlock(&pause_mu);
-    return s != NULL;
-}
-
-/* ---- items whose bodies run here ------------------------------------------ */
-
-typedef struct item {
-    lua_State *L;
-    char token[40], machine[40], process[64];
-    int slot;
-    double timeout;   /* seconds, 0: none */
-    double deadline;  /* monotonic, 0: none */
-    char lost[256];   /* why the lock was taken away, "" while held */
-    double lost_at;
-    int stuck_logged;
-    struct item *next;
-} item;
-
-static pthread_mutex_t items_mu = PTHREAD_MUTEX_INITIALIZER;
-static item *items; /* under items_mu */
-
-void control_track(lua_State *L, const char *token, const char *machine, const char *process,
-                   int slot, double timeout, double started) {
-    item *it = calloc(1, sizeof *it);
-    it->L = L;
-    snprintf(it->token, sizeof it->token, "%s", token);
-    snprintf(it->machine, sizeof it->machine, "%s", machine);
-    snprintf(it->process, sizeof it->process, "%s", process);
-    it->slot = slot;
-    it->timeout = timeout;
-    /* started is taken before the claim was sent: the database set its
-     * deadline later, so this one passes first. */
-    it->deadline = timeout > 0 ? started + timeout : 0;
-    pthread_mutex_lock(&items_mu);
-    it->next = items;
-    items = it;
-    pthread_mutex_unlock(&items_mu);
-}
-
-void control_untrack(const char *token) {
-    pthread_mutex_lock(&items_mu);
-    for (item **pp = &items; *pp; pp = &(*pp)->next) {
-        if (strcmp((*pp)->token, token) == 0) {
-            item *it = *pp;
-            *pp = it->next;
-            free(it);
-            break;
-        }
-    }
-    pthread_mutex_unlock(&items_mu);
-}
-
-/* Marks it lost and interrupts its body. Under items_mu. */
-static void lose(item *it, const char *why) {
-    if (*it->lost) return;
-    snprintf(it->lost, sizeof it->lost, "%s", why);
-    it->lost_at = mono_now();
-    char slot[16];
-    snprintf(slot, sizeof slot, "%d", it->slot);
-    log_kv(LOG_WARN, "work lock taken away; interrupting the body", "machine", it->machine, "process",
-           it->process, "slot", slot, "reason", why, NULL);
-    lstate_interrupt_lost(it->L);
-    lifecycle_kick(); /* a body in bmdb.sleep wakes and raises */
-}
-
-void control_lost_token(const char *token, const char *why) {
-    pthread_mutex_lock(&items_mu);
-    for (item *it = items; it; it = it->next)
-        if (strcmp(it->token, token) == 0) lose(it, why);
-    pthread_mutex_unlock(&items_mu);
-}
-
-void control_check_timeouts(void) {
-    double now = mono_now();
-    pthread_mutex_lock(&items_mu);
-    for (item *it = items; it; it = it->next) {
-        if (it->deadline > 0 && now >= it->deadline && !*it->lost) {
-            char why[64];
-            snprintf(why, sizeof why, "timeout after %gs", it->timeout);
-            lose(it, why);
-        }
-        if (*it->lost && !it->stuck_logged && now - it->lost_at >= STUCK_AFTER_S) {
-            /* Not in Lua (a hung io.popen, a C call): the hook cannot reach
-             * it. Its lock is free; the slot stays busy until it returns. */
-            it->stuck_logged = 1;
-            char slot[16];
-            snprintf(slot, sizeof slot, "%d", it->slot);
-            log_kv(LOG_ERROR, "slot stuck: its body does not stop after its lock was taken away "
-                              "(outside Lua?); the lock is free, the slot stays busy",
-                   "process", it->process, "slot", slot, "machine", it->machine, "reason", it->lost, NULL);
-        }
-    }
-    pthread_mutex_unlock(&items_mu);
-}
-
-int control_item_lost(const char *token, char *why, size_t whylen) {
-    int lost = 0;
-    pthread_mutex_lock(&items_mu);
-    for (item *it = items; it; it = it->next) {
-        if (strcmp(it->token, token) == 0 && *it->lost) {
-            lost = 1;
-            if (why) snprintf(why, whylen, "%s", it->lost);
-        }
-    }
-    pthread_mutex_unlock(&items_mu);
-    return lost;
-}
-
-int control_state_lost(lua_State *L, char *why, size_t whylen) {
-    int lost = 0;
-    pthread_mutex_lock(&items_mu);
-    for (item *it = items; it; it = it->next) {
-        if (it->L == L && *it->lost) {
-            lost = 1;
-            if (why) snprintf(why, whylen, "lost: the lock on %s %s was taken away: %s", it->machine,
-                              it->process, it->lost);
-        }
-    }
-    pthread_mutex_unlock(&items_mu);
-    return lost;
-}
-
-double control_state_deadline(lua_State *L) {
-    double d = 0;
-    pthread_mutex_lock(&items_mu);
-    for (item *it = items; it; it = it->next)
-        if (it->L == L && it->deadline > 0 && (d == 0 || it->deadline < d)) d = it->deadline;
-    pthread_mutex_unlock(&items_mu);
-    return d;
+    return seen;
 }
 
 /* ---- the command line ------------------------------------------------------ */

@@ -1,6 +1,6 @@
-/* control.h -- operators' control of work: cancel, pause, hold; and the
- * registry of items whose bodies run in this host, so a lock taken away
- * (timeout, operator cancel) interrupts its body.
+/* control.h -- operators' control of work: cancel, pause, hold, from a
+ * script or the command line. (A body whose lock is taken away learns it
+ * through items.h.)
  *
  * The operations run inside a caller's transaction (tx.h): the command
  * line's has no session, a script's is fenced by its own. 1 when they
@@ -9,7 +9,6 @@
 #define BMDB_CONTROL_H
 
 #include <stdio.h>
-#include <lua.h>
 #include "pool.h"
 #include "tx.h"
 
@@ -32,23 +31,6 @@ void control_register(pool *p, const char *const *processes, int n);
 void control_note_pause(const char *process, int paused, const char *why);
 /* 1 when the last that slots of this host saw of process was a pause. */
 int control_seen_paused(const char *process);
-
-/* Items whose bodies run here. started: monotonic time before the claim
- * was sent; timeout 0: none. */
-void control_track(lua_State *L, const char *token, const char *machine, const char *process,
-                   int slot, double timeout, double started);
-void control_untrack(const char *token);
-/* The lock of token was taken away (a cancel's notification). */
-void control_lost_token(const char *token, const char *why);
-/* Called every fraction of a second by the host's main loop: interrupts
- * bodies past their timeout and reports slots stuck outside Lua. */
-void control_check_timeouts(void);
-/* 1 when the item of token (or some item of L) was taken away, with why. */
-int control_item_lost(const char *token, char *why, size_t whylen);
-int control_state_lost(lua_State *L, char *why, size_t whylen);
-/* The earliest local deadline (monotonic) of L's items, 0 when none has
- * a timeout: host-owned I/O does not wait past it (iofence.h). */
-double control_state_deadline(lua_State *L);
 
 /* bmdb-host cancel | pause | resume | hold | unhold */
 typedef struct control_args {

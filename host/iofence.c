@@ -9,7 +9,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "control.h"
+#include "items.h"
 #include "lerror.h"
 #include "lifecycle.h"
 #include "lstate.h"
@@ -39,7 +39,7 @@ iofence_stop iofence_check(iofence *f) {
         snprintf(f->why, sizeof f->why, "canceled: the host is shutting down");
         return IOFENCE_CANCELED;
     }
-    if (control_state_lost(f->L, f->why, sizeof f->why)) return IOFENCE_LOST;
+    if (items_state_lost(f->L, f->why, sizeof f->why)) return IOFENCE_LOST;
     if (f->sess && !session_alive(f->sess)) {
         snprintf(f->why, sizeof f->why, "session expired");
         return IOFENCE_SESSION;
@@ -51,10 +51,10 @@ iofence_stop iofence_check(iofence *f) {
     /* An item's deadline passed: the main loop's tick would mark it lost
      * a moment later; marked now, the call raises what the body would
      * see then, and the body's interrupt is spent with it. */
-    double item = control_state_deadline(f->L);
+    double item = items_state_deadline(f->L);
     if (item > 0 && mono_now() >= item) {
-        control_check_timeouts();
-        if (control_state_lost(f->L, f->why, sizeof f->why)) return IOFENCE_LOST;
+        items_check_timeouts();
+        if (items_state_lost(f->L, f->why, sizeof f->why)) return IOFENCE_LOST;
         snprintf(f->why, sizeof f->why, "lost: the item's timeout passed");
         return IOFENCE_LOST;
     }
@@ -77,7 +77,7 @@ iofence_stop iofence_begin(iofence *f, lua_State *L, struct session *sess, doubl
 
 double iofence_deadline(iofence *f) {
     double d = f->own_deadline;
-    double item = control_state_deadline(f->L);
+    double item = items_state_deadline(f->L);
     if (item > 0 && (d == 0 || item < d)) d = item;
     if (f->sess) {
         double s = session_local_deadline(f->sess);

@@ -5,14 +5,14 @@
  * database, so the fence of a transaction cannot reach them. This one
  * does: a call stops when its own timeout passes, when an item of its
  * Lua state has its lock taken away (timeout, operator cancel, takeover:
- * control.h), when the session it runs under is lost (locally: the
+ * items.h), when the session it runs under is lost (locally: the
  * heartbeat missed its deadline), or when the host cancels (the grace of
  * a drain is over, a second signal, os.exit). A drain alone stops
  * nothing: items in flight keep their grace period.
  *
  * Each thread has one eventfd. While a fence is up it is watched by
  * lifecycle.c, whose every kick and state change writes to it; losing a
- * lock or a session kicks (control.c, session.c). So a call polls its own
+ * lock or a session kicks (items.c, session.c). So a call polls its own
  * descriptors and this one, with a timeout no later than its nearest
  * deadline, and never polls in a loop to find out. Invariants:
  *

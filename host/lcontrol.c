@@ -1,9 +1,11 @@
-/* lcontrol.c -- work control as bmdb.core sees it (control.c): cancel,
- * pause, resume, hold and unhold inside a script's transaction, and the
- * registry of items whose bodies run here (core.track, core.item_lost). */
+/* lcontrol.c -- work control as bmdb.core sees it: cancel, pause, resume,
+ * hold and unhold inside a script's transaction (control.c), and the
+ * registry of items whose bodies run here (items.c: core.track,
+ * core.item_lost). */
 #include <lauxlib.h>
 
 #include "control.h"
+#include "items.h"
 #include "lcore.h"
 #include "lerror.h"
 #include "lifecycle.h"
@@ -79,14 +81,14 @@ static int l_seen_paused(lua_State *L) {
 
 /* core.track(token, machine, process, slot, timeout, started) / core.untrack(token) */
 static int l_track(lua_State *L) {
-    control_track(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
-                  (int)luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0), luaL_optnumber(L, 6, mono_now()));
+    items_track(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2), luaL_checkstring(L, 3),
+                (int)luaL_optnumber(L, 4, 0), luaL_optnumber(L, 5, 0), luaL_optnumber(L, 6, mono_now()));
     return 0;
 }
 
 static int l_untrack(lua_State *L) {
     const char *token = luaL_checkstring(L, 1);
-    control_untrack(token);
+    items_untrack(token);
     strays_disown(token); /* the item is done: its row, if left, is a stray */
     return 0;
 }
@@ -94,7 +96,7 @@ static int l_untrack(lua_State *L) {
 /* core.item_lost(token) -> why or nil */
 static int l_item_lost(lua_State *L) {
     char why[256];
-    if (control_item_lost(luaL_checkstring(L, 1), why, sizeof why)) lua_pushstring(L, why);
+    if (items_token_lost(luaL_checkstring(L, 1), why, sizeof why)) lua_pushstring(L, why);
     else lua_pushnil(L);
     return 1;
 }

@@ -10,7 +10,7 @@
  * their functions into the same table. */
 #include "lcore.h"
 
-#include "control.h"
+#include "items.h"
 
 #include <lauxlib.h>
 #include <stdint.h>
@@ -559,7 +559,7 @@ static int l_sleep(lua_State *L) {
     while ((left = end - mono_now()) > 0) {
         lifecycle_wait(left, HOST_CANCELLING, &gen);
         if (lifecycle_state() >= HOST_CANCELLING || (s && !session_alive(s)) ||
-            control_state_lost(L, NULL, 0)) {
+            items_state_lost(L, NULL, 0)) {
             lua_pushboolean(L, 0);
             return 1;
         }

@@ -2,7 +2,9 @@
  *
  * States that run scripts are registered so that a shutdown can interrupt
  * a body busy in pure Lua, the way lua.c stops a script on SIGINT: a hook
- * set from outside raises at the next instruction count.
+ * set from outside raises at the next instruction count. A body whose lock
+ * was taken away is interrupted the same way, when items.c asks (the
+ * callback registered with items_on_lost).
  *
  * Globals and their guards (lock order: host/README.md):
  *   states, nstates   states_mu
@@ -18,9 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "control.h"
 #include "lcore.h"
 #include "lerror.h"
+#include "items.h"
 #include "lifecycle.h"
 #include "log.h"
 #include "slots.h"
@@ -41,25 +43,34 @@ static void cancel_hook(lua_State *L, lua_Debug *ar) {
     lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
 }
 
-/* Raises "lost" in a body whose lock was taken away (control.c), at the
- * next instruction count, unless its item is over by then. */
+/* Raises "lost" in a body whose lock was taken away (items.c), at the
+ * next instruction count, unless its item is over by then or the body was
+ * told already (items_take_interrupt). */
 static void lost_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
     char why[512];
-    if (control_state_lost(L, why, sizeof why)) lerror_raise_kind(L, "lost", "%s", why);
+    if (items_take_interrupt(L, why, sizeof why)) lerror_raise_kind(L, "lost", "%s", why);
 }
 
-void lstate_interrupt_lost(lua_State *L) {
+/* items.c's interrupt (items_on_lost), called with none of its locks held:
+ * L may have been closed since its item was marked, so only a state still
+ * registered gets the hook. */
+static void interrupt_lost(void *state) {
     pthread_mutex_lock(&states_mu);
     for (int i = 0; i < nstates; i++)
-        if (states[i] == L) lua_sethook(L, lost_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
+        if (states[i] == state) lua_sethook(states[i], lost_hook, LUA_MASKCALL | LUA_MASKRET | LUA_MASKCOUNT, 1);
     pthread_mutex_unlock(&states_mu);
 }
+
+static void on_lost_once(void) { items_on_lost(interrupt_lost); }
 
 void lstate_interrupt_taken(lua_State *L) {
     lua_Hook h = lua_gethook(L);
     if (h == lost_hook || h == cancel_hook) lua_sethook(L, NULL, 0, 0);
+    /* A lost hook set after this point, for an item already lost, must
+     * not raise it a second time. */
+    items_interrupt_seen(L);
 }
 
 static void register_state(lua_State *L) {
@@ -207,6 +218,10 @@ static int kind_of(lua_State *L) {
 }
 
 lua_State *lstate_new(snapshot *snap, int argc, char **argv, int *kind, char *err, size_t errlen) {
+    /* Before the first state can run an item, items.c learns how to
+     * interrupt one. */
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, on_lost_once);
     *kind = SCRIPT_OK;
     lua_State *L = luaL_newstate();
     if (!L) {

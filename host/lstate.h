@@ -2,9 +2,10 @@
  *
  * Creating a state (standard libraries, bmdb.core and the embedded Lua
  * modules as preloads, package.path, arg, os.exit), inside a protected
- * call as luajit.c does; the registry of running states, so a shutdown can
- * interrupt them; and the calls into bmdb.internal that read a script's
- * worker definitions and run a slot's loop. Every failure comes back as
+ * call as luajit.c does; the registry of running states, so a shutdown (or
+ * the loss of an item's lock, items.h) can interrupt them; and the calls
+ * into bmdb.internal that read a script's worker definitions and run a
+ * slot's loop. Every failure comes back as
  * a kind (what the host does about it) and a text (what it prints). */
 #ifndef BMDB_LSTATE_H
 #define BMDB_LSTATE_H
@@ -52,12 +53,10 @@ void lstate_close(lua_State *L);
 /* Every registered state raises "canceled" at its next instruction count
  * (shutdown). */
 void lstate_interrupt_all(void);
-/* Makes L raise "lost" at its next instruction count, if one of its items
- * is marked lost by then (control.c). */
-void lstate_interrupt_lost(lua_State *L);
 /* A bmdb call on L raises lost or canceled itself (iofence.h): the hook
- * that one of the two calls above set on L is spent, so the body can
- * catch that error and clean up. Another hook (debug.sethook) is kept. */
+ * that lstate_interrupt_all or a lost item (items.h) set on L is spent, so
+ * the body can catch that error and clean up. Another hook (debug.sethook)
+ * is kept. */
 void lstate_interrupt_taken(lua_State *L);
 /* f is the host's os.exit of script states. */
 int lstate_is_os_exit(lua_CFunction f);

@@ -30,6 +30,7 @@
 #include "bootstrap.h"
 #include "control.h"
 #include "http.h"
+#include "items.h"
 #include "lcore.h"
 #include "lifecycle.h"
 #include "log.h"
@@ -365,7 +366,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     while (workers_live() > 0) {
         double due = reload_due_in(rl), timeout = due >= 0 && due < 0.2 ? due : 0.2;
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
-        control_check_timeouts(); /* bodies past their item's timeout */
+        items_check_timeouts(); /* bodies past their item's timeout */
         /* items claimed ahead that wait too long: released at once */
         if (slot_give_back_waiting() > 0) sessions_wake_heartbeat();
         sessions_check_deadline();
@@ -528,7 +529,7 @@ static int run_top_level(struct script_run *run, int donefd, int sigfd, pool *p)
         /* short polls: os.exit caught by a pcall leaves the top level
          * running in a canceled host, to be interrupted like on a signal */
         int sig = wait_for(sigfd, donefd, 0.2);
-        control_check_timeouts();
+        items_check_timeouts();
         sessions_check_deadline();
         if (sig == 0) {
             finished = 1;

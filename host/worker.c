@@ -31,6 +31,7 @@
 #include <lua.h>
 
 #include "control.h"
+#include "items.h"
 #include "lifecycle.h"
 #include "limit.h"
 #include "log.h"
@@ -264,7 +265,7 @@ static void *listener_main(void *arg) {
         }
         PGnotify *note;
         while ((note = PQnotifies(c))) {
-            if (!strcmp(note->relname, "bmdb_cancel")) control_lost_token(note->extra, "canceled by an operator");
+            if (!strcmp(note->relname, "bmdb_cancel")) items_lost_token(note->extra, "canceled by an operator");
             else if (!strcmp(note->relname, "bmdb_limit")) limit_released(note->extra);
             else slot_wake(note->extra);
             PQfreemem(note);
