@@ -245,7 +245,7 @@ static int hand_out(const sched_member *closer, sched_claim *c) {
  * and what is left stays in claim), or a rollback when there is nothing
  * to commit; then the claim turn, if the closer holds it (claim), is let
  * go, and every member waiting learns the outcome. */
-static void close_batch(const sched_member *closer, sched_claim *claim) {
+static void close_batch(sched_member *closer, sched_claim *claim) {
     tx_error e;
     int rc = -1;
     int claimed = claim && claim->sent;
@@ -290,9 +290,9 @@ static void close_batch(const sched_member *closer, sched_claim *claim) {
     int nwaiting = 0;
     for (int i = 0; i < B.members; i++) {
         sched_member *mm = B.member[i];
-        if (!mm || mm == closer) continue; /* left without waiting, or closing */
-        if (B.failed) mm->err = B.err;
-        waiting[nwaiting++] = mm;
+        if (!mm) continue; /* left without waiting */
+        if (B.failed) mm->err = B.err; /* the closer's too: it answers FAILED with it */
+        if (mm != closer) waiting[nwaiting++] = mm;
     }
     session *sess = B.sess;
     B.sess = NULL;
