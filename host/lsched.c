@@ -268,7 +268,9 @@ static int l_batch_close(lua_State *L) {
     if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
     *in_batch.tx = NULL;
     in_batch.tx = NULL;
-    sched_claim c = {.sent = lua_toboolean(L, 1), .started = luaL_optnumber(L, 2, 0)};
+    sched_claim c; /* (its items are filled as claimed, not cleared first) */
+    c.sent = lua_toboolean(L, 1);
+    c.started = luaL_optnumber(L, 2, 0);
     if (sched_batch_close(&in_batch.m, &c) != SCHED_COMMITTED) {
         lua_pushboolean(L, 0);
         lerror_push(L, &in_batch.m.err);

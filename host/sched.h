@@ -112,11 +112,12 @@ int sched_give_back_waiting(void);
 
 /* At most this many members, and only members of one session, share a
  * batch: a slot that finds it full (or another session's) finishes alone.
- * Also the most items one claim in a batch hands out (core.claim_max). */
+ * Also the most items any claim locks (core.claim_max), since a batch's
+ * closer reads back and hands out no more. */
 #define SCHED_BATCH_MAX 64
 
 /* Where a finish stands with the batch: what sched_batch_join, _leave and
- * _close answer, and m->state. Transitions:
+ * _close answer, and m->state once m has joined. Transitions:
  *
  *   join:                      -> JOINED     a member: run the commit function
  *                              -> ALONE      no batch for it: finish alone
@@ -167,7 +168,7 @@ typedef struct sched_claim {
 
 typedef struct sched_member {
     int ticket;            /* its place among the members, from 0 */
-    sched_outcome state;   /* JOINED until the batch ends for it (sched_outcome) */
+    sched_outcome state;   /* from JOINED on (sched_outcome's transitions) */
     int holds;             /* it uses the batch's transaction (sched_batch_use) */
     int saw_failed;        /* sched_batch_use found the batch failed */
     int takes_next;        /* its slot runs an item handed to it next */
@@ -217,8 +218,8 @@ sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *
  * claim turn go. With c->sent, what the lock claimed goes first to m, then
  * to the members that take a next item of m's process, which learn it as
  * they wake (no claim turn, no second wake-up), then to the slots that
- * wait (sched_claim_hand); c gets the rest (sched_claim). COMMITTED or
- * FAILED (m->err). */
+ * wait (sched_claim_hand); c gets the rest (sched_claim), its first noted
+ * as the calling slot's item. COMMITTED or FAILED (m->err). */
 sched_outcome sched_batch_close(sched_member *m, sched_claim *c);
 
 /* Members of the open batch (0 when none), and how many of them have not
