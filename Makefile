@@ -12,7 +12,7 @@ PREFIX    ?= /usr/local
 CFLAGS    ?= -O2 -g
 BUILD     ?= build
 BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
-override CPPFLAGS += -Ihost -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+override CPPFLAGS += -iquote host -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
 MOD_LIBS  := $(shell pkg-config --libs libpq uuid libmicrohttpd libsystemd libcurl 2>/dev/null) -pthread

@@ -6,8 +6,8 @@
  * work decisions, backoff) lives in lua/bmdb/internal.lua. The binary and
  * busted load the same luaopen_bmdb_core(): the binary hands over its pool
  * with lcore_set_pool(), specs call core.open{dsn=...} (lboot.c) instead.
- * The slots' services (lslot.c) and the test bootstrap (lboot.c) register
- * their functions into the same table. */
+ * The slots' services (lslot.c), the scheduler's (lsched.c) and the test
+ * bootstrap (lboot.c) register their functions into the same table. */
 #include "lcore.h"
 
 #include "items.h"
@@ -17,7 +17,6 @@
 #include <string.h>
 #include <unistd.h>
 
-#include "batch.h"
 #include "lerror.h"
 #include "lifecycle.h"
 #include "log.h"
@@ -117,6 +116,10 @@ static ltx *push_tx(lua_State *L, session **s) {
     return u;
 }
 
+tx **lcore_push_tx(lua_State *L, session **s) { return &push_tx(L, s)->t; }
+
+tx *lcore_tx_at(lua_State *L, int idx) { return ((ltx *)lerror_checkudata(L, idx, TX_MT, "bmdb tx"))->t; }
+
 static int l_begin(lua_State *L) {
     session *s;
     ltx *u = push_tx(L, &s);
@@ -133,21 +136,6 @@ static int l_begin(lua_State *L) {
     return 1;
 }
 
-/* The batch this slot thread is a member of (one at most), and the tx
- * its commit function was given. */
-typedef struct { batch_member m; ltx *tx; } lbatch;
-static __thread lbatch in_batch;
-
-/* A batch member's tx only queues deferred statements (batch.h) until
- * the member sends a statement: then it waits to use the batch's. */
-static void use_batch(lua_State *L, ltx *u) {
-    if (u != in_batch.tx || u->t != &in_batch.m.own) return;
-    tx *t;
-    tx_error e;
-    if (batch_use(&in_batch.m, &t, &e) < 0) lerror_raise(L, &e);
-    u->t = t;
-}
-
 /* u, at argument 1, open; with queue_only, a batch member's tx may stay
  * its own (tx:defer), else it becomes the batch's. */
 static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
@@ -155,7 +143,7 @@ static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
     if (!u->t)
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its commit "
                           "function)", fname);
-    if (!queue_only) use_batch(L, u);
+    if (!queue_only) lsched_use_batch(L, &u->t);
     if (u->t->doomed) {
         /* The fence failed earlier in this transaction: say so again,
          * however the body handled the first answer. */
@@ -211,7 +199,7 @@ static int tx_defer_l(lua_State *L) {
     tx_error e;
     int rc = tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     if (rc == 1) { /* a batch member's, which needs the batch's connection for this one */
-        use_batch(L, u);
+        lsched_use_batch(L, &u->t);
         rc = tx_defer(u->t, sql, p.n, p.values, p.lengths, p.formats, &e);
     }
     if (rc < 0) return lerror_raise(L, &e);
@@ -231,7 +219,7 @@ static int release_tx_session(ltx *u) {
 }
 
 /* A batch member's tx is the batch's: it commits or rolls back with the
- * batch (batch.h), never by one member's call. */
+ * batch (sched.h), never by one member's call. */
 static ltx *check_own_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
     if (ltx_borrowed(u))
@@ -274,143 +262,9 @@ static int tx_gc(lua_State *L) {
     return 0;
 }
 
-static void check_ids(lua_State *L, int midx, int pidx);
-
-/* ---- batches of finishes (batch.h) --------------------------------------
- *
- * core.batch_join(sess) -> tx, or nil (finish alone) and, when the open
- * batch has failed, its error. The tx is this member's part of the batch
- * (in_batch above) until core.batch_leave. */
-
-static int l_batch_join(lua_State *L) {
-    session *s;
-    ltx *u = push_tx(L, &s);
-    tx *t;
-    int got = batch_join(the_pool, s, &in_batch.m, &t);
-    if (got == BATCH_JOINED) {
-        u->t = t;
-        in_batch.tx = u;
-        return 1;
-    }
-    lua_pushnil(L);
-    if (got == BATCH_ALONE) return 1;
-    lerror_push(L, &in_batch.m.err);
-    return 2;
-}
-
-/* {machine, attempt, token} on top, with room for more fields. */
-static void push_item(lua_State *L, const char *machine, int attempt, const char *token, int fields) {
-    lua_createtable(L, fields, 0);
-    lua_pushstring(L, machine);
-    lua_rawseti(L, -2, 1);
-    lua_pushinteger(L, attempt);
-    lua_rawseti(L, -2, 2);
-    lua_pushstring(L, token);
-    lua_rawseti(L, -2, 3);
-}
-
-/* {machine, attempt, token, session_id, started}: an item a claim in a
- * batch handed this slot, as its serve loop adopts it next. */
-static void push_next(lua_State *L, const slot_handed *h) {
-    push_item(L, h->machine, h->attempt, h->token, 5);
-    lua_pushstring(L, h->session);
-    lua_rawseti(L, -2, 4);
-    lua_pushnumber(L, h->started);
-    lua_rawseti(L, -2, 5);
-}
-
-/* core.batch_leave(ok, fatal, machine, process, token, takes_next,
- * may_claim) -> true (the batch committed this slot's release; then,
- * fourth, the next item the closer's claim handed it, if any); false
- * (without ok: its own failure, undone); false, the batch's error and
- * true (the batch failed: finish alone); or "claim" and peers (batch.h:
- * the tx becomes the batch's, to claim in; then core.batch_close). */
-static int l_batch_leave(lua_State *L) {
-    int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
-    const char *machine = NULL, *process = NULL, *token = NULL;
-    if (ok) {
-        check_ids(L, 3, 4);
-        machine = lua_tostring(L, 3);
-        process = lua_tostring(L, 4);
-        token = lerror_checkstring(L, 5);
-        if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
-    }
-    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch");
-    int peers = 0;
-    int got = batch_leave(&in_batch.m, ok, fatal, machine, process, token, lua_toboolean(L, 6),
-                          lua_toboolean(L, 7), &peers);
-    if (got == BATCH_CLAIM) {
-        tx_error e;
-        batch_use(&in_batch.m, &in_batch.tx->t, &e); /* the closer holds it: cannot fail */
-        lua_pushliteral(L, "claim");
-        lua_pushinteger(L, peers);
-        return 2;
-    }
-    in_batch.tx->t = NULL;
-    in_batch.tx = NULL;
-    if (got == 1) {
-        const slot_handed *h = &in_batch.m.next;
-        slot_note_item(in_batch.m.has_next ? h->machine : NULL);
-        if (in_batch.m.has_next) slot_note_handed(-1); /* taken */
-        lua_pushboolean(L, 1);
-        if (!in_batch.m.has_next) return 1;
-        lua_pushnil(L);
-        lua_pushnil(L);
-        push_next(L, h);
-        return 4;
-    }
-    lua_pushboolean(L, 0);
-    if (got == 0) return 1;
-    lerror_push(L, &in_batch.m.err);
-    lua_pushboolean(L, 1);
-    return 3;
-}
-
-/* {machine, attempt, token} as entry i (from 0) of the list on top. */
-static void push_claimed(lua_State *L, int i, const char *machine, int attempt, const char *token) {
-    push_item(L, machine, attempt, token, 3);
-    lua_rawseti(L, -2, i + 1);
-}
-
-/* core.batch_close(claim_sent, started) -> true, nil, { {machine,
- * attempt, token}, ... } (the closer's item first, then what the claim
- * locked and could hand to nobody: the caller lets it go), and how many
- * it handed to other slots; or false and the batch's error: the end of a
- * batch whose closer claimed in it (core.batch_leave's "claim"). The
- * claim turn is let go either way. */
-static int l_batch_close(lua_State *L) {
-    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
-    in_batch.tx->t = NULL;
-    in_batch.tx = NULL;
-    slot_handed claimed[BATCH_MAX];
-    int n = 0;
-    int handed = 0;
-    if (!batch_close(&in_batch.m, lua_toboolean(L, 1), luaL_optnumber(L, 2, 0), claimed, BATCH_MAX, &n,
-                     &handed)) {
-        lua_pushboolean(L, 0);
-        lerror_push(L, &in_batch.m.err);
-        return 2;
-    }
-    slot_note_item(n > 0 ? claimed[0].machine : NULL);
-    lua_pushboolean(L, 1);
-    lua_pushnil(L);
-    lua_createtable(L, n, 0);
-    for (int i = 0; i < n; i++) push_claimed(L, i, claimed[i].machine, claimed[i].attempt, claimed[i].token);
-    lua_pushinteger(L, handed);
-    return 4;
-}
-
-/* core.batch_members() -> members of the open batch, those not yet left */
-static int l_batch_members(lua_State *L) {
-    int active;
-    lua_pushinteger(L, batch_members(&active));
-    lua_pushinteger(L, active);
-    return 2;
-}
-
 /* ---- work locks -------------------------------------------------------- */
 
-static void check_ids(lua_State *L, int midx, int pidx) {
+void lcore_check_ids(lua_State *L, int midx, int pidx) {
     const char *m = lerror_checkstring(L, midx), *p = lerror_checkstring(L, pidx);
     if (!work_valid_uuid(m)) lerror_argerror(L, midx, "machine id is not a UUID: %s", m);
     if (!work_valid_process(p))
@@ -430,8 +284,8 @@ static const char *opt_number_text(lua_State *L, int idx, const char *k, char *b
     return v;
 }
 
-/* Reads the claim options table at idx into c, with its texts in b. */
-static void claim_options(lua_State *L, int idx, work_claim *c, char b[4][40]) {
+/* The claim options table (lcore.h), for core.lock and core.lock_any. */
+void lcore_claim_options(lua_State *L, int idx, work_claim *c, char b[4][40]) {
     *c = (work_claim){opt_number_text(L, idx, "timeout", b[0], 40), opt_number_text(L, idx, "initial", b[1], 40),
                       opt_number_text(L, idx, "maximum", b[2], 40), opt_number_text(L, idx, "exponent", b[3], 40)};
 }
@@ -441,10 +295,10 @@ static void claim_options(lua_State *L, int idx, work_claim *c, char b[4][40]) {
  *  | "paused", reason | "onhold", reason */
 static int l_lock(lua_State *L) {
     ltx *u = check_open_tx(L, "lock");
-    check_ids(L, 2, 3);
+    lcore_check_ids(L, 2, 3);
     char b[4][40];
     work_claim c;
-    claim_options(L, 4, &c, b);
+    lcore_claim_options(L, 4, &c, b);
     work_locked out;
     tx_error e;
     work_lock_result res = work_lock(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
@@ -472,58 +326,10 @@ static int l_lock(lua_State *L) {
     }
 }
 
-/* core.lock_any(tx, {id, ...}, process, opts, count): the usual claim of
- * up to count free ids (all valid UUIDs), sent with COMMIT;
- * core.claimed(tx) tells the outcome once committed. */
-static int l_lock_any(lua_State *L) {
-    ltx *u = check_open_tx(L, "lock_any");
-    luaL_checktype(L, 2, LUA_TTABLE);
-    const char *process = lerror_checkstring(L, 3);
-    if (!work_valid_process(process)) lerror_argerror(L, 3, "invalid process name '%s'", process);
-    luaL_Buffer b;
-    luaL_buffinit(L, &b);
-    luaL_addchar(&b, '{');
-    size_t n = lua_objlen(L, 2);
-    for (size_t i = 1; i <= n; i++) {
-        lua_rawgeti(L, 2, (int)i);
-        const char *id = lua_tostring(L, -1);
-        if (!work_valid_uuid(id)) lerror_argerror(L, 2, "candidate %d is not a machine id", (int)i);
-        lua_pop(L, 1);
-        if (i > 1) luaL_addchar(&b, ',');
-        luaL_addstring(&b, id);
-    }
-    luaL_addchar(&b, '}');
-    luaL_pushresult(&b);
-    char nb[4][40];
-    work_claim c;
-    claim_options(L, 4, &c, nb);
-    tx_error e;
-    int count = (int)luaL_optinteger(L, 5, 1);
-    if (work_lock_any(u->t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
-    return 0;
-}
-
-/* core.claimed(tx) -> { {machine, attempt, token}, ... }: what the
- * committed core.lock_any locked (empty when nothing); the caller keeps
- * the first. */
-static int l_claimed(lua_State *L) {
-    ltx *u = lerror_checkudata(L, 1, TX_MT, "bmdb tx");
-    char machine[40];
-    work_locked out;
-    lua_newtable(L);
-    for (int i = 0; u->t && work_locked_any(u->t, i, machine, sizeof machine, &out); i++) {
-        /* The first is the claimer's own; the others' slots note theirs
-         * when they are handed them (slots.h). */
-        if (i == 0) slot_note_item(machine); /* named if its slot will not stop */
-        push_claimed(L, i, machine, out.attempt, out.token);
-    }
-    return 1;
-}
-
 /* core.release(tx, machine, process, event, cause, seconds, token) */
 static int l_release(lua_State *L) {
     ltx *u = check_open_tx(L, "release");
-    check_ids(L, 2, 3);
+    lcore_check_ids(L, 2, 3);
     static const char *const events[] = {"Finished", "Failed", "Canceled", NULL};
     int ev = luaL_checkoption(L, 4, NULL, events);
     tx_error e;
@@ -536,7 +342,7 @@ static int l_release(lua_State *L) {
 
 static int l_backoff_last(lua_State *L) {
     ltx *u = check_open_tx(L, "backoff_last");
-    check_ids(L, 2, 3);
+    lcore_check_ids(L, 2, 3);
     tx_error e;
     long last = work_backoff_last(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &e);
     if (last < 0) return lerror_raise(L, &e);
@@ -661,10 +467,7 @@ static int l_pause_heartbeat(lua_State *L) {
 static const luaL_Reg core_funcs[] = {
     {"session", l_session},       {"begin", l_begin},
     {"lock", l_lock},             {"release", l_release},
-    {"lock_any", l_lock_any},     {"claimed", l_claimed},
     {"backoff_last", l_backoff_last},
-    {"batch_join", l_batch_join}, {"batch_leave", l_batch_leave}, {"batch_close", l_batch_close},
-    {"batch_members", l_batch_members},
     {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
     {"log", l_log},               {"state", l_state},
     {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
@@ -697,9 +500,8 @@ int luaopen_bmdb_core(lua_State *L) {
     lcore_class(L, TX_MT, tx_methods, tx_gc);
     lua_newtable(L);
     luaL_register(L, NULL, core_funcs);
-    lua_pushinteger(L, BATCH_MAX); /* the most items one claim hands out */
-    lua_setfield(L, -2, "claim_max");
     lslot_register(L);
+    lsched_register(L);
     lboot_register(L);
     lcontrol_register(L);
     lhttp_register(L);

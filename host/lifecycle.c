@@ -14,8 +14,8 @@
 #include <unistd.h>
 
 /* state and kick_gen are under lock; `changed` waits on CLOCK_MONOTONIC.
- * lock is taken inside session.c's mu and slots.c's idle_mu, never
- * around them (host/README.md). */
+ * lock is taken inside session.c's mu, slots.c's idle_mu and sched.c's
+ * phase_mu, never around them (host/README.md). */
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t changed;
 static pthread_once_t once = PTHREAD_ONCE_INIT;

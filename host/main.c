@@ -26,7 +26,6 @@
 #include <sys/signalfd.h>
 #include <unistd.h>
 
-#include "batch.h"
 #include "bootstrap.h"
 #include "control.h"
 #include "http.h"
@@ -40,6 +39,7 @@
 #include "pool.h"
 #include "reload.h"
 #include "report.h"
+#include "sched.h"
 #include "session.h"
 #include "slots.h"
 #include "snapshot.h"
@@ -368,7 +368,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
         int sig = wait_for(sigfd, reload_fd(rl), timeout);
         items_check_timeouts(); /* bodies past their item's timeout */
         /* items claimed ahead that wait too long: released at once */
-        if (slot_give_back_waiting() > 0) sessions_wake_heartbeat();
+        if (sched_give_back_waiting() > 0) sessions_wake_heartbeat();
         sessions_check_deadline();
         host_state st = lifecycle_state();
         if (sig == 0) reload_read_events(rl);
@@ -411,7 +411,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     reload_destroy(rl);
     unsigned long claims, retries, batches, batched;
     slot_counts(&claims, &retries);
-    batch_counts(&batches, &batched);
+    sched_batch_counts(&batches, &batched);
     char c[32], r[32], b[32], f[32];
     snprintf(c, sizeof c, "%lu", claims);
     snprintf(r, sizeof r, "%lu", retries);

@@ -79,7 +79,7 @@ static family families[F_COUNT] = {
                          NULL, 0, NULL},
     [F_ITEMS_GIVEN_BACK] = {"bmdb_items_given_back_total",
                             "Items claimed ahead by default that waited too long and were given back, by "
-                            "process (slots.h).",
+                            "process (sched.h).",
                             COUNTER, NULL, 0, NULL},
     [F_HTTP_REQUESTS] = {"bmdb_http_requests_total",
                          "Requests of bmdb.http, by host and status class (2xx ... 5xx, or error: no response).",

@@ -33,9 +33,9 @@ void metrics_work(const char *process, const char *event, const char *machine, d
 void metrics_claim_empty(const char *process);
 
 /* How many items claimed ahead of process's slots wait in the host now
- * (slots.h's queue of handed items). */
+ * (sched.h's queue of handed items). */
 void metrics_items_waiting(const char *process, int n);
-/* An item claimed ahead was given back (slots.h, SLOT_GIVE_BACK_S). */
+/* An item claimed ahead was given back (sched.h, SCHED_GIVE_BACK_S). */
 void metrics_item_given_back(const char *process);
 
 /* A bmdb.http request to host ended: status 0 when it got no response. */

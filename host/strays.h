@@ -26,8 +26,8 @@ void strays_enable(void);
 void strays_own(const char *token);
 /* The item of token is done with (settled, or never to be run). */
 void strays_disown(const char *token);
-/* The item of token was claimed ahead and will not run here (slots.h,
- * SLOT_GIVE_BACK_S): strays_release_given releases its row, recorded
+/* The item of token was claimed ahead and will not run here (sched.h,
+ * SCHED_GIVE_BACK_S): strays_release_given releases its row, recorded
  * Canceled, so another slot or host may claim it. */
 void strays_give_back(const char *token);
 /* Releases what was given back since the last call, on the heartbeat's

@@ -295,7 +295,7 @@ int work_release(tx *t, const char *machine, const char *process, const char *to
      * from running (tx.c reports it as TXE_LOST). The item fence has
      * already checked our row and holds it KEY SHARE until COMMIT, so
      * this is the belt to the fence's braces; in a batch of one, which
-     * has no item fence (batch.c), it checks token and timeout alone. */
+     * has no item fence (sched_batch.c), it checks token and timeout alone. */
     char secs[32];
     snprintf(secs, sizeof secs, "%ld", backoff_seconds < 1 ? 1 : backoff_seconds);
     const char *p[] = {machine, process, session_id(t->sess), token, event, cause, secs};

@@ -61,7 +61,7 @@ int work_locked_any(const tx *t, int i, char *machine, size_t machinelen, work_l
 int work_release(tx *t, const char *machine, const char *process, const char *token,
                  const char *event, const char *cause, long backoff_seconds, tx_error *e);
 
-/* The release of a batch (batch.h): count items Finished at once, as t's
+/* The release of a batch (sched.h): count items Finished at once, as t's
  * final statement. machines, processes and tokens are array literals
  * ("{a,b}"), the i-th entries naming one item. Only locks that are still
  * this session's and this claim's, within their timeout, are released;

@@ -312,7 +312,7 @@ describe("work control", function()
   -- that lets a COMMIT after a lock land, skipping `skip` such COMMITs
   -- first, and then closes the connection instead of passing its answer
   -- on. Options: `skip`; `members`, only a COMMIT of a batch of that
-  -- many finishes (host/batch.h) counts; `finish`, the COMMIT of a finish
+  -- many finishes (host/sched.h) counts; `finish`, the COMMIT of a finish
   -- counts, lock or not; `body` and `extra`, the worker's body (by
   -- default, a finish that records its effect) and more of its fields;
   -- `later`, do not wait for the relay to fire. Returns the host, started
@@ -357,7 +357,7 @@ describe("work control", function()
   end)
 
   -- At one slot a finish and the next claim share a transaction (a batch
-  -- of one, batch.c). Losing its COMMIT's answer loses the answer to both:
+  -- of one, sched_batch.c). Losing its COMMIT's answer loses the answer to both:
   -- the finish is tried again alone and finds its item already finished;
   -- the claim's rows are strays.
   it("finishes an item and releases the next one's rows when their shared COMMIT got no answer", function()
@@ -379,7 +379,7 @@ describe("work control", function()
   end)
 
   -- Four slots finish at once and share a transaction that also claims
-  -- the next four items (host/batch.h); the relay loses that COMMIT's
+  -- the next four items (host/sched.h); the relay loses that COMMIT's
   -- answer. Each member's finish is then tried alone, its commit function
   -- run again, finds its item already finished, and counts as done; the
   -- four claimed items' rows are strays. The bodies wait until four items

@@ -103,7 +103,7 @@ describe("workers", function()
   end)
 
   -- Claims and finishes of one host take turns, and a claim claims for the
-  -- slots that wait (host/slots.h): before, a claim that overlapped a
+  -- slots that wait (host/sched.h): before, a claim that overlapped a
   -- finish or another claim was rolled back as a serialization "pivot"
   -- about once in four at 16 slots, and retried after a sleep.
   it("claims for waiting slots in one transaction, and one host's claims never conflict", function()
@@ -211,7 +211,7 @@ describe("workers", function()
       end
 ]]
 
-  -- Four slots finish at once and share one transaction (host/batch.h),
+  -- Four slots finish at once and share one transaction (host/sched.h),
   -- one savepoint each. The script's bodies wait until four items (or
   -- eight) have started, and the first commit function until all four
   -- have joined the batch, so the batch is whole rather than however the
@@ -758,7 +758,7 @@ describe("workers", function()
   end)
 
   -- A claim locks no more than the host reads back and hands out (64,
-  -- a batch's BATCH_MAX): what a lock of more took stayed locked to no
+  -- a batch's SCHED_BATCH_MAX): what a lock of more took stayed locked to no
   -- slot until the stray sweep released it. Without a `batch` of its
   -- own, a worker asks select for as many candidates as the claim locks
   -- (at least 16); with one, for that many, and locks no more.
@@ -788,7 +788,7 @@ describe("workers", function()
   -- What a worker claimed ahead by default waits about 10 ms; when its
   -- slots are held up by longer items (here each slot's 10th, which waits
   -- for a file), what waits behind them is given back after a second
-  -- (slots.h, SLOT_GIVE_BACK_S), released at once, recorded Canceled, and
+  -- (sched.h, SCHED_GIVE_BACK_S), released at once, recorded Canceled, and
   -- claimed again later. At once: the heartbeat's interval here is a
   -- minute, so an item released at its next sweep would be waited for in
   -- vain. Four slots: they claim ahead while their items take under 40 ms

@@ -10,7 +10,7 @@
 -- first COMMIT that completes on a connection after such a row (after
 -- SKIP such COMMITs passed untouched, 0 by default), in a transaction
 -- that opened at least MEMBERS savepoints (0 by default; a batch of k
--- finishes opens one per member, host/batch.h), has committed on the
+-- finishes opens one per member, host/sched.h), has committed on the
 -- server, but its CommandComplete never reaches the client: the relay
 -- closes both ends instead, once, and writes LISTEN_DIR/fired. Every
 -- other connection, and every connection after that, is relayed

@@ -1,29 +1,29 @@
-/* batch.c -- several slots' finishes in one transaction (batch.h).
+/* sched_batch.c -- the scheduler's batch: several slots' finishes in one
+ * transaction (sched.h; its invariants 6 to 10 head sched.c).
  *
  * Why: a finish alone is a transaction of its own: BEGIN, the fence, the
- * commit function's statements, the release and COMMIT. At 4 or 16 slots
- * both cores are busy, and most of that work is per transaction, not per
- * item. Slots that finish at the same moment (a claim hands several of
- * them an item at once, so they do) share one transaction instead.
+ * commit function's statements, the release and COMMIT. With several
+ * slots busy, most of that work is per transaction, not per item. Slots
+ * that finish at the same moment (a claim hands several of them an item
+ * at once, so they do) share one transaction instead.
  *
  * Concurrency: one batch is open at a time. Its members run their commit
  * functions at the same time, each on its own thread; what they defer
- * waits in their own detached tx. The batch's transaction is used by one
- * thread at a time (B.user, under mu): the opener while it borrows the
- * connection, a member that sends a statement (from batch_use to its
- * leave), a member moving its deferred statements in, and at the end the
- * closer. A member that waited its turn for every commit function (as
- * the first version here did) cost a thread wake-up per member in a row,
- * a third of a batch's time at 16 slots when they only defer. The last
- * member to leave closes the batch (no new member joins from then on)
- * and commits it, after waiting for late joiners (linger), so a batch
- * never waits long for a member that may not come. A closer that claims
- * in the batch hands out what it locked and lets the claim turn go
- * before it wakes anyone (hand_out, close_batch), so each member wakes
- * once, under its own lock, with its next item. Every member is a
- * finish between slot_finish_enter and slot_finish_leave, so a claim of
- * this host never overlaps the batch (slots.c says why). */
-#include "batch.h"
+ * waits in their own detached tx, so members that only defer never wait
+ * for one another (each wait would be a thread wake-up per member in a
+ * row). The batch's transaction is used by one thread at a time (B.user,
+ * under mu): the opener while it borrows the connection, a member that
+ * sends a statement (from sched_batch_use to its leave), a member moving
+ * its deferred statements in, and at the end the closer. The last member
+ * to leave closes the batch (no new member joins from then on) and
+ * commits it, after waiting for late joiners (linger), so a batch never
+ * waits long for a member that may not come. A closer that claims in the
+ * batch hands out what it locked and lets the claim turn go before it
+ * wakes anyone (hand_out, close_batch), so each member wakes once, under
+ * its own lock, with its next item. Every member is a finish between
+ * sched_finish_enter and sched_finish_leave, so a claim of this host
+ * never overlaps the batch (sched.c says why). */
+#include "sched.h"
 
 #include <errno.h>
 #include <stddef.h>
@@ -32,6 +32,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
+#include "lockcheck.h"
 #include "slots.h"
 #include "work.h"
 
@@ -45,15 +46,14 @@ static const char rollback_sql[] = "ROLLBACK TO SAVEPOINT bmdb_item";
  * be about to join (linger). A commit function that only defers its
  * statements takes a few microseconds, less than a slot handed an item by
  * the same claim needs to run its body and join, so without the wait
- * such batches closed with one or two members. */
+ * such batches would close with one or two members. */
 #define BATCH_LINGER_S 0.001
 /* The wait, per slot still to come, while items claimed ahead wait in the
  * host: the batch then most likely only commits releases, its members'
  * next items are already claimed, and a late joiner saves a COMMIT, not
  * a claim. Per slot, since the slots still to come run their bodies on
- * the same two cores: a flat 0.2 ms gained 4-7% at 4 slots, but at 16
- * closed batches before most members came, and those finished alone
- * (67% of finishes batched against 98%, and fewer items a second). */
+ * the same cores: a flat wait closes big batches before most members
+ * came, and those finish alone. */
 #define BATCH_LINGER_AHEAD_S 0.0002
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -67,26 +67,34 @@ static void conds_init(void) {
 static unsigned long committed_batches, committed_finishes; /* under mu */
 
 static struct {
-    /* under mu: */
+    /* Under mu. Once the batch is closing (linger_locked has returned: it
+     * takes no new member and every member has left it), the closer reads
+     * them without mu: every write before was made under mu, which the
+     * closer has taken since, and nobody but the closer writes them any
+     * more; its own writes still take mu, since sched_batch_join and
+     * sched_batch_members read open, accepting and the counts under it. */
     int open, accepting;
     session *sess;
     int members;         /* joined */
     int active;          /* joined and not yet left */
     int lingering;       /* the last to leave waits for late joiners; it closes */
-    batch_member *user;  /* the one thread that may use t, or NULL */
+    sched_member *user;  /* the one thread that may use t, or NULL */
     int failed;          /* the batch commits nothing; err says why */
     tx_error err;
-    batch_member *member[BATCH_MAX];
+    sched_member *member[SCHED_BATCH_MAX];
     int queued;          /* releases queued, members' tickets in released[] */
-    int released[BATCH_MAX];
-    char machine[BATCH_MAX][40], process[BATCH_MAX][64], token[BATCH_MAX][40];
+    int released[SCHED_BATCH_MAX];
+    sched_item done[SCHED_BATCH_MAX]; /* the items released (machine, process, token) */
     /* only the user of t: */
     tx t;
     int release_set;     /* the releases are the transaction's final statement */
-    char machines[BATCH_MAX * 38 + 3], processes[BATCH_MAX * 65 + 3], tokens[BATCH_MAX * 38 + 3];
+    char machines[SCHED_BATCH_MAX * 38 + 3], processes[SCHED_BATCH_MAX * 65 + 3],
+        tokens[SCHED_BATCH_MAX * 38 + 3];
 } B;
 
+/* Caller holds mu. */
 static void fail_locked(const tx_error *e) {
+    LOCK_HELD(&mu);
     if (B.failed) return;
     B.failed = 1;
     B.err = *e;
@@ -99,15 +107,15 @@ static void fail(const tx_error *e) {
     pthread_mutex_unlock(&mu);
 }
 
-int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
+sched_outcome sched_batch_join(pool *p, session *sess, sched_member *m, tx **out) {
     int opener = 0;
     pthread_once(&conds_once, conds_init);
     pthread_mutex_lock(&mu);
-    if (B.open && (!B.accepting || B.sess != sess || B.members == BATCH_MAX)) {
+    if (B.open && (!B.accepting || B.sess != sess || B.members == SCHED_BATCH_MAX)) {
         pthread_mutex_unlock(&mu);
-        return BATCH_ALONE;
+        return SCHED_ALONE;
     }
-    memset(m, 0, offsetof(batch_member, wake_ready));
+    memset(m, 0, offsetof(sched_member, wake_ready));
     if (!m->wake_ready) {
         pthread_mutex_init(&m->wake_mu, NULL);
         pthread_cond_init(&m->wake_cv, NULL);
@@ -116,22 +124,26 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     if (B.open && B.failed) {
         m->err = B.err;
         pthread_mutex_unlock(&mu);
-        return BATCH_FAILED;
+        return SCHED_FAILED;
     }
     if (!B.open) {
         opener = 1;
         B.open = B.accepting = 1;
         B.sess = sess;
-        session_ref(sess);
         B.members = B.active = B.lingering = B.failed = B.queued = B.release_set = 0;
         B.user = m; /* while it borrows the connection */
     }
     m->ticket = B.members++;
+    m->state = SCHED_JOINED;
     B.active++;
     B.member[m->ticket] = m;
     pthread_mutex_unlock(&mu);
 
     if (opener) {
+        /* The batch's reference to its session, taken outside mu (session.c
+         * takes its own lock): the batch cannot end before the opener has
+         * left it, so nobody lets it go before this. */
+        session_ref(sess);
         /* BEGIN and the fence ride with the first statement, or with
          * COMMIT: this only borrows a connection. */
         tx_error e;
@@ -144,12 +156,12 @@ int batch_join(pool *p, session *sess, batch_member *m, tx **out) {
     }
     tx_init_detached(&m->own, sess);
     *out = &m->own;
-    return BATCH_JOINED;
+    return SCHED_JOINED;
 }
 
 /* Waits until nobody uses B.t, and makes m its user: 0, or -1 when the
  * batch failed (m->err says why). */
-static int take_t(batch_member *m) {
+static int take_t(sched_member *m) {
     pthread_mutex_lock(&mu);
     while (B.user && !B.failed) pthread_cond_wait(&free_cv, &mu);
     int failed = B.failed;
@@ -161,7 +173,7 @@ static int take_t(batch_member *m) {
     return 0;
 }
 
-int batch_use(batch_member *m, tx **out, tx_error *e) {
+int sched_batch_use(sched_member *m, tx **out, tx_error *e) {
     if (!m->holds) {
         if (take_t(m) < 0) {
             m->saw_failed = 1;
@@ -177,44 +189,67 @@ int batch_use(batch_member *m, tx **out, tx_error *e) {
     return 0;
 }
 
-/* A text array literal of one field of the queued releases: first is
- * the field of the first, each next stride bytes further (ids and process
- * names, which need no quoting). */
-static const char *array_of(char *buf, size_t len, const char *first, size_t stride) {
+/* A text array literal of one field of the queued releases, at offset in
+ * each sched_item (ids and process names, which need no quoting). */
+static const char *array_of(char *buf, size_t len, size_t offset) {
     size_t at = 0;
     buf[at++] = '{';
     for (int i = 0; i < B.queued; i++)
-        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? "," : "", first + (size_t)i * stride);
+        at += (size_t)snprintf(buf + at, len - at, "%s%s", i ? "," : "", (const char *)&B.done[i] + offset);
     snprintf(buf + at, len - at, "}");
     return buf;
 }
 
 /* Every queued release as one statement, the transaction's final: it
- * rides with COMMIT, or in front of a claim's select (batch_leave). */
+ * rides with COMMIT, or in front of a claim's select (close_claiming). */
 static int set_release(tx_error *e) {
     if (B.release_set) return 0;
     B.release_set = 1;
-    /* One item: the single release, whose plan is the cheaper (about 60
-     * against 110 µs a call, pg_stat_statements at one slot). */
+    /* One item: the single release, whose plan is the cheaper. */
     if (B.queued == 1)
-        return work_release(&B.t, B.machine[0], B.process[0], B.token[0], "Finished", NULL, 1, e);
-    return work_release_finished(
-        &B.t, array_of(B.machines, sizeof B.machines, B.machine[0], sizeof B.machine[0]),
-        array_of(B.processes, sizeof B.processes, B.process[0], sizeof B.process[0]),
-        array_of(B.tokens, sizeof B.tokens, B.token[0], sizeof B.token[0]), B.queued, e);
+        return work_release(&B.t, B.done[0].machine, B.done[0].process, B.done[0].token, "Finished", NULL, 1, e);
+    return work_release_finished(&B.t, array_of(B.machines, sizeof B.machines, offsetof(sched_item, machine)),
+                                 array_of(B.processes, sizeof B.processes, offsetof(sched_item, process)),
+                                 array_of(B.tokens, sizeof B.tokens, offsetof(sched_item, token)), B.queued, e);
 }
 
-/* The closer's part: the releases and COMMIT in one flight (or the claim's
- * lock and COMMIT, when claim_sent: then what it locked is handed out, and
- * what is left goes to claimed), or a rollback when there is nothing to
- * commit; then the claim turn, if the closer holds it, is let go, and
- * every member waiting learns the outcome. */
-static int hand_out(const batch_member *closer, slot_handed *claimed, int *nclaimed);
-static void close_batch(const batch_member *closer, int claim_turn, int claim_sent, double started,
-                        slot_handed *claimed, int max, int *nclaimed, int *handed) {
+/* What the closer's claim locked, past the closer's own first item, goes
+ * to the members of its process that take a next item, before they wake
+ * (each then runs it at once, where it would have woken to find the claim
+ * turn still taken, waited again, and taken it from the claim queue), and
+ * then to the slots that wait to claim (sched_claim_hand). What did not
+ * fit there stays in c, after the closer's (the closer lets it go).
+ * Returns how many it handed. */
+static int hand_out(const sched_member *closer, sched_claim *c) {
+    if (c->n <= 1) return 0;
+    const char *process = B.done[closer->queued_at].process;
+    int next = 1, kept = 1;
+    for (int i = 0; i < B.queued && next < c->n; i++) {
+        sched_member *mm = B.member[B.released[i]];
+        if (mm == closer || !mm->takes_next || strcmp(B.done[i].process, process)) continue;
+        mm->next = c->item[next++];
+        mm->has_next = 1;
+    }
+    int handed = next - 1;
+    sched_note_handed(handed);
+    for (; next < c->n; next++) {
+        if (sched_claim_hand(&c->item[next])) handed++;
+        else c->item[kept++] = c->item[next];
+    }
+    c->n = kept;
+    return handed;
+}
+
+/* The closer's part: the releases and COMMIT in one flight (or, with
+ * claim, the claim's lock and COMMIT: then what it locked is handed out,
+ * and what is left stays in claim), or a rollback when there is nothing
+ * to commit; then the claim turn, if the closer holds it (claim), is let
+ * go, and every member waiting learns the outcome. */
+static void close_batch(sched_member *closer, sched_claim *claim) {
     tx_error e;
     int rc = -1;
-    if (nclaimed) *nclaimed = 0;
+    int claimed = claim && claim->sent;
+    if (claim) claim->n = claim->handed = 0;
     if (B.failed) {
         tx_rollback(&B.t);
     } else if (B.queued == 0) {
@@ -228,40 +263,43 @@ static void close_batch(const batch_member *closer, int claim_turn, int claim_se
     } else {
         rc = tx_commit(&B.t, &e);
         work_locked out;
-        for (int i = 0; rc == 0 && claim_sent && i < max; i++) {
-            if (!work_locked_any(&B.t, i, claimed[i].machine, sizeof claimed[i].machine, &out)) break;
-            claimed[i].attempt = out.attempt;
-            claimed[i].started = started;
-            snprintf(claimed[i].token, sizeof claimed[i].token, "%s", out.token);
-            snprintf(claimed[i].session, sizeof claimed[i].session, "%s", session_id(B.sess));
-            ++*nclaimed;
+        for (int i = 0; rc == 0 && claimed && i < SCHED_BATCH_MAX; i++) {
+            sched_item *it = &claim->item[i];
+            if (!work_locked_any(&B.t, i, it->machine, sizeof it->machine, &out)) break;
+            it->attempt = out.attempt;
+            it->started = claim->started;
+            snprintf(it->token, sizeof it->token, "%s", out.token);
+            snprintf(it->process, sizeof it->process, "%s", B.done[closer->queued_at].process);
+            snprintf(it->session_id, sizeof it->session_id, "%s", session_id(B.sess));
+            claim->n++;
         }
         tx_rollback(&B.t); /* frees what tx_commit kept (the final's answer) */
-        if (rc == 0 && claim_sent) *handed = hand_out(closer, claimed, nclaimed);
+        if (rc == 0 && claimed) claim->handed = hand_out(closer, claim);
     }
     /* The claim's transaction is over: finishes may start (the members
      * about to wake, among them) before the closer's Lua is done. */
-    if (claim_turn) slot_claim_leave();
+    if (claim) sched_claim_leave();
     pthread_mutex_lock(&mu);
     if (rc < 0) fail_locked(&e);
     if (!B.failed && B.queued > 0) {
         committed_batches++;
         committed_finishes += (unsigned long)B.queued;
     }
-    for (int i = 0; i < B.queued; i++) B.member[B.released[i]]->committed = !B.failed;
-    batch_member *waiting[BATCH_MAX];
+    for (int i = 0; i < B.queued; i++) B.member[B.released[i]]->state = B.failed ? SCHED_FAILED : SCHED_COMMITTED;
+    sched_member *waiting[SCHED_BATCH_MAX];
     int nwaiting = 0;
     for (int i = 0; i < B.members; i++) {
-        batch_member *mm = B.member[i];
-        if (!mm || mm == closer) continue; /* left without waiting, or closing */
-        if (B.failed) mm->err = B.err;
-        waiting[nwaiting++] = mm;
+        sched_member *mm = B.member[i];
+        if (!mm) continue; /* left without waiting */
+        if (B.failed) mm->err = B.err; /* the closer's too: it answers FAILED with it */
+        if (mm != closer) waiting[nwaiting++] = mm;
     }
-    session_unref(B.sess);
+    session *sess = B.sess;
     B.sess = NULL;
     B.user = NULL;
     B.open = 0;
     pthread_mutex_unlock(&mu);
+    session_unref(sess); /* outside mu: session.c takes its own lock */
     /* Each waits on its own lock (its record lives as long as its slot
      * thread): woken after mu is let go, it does not wake only to wait
      * for mu again, one context switch more per member. */
@@ -273,17 +311,16 @@ static void close_batch(const batch_member *closer, int claim_turn, int claim_se
     }
 }
 
-static int close_claiming(const batch_member *closer, const char *process, int inside, int *peers);
-
-/* Under mu, by the last member to leave: waits for members that join
+/* Caller holds mu; the last member to leave: waits for members that join
  * meanwhile to leave too, and, while more slots hold an item than the
  * batch has members (one of them may be about to finish and join), for
  * BATCH_LINGER_S at most (BATCH_LINGER_AHEAD_S per slot still to come,
  * when items claimed ahead wait). Then the batch takes no new member. */
 static void linger_locked(void) {
-    int missing = slot_items_held() - B.members;
+    LOCK_HELD(&mu);
+    int missing = sched_items_held() - B.members;
     double linger = BATCH_LINGER_S;
-    if (slot_items_ahead() > 0 && missing > 0 && missing * BATCH_LINGER_AHEAD_S < linger)
+    if (sched_items_ahead() > 0 && missing > 0 && missing * BATCH_LINGER_AHEAD_S < linger)
         linger = missing * BATCH_LINGER_AHEAD_S;
     struct timespec until = time_after(CLOCK_MONOTONIC, linger);
     B.lingering = 1;
@@ -292,7 +329,7 @@ static void linger_locked(void) {
             pthread_cond_wait(&grew, &mu);
             continue;
         }
-        if (late || B.failed || B.members == BATCH_MAX || slot_items_held() <= B.members) break;
+        if (late || B.failed || B.members == SCHED_BATCH_MAX || sched_items_held() <= B.members) break;
         if (pthread_cond_timedwait(&grew, &mu, &until) == ETIMEDOUT) {
             late = 1;
             B.accepting = 0;
@@ -302,12 +339,44 @@ static void linger_locked(void) {
     B.lingering = 0;
 }
 
-int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const char *process,
-                const char *token, int takes_next, int may_claim, int *peers) {
+/* Whether the closer (ending an item of process) claims in the batch's
+ * transaction: nothing failed, and the batch's members (inside of them
+ * wait for its outcome) are the host's only finishes in flight
+ * (sched_claim_alongside, which then gives it the claim turn). Its
+ * releases become the final statement, to ride in front of the claim's
+ * select. peers: the closer and the members of its process that take a
+ * next item (the claim is for them, and hands them theirs). */
+static int close_claiming(const sched_member *closer, const char *process, int inside, int *peers) {
+    if (!sched_claim_alongside(inside)) return 0;
+    *peers = 1; /* the closer, then the members that take a next item */
+    for (int i = 0; i < B.queued; i++) {
+        const sched_member *mm = B.member[B.released[i]];
+        *peers += mm != closer && mm->takes_next && !strcmp(B.done[i].process, process);
+    }
     tx_error e;
+    if (set_release(&e) == 0) return 1;
+    sched_claim_leave();
+    fail(&e);
+    return 0;
+}
+
+/* What m, whose release was queued and which waited for the batch's end
+ * (or closed it), learns: COMMITTED, noting as the calling slot's item
+ * the next one the closer's claim handed it (none: its item is released),
+ * or FAILED. */
+static sched_outcome ended(sched_member *m) {
+    if (m->state != SCHED_COMMITTED) return SCHED_FAILED;
+    slot_note_item(m->has_next ? m->next.machine : NULL);
+    if (m->has_next) sched_note_handed(-1); /* taken */
+    return SCHED_COMMITTED;
+}
+
+sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *peers) {
+    tx_error e;
+    int ok = leave->how == SCHED_LEAVE_FINISHED;
     int whole = m->saw_failed; /* the batch failed under m: not m's own failure */
     int doomed = m->holds && B.t.doomed; /* (only a holder may look at B.t) */
-    if (doomed || fatal) {
+    if (doomed || leave->how == SCHED_LEAVE_FATAL) {
         /* the fence failed, or a failure the transaction may not survive:
          * a doom may be another member's deferred statement */
         pthread_mutex_lock(&mu);
@@ -351,19 +420,18 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         B.user = NULL;
         pthread_cond_broadcast(&free_cv);
     }
-    m->takes_next = takes_next;
+    m->takes_next = leave->takes_next;
     if (ok && !B.failed) {
         int i = m->queued_at = B.queued++;
         B.released[i] = m->ticket;
-        snprintf(B.machine[i], sizeof B.machine[i], "%s", machine);
-        snprintf(B.process[i], sizeof B.process[i], "%s", process);
-        snprintf(B.token[i], sizeof B.token[i], "%s", token);
+        B.done[i] = *leave->done;
     }
     if (!ok) {
         /* m does not wait for the outcome: its record may be gone before
          * the batch ends. */
         B.member[m->ticket] = NULL;
         if (B.failed && whole) m->err = B.err;
+        m->state = whole ? SCHED_FAILED : SCHED_UNDONE;
     }
     if (--B.active > 0 || B.lingering) {
         /* a member still in it, or the lingering one, closes the batch;
@@ -371,83 +439,34 @@ int batch_leave(batch_member *m, int ok, int fatal, const char *machine, const c
         int last = B.active == 0;
         pthread_mutex_unlock(&mu);
         if (last) pthread_cond_signal(&grew);
-        if (ok) {
-            pthread_mutex_lock(&m->wake_mu);
-            while (!m->done) pthread_cond_wait(&m->wake_cv, &m->wake_mu);
-            pthread_mutex_unlock(&m->wake_mu);
-        }
-        return ok ? (m->committed ? 1 : BATCH_FAILED) : (whole ? BATCH_FAILED : 0);
+        if (!ok) return m->state;
+        pthread_mutex_lock(&m->wake_mu);
+        while (!m->done) pthread_cond_wait(&m->wake_cv, &m->wake_mu);
+        pthread_mutex_unlock(&m->wake_mu);
+        return ended(m);
     }
     linger_locked();
     int inside = 0, failed = B.failed;
     for (int i = 0; i < B.members; i++) inside += B.member[i] != NULL;
     B.user = m;
     pthread_mutex_unlock(&mu);
-    if (ok && may_claim && !failed && close_claiming(m, process, inside, peers)) {
+    if (ok && leave->may_claim && !failed && close_claiming(m, leave->done->process, inside, peers)) {
         m->holds = 1;
-        return BATCH_CLAIM;
+        return m->state = SCHED_CLAIMING;
     }
-    close_batch(m, 0, 0, 0, NULL, 0, NULL, NULL);
-    if (!ok) return whole ? BATCH_FAILED : 0;
-    return m->committed ? 1 : BATCH_FAILED;
+    close_batch(m, NULL);
+    if (!ok) return m->state;
+    return ended(m);
 }
 
-/* What the closer's claim locked, past the closer's own first item, goes
- * to the members of its process that take a next item, before they wake
- * (each then runs it at once, where it would have woken to find the claim
- * turn still taken, waited again, and taken it from the claim queue), and
- * then to the slots that wait to claim (slot_claim_hand). What did not
- * fit there stays in claimed, after the closer's (the closer lets it go).
- * Returns how many it handed. */
-static int hand_out(const batch_member *closer, slot_handed *claimed, int *nclaimed) {
-    if (*nclaimed <= 1) return 0;
-    const char *process = B.process[closer->queued_at];
-    int next = 1, kept = 1;
-    for (int i = 0; i < B.queued && next < *nclaimed; i++) {
-        batch_member *mm = B.member[B.released[i]];
-        if (mm == closer || !mm->takes_next || strcmp(B.process[i], process)) continue;
-        mm->next = claimed[next++];
-        mm->has_next = 1;
-    }
-    int handed = next - 1;
-    slot_note_handed(handed);
-    for (; next < *nclaimed; next++) {
-        if (slot_claim_hand(process, &claimed[next])) handed++;
-        else claimed[kept++] = claimed[next];
-    }
-    *nclaimed = kept;
-    return handed;
+sched_outcome sched_batch_close(sched_member *m, sched_claim *c) {
+    close_batch(m, c);
+    if (m->state != SCHED_COMMITTED) return SCHED_FAILED;
+    slot_note_item(c->n > 0 ? c->item[0].machine : NULL);
+    return SCHED_COMMITTED;
 }
 
-/* Whether the closer (ending an item of process) claims in the batch's
- * transaction: nothing failed, and the batch's members (inside of them
- * wait for its outcome) are the host's only finishes in flight
- * (slot_claim_alongside, which then gives it the claim turn). Its
- * releases become the final statement, to ride in front of the claim's
- * select. peers: the closer and the members of its process that take a
- * next item (the claim is for them, and hands them theirs). */
-static int close_claiming(const batch_member *closer, const char *process, int inside, int *peers) {
-    if (!slot_claim_alongside(inside)) return 0;
-    *peers = 1; /* the closer, then the members that take a next item */
-    for (int i = 0; i < B.queued; i++) {
-        const batch_member *mm = B.member[B.released[i]];
-        *peers += mm != closer && mm->takes_next && !strcmp(B.process[i], process);
-    }
-    tx_error e;
-    if (set_release(&e) == 0) return 1;
-    slot_claim_leave();
-    fail(&e);
-    return 0;
-}
-
-int batch_close(batch_member *m, int claim_sent, double started, slot_handed *claimed, int max,
-                int *nclaimed, int *handed) {
-    *handed = 0;
-    close_batch(m, 1, claim_sent, started, claimed, max, nclaimed, handed);
-    return m->committed;
-}
-
-int batch_members(int *active) {
+int sched_batch_members(int *active) {
     pthread_mutex_lock(&mu);
     int n = B.open ? B.members : 0;
     if (active) *active = B.open ? B.active : 0;
@@ -455,7 +474,7 @@ int batch_members(int *active) {
     return n;
 }
 
-void batch_counts(unsigned long *batches, unsigned long *finishes) {
+void sched_batch_counts(unsigned long *batches, unsigned long *finishes) {
     pthread_mutex_lock(&mu);
     *batches = committed_batches;
     *finishes = committed_finishes;

@@ -1,0 +1,315 @@
+/* lsched.c -- the scheduler (sched.h) as the slots' loop (Lua) calls it.
+ *
+ * The claim and finish turns and the queue of handed items (core.claim_*,
+ * core.finish_*), the usual claim's lock and what it locked
+ * (core.lock_any, core.claimed), and a finish's part in the host's batch
+ * (core.batch_join, batch_leave, batch_close, batch_members;
+ * core.claim_max). It only translates: every item is a sched_item here,
+ * and its Lua-side shapes (values, or {machine, attempt, token[,
+ * session_id, started]} lists) are made by push_item alone. Outside the
+ * binary (busted) it works the same, with nobody else waiting. */
+#include <lauxlib.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "lcore.h"
+#include "lerror.h"
+#include "sched.h"
+#include "slots.h"
+#include "work.h"
+
+/* ---- items ---------------------------------------------------------------- */
+
+/* The first fields of it as a list on top ({machine, attempt, token} with
+ * 3, then session_id and started), or as that many values when list is 0. */
+static int push_item(lua_State *L, const sched_item *it, int fields, int list) {
+    if (list) lua_createtable(L, fields, 0);
+    for (int i = 1; i <= fields; i++) {
+        switch (i) {
+        case 1: lua_pushstring(L, it->machine); break;
+        case 2: lua_pushinteger(L, it->attempt); break;
+        case 3: lua_pushstring(L, it->token); break;
+        case 4: lua_pushstring(L, it->session_id); break;
+        default: lua_pushnumber(L, it->started); break;
+        }
+        if (list) lua_rawseti(L, -2, i);
+    }
+    return list ? 1 : fields;
+}
+
+/* The items as a list of {machine, attempt, token} lists. */
+static void push_items(lua_State *L, const sched_item *its, int n) {
+    lua_createtable(L, n, 0);
+    for (int i = 0; i < n; i++) {
+        push_item(L, &its[i], 3, 1);
+        lua_rawseti(L, -2, i + 1);
+    }
+}
+
+static void copy(char *dst, size_t len, const char *src) { snprintf(dst, len, "%s", src ? src : ""); }
+
+/* ---- claims and finishes take turns --------------------------------------- */
+
+/* core.claim_enter(process, seconds) -> "turn" | "handed", machine,
+ * attempt, token, session_id, started | nil */
+static int l_claim_enter(lua_State *L) {
+    sched_item it;
+    switch (sched_claim_enter(lerror_checkstring(L, 1), lerror_checknumber(L, 2), &it)) {
+    case SCHED_CLAIM_TURN: lua_pushliteral(L, "turn"); return 1;
+    case SCHED_CLAIM_HANDED: lua_pushliteral(L, "handed"); return 1 + push_item(L, &it, 5, 0);
+    default: return 0;
+    }
+}
+
+static int l_claim_leave(lua_State *L) {
+    (void)L;
+    sched_claim_leave();
+    return 0;
+}
+
+static int l_claim_waiters(lua_State *L) {
+    lua_pushinteger(L, sched_claim_waiters(lerror_checkstring(L, 1)));
+    return 1;
+}
+
+static int l_claim_queued(lua_State *L) {
+    lua_pushinteger(L, sched_claim_queued(lerror_checkstring(L, 1)));
+    return 1;
+}
+
+/* core.claim_give_back(process, on) */
+static int l_claim_give_back(lua_State *L) {
+    sched_claim_give_back(lerror_checkstring(L, 1), lua_toboolean(L, 2));
+    return 0;
+}
+
+/* core.claim_hand(process, machine, attempt, token, session_id, started) -> bool */
+static int l_claim_hand(lua_State *L) {
+    sched_item it;
+    copy(it.process, sizeof it.process, lerror_checkstring(L, 1));
+    copy(it.machine, sizeof it.machine, lerror_checkstring(L, 2));
+    it.attempt = (int)lerror_checknumber(L, 3);
+    copy(it.token, sizeof it.token, lerror_checkstring(L, 4));
+    copy(it.session_id, sizeof it.session_id, lerror_checkstring(L, 5));
+    it.started = lerror_checknumber(L, 6);
+    lua_pushboolean(L, sched_claim_hand(&it));
+    return 1;
+}
+
+/* core.claim_take(process) -> machine, attempt, token, session_id, started | nil */
+static int l_claim_take(lua_State *L) {
+    sched_item it;
+    if (!sched_claim_take(lerror_checkstring(L, 1), &it)) return 0;
+    return push_item(L, &it, 5, 0);
+}
+
+static int l_finish_enter(lua_State *L) {
+    (void)L;
+    sched_finish_enter();
+    return 0;
+}
+
+static int l_finish_leave(lua_State *L) {
+    (void)L;
+    sched_finish_leave();
+    return 0;
+}
+
+/* ---- the usual claim's lock ----------------------------------------------- */
+
+/* core.lock_any(tx, {id, ...}, process, opts, count): the usual claim of
+ * up to count free ids (all valid UUIDs), sent with COMMIT;
+ * core.claimed(tx) tells the outcome once committed. */
+static int l_lock_any(lua_State *L) {
+    tx *t = lcore_check_tx(L, "lock_any");
+    luaL_checktype(L, 2, LUA_TTABLE);
+    const char *process = lerror_checkstring(L, 3);
+    if (!work_valid_process(process)) lerror_argerror(L, 3, "invalid process name '%s'", process);
+    luaL_Buffer b;
+    luaL_buffinit(L, &b);
+    luaL_addchar(&b, '{');
+    size_t n = lua_objlen(L, 2);
+    for (size_t i = 1; i <= n; i++) {
+        lua_rawgeti(L, 2, (int)i);
+        const char *id = lua_tostring(L, -1);
+        if (!work_valid_uuid(id)) lerror_argerror(L, 2, "candidate %d is not a machine id", (int)i);
+        lua_pop(L, 1);
+        if (i > 1) luaL_addchar(&b, ',');
+        luaL_addstring(&b, id);
+    }
+    luaL_addchar(&b, '}');
+    luaL_pushresult(&b);
+    char nb[4][40];
+    work_claim c;
+    lcore_claim_options(L, 4, &c, nb);
+    tx_error e;
+    int count = (int)luaL_optinteger(L, 5, 1);
+    if (work_lock_any(t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
+    return 0;
+}
+
+/* core.claimed(tx) -> { {machine, attempt, token}, ... }: what the
+ * committed core.lock_any locked (empty when nothing); the caller keeps
+ * the first. */
+static int l_claimed(lua_State *L) {
+    tx *t = lcore_tx_at(L, 1);
+    sched_item it;
+    memset(&it, 0, sizeof it);
+    work_locked out;
+    lua_newtable(L);
+    for (int i = 0; t && work_locked_any(t, i, it.machine, sizeof it.machine, &out); i++) {
+        /* The first is the claimer's own; the others' slots note theirs
+         * when they are handed them (sched.h). */
+        if (i == 0) slot_note_item(it.machine); /* named if its slot will not stop */
+        it.attempt = out.attempt;
+        copy(it.token, sizeof it.token, out.token);
+        push_item(L, &it, 3, 1);
+        lua_rawseti(L, -2, i + 1);
+    }
+    return 1;
+}
+
+/* ---- a finish in the host's batch ------------------------------------------
+ *
+ * The batch this slot thread is a member of (one at most), and the handle
+ * of the bmdb.tx its commit function was given (lcore_push_tx): it points
+ * at the member's own tx, which only queues deferred statements, until
+ * the member sends a statement (lsched_use_batch), then at the batch's
+ * transaction, and at nothing once the member's part is over. */
+typedef struct { sched_member m; tx **tx; } lbatch;
+static __thread lbatch in_batch;
+
+void lsched_use_batch(lua_State *L, tx **t) {
+    if (t != in_batch.tx || *t != &in_batch.m.own) return;
+    tx *bt;
+    tx_error e;
+    if (sched_batch_use(&in_batch.m, &bt, &e) < 0) lerror_raise(L, &e);
+    *t = bt;
+}
+
+/* core.batch_join(sess) -> tx, or nil (finish alone) and, when the open
+ * batch has failed, its error. The tx is this member's part of the batch
+ * (in_batch) until core.batch_leave. */
+static int l_batch_join(lua_State *L) {
+    session *s;
+    tx **handle = lcore_push_tx(L, &s);
+    tx *t;
+    sched_outcome got = sched_batch_join(lcore_pool(), s, &in_batch.m, &t);
+    if (got == SCHED_JOINED) {
+        *handle = t;
+        in_batch.tx = handle;
+        return 1;
+    }
+    lua_pushnil(L);
+    if (got == SCHED_ALONE) return 1;
+    lerror_push(L, &in_batch.m.err);
+    return 2;
+}
+
+/* core.batch_leave(ok, fatal, machine, process, token, takes_next,
+ * may_claim) -> true (the batch committed this slot's release; then,
+ * fourth, the next item the closer's claim handed it, if any, as
+ * {machine, attempt, token, session_id, started}); false (without ok: its
+ * own failure, undone); false, the batch's error and true (the batch
+ * failed: finish alone); or "claim" and peers (sched.h's CLAIMING: the tx
+ * becomes the batch's, to claim in; then core.batch_close). */
+static int l_batch_leave(lua_State *L) {
+    int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
+    sched_item done;
+    memset(&done, 0, sizeof done);
+    if (ok) {
+        lcore_check_ids(L, 3, 4);
+        const char *token = lerror_checkstring(L, 5);
+        if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
+        copy(done.machine, sizeof done.machine, lua_tostring(L, 3));
+        copy(done.process, sizeof done.process, lua_tostring(L, 4));
+        copy(done.token, sizeof done.token, token);
+    }
+    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch");
+    sched_leave leave = {
+        .how = fatal ? SCHED_LEAVE_FATAL : ok ? SCHED_LEAVE_FINISHED : SCHED_LEAVE_UNDONE,
+        .done = &done,
+        .takes_next = lua_toboolean(L, 6),
+        .may_claim = lua_toboolean(L, 7),
+    };
+    int peers = 0;
+    sched_outcome got = sched_batch_leave(&in_batch.m, &leave, &peers);
+    if (got == SCHED_CLAIMING) {
+        tx_error e;
+        sched_batch_use(&in_batch.m, in_batch.tx, &e); /* the closer holds it: cannot fail */
+        lua_pushliteral(L, "claim");
+        lua_pushinteger(L, peers);
+        return 2;
+    }
+    *in_batch.tx = NULL;
+    in_batch.tx = NULL;
+    if (got == SCHED_COMMITTED) {
+        lua_pushboolean(L, 1);
+        if (!in_batch.m.has_next) return 1;
+        lua_pushnil(L);
+        lua_pushnil(L);
+        push_item(L, &in_batch.m.next, 5, 1);
+        return 4;
+    }
+    lua_pushboolean(L, 0);
+    if (got == SCHED_UNDONE) return 1;
+    lerror_push(L, &in_batch.m.err);
+    lua_pushboolean(L, 1);
+    return 3;
+}
+
+/* core.batch_close(claim_sent, started) -> true, nil, { {machine,
+ * attempt, token}, ... } (the closer's item first, then what the claim
+ * locked and could hand to nobody: the caller lets it go), and how many
+ * it handed to other slots; or false and the batch's error: the end of a
+ * batch whose closer claimed in it (core.batch_leave's "claim"). The
+ * claim turn is let go either way. */
+static int l_batch_close(lua_State *L) {
+    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
+    *in_batch.tx = NULL;
+    in_batch.tx = NULL;
+    sched_claim c; /* (its items are filled as claimed, not cleared first) */
+    c.sent = lua_toboolean(L, 1);
+    c.started = luaL_optnumber(L, 2, 0);
+    if (sched_batch_close(&in_batch.m, &c) != SCHED_COMMITTED) {
+        lua_pushboolean(L, 0);
+        lerror_push(L, &in_batch.m.err);
+        return 2;
+    }
+    lua_pushboolean(L, 1);
+    lua_pushnil(L);
+    push_items(L, c.item, c.n);
+    lua_pushinteger(L, c.handed);
+    return 4;
+}
+
+/* core.batch_members() -> members of the open batch, those not yet left */
+static int l_batch_members(lua_State *L) {
+    int active;
+    lua_pushinteger(L, sched_batch_members(&active));
+    lua_pushinteger(L, active);
+    return 2;
+}
+
+static const luaL_Reg funcs[] = {{"claim_enter", l_claim_enter},
+                                 {"claim_leave", l_claim_leave},
+                                 {"claim_waiters", l_claim_waiters},
+                                 {"claim_queued", l_claim_queued},
+                                 {"claim_give_back", l_claim_give_back},
+                                 {"claim_hand", l_claim_hand},
+                                 {"claim_take", l_claim_take},
+                                 {"finish_enter", l_finish_enter},
+                                 {"finish_leave", l_finish_leave},
+                                 {"lock_any", l_lock_any},
+                                 {"claimed", l_claimed},
+                                 {"batch_join", l_batch_join},
+                                 {"batch_leave", l_batch_leave},
+                                 {"batch_close", l_batch_close},
+                                 {"batch_members", l_batch_members},
+                                 {NULL, NULL}};
+
+void lsched_register(lua_State *L) {
+    luaL_register(L, NULL, funcs);
+    lua_pushinteger(L, SCHED_BATCH_MAX); /* the most items one claim hands out */
+    lua_setfield(L, -2, "claim_max");
+}

@@ -1,0 +1,295 @@
+/* sched.c -- claims and finishes take turns; the queues of handed items;
+ * give-back (sched.h). The batch of finishes is sched_batch.c.
+ *
+ * Why the turns: under SERIALIZABLE on PostgreSQL, a claim that overlaps
+ * a finish is a "pivot" and is rolled back. The claim reads what finishes
+ * write (the worker's select scans the tables a finish deletes from; the
+ * work table is read whole), and finishes read what the claim writes
+ * (their fence and release read the work table's primary key index, whose
+ * few pages take every new work row: predicate locks on a btree are per
+ * page). Two concurrent claims conflict the same way. Retried claims
+ * sleep, and with several slots most of their time went there. So within
+ * a host a claim runs alone, and finishes run together: they do not
+ * conflict with each other. A claim that runs alone would make claims
+ * the bottleneck, so it claims for every slot of its process that waits
+ * to claim: they wait here, and the claimer hands each of them an item.
+ * Other hosts still overlap; their claims conflict as before.
+ *
+ * Invariants, and the routine that keeps each:
+ *
+ * 1. Claim turn. At most one claim of this host runs at a time, and a
+ *    claim never overlaps a finish of this host: `claiming` is set only
+ *    while no finish is in flight (sched_claim_enter), and a finish
+ *    starts only while `claiming` is clear (sched_finish_enter). The one
+ *    claim beside finishes is the one in a batch's transaction, and then
+ *    the finishes in flight are exactly that batch's members
+ *    (sched_claim_alongside). The turn is a state under phase_mu, never a
+ *    mutex held across the claim's transaction.
+ * 2. No starved claim. Once a claim has waited CLAIM_URGENT_S, new
+ *    finishes wait for it (sched_finish_enter); a waiter that gives up
+ *    wakes the finishes it may have held off (sched_claim_enter).
+ * 3. Claiming for others. A queued item was locked under the session it
+ *    names, and goes to exactly one slot, oldest first (take_oldest,
+ *    under phase_mu); an item that fits no queue stays with its claimer,
+ *    which lets it go (sched_claim_hand answers 0).
+ * 4. Claiming ahead. Of a queue's items, as many as slots wait there
+ *    count as held (items_handed), the rest as claimed ahead
+ *    (items_ahead, and the metrics' items waiting), recounted whenever
+ *    the queue or its waiters change (recount); items a batch's closer
+ *    hands its members count as held until each takes its own
+ *    (sched_note_handed). The batch's linger reads the sum with the
+ *    slots' item records (sched_items_held), without a lock: a hint.
+ * 5. Give-back. Only the queue of a worker that claims ahead by default
+ *    gives back, only items that waited SCHED_GIVE_BACK_S, oldest first,
+ *    and an item leaves its queue (under phase_mu) before
+ *    strays_give_back releases it, so no slot takes an item given back
+ *    (sched_give_back_waiting).
+ * 6. One batch. At most one batch is open; its members are of one
+ *    session and at most SCHED_BATCH_MAX, and none joins once it stops
+ *    accepting (sched_batch_join, linger_locked in sched_batch.c).
+ * 7. One user of a batch's transaction at a time (B.user: take_t,
+ *    sched_batch_use, sched_batch_leave); a member's statements run in a
+ *    savepoint of its own, so its own failure undoes only them
+ *    (sched_batch_leave).
+ * 8. Linger. The last member to leave closes the batch only when every
+ *    member has left, waiting for late joiners at most BATCH_LINGER_S
+ *    (BATCH_LINGER_AHEAD_S per slot still to come while items claimed
+ *    ahead wait), and only while more slots hold an item than the batch
+ *    has members (linger_locked).
+ * 9. All or nothing. A failed batch commits nothing, and every member
+ *    that waits for it learns so and finishes alone (fail_locked,
+ *    close_batch).
+ * 10. Claim in a batch. The closer claims in the batch's transaction only
+ *    when nothing failed and the batch's members are all the host's
+ *    finishes in flight (close_claiming); what it locked goes to itself,
+ *    the members that take a next item, then the waiting slots
+ *    (hand_out); it lets the claim turn go as soon as COMMIT answered and
+ *    only then wakes the members, each once, under its own wake_mu
+ *    (close_batch).
+ *
+ * Globals: everything below is under phase_mu, but items_handed and
+ * items_ahead, atomics written under it and read without it. */
+#include "sched.h"
+
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "lifecycle.h"
+#include "lockcheck.h"
+#include "log.h"
+#include "metrics.h"
+#include "slots.h"
+#include "strays.h"
+
+typedef struct claim_queue {
+    char process[64];
+    int waiters;                /* slots of process inside sched_claim_enter */
+    int n;                      /* items queued, oldest first */
+    int counted;                /* of them, those counted in items_handed */
+    int waiting_shown;          /* the rest, as the metrics last showed them */
+    int give_back;              /* sched_claim_give_back */
+    sched_item items[SCHED_QUEUE_MAX];
+    struct claim_queue *next;
+} claim_queue;
+
+static pthread_mutex_t phase_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t phase_cv; /* CLOCK_MONOTONIC */
+static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
+static int finishing, claiming, claims_waiting;
+static double claims_waiting_since; /* mono_now() when claims_waiting left 0 */
+#define CLAIM_URGENT_S 0.05
+static claim_queue *claim_queues; /* never freed (one per process) */
+/* Items handed and not yet taken, in every queue or straight to a slot
+ * (sched_note_handed): a slot handed one holds it. Of a queue's items
+ * only as many count as slots wait there: the rest were claimed ahead,
+ * and no slot holds them until one comes back for its next item. */
+static int items_handed;
+/* Items queued beyond the slots that wait for one (claimed ahead), in
+ * every queue: what the metrics show, summed. */
+static int items_ahead;
+
+static void phase_init(void) { mono_cond_init(&phase_cv); }
+
+/* Caller holds phase_mu; after q->n or q->waiters changed. (Takes
+ * metrics.c's mu under it: host/README.md's lock order.) */
+static void recount(claim_queue *q) {
+    LOCK_HELD(&phase_mu);
+    int now = q->n < q->waiters ? q->n : q->waiters;
+    __atomic_add_fetch(&items_handed, now - q->counted, __ATOMIC_RELAXED);
+    q->counted = now;
+    int ahead = q->n - now;
+    if (ahead != q->waiting_shown) {
+        __atomic_add_fetch(&items_ahead, ahead - q->waiting_shown, __ATOMIC_RELAXED);
+        metrics_items_waiting(q->process, q->waiting_shown = ahead);
+    }
+}
+
+/* Caller holds phase_mu: the oldest queued item, so an item claimed ahead
+ * waits no longer than the ones claimed after it. */
+static void take_oldest(claim_queue *q, sched_item *out) {
+    LOCK_HELD(&phase_mu);
+    *out = q->items[0];
+    memmove(q->items, q->items + 1, (size_t)(--q->n) * sizeof q->items[0]);
+}
+
+/* Caller holds phase_mu. */
+static claim_queue *claim_queue_for(const char *process) {
+    LOCK_HELD(&phase_mu);
+    for (claim_queue *q = claim_queues; q; q = q->next)
+        if (!strcmp(q->process, process)) return q;
+    claim_queue *q = calloc(1, sizeof *q);
+    if (!q) abort();
+    snprintf(q->process, sizeof q->process, "%s", process);
+    q->next = claim_queues;
+    claim_queues = q;
+    return q;
+}
+
+void sched_finish_enter(void) {
+    pthread_once(&phase_once, phase_init);
+    pthread_mutex_lock(&phase_mu);
+    /* A claim in progress excludes us. A claim that waits does not, at
+     * first: finishes of the slots still busy end soon, and each slot
+     * that waits to claim stops finishing, so the turn comes; a claim
+     * that has waited CLAIM_URGENT_S makes new finishes wait too, so a
+     * steady stream of finishes cannot starve it. */
+    while (claiming || (claims_waiting && mono_now() - claims_waiting_since >= CLAIM_URGENT_S))
+        pthread_cond_wait(&phase_cv, &phase_mu);
+    finishing++;
+    pthread_mutex_unlock(&phase_mu);
+}
+
+void sched_finish_leave(void) {
+    pthread_mutex_lock(&phase_mu);
+    if (--finishing == 0) pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+}
+
+sched_claim_got sched_claim_enter(const char *process, double seconds, sched_item *out) {
+    pthread_once(&phase_once, phase_init);
+    struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
+    sched_claim_got got = SCHED_CLAIM_TIMEOUT;
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    q->waiters++;
+    recount(q);
+    if (claims_waiting++ == 0) claims_waiting_since = mono_now();
+    for (;;) {
+        if (q->n > 0) {
+            take_oldest(q, out);
+            got = SCHED_CLAIM_HANDED;
+            break;
+        }
+        if (!claiming && !finishing) {
+            claiming = 1;
+            got = SCHED_CLAIM_TURN;
+            break;
+        }
+        if (lifecycle_state() != HOST_RUNNING) break;
+        if (pthread_cond_timedwait(&phase_cv, &phase_mu, &until) == ETIMEDOUT) break;
+    }
+    q->waiters--;
+    recount(q);
+    claims_waiting--;
+    /* Finishes wait while claims wait: one that gave up may free them. */
+    if (got == SCHED_CLAIM_TIMEOUT) pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+    if (got == SCHED_CLAIM_HANDED) slot_note_item(out->machine);
+    return got;
+}
+
+int sched_claim_alongside(int finishes) {
+    pthread_once(&phase_once, phase_init);
+    pthread_mutex_lock(&phase_mu);
+    int got = !claiming && finishing == finishes;
+    if (got) claiming = 1;
+    pthread_mutex_unlock(&phase_mu);
+    return got;
+}
+
+void sched_claim_leave(void) {
+    pthread_mutex_lock(&phase_mu);
+    claiming = 0;
+    pthread_cond_broadcast(&phase_cv);
+    pthread_mutex_unlock(&phase_mu);
+}
+
+int sched_claim_waiters(const char *process) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    int n = q->waiters - q->n;
+    pthread_mutex_unlock(&phase_mu);
+    return n > 0 ? n : 0;
+}
+
+int sched_claim_queued(const char *process) {
+    pthread_mutex_lock(&phase_mu);
+    int n = claim_queue_for(process)->n;
+    pthread_mutex_unlock(&phase_mu);
+    return n;
+}
+
+int sched_claim_hand(const sched_item *item) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(item->process);
+    int ok = q->n < SCHED_QUEUE_MAX;
+    if (ok) {
+        q->items[q->n++] = *item;
+        recount(q);
+    }
+    pthread_mutex_unlock(&phase_mu);
+    return ok;
+}
+
+int sched_claim_take(const char *process, sched_item *out) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue *q = claim_queue_for(process);
+    int got = q->n > 0;
+    if (got) {
+        take_oldest(q, out);
+        recount(q);
+    }
+    pthread_mutex_unlock(&phase_mu);
+    if (got) slot_note_item(out->machine);
+    return got;
+}
+
+int sched_items_ahead(void) { return __atomic_load_n(&items_ahead, __ATOMIC_RELAXED); }
+
+void sched_note_handed(int delta) { __atomic_add_fetch(&items_handed, delta, __ATOMIC_RELAXED); }
+
+int sched_items_held(void) { return slot_items_noted() + __atomic_load_n(&items_handed, __ATOMIC_RELAXED); }
+
+void sched_claim_give_back(const char *process, int on) {
+    pthread_mutex_lock(&phase_mu);
+    claim_queue_for(process)->give_back = on;
+    pthread_mutex_unlock(&phase_mu);
+}
+
+int sched_give_back_waiting(void) {
+    sched_item stale[SCHED_QUEUE_MAX];
+    int n = 0;
+    double before = mono_now() - SCHED_GIVE_BACK_S;
+    pthread_mutex_lock(&phase_mu);
+    for (claim_queue *q = claim_queues; q; q = q->next) {
+        int k = 0; /* the oldest come first */
+        while (q->give_back && k < q->n && q->items[k].started <= before && n < SCHED_QUEUE_MAX)
+            stale[n++] = q->items[k++];
+        if (k == 0) continue;
+        q->n -= k;
+        memmove(q->items, q->items + k, (size_t)q->n * sizeof q->items[0]);
+        recount(q);
+    }
+    pthread_mutex_unlock(&phase_mu);
+    for (int i = 0; i < n; i++) {
+        log_kv(LOG_INFO, "item claimed ahead given back: it waited in the host too long", "machine",
+               stale[i].machine, "process", stale[i].process, NULL);
+        metrics_item_given_back(stale[i].process);
+        strays_give_back(stale[i].token);
+    }
+    return n;
+}
