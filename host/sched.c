@@ -15,57 +15,9 @@
  * to claim: they wait here, and the claimer hands each of them an item.
  * Other hosts still overlap; their claims conflict as before.
  *
- * Invariants, and the routine that keeps each:
- *
- * 1. Claim turn. At most one claim of this host runs at a time, and a
- *    claim never overlaps a finish of this host: `claiming` is set only
- *    while no finish is in flight (sched_claim_enter), and a finish
- *    starts only while `claiming` is clear (sched_finish_enter). The one
- *    claim beside finishes is the one in a batch's transaction, and then
- *    the finishes in flight are exactly that batch's members
- *    (sched_claim_alongside). The turn is a state under phase_mu, never a
- *    mutex held across the claim's transaction.
- * 2. No starved claim. Once a claim has waited CLAIM_URGENT_S, new
- *    finishes wait for it (sched_finish_enter); a waiter that gives up
- *    wakes the finishes it may have held off (sched_claim_enter).
- * 3. Claiming for others. A queued item was locked under the session it
- *    names, and goes to exactly one slot, oldest first (take_oldest,
- *    under phase_mu); an item that fits no queue stays with its claimer,
- *    which lets it go (sched_claim_hand answers 0).
- * 4. Claiming ahead. Of a queue's items, as many as slots wait there
- *    count as held (items_handed), the rest as claimed ahead
- *    (items_ahead, and the metrics' items waiting), recounted whenever
- *    the queue or its waiters change (recount); items a batch's closer
- *    hands its members count as held until each takes its own
- *    (sched_note_handed). The batch's linger reads the sum with the
- *    slots' item records (sched_items_held), without a lock: a hint.
- * 5. Give-back. Only the queue of a worker that claims ahead by default
- *    gives back, only items that waited SCHED_GIVE_BACK_S, oldest first,
- *    and an item leaves its queue (under phase_mu) before
- *    strays_give_back releases it, so no slot takes an item given back
- *    (sched_give_back_waiting).
- * 6. One batch. At most one batch is open; its members are of one
- *    session and at most SCHED_BATCH_MAX, and none joins once it stops
- *    accepting (sched_batch_join, linger_locked in sched_batch.c).
- * 7. One user of a batch's transaction at a time (B.user: take_t,
- *    sched_batch_use, sched_batch_leave); a member's statements run in a
- *    savepoint of its own, so its own failure undoes only them
- *    (sched_batch_leave).
- * 8. Linger. The last member to leave closes the batch only when every
- *    member has left, waiting for late joiners at most BATCH_LINGER_S
- *    (BATCH_LINGER_AHEAD_S per slot still to come while items claimed
- *    ahead wait), and only while more slots hold an item than the batch
- *    has members (linger_locked).
- * 9. All or nothing. A failed batch commits nothing, and every member
- *    that waits for it learns so and finishes alone (fail_locked,
- *    close_batch).
- * 10. Claim in a batch. The closer claims in the batch's transaction only
- *    when nothing failed and the batch's members are all the host's
- *    finishes in flight (close_claiming); what it locked goes to itself,
- *    the members that take a next item, then the waiting slots
- *    (hand_out); it lets the claim turn go as soon as COMMIT answered and
- *    only then wakes the members, each once, under its own wake_mu
- *    (close_batch).
+ * It keeps the scheduler's invariants 1 to 5 (docs/internals.md, "The
+ * scheduler's invariants"; sched_batch.c keeps 6 to 10): each routine
+ * that keeps one names its number.
  *
  * Globals: everything below is under phase_mu, but items_handed and
  * items_ahead, atomics written under it and read without it. */
@@ -115,7 +67,7 @@ static int items_ahead;
 static void phase_init(void) { mono_cond_init(&phase_cv); }
 
 /* Caller holds phase_mu; after q->n or q->waiters changed. (Takes
- * metrics.c's mu under it: host/README.md's lock order.) */
+ * metrics.c's mu under it: host/README.md's lock order.) Invariant 4. */
 static void recount(claim_queue *q) {
     LOCK_HELD(&phase_mu);
     int now = q->n < q->waiters ? q->n : q->waiters;
@@ -129,7 +81,7 @@ static void recount(claim_queue *q) {
 }
 
 /* Caller holds phase_mu: the oldest queued item, so an item claimed ahead
- * waits no longer than the ones claimed after it. */
+ * waits no longer than the ones claimed after it. Invariant 3. */
 static void take_oldest(claim_queue *q, sched_item *out) {
     LOCK_HELD(&phase_mu);
     *out = q->items[0];
@@ -149,6 +101,7 @@ static claim_queue *claim_queue_for(const char *process) {
     return q;
 }
 
+/* Invariants 1, 2 (docs/internals.md). */
 void sched_finish_enter(void) {
     pthread_once(&phase_once, phase_init);
     pthread_mutex_lock(&phase_mu);
@@ -169,6 +122,7 @@ void sched_finish_leave(void) {
     pthread_mutex_unlock(&phase_mu);
 }
 
+/* Invariants 1, 2 (docs/internals.md). */
 sched_claim_got sched_claim_enter(const char *process, double seconds, sched_item *out) {
     pthread_once(&phase_once, phase_init);
     struct timespec until = time_after(CLOCK_MONOTONIC, seconds);
@@ -202,6 +156,7 @@ sched_claim_got sched_claim_enter(const char *process, double seconds, sched_ite
     return got;
 }
 
+/* Invariant 1 (docs/internals.md). */
 int sched_claim_alongside(int finishes) {
     pthread_once(&phase_once, phase_init);
     pthread_mutex_lock(&phase_mu);
@@ -233,6 +188,7 @@ int sched_claim_queued(const char *process) {
     return n;
 }
 
+/* Invariant 3 (docs/internals.md). */
 int sched_claim_hand(const sched_item *item) {
     pthread_mutex_lock(&phase_mu);
     claim_queue *q = claim_queue_for(item->process);
@@ -260,8 +216,10 @@ int sched_claim_take(const char *process, sched_item *out) {
 
 int sched_items_ahead(void) { return __atomic_load_n(&items_ahead, __ATOMIC_RELAXED); }
 
+/* Invariant 4 (docs/internals.md). */
 void sched_note_handed(int delta) { __atomic_add_fetch(&items_handed, delta, __ATOMIC_RELAXED); }
 
+/* Invariant 4 (docs/internals.md). */
 int sched_items_held(void) { return slot_items_noted() + __atomic_load_n(&items_handed, __ATOMIC_RELAXED); }
 
 void sched_claim_give_back(const char *process, int on) {
@@ -270,6 +228,7 @@ void sched_claim_give_back(const char *process, int on) {
     pthread_mutex_unlock(&phase_mu);
 }
 
+/* Invariant 5 (docs/internals.md). */
 int sched_give_back_waiting(void) {
     sched_item stale[SCHED_QUEUE_MAX];
     int n = 0;

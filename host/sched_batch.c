@@ -1,5 +1,6 @@
 /* sched_batch.c -- the scheduler's batch: several slots' finishes in one
- * transaction (sched.h; its invariants 6 to 10 head sched.c).
+ * transaction (sched.h). It keeps the scheduler's invariants 6 to 10
+ * (docs/internals.md, "The scheduler's invariants").
  *
  * Why: a finish alone is a transaction of its own: BEGIN, the fence, the
  * commit function's statements, the release and COMMIT. With several
@@ -92,7 +93,7 @@ static struct {
         tokens[SCHED_BATCH_MAX * 38 + 3];
 } B;
 
-/* Caller holds mu. */
+/* Caller holds mu. Invariant 9. */
 static void fail_locked(const tx_error *e) {
     LOCK_HELD(&mu);
     if (B.failed) return;
@@ -107,6 +108,7 @@ static void fail(const tx_error *e) {
     pthread_mutex_unlock(&mu);
 }
 
+/* Invariant 6 (docs/internals.md). */
 sched_outcome sched_batch_join(pool *p, session *sess, sched_member *m, tx **out) {
     int opener = 0;
     pthread_once(&conds_once, conds_init);
@@ -160,7 +162,7 @@ sched_outcome sched_batch_join(pool *p, session *sess, sched_member *m, tx **out
 }
 
 /* Waits until nobody uses B.t, and makes m its user: 0, or -1 when the
- * batch failed (m->err says why). */
+ * batch failed (m->err says why). Invariant 7. */
 static int take_t(sched_member *m) {
     pthread_mutex_lock(&mu);
     while (B.user && !B.failed) pthread_cond_wait(&free_cv, &mu);
@@ -173,6 +175,7 @@ static int take_t(sched_member *m) {
     return 0;
 }
 
+/* Invariant 7 (docs/internals.md). */
 int sched_batch_use(sched_member *m, tx **out, tx_error *e) {
     if (!m->holds) {
         if (take_t(m) < 0) {
@@ -219,7 +222,7 @@ static int set_release(tx_error *e) {
  * turn still taken, waited again, and taken it from the claim queue), and
  * then to the slots that wait to claim (sched_claim_hand). What did not
  * fit there stays in c, after the closer's (the closer lets it go).
- * Returns how many it handed. */
+ * Returns how many it handed. Invariant 10. */
 static int hand_out(const sched_member *closer, sched_claim *c) {
     if (c->n <= 1) return 0;
     const char *process = B.done[closer->queued_at].process;
@@ -244,7 +247,7 @@ static int hand_out(const sched_member *closer, sched_claim *c) {
  * claim, the claim's lock and COMMIT: then what it locked is handed out,
  * and what is left stays in claim), or a rollback when there is nothing
  * to commit; then the claim turn, if the closer holds it (claim), is let
- * go, and every member waiting learns the outcome. */
+ * go, and every member waiting learns the outcome. Invariants 9, 10. */
 static void close_batch(sched_member *closer, sched_claim *claim) {
     tx_error e;
     int rc = -1;
@@ -316,6 +319,7 @@ static void close_batch(sched_member *closer, sched_claim *claim) {
  * batch has members (one of them may be about to finish and join), for
  * BATCH_LINGER_S at most (BATCH_LINGER_AHEAD_S per slot still to come,
  * when items claimed ahead wait). Then the batch takes no new member. */
+/* Invariants 6, 8 (docs/internals.md). */
 static void linger_locked(void) {
     LOCK_HELD(&mu);
     int missing = sched_items_held() - B.members;
@@ -345,7 +349,7 @@ static void linger_locked(void) {
  * (sched_claim_alongside, which then gives it the claim turn). Its
  * releases become the final statement, to ride in front of the claim's
  * select. peers: the closer and the members of its process that take a
- * next item (the claim is for them, and hands them theirs). */
+ * next item (the claim is for them, and hands them theirs). Invariant 10. */
 static int close_claiming(const sched_member *closer, const char *process, int inside, int *peers) {
     if (!sched_claim_alongside(inside)) return 0;
     *peers = 1; /* the closer, then the members that take a next item */
@@ -371,6 +375,7 @@ static sched_outcome ended(sched_member *m) {
     return SCHED_COMMITTED;
 }
 
+/* Invariant 7 (docs/internals.md). */
 sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *peers) {
     tx_error e;
     int ok = leave->how == SCHED_LEAVE_FINISHED;

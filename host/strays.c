@@ -49,6 +49,7 @@ void strays_enable(void) {
     pthread_mutex_unlock(&mu);
 }
 
+/* Invariant 11 (docs/internals.md). */
 void strays_own(const char *token) {
     pthread_mutex_lock(&mu);
     if (enabled && !full) {
@@ -74,6 +75,7 @@ static void drop_owned(int i) {
     owned[i] = owned[--nowned];
 }
 
+/* Invariant 11 (docs/internals.md). */
 void strays_disown(const char *token) {
     pthread_mutex_lock(&mu);
     int i = find_owned(token);
@@ -129,7 +131,7 @@ static void release(PGconn **cp, const char *session, const char *const *token, 
 /* The tokens given back since the last call. The heartbeat calls this
  * every round before any sweep (session.h, `soon`), so the sweep never
  * sees them as strays; should their release fail, they are no one's, and
- * the sweep takes them for strays two passes later. */
+ * the sweep takes them for strays two passes later. Invariant 11. */
 void strays_release_given(PGconn **cp, const char *session, double until) {
     char copy[SUSPECTS_MAX][40];
     const char *token[SUSPECTS_MAX];
@@ -142,6 +144,7 @@ void strays_release_given(PGconn **cp, const char *session, double until) {
     if (n > 0) release(cp, session, token, n, 0, until);
 }
 
+/* Invariant 11 (docs/internals.md). */
 void strays_sweep(PGconn **cp, const char *session, double until) {
     pthread_mutex_lock(&mu);
     int on = enabled && !full;
