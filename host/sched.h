@@ -8,8 +8,9 @@
  * and those that wait too long are given back. Several slots' finishes
  * commit in one transaction, the batch, whose last member may claim the
  * next items in it. sched.c keeps the turns and the queues, sched_batch.c
- * the batch; the invariants it keeps are numbered in docs/internals.md. How much to claim,
- * and when to claim in a batch, is Lua's (lua/bmdb/internal.lua).
+ * the batch; the invariants they keep are numbered in docs/internals.md.
+ * How much to claim, and when to claim in a batch, is Lua's
+ * (lua/bmdb/policy.lua).
  *
  * Every item crosses this interface as one sched_item. */
 #ifndef BMDB_SCHED_H
