@@ -156,13 +156,13 @@ static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its commit "
                           "function)", fname);
     if (!queue_only) use_batch(L, u);
-    if (u->t->doomed) {
+    if (tx_doomed(u->t)) {
         /* The fence failed earlier in this transaction: say so again,
          * however the body handled the first answer. */
-        tx_error e = u->t->doom;
+        tx_error e = *tx_doom(u->t);
         lerror_raise(L, &e);
     }
-    if (!u->t->open)
+    if (!tx_is_open(u->t))
         lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its bmdb.transact "
                           "function)", fname);
     check_running(L);
@@ -242,12 +242,12 @@ static ltx *check_own_tx(lua_State *L, const char *fname) {
 static int tx_commit_l(lua_State *L) {
     ltx *u = check_own_tx(L, "commit");
     tx_error e;
-    if (u->t->doomed) {
-        e = u->t->doom;
+    if (tx_doomed(u->t)) {
+        e = *tx_doom(u->t);
         release_tx_session(u);
         return lerror_raise(L, &e);
     }
-    if (!u->t->open) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
+    if (!tx_is_open(u->t)) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
     if (lifecycle_state() >= HOST_CANCELLING) {
         tx_rollback(u->t);
         release_tx_session(u);
