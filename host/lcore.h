@@ -1,12 +1,15 @@
 /* lcore.h -- the module "bmdb.core": the C core as Lua sees it.
  *
  * One luaopen_bmdb_core() for the binary's states and for busted (build/
- * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
- * transactions, locks, host services), of lslot.c (what the slots' loop
- * uses), of lboot.c (open, close, embedded, connect: the bootstrap for
- * specs and bmdb.testing), of lcontrol.c (work control), of lexec.c (exec:
- * a command as a body's I/O) and of llimit.c (the waits and releases of
- * bmdb.limit). */
+ * bmdb/core.so). Its table holds the functions of each area, one file
+ * each, added by its register function below: sessions and transactions
+ * (ltx.c), work locks (lwork.c), host services (lservices.c), what the
+ * slots' loop uses (lslot.c), open,
+ * close, embedded, connect: the bootstrap for specs and bmdb.testing
+ * (lboot.c), work control (lcontrol.c), bmdb.http (lhttp.c), JSON
+ * (ljson.c), exec: a command as a body's I/O (lexec.c), the waits and
+ * releases of bmdb.limit (llimit.c); and lcore.c's own, the scheduler's
+ * (batches of finishes, claims of several items). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -25,6 +28,9 @@ int luaopen_bmdb_core(lua_State *L);
 void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
 
 /* Add their functions to the core table on top of the stack. */
+void ltx_register(lua_State *L);
+void lwork_register(lua_State *L);
+void lservices_register(lua_State *L);
 void lslot_register(lua_State *L);
 void lboot_register(lua_State *L);
 void lcontrol_register(lua_State *L);
@@ -44,5 +50,17 @@ struct tx *lcore_check_tx(lua_State *L, const char *fname);
  * host-owned I/O call is fenced by (iofence.h). */
 struct session;
 struct session *lcore_opt_session(lua_State *L, int idx);
+/* Raises a usage error naming the argument unless midx is a machine id
+ * (a UUID) and pidx a process name. */
+void lcore_check_ids(lua_State *L, int midx, int pidx);
+/* Reads the claim options table at idx ({timeout=, initial=, maximum=,
+ * exponent=}) into c, with its texts in b (lwork.c). */
+struct work_claim;
+void lwork_claim_options(lua_State *L, int idx, struct work_claim *c, char b[4][40]);
+/* The batch member whose own tx u is, while it is: the calling slot
+ * thread's, until its tx becomes the batch's (ltx.c's use_batch). */
+struct ltx;
+struct batch_member;
+struct batch_member *lcore_batch_of(const struct ltx *u);
 
 #endif
