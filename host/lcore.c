@@ -2,8 +2,8 @@
  *
  * luaopen_bmdb_core() builds the table from each area's register function
  * (lcore.h): sessions and transactions (ltx.c), work locks (lwork.c), the
- * host's services (lservices.c), the slots' services (lslot.c), the test
- * bootstrap (lboot.c), and the rest.
+ * host's services (lservices.c), error objects and kinds (lerror.c), the
+ * slots' services (lslot.c), the test bootstrap (lboot.c), and the rest.
  * Here too: the pool every binding uses, the userdata class helper and the
  * checks of ids, and the scheduler's bindings (batches of finishes, claims
  * of several items) with what they keep per slot thread: its membership of
@@ -252,7 +252,6 @@ static const luaL_Reg core_funcs[] = {
     {"lock_any", l_lock_any},     {"claimed", l_claimed},
     {"batch_join", l_batch_join}, {"batch_leave", l_batch_leave}, {"batch_close", l_batch_close},
     {"batch_members", l_batch_members},
-    {"error", lerror_l_error},    {"is_error", lerror_l_is_error},
     {NULL, NULL}};
 
 int luaopen_bmdb_core(lua_State *L) {
@@ -261,6 +260,7 @@ int luaopen_bmdb_core(lua_State *L) {
     luaL_register(L, NULL, core_funcs);
     lua_pushinteger(L, BATCH_MAX); /* the most items one claim hands out */
     lua_setfield(L, -2, "claim_max");
+    lerror_register(L);
     ltx_register(L);
     lwork_register(L);
     lservices_register(L);

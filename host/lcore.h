@@ -3,8 +3,8 @@
  * One luaopen_bmdb_core() for the binary's states and for busted (build/
  * bmdb/core.so). Its table holds the functions of each area, one file
  * each, added by its register function below: sessions and transactions
- * (ltx.c), work locks (lwork.c), host services (lservices.c), what the
- * slots' loop uses (lslot.c), open,
+ * (ltx.c), work locks (lwork.c), host services (lservices.c), error
+ * objects and kinds (lerror.c), what the slots' loop uses (lslot.c), open,
  * close, embedded, connect: the bootstrap for specs and bmdb.testing
  * (lboot.c), work control (lcontrol.c), bmdb.http (lhttp.c), JSON
  * (ljson.c), exec: a command as a body's I/O (lexec.c), the waits and

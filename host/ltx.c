@@ -22,7 +22,7 @@
  * raises before any SQL. */
 static void check_running(lua_State *L) {
     if (lifecycle_state() >= HOST_CANCELLING)
-        lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
+        lerror_raise_kind(L, BMDB_E_CANCELED, "canceled: the host is shutting down");
 }
 
 /* ---- sessions ---------------------------------------------------------- */
@@ -39,10 +39,10 @@ session *ltx_check_session(lua_State *L, int idx) {
 static int l_session(lua_State *L) {
     check_running(L);
     if (!sessions_started())
-        return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no session)");
+        return lerror_raise_kind(L, BMDB_E_NOT_CONNECTED, "bmdb: not connected to a database (no session)");
     double wait = luaL_optnumber(L, 1, 10);
     session *s = session_current(wait);
-    if (!s) return lerror_raise_kind(L, "session_expired", "session expired (no live session)");
+    if (!s) return lerror_raise_kind(L, BMDB_E_SESSION_EXPIRED, "session expired (no live session)");
     lsession *u = lua_newuserdata(L, sizeof *u);
     u->s = s;
     luaL_getmetatable(L, LSESSION_MT);
@@ -80,7 +80,7 @@ ltx *ltx_push(lua_State *L, session **s) {
     check_running(L);
     *s = ltx_check_session(L, 1);
     if (!lcore_pool())
-        lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
+        lerror_raise_kind(L, BMDB_E_NOT_CONNECTED, "bmdb: not connected to a database (no pool)");
     ltx *u = lua_newuserdata(L, sizeof *u);
     memset(u, 0, sizeof *u);
     u->t = &u->own;
@@ -121,7 +121,7 @@ static void use_batch(lua_State *L, ltx *u) {
 static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
     ltx *u = lerror_checkudata(L, 1, LTX_MT, "bmdb tx");
     if (!u->t)
-        lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its commit "
+        lerror_raise_kind(L, BMDB_E_CLOSED, "%s: the transaction is over (tx is valid only inside its commit "
                           "function)", fname);
     if (!queue_only) use_batch(L, u);
     if (tx_doomed(u->t)) {
@@ -131,12 +131,12 @@ static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {
         lerror_raise(L, &e);
     }
     if (!tx_is_open(u->t))
-        lerror_raise_kind(L, "closed", "%s: the transaction is over (tx is valid only inside its "
+        lerror_raise_kind(L, BMDB_E_CLOSED, "%s: the transaction is over (tx is valid only inside its "
                           "bmdb.transact function)", fname);
     check_running(L);
     if (u->t->sess && !session_alive(u->t->sess)) {
         if (!ltx_borrowed(u)) tx_rollback(u->t); /* a batch's ends with the batch */
-        lerror_raise_kind(L, "session_expired", "session expired");
+        lerror_raise_kind(L, BMDB_E_SESSION_EXPIRED, "session expired");
     }
     return u;
 }
@@ -151,7 +151,7 @@ static ltx *check_statement(lua_State *L, const char *fname, const char **sql, l
     *sql = lerror_checkstring(L, 2);
     char name[64];
     if (lvalue_transaction_control(*sql, name, sizeof name))
-        lerror_raise_kind(L, "usage", "%s: %s is refused inside bmdb.transact: the transaction "
+        lerror_raise_kind(L, BMDB_E_USAGE, "%s: %s is refused inside bmdb.transact: the transaction "
                           "belongs to the host (return from the function to commit, raise to "
                           "roll back)", fname, name);
     lvalue_params(L, fname, *sql, 3, p);
@@ -201,7 +201,7 @@ static int release_tx_session(ltx *u) {
 static ltx *check_own_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, LTX_MT, "bmdb tx");
     if (ltx_borrowed(u))
-        lerror_raise_kind(L, "usage", "%s: this transaction is a batch's, and ends with it", fname);
+        lerror_raise_kind(L, BMDB_E_USAGE, "%s: this transaction is a batch's, and ends with it", fname);
     return u;
 }
 
@@ -213,11 +213,11 @@ static int tx_commit_l(lua_State *L) {
         release_tx_session(u);
         return lerror_raise(L, &e);
     }
-    if (!tx_is_open(u->t)) return lerror_raise_kind(L, "closed", "commit: the transaction is over");
+    if (!tx_is_open(u->t)) return lerror_raise_kind(L, BMDB_E_CLOSED, "commit: the transaction is over");
     if (lifecycle_state() >= HOST_CANCELLING) {
         tx_rollback(u->t);
         release_tx_session(u);
-        return lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
+        return lerror_raise_kind(L, BMDB_E_CANCELED, "canceled: the host is shutting down");
     }
     int rc = tx_commit(u->t, &e);
     release_tx_session(u);

@@ -258,7 +258,7 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
         if (params[i]) need += (formats && formats[i] ? (size_t)lengths[i] : strlen(params[i])) + 1;
     char *block = malloc(need);
     if (!block) {
-        tx_error_set(e, TXE_SQL, "out of memory");
+        tx_error_set(e, TXE_MEMORY, "out of memory");
         return -1;
     }
     tx_pending *q = &t->pending[t->npending];
@@ -369,7 +369,7 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
     char *p = t->final.buf;
     if (need > sizeof t->final.buf) {
         if (!(p = t->final.heap = malloc(need))) {
-            tx_error_set(e, TXE_SQL, "out of memory");
+            tx_error_set(e, TXE_MEMORY, "out of memory");
             return -1;
         }
     }

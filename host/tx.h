@@ -22,7 +22,8 @@ typedef enum {
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
     TXE_CANCELED,         /* the host is shutting down */
     TXE_CLOSED,           /* the transaction is already over */
-    TXE_LOST              /* the work lock is no longer this session's */
+    TXE_LOST,             /* the work lock is no longer this session's */
+    TXE_MEMORY            /* the host could not allocate what it needed */
 } tx_error_kind;
 
 typedef struct tx_error {
