@@ -52,8 +52,8 @@ typedef struct tx_final {
     char buf[256];
 } tx_final;
 
-/* Where a transaction is in its life. Every call on a tx looks at its
- * state first, and only the functions of tx.c move it:
+/* Where a transaction is in its life. The calls on a tx answer by its
+ * state, and only the functions of tx.c move it:
  *
  *               tx_begin           a flight goes well
  *      OVER ─────────────▶ READY ───────────────────────▶ BEGUN
@@ -61,7 +61,7 @@ typedef struct tx_final {
  *     a statement is refused │    ╲ in its flight            │ a statement fails
  *     before it flies        ▼     ╲                         ▼
  *                     FAILED_UNBEGUN ──────────────────▶ FAILED
- *                                    a flight goes well
+ *                                 a flight that passes BEGIN
  *
  *   tx_failure_undone (a batch queued ROLLBACK TO SAVEPOINT): FAILED →
  *   BEGUN, FAILED_UNBEGUN → READY.
@@ -87,8 +87,9 @@ typedef enum {
     TX_FAILED_UNBEGUN, /* a statement was refused before BEGIN went out:
                         * only rollback is left */
     TX_BEGUN,          /* BEGIN and the fence went out and passed */
-    TX_FAILED          /* begun, and a statement failed: the server will
-                        * only roll back */
+    TX_FAILED          /* begun, and a statement failed: only rollback is
+                        * left (on the server too, unless the host itself
+                        * refused the statement) */
 } tx_state;
 
 typedef struct tx {
