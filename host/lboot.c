@@ -31,7 +31,7 @@ static int opened_here;
  * log_level=} */
 static int l_open(lua_State *L) {
     luaL_checktype(L, 1, LUA_TTABLE);
-    if (lcore_pool()) return lerror_raise_kind(L, "usage", "bmdb.core.open: already open");
+    if (lcore_pool()) return lerror_raise_kind(L, BMDB_E_USAGE, "bmdb.core.open: already open");
     lua_getfield(L, 1, "dsn");
     const char *dsn = lerror_checkstring(L, -1);
     lua_getfield(L, 1, "component");
@@ -47,19 +47,19 @@ static int l_open(lua_State *L) {
     lua_getfield(L, 1, "log_level"); /* specs want quiet: warn by default */
     log_level lvl;
     if (log_parse_level(luaL_optstring(L, -1, "warn"), &lvl) < 0)
-        return lerror_raise_kind(L, "usage", "bmdb.core.open: log_level must be debug, info, warn or error");
+        return lerror_raise_kind(L, BMDB_E_USAGE, "bmdb.core.open: log_level must be debug, info, warn or error");
     log_configure(lvl, 0);
 
     char err[1024];
     host_db db;
     if (bootstrap_database(dsn, NULL, size, &db, err, sizeof err) < 0) {
         bootstrap_close(&db);
-        return lerror_raise_kind(L, "connection", "%s", err);
+        return lerror_raise_kind(L, BMDB_E_CONNECTION, "%s", err);
     }
     if ((migrate && bootstrap_schema(db.pool, SCHEMA_MIGRATE, migrations, err, sizeof err) < 0) ||
         bootstrap_session(db.pool, component, interval, err, sizeof err) < 0) {
         bootstrap_close(&db);
-        return lerror_raise_kind(L, "runtime", "%s", err);
+        return lerror_raise_kind(L, BMDB_E_RUNTIME, "%s", err);
     }
     free(db.conninfo);
     lcore_set_pool(db.pool);
@@ -83,7 +83,7 @@ static int l_tmpdir(lua_State *L) {
     const char *base = getenv("TMPDIR");
     char path[PATH_MAX];
     snprintf(path, sizeof path, "%s/%s-XXXXXX", base && *base ? base : "/tmp", luaL_optstring(L, 1, "bmdb"));
-    if (!mkdtemp(path)) return lerror_raise_kind(L, "runtime", "tmpdir: %s: %s", path, strerror(errno));
+    if (!mkdtemp(path)) return lerror_raise_kind(L, BMDB_E_RUNTIME, "tmpdir: %s: %s", path, strerror(errno));
     chmod(path, 0755);
     lua_pushstring(L, path);
     return 1;
@@ -103,7 +103,7 @@ static int l_embedded(lua_State *L) {
     luaL_getmetatable(L, EMBEDDED_MT);
     lua_setmetatable(L, -2);
     u->e = embedded_open(dir, &conninfo, err, sizeof err);
-    if (!u->e) return lerror_raise_kind(L, "runtime", "%s", err);
+    if (!u->e) return lerror_raise_kind(L, BMDB_E_RUNTIME, "%s", err);
     lua_pushstring(L, conninfo);
     free(conninfo);
     return 2;
@@ -124,7 +124,7 @@ static int l_connect(lua_State *L) {
     const char *dsn = lerror_checkstring(L, 1);
     char err[512];
     PGconn *c = pool_connect(dsn, err, sizeof err);
-    if (!c) return lerror_raise_kind(L, "connection", "%s", err);
+    if (!c) return lerror_raise_kind(L, BMDB_E_CONNECTION, "%s", err);
     lconn *u = lua_newuserdata(L, sizeof *u);
     u->c = c;
     luaL_getmetatable(L, CONN_MT);
@@ -134,7 +134,7 @@ static int l_connect(lua_State *L) {
 
 static int conn_statement(lua_State *L, const char *fname) {
     lconn *u = lerror_checkudata(L, 1, CONN_MT, "bmdb connection");
-    if (!u->c) return lerror_raise_kind(L, "closed", "%s: the connection is closed", fname);
+    if (!u->c) return lerror_raise_kind(L, BMDB_E_CLOSED, "%s: the connection is closed", fname);
     const char *sql = lerror_checkstring(L, 2);
     lvalue_params_t p;
     lvalue_params(L, fname, sql, 3, &p);

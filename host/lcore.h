@@ -1,13 +1,16 @@
 /* lcore.h -- the module "bmdb.core": the C core as Lua sees it.
  *
  * One luaopen_bmdb_core() for the binary's states and for busted (build/
- * bmdb/core.so). Its table holds the functions of lcore.c (sessions,
- * transactions, locks, host services), of lslot.c (what the slots' loop
- * uses beside the scheduler), of lsched.c (the scheduler: claim and finish
- * turns, the usual claim's lock, the batch of finishes), of lboot.c (open, close, embedded, connect: the bootstrap for
- * specs and bmdb.testing), of lcontrol.c (work control), of lexec.c (exec:
- * a command as a body's I/O) and of llimit.c (the waits and releases of
- * bmdb.limit). */
+ * bmdb/core.so). Its table holds the functions of each area, one file
+ * each, added by its register function below: sessions and transactions
+ * (ltx.c), work locks (lwork.c), host services (lservices.c), error
+ * objects and kinds (lerror.c), what the slots' loop uses beside the
+ * scheduler (lslot.c), the scheduler: claim and finish turns, the usual
+ * claim's lock, the batch of finishes (lsched.c), open, close, embedded,
+ * connect: the bootstrap for specs and bmdb.testing (lboot.c), work
+ * control (lcontrol.c), bmdb.http (lhttp.c), JSON (ljson.c), exec: a
+ * command as a body's I/O (lexec.c), the waits and releases of
+ * bmdb.limit (llimit.c). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -26,6 +29,9 @@ int luaopen_bmdb_core(lua_State *L);
 void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
 
 /* Add their functions to the core table on top of the stack. */
+void ltx_register(lua_State *L);
+void lwork_register(lua_State *L);
+void lservices_register(lua_State *L);
 void lslot_register(lua_State *L);
 void lsched_register(lua_State *L); /* also core.claim_max */
 void lboot_register(lua_State *L);
@@ -46,24 +52,16 @@ struct tx *lcore_check_tx(lua_State *L, const char *fname);
  * host-owned I/O call is fenced by (iofence.h). */
 struct session;
 struct session *lcore_opt_session(lua_State *L, int idx);
-
-/* For lsched.c. A new bmdb.tx userdata on the stack for the session at
- * argument 1 (*s), not yet begun; returns the handle its methods use,
- * which the caller points at the tx the userdata stands for (a batch
- * member's), or NULL once that is over. */
-struct tx **lcore_push_tx(lua_State *L, struct session **s);
-/* The tx of the bmdb.tx userdata at idx, open or not (NULL: over). */
-struct tx *lcore_tx_at(lua_State *L, int idx);
-/* A batch member's tx handle (lcore_push_tx's) becomes the batch's
- * transaction once the member sends a statement: the tx binding calls it
- * before every statement; any other handle is left as it is. */
-void lsched_use_batch(lua_State *L, struct tx **t);
-/* Raises unless the arguments at midx and pidx are a machine id and a
- * process name. */
+/* Raises a usage error naming the argument unless midx is a machine id
+ * (a UUID) and pidx a process name. */
 void lcore_check_ids(lua_State *L, int midx, int pidx);
 /* Reads the claim options table at idx ({timeout=, initial=, maximum=,
- * exponent=}) into c, with its texts in b. */
+ * exponent=}) into c, with its texts in b (lwork.c). */
 struct work_claim;
-void lcore_claim_options(lua_State *L, int idx, struct work_claim *c, char b[4][40]);
+void lwork_claim_options(lua_State *L, int idx, struct work_claim *c, char b[4][40]);
+/* A batch member's tx handle becomes the batch's transaction once the
+ * member sends a statement: the tx binding calls it before every
+ * statement; any other handle is left as it is (lsched.c). */
+void lsched_use_batch(lua_State *L, struct tx **t);
 
 #endif

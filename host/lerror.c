@@ -2,7 +2,8 @@
  *
  * See lerror.h. The wording of argument errors is luaL_argerror's, so a
  * bmdb call reads like any Lua library's; only the value raised differs
- * (an object of kind "usage" instead of a string). */
+ * (an object of kind usage instead of a string). The kinds' constants,
+ * and core.kinds made from the same list. */
 #include "lerror.h"
 
 #include <lauxlib.h>
@@ -10,16 +11,22 @@
 #include <stdio.h>
 #include <string.h>
 
+#define BMDB_E_DEFINE(id, name, meaning) const char BMDB_E_##id[] = name;
+BMDB_ERROR_KINDS(BMDB_E_DEFINE)
+#undef BMDB_E_DEFINE
+
 static const char *kind_name(tx_error_kind k) {
     switch (k) {
-    case TXE_SQL: return "sql";
-    case TXE_CONNECTION: return "connection";
-    case TXE_SESSION_EXPIRED: return "session_expired";
-    case TXE_CANCELED: return "canceled";
-    case TXE_CLOSED: return "closed";
-    case TXE_LOST: return "lost";
-    default: return "error";
+    case TXE_SQL: return BMDB_E_SQL;
+    case TXE_CONNECTION: return BMDB_E_CONNECTION;
+    case TXE_SESSION_EXPIRED: return BMDB_E_SESSION_EXPIRED;
+    case TXE_CANCELED: return BMDB_E_CANCELED;
+    case TXE_CLOSED: return BMDB_E_CLOSED;
+    case TXE_LOST: return BMDB_E_LOST;
+    case TXE_MEMORY: return BMDB_E_MEMORY;
+    case TXE_NONE: break;
     }
+    return "error"; /* not a kind: every tx_error that is raised sets one */
 }
 
 static void set_field(lua_State *L, const char *k, const char *v) {
@@ -72,7 +79,7 @@ int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...) {
     return lua_error(L);
 }
 
-/* luaL_argerror, word for word, raising an object of kind "usage". When
+/* luaL_argerror, word for word, raising an object of kind usage. When
  * Lua cannot name the function (a tail call), fname and method say what
  * the caller called, so the message still names it. */
 static int argerror(lua_State *L, int narg, const char *fname, int method, const char *extra) {
@@ -89,7 +96,7 @@ static int argerror(lua_State *L, int narg, const char *fname, int method, const
     if (narg == 0) lua_pushfstring(L, "calling '%s' on bad self (%s)", name, extra);
     else lua_pushfstring(L, "bad argument #%d to '%s' (%s)", narg, name, extra);
     lua_concat(L, 2);
-    lerror_push_kind(L, "usage", lua_tostring(L, -1));
+    lerror_push_kind(L, BMDB_E_USAGE, lua_tostring(L, -1));
     return lua_error(L);
 }
 
@@ -194,15 +201,44 @@ void lerror_open(lua_State *L) {
     lua_pop(L, 1);
 }
 
-int lerror_l_error(lua_State *L) {
+/* core.kinds' __index: a name that is no kind is a mistake, said at once
+ * rather than raising an error of kind nil later. */
+static int kinds_unknown(lua_State *L) {
+    return lerror_raise_kind(L, BMDB_E_USAGE, "bmdb.core.kinds: %s is not an error kind",
+                             lua_type(L, 2) == LUA_TSTRING ? lua_tostring(L, 2) : luaL_typename(L, 2));
+}
+
+/* core.error(kind, message): an error object, for bmdb.lua to raise. */
+static int l_error(lua_State *L) {
     lerror_push_kind(L, luaL_checkstring(L, 1), luaL_checkstring(L, 2));
     return 1;
 }
 
-int lerror_l_is_error(lua_State *L) {
+static int l_is_error(lua_State *L) {
     lua_pushboolean(L, lerror_is(L, 1));
     return 1;
 }
+
+void lerror_register(lua_State *L) {
+    static const luaL_Reg funcs[] = {{"error", l_error}, {"is_error", l_is_error}, {NULL, NULL}};
+    luaL_register(L, NULL, funcs);
+    static const char *const names[] = {
+#define BMDB_E_NAME(id, name, meaning) BMDB_E_##id,
+        BMDB_ERROR_KINDS(BMDB_E_NAME)
+#undef BMDB_E_NAME
+    };
+    lua_createtable(L, 0, (int)(sizeof names / sizeof *names));
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        lua_pushstring(L, names[i]);
+        lua_setfield(L, -2, names[i]);
+    }
+    lua_createtable(L, 0, 1);
+    lua_pushcfunction(L, kinds_unknown);
+    lua_setfield(L, -2, "__index");
+    lua_setmetatable(L, -2);
+    lua_setfield(L, -2, "kinds");
+}
+
 
 /* debug.traceback(msg, level) pushed, as lua.c's message handler calls it. */
 static void push_traceback(lua_State *L, const char *msg, int level) {
@@ -220,7 +256,7 @@ int lerror_traceback(lua_State *L) {
         if (luaL_callmeta(L, 1, "__tostring") && lua_type(L, -1) == LUA_TSTRING) msg = lua_tostring(L, -1);
         else msg = lua_tostring(L, 1);
         if (!msg) msg = lua_pushfstring(L, "(error object is a %s value)", luaL_typename(L, 1));
-        lerror_push_kind(L, "runtime", msg);
+        lerror_push_kind(L, BMDB_E_RUNTIME, msg);
         lua_replace(L, 1);
     }
     lua_getfield(L, 1, "traceback");

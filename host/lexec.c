@@ -82,7 +82,7 @@ static int usage(lua_State *L, const char *fmt, ...) {
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
     luaL_where(L, 1);
-    return lerror_raise_kind(L, "usage", "%sbad argument #1 to 'exec' (%s)", lua_tostring(L, -1), msg);
+    return lerror_raise_kind(L, BMDB_E_USAGE, "%sbad argument #1 to 'exec' (%s)", lua_tostring(L, -1), msg);
 }
 
 static const char *const OPTION_NAMES[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "grace", NULL};
@@ -580,7 +580,7 @@ static void push_exec_error(lua_State *L, const char *reason, const char *comman
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    lerror_push_kind(L, "exec", msg);
+    lerror_push_kind(L, BMDB_E_EXEC, msg);
     set_str(L, "reason", reason);
     set_str(L, "command", command);
 }

@@ -245,7 +245,7 @@ static const char *opt_string(lua_State *L, int t, const char *k, size_t *len) {
 static int raise_http(lua_State *L, const request *r, const char *reason, const char *detail) {
     char msg[1024];
     snprintf(msg, sizeof msg, "http: %s: %s (%s)", r->what, detail, reason);
-    lerror_push_kind(L, "http", msg);
+    lerror_push_kind(L, BMDB_E_HTTP, msg);
     lua_pushstring(L, reason);
     lua_setfield(L, -2, "reason");
     lua_pushstring(L, r->what);

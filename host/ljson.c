@@ -35,7 +35,7 @@
 static void check_locale(lua_State *L) {
     const char *point = nl_langinfo(RADIXCHAR);
     if (point[0] != '.' || point[1])
-        lerror_raise_kind(L, "json", "json: the locale's decimal point is not '.' (os.setlocale changed LC_NUMERIC)");
+        lerror_raise_kind(L, BMDB_E_JSON, "json: the locale's decimal point is not '.' (os.setlocale changed LC_NUMERIC)");
 }
 
 static int is_array_mt(lua_State *L, int idx, int mt) {
@@ -194,7 +194,7 @@ static int encode_fail(encoder *e, const char *what) {
     luaL_pushresult(&m);
     const char *path = lua_tostring(L, -1);
     lua_pushfstring(L, "json: %s at %s", what, path);
-    lerror_push_kind(L, "json", lua_tostring(L, -1));
+    lerror_push_kind(L, BMDB_E_JSON, lua_tostring(L, -1));
     lua_pushvalue(L, -3);
     lua_setfield(L, -2, "path");
     return lua_error(L);
@@ -391,7 +391,7 @@ static int decode_fail(decoder *d, const char *at, const char *what) {
     int column = (int)(at - bol) + 1, byte = (int)(at - d->s) + 1;
     char msg[512];
     snprintf(msg, sizeof msg, "json: %s at line %d, column %d (byte %d)", what, line, column, byte);
-    lerror_push_kind(d->L, "json", msg);
+    lerror_push_kind(d->L, BMDB_E_JSON, msg);
     lua_pushinteger(d->L, line);
     lua_setfield(d->L, -2, "line");
     lua_pushinteger(d->L, column);

@@ -117,7 +117,7 @@ static int l_limit_guard(lua_State *L) {
     lua_pushstring(L, token);
     if (lua_pcall(L, 1, 1, 0) != 0) {
         const char *kind = lerror_kind(L, -1);
-        if (name && !(kind && (!strcmp(kind, "usage") || !strcmp(kind, "limit")))) give_back(name, token, s);
+        if (name && !(kind && (!strcmp(kind, BMDB_E_USAGE) || !strcmp(kind, BMDB_E_LIMIT)))) give_back(name, token, s);
         return lua_error(L);
     }
     if (!with_fn) return 1;
@@ -143,7 +143,7 @@ static int l_limit_release(lua_State *L) {
     session *s = lcore_opt_session(L, 1);
     const char *name = lerror_checkstring(L, 2), *token = lerror_checkstring(L, 3);
     pool *p = lcore_pool();
-    if (!p) return lerror_raise_kind(L, "not_connected", "bmdb: not connected to a database (no pool)");
+    if (!p) return lerror_raise_kind(L, BMDB_E_NOT_CONNECTED, "bmdb: not connected to a database (no pool)");
     tx_error e;
     int rc = limit_release(p, s, name, token, &e);
     if (rc < 0) return lerror_raise(L, &e);

@@ -14,6 +14,7 @@
 
 #include "lcore.h"
 #include "lerror.h"
+#include "ltx.h"
 #include "sched.h"
 #include "slots.h"
 #include "work.h"
@@ -141,7 +142,7 @@ static int l_lock_any(lua_State *L) {
     luaL_pushresult(&b);
     char nb[4][40];
     work_claim c;
-    lcore_claim_options(L, 4, &c, nb);
+    lwork_claim_options(L, 4, &c, nb);
     tx_error e;
     int count = (int)luaL_optinteger(L, 5, 1);
     if (work_lock_any(t, lua_tostring(L, -1), count, process, &c, &e) < 0) return lerror_raise(L, &e);
@@ -152,7 +153,7 @@ static int l_lock_any(lua_State *L) {
  * committed core.lock_any locked (empty when nothing); the caller keeps
  * the first. */
 static int l_claimed(lua_State *L) {
-    tx *t = lcore_tx_at(L, 1);
+    tx *t = ltx_at(L, 1);
     sched_item it;
     memset(&it, 0, sizeof it);
     work_locked out;
@@ -172,7 +173,7 @@ static int l_claimed(lua_State *L) {
 /* ---- a finish in the host's batch ------------------------------------------
  *
  * The batch this slot thread is a member of (one at most), and the handle
- * of the bmdb.tx its commit function was given (lcore_push_tx): it points
+ * of the bmdb.tx its commit function was given (ltx_push): it points
  * at the member's own tx, which only queues deferred statements, until
  * the member sends a statement (lsched_use_batch), then at the batch's
  * transaction, and at nothing once the member's part is over. */
@@ -192,7 +193,7 @@ void lsched_use_batch(lua_State *L, tx **t) {
  * (in_batch) until core.batch_leave. */
 static int l_batch_join(lua_State *L) {
     session *s;
-    tx **handle = lcore_push_tx(L, &s);
+    tx **handle = &ltx_push(L, &s)->t;
     tx *t;
     sched_outcome got = sched_batch_join(lcore_pool(), s, &in_batch.m, &t);
     if (got == SCHED_JOINED) {
@@ -225,7 +226,7 @@ static int l_batch_leave(lua_State *L) {
         copy(done.process, sizeof done.process, lua_tostring(L, 4));
         copy(done.token, sizeof done.token, token);
     }
-    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_leave: not in a batch");
+    if (!in_batch.tx) return lerror_raise_kind(L, BMDB_E_USAGE, "batch_leave: not in a batch");
     sched_leave leave = {
         .how = fatal ? SCHED_LEAVE_FATAL : ok ? SCHED_LEAVE_FINISHED : SCHED_LEAVE_UNDONE,
         .done = &done,
@@ -265,7 +266,7 @@ static int l_batch_leave(lua_State *L) {
  * batch whose closer claimed in it (core.batch_leave's "claim"). The
  * claim turn is let go either way. */
 static int l_batch_close(lua_State *L) {
-    if (!in_batch.tx) return lerror_raise_kind(L, "usage", "batch_close: not closing a batch");
+    if (!in_batch.tx) return lerror_raise_kind(L, BMDB_E_USAGE, "batch_close: not closing a batch");
     *in_batch.tx = NULL;
     in_batch.tx = NULL;
     sched_claim c; /* (its items are filled as claimed, not cleared first) */

@@ -244,7 +244,7 @@ static void push_value(lua_State *L, const PGresult *r, int row, int col) {
     case 17: { /* bytea: the bytes themselves, NULs included, not "\x..." */
         size_t len;
         unsigned char *bytes = PQunescapeBytea((const unsigned char *)v, &len);
-        if (!bytes) lerror_raise_kind(L, "runtime", "out of memory decoding a bytea column");
+        if (!bytes) lerror_raise_kind(L, BMDB_E_MEMORY, "out of memory decoding a bytea column");
         lua_pushlstring(L, (const char *)bytes, len);
         PQfreemem(bytes);
         return;
@@ -290,7 +290,7 @@ int lvalue_push_result(lua_State *L, const char *fname, PGresult *r) {
     } else if (fname[0] == 'o') { /* one */
         if (rows > 1) {
             PQclear(r);
-            return lerror_raise_kind(L, "usage", "one: the query returned %d rows, expected at most one", rows);
+            return lerror_raise_kind(L, BMDB_E_USAGE, "one: the query returned %d rows, expected at most one", rows);
         }
         if (rows == 1) push_row(L, r, 0);
         else lua_pushnil(L);

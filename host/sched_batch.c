@@ -380,12 +380,12 @@ sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *
     tx_error e;
     int ok = leave->how == SCHED_LEAVE_FINISHED;
     int whole = m->saw_failed; /* the batch failed under m: not m's own failure */
-    int doomed = m->holds && B.t.doomed; /* (only a holder may look at B.t) */
+    int doomed = m->holds && tx_doomed(&B.t); /* (only a holder may look at B.t) */
     if (doomed || leave->how == SCHED_LEAVE_FATAL) {
         /* the fence failed, or a failure the transaction may not survive:
          * a doom may be another member's deferred statement */
         pthread_mutex_lock(&mu);
-        if (doomed) fail_locked(&B.t.doom);
+        if (doomed) fail_locked(tx_doom(&B.t));
         tx_error_set(&e, TXE_SQL, "a finish in the same batch failed");
         fail_locked(&e);
         pthread_mutex_unlock(&mu);
@@ -404,7 +404,7 @@ sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *
             tx_unpend_all(&B.t);
             tx_pend(&B.t, rollback_sql);
             tx_pend(&B.t, release_sql);
-            B.t.failed = 0;
+            tx_failure_undone(&B.t);
         }
     } else if (ok && m->own.npending > 0) {
         /* m's deferred statements join the batch's queue (moved; run
@@ -413,7 +413,7 @@ sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *
         if (take_t(m) < 0) {
             whole = 1;
         } else if (tx_adopt(&B.t, &m->own, &e) < 0) {
-            fail(B.t.doomed ? &B.t.doom : &e);
+            fail(tx_doomed(&B.t) ? tx_doom(&B.t) : &e);
             whole = 1;
         }
     }

@@ -3,12 +3,16 @@
  * Every BMDB transaction runs at SERIALIZABLE, as CockroachDB always does:
  * at READ COMMITTED a claim can read a machine whose completion committed a
  * moment earlier and lock it again. The fence is a locking read of the
- * session row inside the same transaction: if a collector deletes the row,
+ * session row inside the same transaction, sent with its first statement
+ * (tx_begin only borrows a connection): if a collector deletes the row,
  * or its deadline has passed by the transaction's now(), nothing of ours
  * commits, and a collector or takeover waits for our COMMIT to finish.
  * The local deadline is checked again right before COMMIT, because it
- * always passes before the database's (session.c). The guarantees this
- * keeps, and who else keeps them: host/README.md. */
+ * always passes before the database's (session.c). This file keeps the
+ * transaction's life (its states, tx.h), what waits for the next flight,
+ * the fence and what a failure means; txflight.c puts the statements on
+ * the wire. The guarantees this keeps, and who else keeps them:
+ * host/README.md. */
 #include "tx.h"
 
 #include <pthread.h>
@@ -21,7 +25,7 @@
 #include "lifecycle.h"
 #include "metrics.h"
 #include "prepared.h"
-#include "pqerr.h"
+#include "txflight.h"
 
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     memset(e, 0, sizeof *e);
@@ -30,18 +34,6 @@ void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(e->message, sizeof e->message, fmt, ap);
     va_end(ap);
-}
-
-/* Fill e from a failed result or connection (pqerr.h). */
-static void tx_error_from_result(tx_error *e, PGconn *conn, const PGresult *res) {
-    pq_error pe;
-    pq_error_read(&pe, conn, res);
-    memset(e, 0, sizeof *e);
-    e->kind = pe.connection_lost ? TXE_CONNECTION : TXE_SQL;
-    memcpy(e->sqlstate, pe.sqlstate, sizeof e->sqlstate);
-    memcpy(e->message, pe.message, sizeof e->message);
-    memcpy(e->detail, pe.detail, sizeof e->detail);
-    memcpy(e->hint, pe.hint, sizeof e->hint);
 }
 
 /* Retries are bounded by time, not by a small count: ordinary contention
@@ -64,36 +56,55 @@ double tx_retry_delay(int attempt) {
     return base * (0.5 + (double)rand_r(&seed) / ((double)RAND_MAX + 1.0));
 }
 
-static PGresult *exec_params(PGconn *c, const char *sql, int n, const char *const *params) {
-    return PQexecParams(c, sql, n, NULL, params, NULL, NULL, 0);
+/* ---- the transaction's life (tx.h draws it) ----------------------------- */
+
+int tx_is_open(const tx *t) { return t->state != TX_OVER && t->state != TX_DOOMED; }
+
+int tx_doomed(const tx *t) { return t->state == TX_DOOMED; }
+
+const tx_error *tx_doom(const tx *t) { return t->state == TX_DOOMED ? &t->doom : NULL; }
+
+/* BEGIN and the fence went out (and passed). */
+static int begun(const tx *t) { return t->state == TX_BEGUN || t->state == TX_FAILED; }
+
+/* A statement failed: commit refuses, only rollback is left. */
+static int failed(const tx *t) { return t->state == TX_FAILED || t->state == TX_FAILED_UNBEGUN; }
+
+/* A flight went well: BEGIN and the fence, if they rode in it, passed. */
+static void flown_well(tx *t) {
+    if (t->state == TX_READY) t->state = TX_BEGUN;
+    else if (t->state == TX_FAILED_UNBEGUN) t->state = TX_FAILED;
+}
+
+/* One of the caller's statements was refused before it flew (its PREPARE,
+ * or a binary parameter): inside a begun transaction the server's side
+ * is aborted too. */
+static void refused(tx *t) {
+    if (t->state == TX_READY) t->state = TX_FAILED_UNBEGUN;
+    else if (t->state == TX_BEGUN) t->state = TX_FAILED;
+}
+
+void tx_failure_undone(tx *t) {
+    if (t->state == TX_FAILED) t->state = TX_BEGUN;
+    else if (t->state == TX_FAILED_UNBEGUN) t->state = TX_READY;
+}
+
+/* Closes t after a failure that leaves nothing to do in it, remembering
+ * why: every later call on t gets the same answer. */
+static void doom(tx *t, const tx_error *e) {
+    t->doom = *e;
+    tx_rollback(t);
+    t->state = TX_DOOMED;
 }
 
 /* ---- flights -------------------------------------------------------------
  *
- * A round trip on a Unix socket costs little in latency but a wake-up of
- * the server's backend and of our thread each, and those wake-ups were most
- * of the host's CPU per item. So a transaction's statements travel in as
- * few flights as its logic allows: libpq's pipeline mode (libpq >= 14)
- * sends several before it reads an answer, and the server runs them in
- * order, skipping everything after an error until the flight's Sync.
- * BEGIN and the fence ride with the first statement, and the final
- * statement with COMMIT; a transaction whose only statement is its final
- * one is a single flight. That is safe because the fence and the final
- * fail by raising, never by returning fewer rows: an error keeps
+ * A transaction's statements travel in as few flights as its logic allows
+ * (txflight.c): BEGIN and the fence ride with the first statement, and the
+ * final statement with COMMIT; a transaction whose only statement is its
+ * final one is a single flight. That is safe because the fence and the
+ * final fail by raising, never by returning fewer rows: an error keeps
  * everything behind it, COMMIT included, from running. */
-
-typedef enum { STEP_BEGIN, STEP_FENCE, STEP_PENDING, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
-
-typedef struct step {
-    step_kind kind;
-    const char *sql, *name; /* name: prepared on this connection, else NULL */
-    int n;
-    const char *const *params;
-    const int *lengths, *formats;
-    int cached;             /* name was prepared by an earlier statement */
-    int deferred;           /* the caller's, queued by tx_defer */
-    PGresult *r;            /* the answer; NULL when none came */
-} step;
 
 #define FLIGHT_MAX (4 + TX_PENDING_MAX)
 
@@ -109,65 +120,13 @@ typedef struct tx_pending {
 
 static const char begin_sql[] = "BEGIN ISOLATION LEVEL SERIALIZABLE";
 
-/* Reads one statement's answer in pipeline mode: its result, then the NULL
- * that ends it. */
-static PGresult *pipeline_result(PGconn *c) {
-    PGresult *r = PQgetResult(c), *extra;
-    if (r && PQresultStatus(r) != PGRES_PIPELINE_SYNC)
-        while ((extra = PQgetResult(c))) PQclear(extra);
-    return r;
-}
-
-static int send_step(PGconn *c, const step *s) {
-    return s->name ? PQsendQueryPrepared(c, s->name, s->n, s->params, s->lengths, s->formats, 0)
-                   : PQsendQueryParams(c, s->sql, s->n, NULL, s->params, s->lengths, s->formats, 0);
-}
-
-static PGresult *exec_step(PGconn *c, const step *s) {
-    return s->name ? PQexecPrepared(c, s->name, s->n, s->params, s->lengths, s->formats, 0)
-                   : PQexecParams(c, s->sql, s->n, NULL, s->params, s->lengths, s->formats, 0);
-}
-
-static int step_ok(const PGresult *r) {
-    ExecStatusType st = PQresultStatus(r);
-    return r && (st == PGRES_COMMAND_OK || st == PGRES_TUPLES_OK);
-}
-
-/* Sends the steps in one pipeline and reads every answer into s[i].r.
- * Without pipeline mode, they run one by one, up to the first failure. */
-static void fly(PGconn *c, step *s, int n) {
-    for (int i = 0; i < n; i++) s[i].r = NULL;
-    if (n > 1 && PQenterPipelineMode(c)) {
-        int sent = 0;
-        while (sent < n && send_step(c, &s[sent])) sent++;
-        if (sent == n && PQpipelineSync(c)) {
-            for (int i = 0; i < n; i++)
-                if (!(s[i].r = pipeline_result(c))) break;
-            PGresult *sync;
-            while ((sync = PQgetResult(c)) && PQresultStatus(sync) != PGRES_PIPELINE_SYNC) PQclear(sync);
-            PQclear(sync);
-        }
-        PQexitPipelineMode(c); /* fails only on a broken connection, which the answers show */
-        return;
-    }
-    for (int i = 0; i < n; i++)
-        if (!step_ok(s[i].r = exec_step(c, &s[i]))) break;
-}
-
-static void clear_steps(step *s, int n) {
-    for (int i = 0; i < n; i++) {
-        PQclear(s[i].r);
-        s[i].r = NULL;
-    }
-}
-
 /* The fence's statement and parameters for t. */
 static const char *fence_of(const tx *t, const char **params);
 
 /* BEGIN and the fence, as a flight's first steps; 0 when they went out
  * already (or t has no session: then only BEGIN). */
 static int add_begin(tx *t, step *s, const char **fence_params) {
-    if (t->begun) return 0;
+    if (begun(t)) return 0;
     s[0] = (step){.kind = STEP_BEGIN, .sql = begin_sql};
     if (!t->sess) return 1;
     const char *sql = fence_of(t, fence_params);
@@ -241,9 +200,6 @@ static int has_deferred(const tx *t) {
     return 0;
 }
 
-static int binary_params(int n, const int *formats);
-static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e);
-
 /* sql's prepared name on t's connection (*name NULL: run it unnamed),
  * prepared now if it was not; -1 with e set when the server refused the
  * PREPARE. */
@@ -251,7 +207,7 @@ static int prepare(tx *t, const char *sql, int n, const char **name, int *cached
     PGresult *failed;
     *name = prepared_lookup(t->prep, t->conn, sql, n, cached, &failed);
     if (!failed) return 0;
-    tx_error_from_result(e, t->conn, failed);
+    flight_error(e, t->conn, failed);
     PQclear(failed);
     return -1;
 }
@@ -259,11 +215,11 @@ static int prepare(tx *t, const char *sql, int n, const char **name, int *cached
 /* -1 with e set when t takes no more statements: doomed (the same answer
  * again), or over. */
 static int still_open(const tx *t, tx_error *e) {
-    if (t->doomed) {
+    if (t->state == TX_DOOMED) {
         *e = t->doom;
         return -1;
     }
-    if (!t->open) {
+    if (!tx_is_open(t)) {
         tx_error_set(e, TXE_CLOSED, "transaction is already over");
         return -1;
     }
@@ -273,14 +229,15 @@ static int still_open(const tx *t, tx_error *e) {
 int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, const int *lengths,
              const int *formats, tx_error *e) {
     if (still_open(t, e) < 0) return -1;
-    if (t->failed) {
+    if (failed(t)) {
         tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
         return -1;
     }
     /* A detached tx cannot check a binary parameter, nor run a statement
      * at once: the caller goes on with a connection (tx_init_detached). */
     int room = defer_room(t);
-    if (!t->conn && (binary_params(nparams, formats) || !room)) return 1;
+    int detached = t->state == TX_DETACHED;
+    if (detached && (flight_has_binary(nparams, formats) || !room)) return 1;
     if (!room) {
         PGresult *r = tx_exec_params(t, sql, nparams, params, lengths, formats, e);
         PQclear(r);
@@ -291,9 +248,9 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
      * fresh connection after a broken first flight prepares it anew). */
     const char *name;
     int cached;
-    if (t->conn && (check_binary_params(t->conn, sql, nparams, formats, e) < 0 ||
-                    prepare(t, sql, nparams, &name, &cached, e) < 0)) {
-        t->failed = 1;
+    if (!detached && (flight_check_binary(t->conn, sql, nparams, formats, e) < 0 ||
+                      prepare(t, sql, nparams, &name, &cached, e) < 0)) {
+        refused(t);
         return -1;
     }
     size_t len = strlen(sql) + 1, need = (size_t)nparams * (sizeof(char *) + 2 * sizeof(int)) + len;
@@ -301,7 +258,7 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
         if (params[i]) need += (formats && formats[i] ? (size_t)lengths[i] : strlen(params[i])) + 1;
     char *block = malloc(need);
     if (!block) {
-        tx_error_set(e, TXE_SQL, "out of memory");
+        tx_error_set(e, TXE_MEMORY, "out of memory");
         return -1;
     }
     tx_pending *q = &t->pending[t->npending];
@@ -333,7 +290,7 @@ int tx_defer(tx *t, const char *sql, int nparams, const char *const *params, con
 void tx_init_detached(tx *t, session *sess) {
     memset(t, 0, sizeof *t);
     t->sess = sess;
-    t->open = 1;
+    t->state = TX_DETACHED;
 }
 
 int tx_adopt(tx *dst, tx *src, tx_error *e) {
@@ -382,7 +339,6 @@ static int add_final(tx *t, step *s) {
 /* A flight's steps up to its last: BEGIN and the fence (if they have not
  * gone out), what is queued, and the final statement (its index in
  * *final_at, else -1). The count, or -1 with e set and t doomed. */
-static void doom(tx *t, const tx_error *e);
 static int add_head(tx *t, step *s, const char **fence_params, int *final_at, tx_error *e) {
     int n = add_begin(t, s, fence_params);
     int q = add_pending(t, s + n, e);
@@ -413,7 +369,7 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
     char *p = t->final.buf;
     if (need > sizeof t->final.buf) {
         if (!(p = t->final.heap = malloc(need))) {
-            tx_error_set(e, TXE_SQL, "out of memory");
+            tx_error_set(e, TXE_MEMORY, "out of memory");
             return -1;
         }
     }
@@ -441,8 +397,8 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
  * COMMIT, and so does ending the session, whose DELETE cascades to its
  * work rows. Not the session row too: every slot's item shares it, and
  * a row KEY SHARE-locked by many transactions at once is a new MultiXact
- * per locker, which made the fence and the release several times slower
- * at 16 slots (BENCHMARKS.md). */
+ * per locker, which slows the fence and the release down as slots are
+ * added. */
 /* Both fences fail by raising, never by answering no row: one divided by
  * the count of live rows they found is 22012 when there is none. The
  * error aborts the transaction, so nothing sent behind the fence in the
@@ -471,7 +427,7 @@ static const char *fence_of(const tx *t, const char **params) {
  * the failure path pays this round trip, never the others. */
 static void item_lost(tx *t, tx_error *e) {
     const char *params[] = {session_id(t->sess), t->machine, t->process, t->token};
-    PGresult *r = exec_params(
+    PGresult *r = PQexecParams(
         t->conn,
         "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
         "(SELECT 'timeout after ' || timeout_seconds::TEXT || 's' FROM work "
@@ -480,9 +436,9 @@ static void item_lost(tx *t, tx_error *e) {
         " WHERE machine_id = $2 AND process = $3 AND token = $4 AND event <> 'Started' "
         " ORDER BY occurred_at DESC LIMIT 1) AS ended, "
         "(SELECT count(*) FROM work WHERE machine_id = $2 AND process = $3) AS held",
-        4, params);
+        4, NULL, params, NULL, NULL, 0);
     if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-        tx_error_from_result(e, t->conn, r);
+        flight_error(e, t->conn, r);
         PQclear(r);
         return;
     }
@@ -548,7 +504,8 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
     t->sess = sess;
     t->conn = NULL;
     t->prep = NULL;
-    t->open = t->failed = t->begun = t->doomed = t->refreshed = 0;
+    t->state = TX_OVER;
+    t->refreshed = 0;
     t->final.sql = NULL;
     t->final.heap = NULL;
     t->final_result = NULL;
@@ -562,7 +519,7 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
         snprintf(t->token, sizeof t->token, "%s", item->token);
     }
     if (borrow(t, e) < 0) return -1;
-    t->open = 1;
+    t->state = TX_READY;
     return 0;
 }
 
@@ -577,8 +534,8 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
 static int first_failure(tx *t, step *s, int n, tx_error *e) {
     for (int i = 0; i < n; i++) {
         PGresult *r = s[i].r;
-        if (!step_ok(r)) {
-            tx_error_from_result(e, t->conn, r);
+        if (!flight_ok(r)) {
+            flight_error(e, t->conn, r);
             const char *st = e->sqlstate;
             /* 26000: a statement we sent by name is gone (a script's
              * DEALLOCATE); 0A000: the schema changed under a cached plan.
@@ -606,20 +563,12 @@ static int first_failure(tx *t, step *s, int n, tx_error *e) {
     return -1;
 }
 
-/* Closes t after a failure that leaves nothing to do in it, remembering
- * why: every later call on t gets the same answer. */
-static void doom(tx *t, const tx_error *e) {
-    t->doom = *e;
-    t->doomed = 1;
-    tx_rollback(t);
-}
-
 /* A flight failed at step bad. Returns 1 when it is worth flying again
  * on a fresh connection: nothing had begun, and the connection (an idle
  * pooled one, say, whose server restarted) broke; once per transaction.
  * Else settles t. */
-static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
-    if (!t->begun && !t->refreshed && bad >= 0 && s[bad].kind == STEP_BEGIN &&
+static int settle_failure(tx *t, const step *s, int bad, tx_error *e) {
+    if (!begun(t) && !t->refreshed && bad >= 0 && s[bad].kind == STEP_BEGIN &&
         e->kind == TXE_CONNECTION && !e->outcome_unknown && PQstatus(t->conn) != CONNECTION_OK) {
         t->refreshed = 1;
         pool_put(t->pool, t->conn);
@@ -646,83 +595,21 @@ static int flight_failed(tx *t, const step *s, int bad, tx_error *e) {
         doom(t, e);
         break;
     case STEP_COMMIT:
-        t->open = 0;
         tx_rollback(t);
         break;
     case STEP_STMT:
-        t->failed = 1; /* the server will only roll back */
-        t->begun = 1;
+        t->state = TX_FAILED; /* (BEGIN and the fence passed before it) */
         break;
     }
-    return 0;
-}
-
-/* The name of a parameter type, for a message. */
-static const char *type_name(Oid t) {
-    switch (t) {
-    case 16: return "boolean";
-    case 19: return "name";
-    case 20: return "bigint";
-    case 21: return "smallint";
-    case 23: return "integer";
-    case 25: return "text";
-    case 114: return "json";
-    case 700: return "real";
-    case 701: return "double precision";
-    case 1042: return "character";
-    case 1043: return "character varying";
-    case 1700: return "numeric";
-    case 2950: return "uuid";
-    case 3802: return "jsonb";
-    default: return NULL;
-    }
-}
-
-/* Binary parameters (format 1) carry what text cannot: a NUL byte. Only
- * bytea reads binary as the bytes themselves; text refuses a NUL and an
- * integer would read four bytes as a number. So when there is one, the
- * statement is described first and a binary parameter of any other type
- * is refused, naming it. 0, or -1 with e set. */
-static int binary_params(int n, const int *formats) {
-    int binary = 0;
-    for (int i = 0; formats && i < n; i++) binary |= formats[i];
-    return binary;
-}
-
-static int check_binary_params(PGconn *c, const char *sql, int n, const int *formats, tx_error *e) {
-    if (!binary_params(n, formats)) return 0;
-    PGresult *r = PQprepare(c, "", sql, n, NULL);
-    if (PQresultStatus(r) == PGRES_COMMAND_OK) {
-        PQclear(r);
-        r = PQdescribePrepared(c, "");
-    }
-    if (PQresultStatus(r) != PGRES_COMMAND_OK) {
-        tx_error_from_result(e, c, r);
-        PQclear(r);
-        return -1;
-    }
-    for (int i = 0; i < n; i++) {
-        Oid type = PQparamtype(r, i);
-        if (!formats[i] || type == 17) continue;
-        const char *name = type_name(type);
-        char oid[32];
-        snprintf(oid, sizeof oid, "type oid %u", type);
-        tx_error_set(e, TXE_SQL, "parameter $%d holds a NUL byte, which only a bytea parameter can "
-                     "take (the statement reads $%d as %s)", i + 1, i + 1, name ? name : oid);
-        memcpy(e->sqlstate, "22021", 6); /* what the server says of a NUL in text */
-        PQclear(r);
-        return -1;
-    }
-    PQclear(r);
     return 0;
 }
 
 PGresult *tx_conn_exec(PGconn *c, const char *sql, int nparams, const char *const *params,
                        const int *lengths, const int *formats, tx_error *e) {
-    if (check_binary_params(c, sql, nparams, formats, e) < 0) return NULL;
+    if (flight_check_binary(c, sql, nparams, formats, e) < 0) return NULL;
     PGresult *r = PQexecParams(c, sql, nparams, NULL, params, lengths, formats, 0);
-    if (step_ok(r)) return r;
-    tx_error_from_result(e, c, r);
+    if (flight_ok(r)) return r;
+    flight_error(e, c, r);
     PQclear(r);
     return NULL;
 }
@@ -755,8 +642,8 @@ long tx_run(tx *t, const char *sql, int nparams, const char *const *params, PGre
 PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const *params,
                          const int *lengths, const int *formats, tx_error *e) {
     if (still_open(t, e) < 0) return NULL;
-    if (check_binary_params(t->conn, sql, nparams, formats, e) < 0) {
-        t->failed = 1;
+    if (flight_check_binary(t->conn, sql, nparams, formats, e) < 0) {
+        refused(t);
         return NULL;
     }
     for (;;) {
@@ -770,25 +657,25 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
          * not begun; inside, a statement that does not parse aborts it,
          * as it would have anyway. */
         if (prepare(t, sql, nparams, &name, &cached, e) < 0) {
-            t->failed = 1;
+            refused(t);
             return NULL;
         }
         s[n++] = (step){.kind = STEP_STMT, .sql = sql, .name = name, .n = nparams, .params = params,
                         .lengths = lengths, .formats = formats, .cached = cached};
-        fly(t->conn, s, n);
+        flight_fly(t->conn, s, n);
         int bad = first_failure(t, s, n, e);
         if (bad >= 0) {
-            clear_steps(s, n);
-            if (flight_failed(t, s, bad, e)) continue;
+            flight_clear(s, n);
+            if (settle_failure(t, s, bad, e)) continue;
             pending_flown(t);
             return NULL;
         }
-        t->begun = 1;
+        flown_well(t);
         pending_flown(t);
         if (t->final.sql) final_free(&t->final);
         PGresult *r = s[n - 1].r;
         s[n - 1].r = NULL;
-        clear_steps(s, n - 1);
+        flight_clear(s, n - 1);
         if (ended_transaction(t->conn, r)) {
             /* The statement ended the transaction (a COMMIT or ROLLBACK that
              * got past the caller's check): the fence went with it, and
@@ -798,7 +685,6 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
             tx_error_set(e, TXE_CLOSED, "the statement ended the transaction (%s); its fence is gone, "
                          "so nothing more runs in it", PQcmdStatus(r));
             PQclear(r);
-            t->failed = 1;
             tx_rollback(t);
             return NULL;
         }
@@ -808,7 +694,7 @@ PGresult *tx_exec_params(tx *t, const char *sql, int nparams, const char *const 
 
 int tx_commit(tx *t, tx_error *e) {
     if (still_open(t, e) < 0) return -1;
-    if (t->failed) {
+    if (failed(t)) {
         tx_error_set(e, TXE_CLOSED, "transaction aborted by an earlier error; it can only roll back");
         tx_rollback(t);
         return -1;
@@ -823,7 +709,7 @@ int tx_commit(tx *t, tx_error *e) {
     }
     /* Nothing ran, and no final or deferred statement waits: nothing to
      * commit. */
-    if (!t->begun && !t->final.sql && !has_deferred(t)) {
+    if (!begun(t) && !t->final.sql && !has_deferred(t)) {
         tx_rollback(t);
         return 0;
     }
@@ -838,22 +724,22 @@ int tx_commit(tx *t, tx_error *e) {
     int final_at, n = add_head(t, s, fence_params, &final_at, e);
     if (n < 0) return -1;
     s[n++] = (step){.kind = STEP_COMMIT, .sql = "COMMIT"};
-    fly(t->conn, s, n);
+    flight_fly(t->conn, s, n);
     int bad = first_failure(t, s, n, e);
     if (bad >= 0) {
-        clear_steps(s, n);
-        flight_failed(t, s, bad, e);
+        flight_clear(s, n);
+        settle_failure(t, s, bad, e);
         return -1;
     }
     if (final_at >= 0) {
         t->final_result = s[final_at].r;
         s[final_at].r = NULL;
     }
-    clear_steps(s, n);
+    flight_clear(s, n);
     final_free(&t->final);
     pending_free(t);
     metrics_tx_committed();
-    t->open = 0;
+    t->state = TX_OVER;
     pool_put(t->pool, t->conn);
     t->conn = NULL;
     return 0;
@@ -864,13 +750,10 @@ void tx_rollback(tx *t) {
     pending_free(t);
     PQclear(t->final_result);
     t->final_result = NULL;
-    if (!t->conn) {
-        t->open = 0;
-        return;
-    }
+    if (t->state != TX_DOOMED) t->state = TX_OVER; /* a doom outlives the rollback */
+    if (!t->conn) return;
     if (PQstatus(t->conn) == CONNECTION_OK && PQtransactionStatus(t->conn) != PQTRANS_IDLE)
         PQclear(PQexec(t->conn, "ROLLBACK"));
-    t->open = 0;
     pool_put(t->pool, t->conn);
     t->conn = NULL;
 }

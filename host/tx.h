@@ -1,10 +1,13 @@
 /* tx.h -- one SERIALIZABLE transaction of a session, with its fence.
  *
- * tx_begin() borrows a connection, opens a SERIALIZABLE transaction and,
- * inside it, checks that the session row is still alive: a transaction of
- * a dead session can therefore never commit (host/README.md, guarantee 2).
- * tx_commit() checks the local deadline once more before COMMIT. Retrying
- * 40001/40P01 is the caller's loop; tx_retry_delay() is its one policy. */
+ * tx_begin() only borrows a connection (and checks the session locally).
+ * BEGIN ISOLATION LEVEL SERIALIZABLE and the fence, a read of the session
+ * row (and of the item's work row) that fails by raising when it is not
+ * alive, ride in front of the transaction's first statement, or of its
+ * COMMIT: a transaction of a dead session can therefore never commit
+ * (host/README.md, guarantee 2). tx_commit() checks the local deadline
+ * once more before COMMIT. Retrying 40001/40P01 is the caller's loop;
+ * tx_retry_delay() is its one policy. */
 #ifndef BMDB_TX_H
 #define BMDB_TX_H
 
@@ -19,7 +22,8 @@ typedef enum {
     TXE_SESSION_EXPIRED,  /* the fence: the session is dead */
     TXE_CANCELED,         /* the host is shutting down */
     TXE_CLOSED,           /* the transaction is already over */
-    TXE_LOST              /* the work lock is no longer this session's */
+    TXE_LOST,             /* the work lock is no longer this session's */
+    TXE_MEMORY            /* the host could not allocate what it needed */
 } tx_error_kind;
 
 typedef struct tx_error {
@@ -48,19 +52,58 @@ typedef struct tx_final {
     char buf[256];
 } tx_final;
 
+/* Where a transaction is in its life. The calls on a tx answer by its
+ * state, and only the functions of tx.c move it:
+ *
+ *               tx_begin           a flight goes well
+ *      OVER ─────────────▶ READY ───────────────────────▶ BEGUN
+ *                            │   ╲ a statement fails         │
+ *     a statement is refused │    ╲ in its flight            │ a statement fails
+ *     before it flies        ▼     ╲                         ▼
+ *                     FAILED_UNBEGUN ──────────────────▶ FAILED
+ *                                 a flight that passes BEGIN
+ *
+ *   tx_failure_undone (a batch queued ROLLBACK TO SAVEPOINT): FAILED →
+ *   BEGUN, FAILED_UNBEGUN → READY.
+ *   tx_init_detached → DETACHED: no connection; it only queues, never
+ *   begins, and its statements move to another tx (tx_adopt).
+ *   Any open state → OVER: tx_commit, tx_rollback, a failed COMMIT, a
+ *   statement that ended the transaction itself.
+ *   Any open state → DOOMED: the fence, BEGIN, a queued or the final
+ *   statement failed, or no connection could be had for a first flight
+ *   flown again: over, and every later call answers t->doom. tx_rollback
+ *   leaves a doomed tx doomed; tx_begin starts afresh.
+ *
+ * A failure and BEGIN are independent facts for a moment: a statement can
+ * be refused before anything went out (its PREPARE failed, or a binary
+ * parameter it cannot take), and then the next statement still brings
+ * BEGIN and the fence with it. So each of the four combinations is a
+ * state: each answers the next statement and the commit differently. */
+typedef enum {
+    TX_OVER = 0,       /* never begun, committed or rolled back: "closed" */
+    TX_DOOMED,         /* over; every later call gets the same error */
+    TX_DETACHED,       /* queues deferred statements only (no connection) */
+    TX_READY,          /* a connection is borrowed; nothing sent yet */
+    TX_FAILED_UNBEGUN, /* a statement was refused before BEGIN went out:
+                        * only rollback is left */
+    TX_BEGUN,          /* BEGIN and the fence went out and passed */
+    TX_FAILED          /* begun, and a statement failed: only rollback is
+                        * left (on the server too, unless the host itself
+                        * refused the statement) */
+} tx_state;
+
 typedef struct tx {
     pool *pool;
     PGconn *conn;
     struct prepared *prep; /* conn's prepared statements (pool.h) */
     session *sess;   /* NULL: no fence (housekeeping without a session) */
-    int open;
-    int failed;      /* a statement failed: the server will only roll back */
-    int begun;       /* BEGIN and the fence went out: they ride with the
-                      * first statement, so they cost no round trip of
-                      * their own */
-    int refreshed;   /* the first flight found its connection broken and
-                      * went again on a fresh one (once) */
-    int item;        /* fenced by the work item below too */
+    tx_state state;
+    /* Two facts about the transaction that are not states, since they do
+     * not change which calls it takes: */
+    int item;        /* fenced by the work item below too: what the fence
+                      * reads, fixed by tx_begin_item */
+    int refreshed;   /* the one flight again on a fresh connection (a first
+                      * flight that found its connection broken) is spent */
     char machine[40], process[64], token[40];
     tx_final final;
     /* Statements that ride in front of the next flight, after BEGIN and
@@ -72,9 +115,18 @@ typedef struct tx {
     unsigned long flights; /* flights flown: a mark older than the last
                             * one names nothing still queued */
     PGresult *final_result; /* the final statement's answer, after COMMIT */
-    int doomed;      /* the fence failed: every later call answers doom */
-    tx_error doom;
+    tx_error doom;   /* why it is DOOMED */
 } tx;
+
+/* The state's questions, for readers outside tx.c. Open: takes statements
+ * (DETACHED, READY, BEGUN and the two FAILED states). */
+int tx_is_open(const tx *t);
+int tx_doomed(const tx *t);
+/* The error that doomed t, or NULL when it is not doomed. */
+const tx_error *tx_doom(const tx *t);
+/* The caller queued (tx_pend) what undoes t's failed statement, a
+ * ROLLBACK TO SAVEPOINT: t may take statements and commit again. */
+void tx_failure_undone(tx *t);
 
 /* The work item a body's transaction belongs to: its fence also checks
  * that the item's work row with this claim's token still exists. */
@@ -82,10 +134,11 @@ typedef struct tx_item {
     const char *machine, *process, *token;
 } tx_item;
 
-/* sess may be NULL for housekeeping transactions. Borrows a connection
- * and checks the session locally; BEGIN and the fence are sent with the
- * transaction's first statement (one round trip), so a dead session or a
- * lost lock is reported by that statement, or by tx_commit. 0, or -1 with
+/* sess may be NULL for housekeeping transactions. Only borrows a
+ * connection and checks the session locally (READY): BEGIN and the fence
+ * are sent with the transaction's first statement (one round trip), so a
+ * dead session or a lost lock is reported by that statement, or by
+ * tx_commit. 0, or -1 with
  * e set; t->sess is set either way, so a caller holding a reference for
  * the tx releases it the same way on both paths. */
 int tx_begin(tx *t, pool *p, session *sess, tx_error *e);
