@@ -40,6 +40,7 @@
 #include <sys/socket.h>
 
 #include "lifecycle.h"
+#include "lockcheck.h"
 #include "log.h"
 #include "metrics.h"
 #include "pqerr.h"
@@ -109,6 +110,7 @@ static int db_lock(void) {
 /* Under db_mu: the fleet's work in flight and backoffs by process, read at
  * most once a second whatever the number of scrapers. */
 static void fleet_refresh(void) {
+    LOCK_HELD(&db_mu);
     if (fleet.at && mono_now() - fleet.at < FLEET_CACHE_S) return;
     char err[512];
     PGresult *r = db_query("SELECT process, sum(w) AS in_flight, sum(b) AS backoff FROM ("

@@ -6,6 +6,7 @@
  * waits in poll() (host-owned I/O) watch an eventfd that the same
  * broadcast writes to. */
 #include "lifecycle.h"
+#include "lockcheck.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -26,6 +27,7 @@ static int nwatched;
 
 /* Under lock. An eventfd's write never blocks short of 2^64 - 1 unread. */
 static void wake_watchers(void) {
+    LOCK_HELD(&lock);
     uint64_t one = 1;
     for (int i = 0; i < nwatched; i++)
         if (write(watched[i], &one, sizeof one) < 0) {

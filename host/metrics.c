@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "lifecycle.h"
+#include "lockcheck.h"
 
 enum kind { COUNTER, GAUGE, HISTOGRAM };
 
@@ -106,6 +107,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 /* Under mu. The series of f with these labels, created on first use; NULL
  * only when out of memory (the sample is then dropped, never the host). */
 static series *find(family *f, const char *labels) {
+    LOCK_HELD(&mu);
     for (series *s = f->series; s; s = s->next)
         if (!strcmp(s->labels, labels)) return s;
     series *s = calloc(1, sizeof *s);

@@ -10,6 +10,7 @@
  * other (log.c's aside): see host/README.md for the order. */
 #include "pool.h"
 #include "lifecycle.h"
+#include "lockcheck.h"
 #include "log.h"
 #include "pqerr.h"
 #include "prepared.h"
@@ -236,6 +237,7 @@ static int idle_conn_alive(PGconn *c) {
 
 /* Under p->lock; the lent entry of c, or NULL. */
 static struct pconn *lent_entry(pool *p, PGconn *c) {
+    LOCK_HELD(&p->lock);
     for (int i = 0; i < p->nlent; i++)
         if (p->lent[i].conn == c) return &p->lent[i];
     return NULL;
