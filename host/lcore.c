@@ -17,7 +17,6 @@
 #include <lauxlib.h>
 
 #include "lerror.h"
-#include "ltx.h"
 #include "pool.h"
 #include "session.h"
 #include "tx.h"
@@ -30,12 +29,6 @@ static pool *the_pool;
 
 void lcore_set_pool(pool *p) { the_pool = p; }
 pool *lcore_pool(void) { return the_pool; }
-
-session *lcore_opt_session(lua_State *L, int idx) {
-    return lua_isnoneornil(L, idx) ? NULL : ltx_check_session(L, idx);
-}
-
-tx *lcore_check_tx(lua_State *L, const char *fname) { return ltx_check_open(L, fname)->t; }
 
 void lcore_check_ids(lua_State *L, int midx, int pidx) {
     const char *m = lerror_checkstring(L, midx), *p = lerror_checkstring(L, pidx);

@@ -107,6 +107,14 @@ static int l_begin(lua_State *L) {
 /* u, at argument 1, open; with queue_only, a batch member's tx may stay
  * its own (tx:defer), else it becomes the batch's: a member's tx only
  * queues deferred statements until it sends one (lsched_use_batch). */
+/* lcore.h's, for the bindings that take a session or a transaction but
+ * not ltx.h's handles. */
+session *lcore_opt_session(lua_State *L, int idx) {
+    return lua_isnoneornil(L, idx) ? NULL : ltx_check_session(L, idx);
+}
+
+tx *lcore_check_tx(lua_State *L, const char *fname) { return ltx_check_open(L, fname)->t; }
+
 tx *ltx_at(lua_State *L, int idx) { return ((ltx *)lerror_checkudata(L, idx, LTX_MT, "bmdb tx"))->t; }
 
 static ltx *check_open_tx_for(lua_State *L, const char *fname, int queue_only) {

@@ -16,7 +16,6 @@
 #include "tx.h"
 
 #include <pthread.h>
-#include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -26,15 +25,6 @@
 #include "metrics.h"
 #include "prepared.h"
 #include "txflight.h"
-
-void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) {
-    memset(e, 0, sizeof *e);
-    e->kind = kind;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(e->message, sizeof e->message, fmt, ap);
-    va_end(ap);
-}
 
 /* Retries are bounded by time, not by a small count: ordinary contention
  * (dozens of slots claiming from the same candidates) can need dozens of

@@ -10,7 +10,7 @@
 
 #include <libpq-fe.h>
 
-#include "tx.h"
+#include "txerror.h"
 
 /* What a step is to its transaction: tx.c reads a failure by it. */
 typedef enum { STEP_BEGIN, STEP_FENCE, STEP_PENDING, STEP_FINAL, STEP_STMT, STEP_COMMIT } step_kind;
