@@ -76,10 +76,23 @@ describe("host/ layout", function()
     assert.same({}, cycles)
   end)
 
-  it("lists every mutex in host/README.md's lock table", function()
+  local function host_readme()
     local f = assert(io.open(H.root .. "/host/README.md"))
-    local readme = f:read("*a")
+    local s = f:read("*a")
     f:close()
+    return s
+  end
+
+  it("names every C file in host/README.md", function()
+    local readme, missing = host_readme(), {}
+    for _, name in ipairs(files) do
+      if name:match("%.c$") and not readme:find("`" .. name .. "`", 1, true) then missing[#missing + 1] = name end
+    end
+    assert.same({}, missing)
+  end)
+
+  it("lists every mutex in host/README.md's lock table", function()
+    local readme = host_readme()
     local table_text = readme:match("## Locks and their order(.-)\n## ")
     assert.is_truthy(table_text, "host/README.md has a section 'Locks and their order'")
     local missing = {}
