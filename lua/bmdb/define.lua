@@ -2,6 +2,7 @@
 -- (problems) and returns it with its defaults filled in; workers reads
 -- the list a script returned, specs what the host needs of it (lstate.c).
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local B = require "bmdb.backoff"
 local P = require "bmdb.policy"
@@ -68,7 +69,7 @@ end
 -- timeout=, ahead=}
 function M.worker(def)
   local problems = M.problems(def)
-  if #problems > 0 then raise("definition", 2, table.concat(problems, "; ")) end
+  if #problems > 0 then raise(K.definition, 2, table.concat(problems, "; ")) end
   local w = {}
   for k, v in pairs(def) do w[k] = v end
   w.concurrency = w.concurrency or 1
@@ -97,7 +98,7 @@ function M.workers(result)
       list[#list + 1] = def
     end
   end
-  if #problems > 0 then raise("definition", 0, table.concat(problems, "; ")) end
+  if #problems > 0 then raise(K.definition, 0, table.concat(problems, "; ")) end
   if #list == 0 then return nil end
   return list
 end
