@@ -1,5 +1,5 @@
 -- bmdb/claim.lua -- the claim path: how a slot gets its next work item.
--- Claims run in the host's claim turn (slots.h), for every slot of the
+-- Claims run in the host's claim turn (host/sched.h), for every slot of the
 -- process that waits: in two round trips when all goes well (claim_fast),
 -- else the full claim, which learns why a candidate cannot be locked; or
 -- in the transaction of a batch of finishes that this slot closes
@@ -191,7 +191,7 @@ local function adopt(def, item)
   -- body must not start, and the row is the timeout's to record. (A
   -- cancel while it waits is learned as for any item: the body's first
   -- transaction finds its lock gone. One that waits long is given back
-  -- before that: slots.h, SLOT_GIVE_BACK_S.)
+  -- before that: host/sched.h, SCHED_GIVE_BACK_S.)
   if def.timeout and core.now() >= item.started + def.timeout then
     core.log("info", "claimed item not started: its timeout passed while it waited",
              { "session", item.session_id, "machine", item.machine, "process", def.process, "timeout", def.timeout })
@@ -233,7 +233,7 @@ local function claim_as_claimer(def, opts)
   return new_work(sess, def, locked[1])
 end
 
--- A claim in the host's turn (slots.h: claims run alone, and claim for
+-- A claim in the host's turn (host/sched.h: claims run alone, and claim for
 -- every slot of the process that waits to). Returns the work item for
 -- this slot, or nil.
 function C.in_turn(def, opts, generation)

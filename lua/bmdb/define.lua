@@ -17,7 +17,7 @@ local known_fields = { process = true, concurrency = true, backoff = true, selec
                        poll = true, batch = true, timeout = true, ahead = true }
 
 -- The most items a worker may hold claimed ahead of its slots (a host's
--- queue of handed items holds SLOT_HAND_MAX, 64, per process).
+-- queue of handed items holds SCHED_QUEUE_MAX, 64, per process).
 local AHEAD_MAX = 32
 -- Candidates a select is asked for by default: 16, or as many as the
 -- claim locks when it locks more (several slots, or items claimed ahead).

@@ -27,7 +27,7 @@ function P.of(def)
 end
 
 -- The most items one claim locks: what the host reads back and hands out
--- of a claim (core.claim_max, a batch's BATCH_MAX, 64); a lock of more
+-- of a claim (core.claim_max, SCHED_BATCH_MAX, 64); a lock of more
 -- would leave the rest locked to no slot until the stray sweep.
 local CLAIM_MAX = core.claim_max
 

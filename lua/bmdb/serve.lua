@@ -40,7 +40,7 @@ function M.serve(result, process, index, generation)
   if not def or index > def.concurrency then return "removed" end
   P.of(def).claim_opts = B.claim_opts(def.backoff, def.timeout)
   -- What this worker claimed ahead by default is given back when it has
-  -- waited long (slots.h, SLOT_GIVE_BACK_S); what it asked for, it keeps.
+  -- waited long (host/sched.h, SCHED_GIVE_BACK_S); what it asked for, it keeps.
   core.claim_give_back(def.process, def.ahead_auto)
   W.set_slot(index)
   W.set_loop(ending, C.in_batch)

@@ -88,7 +88,7 @@ local function outcome_unknown(err) return is_error(err, K.connection) and err.o
 -- behind: the batch fails (its transaction's state is unknown).
 local function fail_batch() core.batch_leave(false, true) end
 
--- A finish in the host's batch (host/batch.h): commit_fn runs at once,
+-- A finish in the host's batch (host/sched.h): commit_fn runs at once,
 -- its deferred statements queued aside; a statement it sends waits to
 -- use the batch's transaction, in a savepoint of its own. Its release goes
 -- out with the other members' at the batch's COMMIT. Returns true and
@@ -176,7 +176,7 @@ local function release(w, event, cause, spec, commit_fn)
     uncertain = unknown
   end
   while not results do
-    -- Finishes run while no claim of this host does (slots.h).
+    -- Finishes run while no claim of this host does (host/sched.h).
     core.finish_enter()
     hold(core.finish_leave)
     local r = { pcall(transact_on, w, decide) }
