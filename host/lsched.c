@@ -61,12 +61,16 @@ static void push_items(lua_State *L, const sched_item *its, int n) {
 
 static void copy(char *dst, size_t len, const char *src) { snprintf(dst, len, "%s", src ? src : ""); }
 
-/* Field k of the item at idx as text into dst (empty when absent). */
+/* Field k of the item at idx as text into dst (empty when absent; one
+ * too long for dst is refused, not cut, so a check of dst sees it all). */
 static void get_text(lua_State *L, int idx, const char *k, char *dst, size_t len) {
     lua_getfield(L, idx, k);
     if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
         lerror_argerror(L, idx, "item.%s: string expected, got %s", k, luaL_typename(L, -1));
-    copy(dst, len, lua_tostring(L, -1));
+    size_t n = 0;
+    const char *v = lua_tolstring(L, -1, &n);
+    if (n >= len) lerror_argerror(L, idx, "item.%s is too long (%d bytes)", k, (int)n);
+    copy(dst, len, v);
     lua_pop(L, 1);
 }
 

@@ -286,12 +286,12 @@ local function settle_failure(w, err, msg)
   end
 end
 
--- The work item of item (a table as bmdb.core hands items: its machine,
--- attempt and token, and started), locked under sess for def: the worker
--- (its process, backoff and timeout), or what bmdb.work's call says of
--- them. item.started is core.now() before the claim was sent, so the
--- local deadline passes before the database's (now when it has none).
--- The item becomes the work item's own, naming its process and session.
+-- A work item for item, a table as bmdb.core hands items (its machine,
+-- attempt and token; started, core.now() before the claim was sent, so
+-- the local deadline passes before the database's: now when it has
+-- none), locked under sess for def: the worker (its process, backoff and
+-- timeout), or what bmdb.work's call says of them. The item becomes the
+-- work item's own, naming its process and session.
 function M.new_work(sess, def, item)
   local timeout = def.timeout
   local w = setmetatable({ _backoff = def.backoff, _decided = false, _started = core.now(), _token = item.token,
