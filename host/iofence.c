@@ -101,6 +101,6 @@ void iofence_end(iofence *f) {
 
 int iofence_raise(lua_State *L, iofence *f, iofence_stop why, const char *what) {
     lstate_interrupt_taken(L);
-    const char *kind = why == IOFENCE_LOST ? "lost" : why == IOFENCE_SESSION ? "session_expired" : "canceled";
+    const char *kind = why == IOFENCE_LOST ? BMDB_E_LOST : why == IOFENCE_SESSION ? BMDB_E_SESSION_EXPIRED : BMDB_E_CANCELED;
     return lerror_raise_kind(L, kind, "%s (%s)", f->why, what);
 }

@@ -42,8 +42,8 @@ static int l_control(lua_State *L) {
     int op = luaL_checkoption(L, 2, NULL, ops);
     const char *name = luaL_checkstring(L, 3), *reason = luaL_optstring(L, 4, NULL);
     if (op < 2 && !work_valid_process(name))
-        return lerror_raise_kind(L, "usage", "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", name);
-    if (op >= 2 && !work_valid_uuid(name)) return lerror_raise_kind(L, "usage", "machine id is not a UUID: %s", name);
+        return lerror_raise_kind(L, BMDB_E_USAGE, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", name);
+    if (op >= 2 && !work_valid_uuid(name)) return lerror_raise_kind(L, BMDB_E_USAGE, "machine id is not a UUID: %s", name);
     tx_error e;
     int rc = op == 0 ? control_pause(t, name, reason, &e)
            : op == 1 ? control_resume(t, name, &e)

@@ -10,7 +10,30 @@
  * connect: the bootstrap for specs and bmdb.testing (lboot.c), work
  * control (lcontrol.c), bmdb.http (lhttp.c), JSON (ljson.c), exec: a
  * command as a body's I/O (lexec.c), the waits and releases of
- * bmdb.limit (llimit.c). */
+ * bmdb.limit (llimit.c).
+ *
+ * What a bmdb.core function returns, in every one of those files: the C
+ * side of docs/api.md's "Raise or return".
+ *
+ *   - An answer comes back as it is: a value, a boolean for a yes or no
+ *     (core.claim_hand, core.sleep, core.limit_release), nil for none
+ *     (core.claim_take, core.cancel, core.paused, core.backoff_last).
+ *   - A call with several outcomes that are not errors answers the
+ *     outcome's word first, then that outcome's values: the states of a
+ *     claim turn (core.claim_enter: "turn", "handed", "timeout"), of a
+ *     lock (core.lock: "locked", "held", "backoff", "paused", "onhold"),
+ *     of a finish in the batch (core.batch_join: "joined", "alone";
+ *     core.batch_leave: "committed", "undone", "claim"; core.batch_close:
+ *     "committed") and of a limit's wait (core.limit_wait).
+ *   - A failure the caller must expect as an outcome returns nil and the
+ *     error object: a batch that failed (core.batch_join, batch_leave,
+ *     batch_close), after which each member finishes alone.
+ *   - Every other failure raises an error object (lerror.h): a bad
+ *     argument, a lost fence, what SQL or the connection reported.
+ *
+ * A work item crosses as one table whose fields mirror sched_item
+ * (sched.h): machine, process, token, session_id, attempt, started, with
+ * only those its source knows (lsched.c says which). */
 #ifndef BMDB_LCORE_H
 #define BMDB_LCORE_H
 
@@ -63,5 +86,11 @@ void lwork_claim_options(lua_State *L, int idx, struct work_claim *c, char b[4][
  * member sends a statement: the tx binding calls it before every
  * statement; any other handle is left as it is (lsched.c). */
 void lsched_use_batch(lua_State *L, struct tx **t);
+/* A work item as Lua sees it (the rule above): lsched_push_item pushes
+ * its table; lsched_check_item reads the table at idx into out, raising
+ * usage unless it names a machine, a process and a token (lsched.c). */
+struct sched_item;
+void lsched_push_item(lua_State *L, const struct sched_item *it);
+void lsched_check_item(lua_State *L, int idx, struct sched_item *out);
 
 #endif

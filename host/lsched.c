@@ -4,10 +4,11 @@
  * core.finish_*), the usual claim's lock and what it locked
  * (core.lock_any, core.claimed), and a finish's part in the host's batch
  * (core.batch_join, batch_leave, batch_close, batch_members;
- * core.claim_max). It only translates: every item is a sched_item here,
- * and its Lua-side shapes (values, or {machine, attempt, token[,
- * session_id, started]} lists) are made by push_item alone. Outside the
- * binary (busted) it works the same, with nobody else waiting. */
+ * core.claim_max). It only translates: every item is a sched_item here
+ * and one table in Lua, made by lsched_push_item and read back by
+ * lsched_check_item alone; what each call returns follows lcore.h's rule.
+ * Outside the binary (busted) it works the same, with nobody else
+ * waiting. */
 #include <lauxlib.h>
 #include <stdio.h>
 #include <string.h>
@@ -19,46 +20,95 @@
 #include "slots.h"
 #include "work.h"
 
-/* ---- items ---------------------------------------------------------------- */
+/* ---- items ----------------------------------------------------------------
+ *
+ * A work item crosses into Lua as one table whose fields mirror
+ * sched_item: machine, process, token, session_id, attempt, started. A
+ * field its source does not know (an empty text, attempt or started 0) is
+ * left out: core.claimed's and core.lock's items have no started, which
+ * Lua sets before it hands one on. */
 
-/* The first fields of it as a list on top ({machine, attempt, token} with
- * 3, then session_id and started), or as that many values when list is 0. */
-static int push_item(lua_State *L, const sched_item *it, int fields, int list) {
-    if (list) lua_createtable(L, fields, 0);
-    for (int i = 1; i <= fields; i++) {
-        switch (i) {
-        case 1: lua_pushstring(L, it->machine); break;
-        case 2: lua_pushinteger(L, it->attempt); break;
-        case 3: lua_pushstring(L, it->token); break;
-        case 4: lua_pushstring(L, it->session_id); break;
-        default: lua_pushnumber(L, it->started); break;
-        }
-        if (list) lua_rawseti(L, -2, i);
-    }
-    return list ? 1 : fields;
+static void set_text(lua_State *L, const char *k, const char *v) {
+    if (!*v) return;
+    lua_pushstring(L, v);
+    lua_setfield(L, -2, k);
 }
 
-/* The items as a list of {machine, attempt, token} lists. */
+void lsched_push_item(lua_State *L, const sched_item *it) {
+    lua_createtable(L, 0, 6);
+    set_text(L, "machine", it->machine);
+    set_text(L, "process", it->process);
+    set_text(L, "token", it->token);
+    set_text(L, "session_id", it->session_id);
+    if (it->attempt > 0) {
+        lua_pushinteger(L, it->attempt);
+        lua_setfield(L, -2, "attempt");
+    }
+    if (it->started > 0) {
+        lua_pushnumber(L, it->started);
+        lua_setfield(L, -2, "started");
+    }
+}
+
+/* The items as a list of item tables. */
 static void push_items(lua_State *L, const sched_item *its, int n) {
     lua_createtable(L, n, 0);
     for (int i = 0; i < n; i++) {
-        push_item(L, &its[i], 3, 1);
+        lsched_push_item(L, &its[i]);
         lua_rawseti(L, -2, i + 1);
     }
 }
 
 static void copy(char *dst, size_t len, const char *src) { snprintf(dst, len, "%s", src ? src : ""); }
 
+/* Field k of the item at idx as text into dst (empty when absent; one
+ * too long for dst is refused, not cut, so a check of dst sees it all). */
+static void get_text(lua_State *L, int idx, const char *k, char *dst, size_t len) {
+    lua_getfield(L, idx, k);
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TSTRING)
+        lerror_argerror(L, idx, "item.%s: string expected, got %s", k, luaL_typename(L, -1));
+    size_t n = 0;
+    const char *v = lua_tolstring(L, -1, &n);
+    if (n >= len) lerror_argerror(L, idx, "item.%s is too long (%d bytes)", k, (int)n);
+    copy(dst, len, v);
+    lua_pop(L, 1);
+}
+
+static double get_number(lua_State *L, int idx, const char *k) {
+    lua_getfield(L, idx, k);
+    if (!lua_isnil(L, -1) && lua_type(L, -1) != LUA_TNUMBER)
+        lerror_argerror(L, idx, "item.%s: number expected, got %s", k, luaL_typename(L, -1));
+    double v = lua_tonumber(L, -1);
+    lua_pop(L, 1);
+    return v;
+}
+
+void lsched_check_item(lua_State *L, int idx, sched_item *out) {
+    if (!lua_istable(L, idx)) lerror_argerror(L, idx, "item expected, got %s", luaL_typename(L, idx));
+    get_text(L, idx, "machine", out->machine, sizeof out->machine);
+    get_text(L, idx, "process", out->process, sizeof out->process);
+    get_text(L, idx, "token", out->token, sizeof out->token);
+    get_text(L, idx, "session_id", out->session_id, sizeof out->session_id);
+    out->attempt = (int)get_number(L, idx, "attempt");
+    out->started = get_number(L, idx, "started");
+    if (!work_valid_uuid(out->machine)) lerror_argerror(L, idx, "item.machine is not a UUID: %s", out->machine);
+    if (!work_valid_process(out->process))
+        lerror_argerror(L, idx, "item.process is not a process name: '%s'", out->process);
+    if (!work_valid_uuid(out->token)) lerror_argerror(L, idx, "item.token is not a UUID: %s", out->token);
+}
+
 /* ---- claims and finishes take turns --------------------------------------- */
 
-/* core.claim_enter(process, seconds) -> "turn" | "handed", machine,
- * attempt, token, session_id, started | nil */
+/* core.claim_enter(process, seconds) -> "turn" | "handed", item | "timeout" */
 static int l_claim_enter(lua_State *L) {
     sched_item it;
     switch (sched_claim_enter(lerror_checkstring(L, 1), lerror_checknumber(L, 2), &it)) {
     case SCHED_CLAIM_TURN: lua_pushliteral(L, "turn"); return 1;
-    case SCHED_CLAIM_HANDED: lua_pushliteral(L, "handed"); return 1 + push_item(L, &it, 5, 0);
-    default: return 0;
+    case SCHED_CLAIM_HANDED:
+        lua_pushliteral(L, "handed");
+        lsched_push_item(L, &it);
+        return 2;
+    default: lua_pushliteral(L, "timeout"); return 1;
     }
 }
 
@@ -84,24 +134,24 @@ static int l_claim_give_back(lua_State *L) {
     return 0;
 }
 
-/* core.claim_hand(process, machine, attempt, token, session_id, started) -> bool */
+/* core.claim_hand(item) -> whether it was queued (false: the queue is
+ * full, the caller keeps it). The item names its session and when its
+ * claim began, as adopting it needs. */
 static int l_claim_hand(lua_State *L) {
     sched_item it;
-    copy(it.process, sizeof it.process, lerror_checkstring(L, 1));
-    copy(it.machine, sizeof it.machine, lerror_checkstring(L, 2));
-    it.attempt = (int)lerror_checknumber(L, 3);
-    copy(it.token, sizeof it.token, lerror_checkstring(L, 4));
-    copy(it.session_id, sizeof it.session_id, lerror_checkstring(L, 5));
-    it.started = lerror_checknumber(L, 6);
+    lsched_check_item(L, 1, &it);
+    if (!work_valid_uuid(it.session_id) || !(it.started > 0))
+        return lerror_argerror(L, 1, "claim_hand: the item needs its session_id and started");
     lua_pushboolean(L, sched_claim_hand(&it));
     return 1;
 }
 
-/* core.claim_take(process) -> machine, attempt, token, session_id, started | nil */
+/* core.claim_take(process) -> item | nil (none queued) */
 static int l_claim_take(lua_State *L) {
     sched_item it;
     if (!sched_claim_take(lerror_checkstring(L, 1), &it)) return 0;
-    return push_item(L, &it, 5, 0);
+    lsched_push_item(L, &it);
+    return 1;
 }
 
 static int l_finish_enter(lua_State *L) {
@@ -149,9 +199,9 @@ static int l_lock_any(lua_State *L) {
     return 0;
 }
 
-/* core.claimed(tx) -> { {machine, attempt, token}, ... }: what the
- * committed core.lock_any locked (empty when nothing); the caller keeps
- * the first. */
+/* core.claimed(tx) -> { item, ... }: what the committed core.lock_any
+ * locked (empty when nothing), each item's machine, attempt and token;
+ * the caller keeps the first. */
 static int l_claimed(lua_State *L) {
     tx *t = ltx_at(L, 1);
     sched_item it;
@@ -164,7 +214,7 @@ static int l_claimed(lua_State *L) {
         if (i == 0) slot_note_item(it.machine); /* named if its slot will not stop */
         it.attempt = out.attempt;
         copy(it.token, sizeof it.token, out.token);
-        push_item(L, &it, 3, 1);
+        lsched_push_item(L, &it);
         lua_rawseti(L, -2, i + 1);
     }
     return 1;
@@ -188,9 +238,10 @@ void lsched_use_batch(lua_State *L, tx **t) {
     *t = bt;
 }
 
-/* core.batch_join(sess) -> tx, or nil (finish alone) and, when the open
- * batch has failed, its error. The tx is this member's part of the batch
- * (in_batch) until core.batch_leave. */
+/* core.batch_join(sess) -> "joined", tx | "alone" (no batch for it) |
+ * nil, err (the open batch failed): alone or failed, the finish runs
+ * alone. The tx is this member's part of the batch (in_batch) until
+ * core.batch_leave. */
 static int l_batch_join(lua_State *L) {
     session *s;
     tx **handle = &ltx_push(L, &s)->t;
@@ -199,39 +250,36 @@ static int l_batch_join(lua_State *L) {
     if (got == SCHED_JOINED) {
         *handle = t;
         in_batch.tx = handle;
+        lua_pushliteral(L, "joined");
+        lua_insert(L, -2);
+        return 2;
+    }
+    if (got == SCHED_ALONE) {
+        lua_pushliteral(L, "alone");
         return 1;
     }
     lua_pushnil(L);
-    if (got == SCHED_ALONE) return 1;
     lerror_push(L, &in_batch.m.err);
     return 2;
 }
 
-/* core.batch_leave(ok, fatal, machine, process, token, takes_next,
- * may_claim) -> true (the batch committed this slot's release; then,
- * fourth, the next item the closer's claim handed it, if any, as
- * {machine, attempt, token, session_id, started}); false (without ok: its
- * own failure, undone); false, the batch's error and true (the batch
- * failed: finish alone); or "claim" and peers (sched.h's CLAIMING: the tx
- * becomes the batch's, to claim in; then core.batch_close). */
+/* core.batch_leave(ok, fatal, item, takes_next, may_claim), item the one
+ * finished (read with ok only) -> "committed" (the batch committed this
+ * slot's release), with the next item the closer's claim handed it, if
+ * any | "undone" (without ok: its own failure, undone) | "claim", peers
+ * (sched.h's CLAIMING: the tx becomes the batch's, to claim in; then
+ * core.batch_close) | nil, err (the batch failed: finish alone). */
 static int l_batch_leave(lua_State *L) {
     int ok = lua_toboolean(L, 1), fatal = lua_toboolean(L, 2);
     sched_item done;
     memset(&done, 0, sizeof done);
-    if (ok) {
-        lcore_check_ids(L, 3, 4);
-        const char *token = lerror_checkstring(L, 5);
-        if (!work_valid_uuid(token)) lerror_argerror(L, 5, "token is not a UUID: %s", token);
-        copy(done.machine, sizeof done.machine, lua_tostring(L, 3));
-        copy(done.process, sizeof done.process, lua_tostring(L, 4));
-        copy(done.token, sizeof done.token, token);
-    }
+    if (ok) lsched_check_item(L, 3, &done);
     if (!in_batch.tx) return lerror_raise_kind(L, BMDB_E_USAGE, "batch_leave: not in a batch");
     sched_leave leave = {
         .how = fatal ? SCHED_LEAVE_FATAL : ok ? SCHED_LEAVE_FINISHED : SCHED_LEAVE_UNDONE,
         .done = &done,
-        .takes_next = lua_toboolean(L, 6),
-        .may_claim = lua_toboolean(L, 7),
+        .takes_next = lua_toboolean(L, 4),
+        .may_claim = lua_toboolean(L, 5),
     };
     int peers = 0;
     sched_outcome got = sched_batch_leave(&in_batch.m, &leave, &peers);
@@ -245,26 +293,25 @@ static int l_batch_leave(lua_State *L) {
     *in_batch.tx = NULL;
     in_batch.tx = NULL;
     if (got == SCHED_COMMITTED) {
-        lua_pushboolean(L, 1);
+        lua_pushliteral(L, "committed");
         if (!in_batch.m.has_next) return 1;
-        lua_pushnil(L);
-        lua_pushnil(L);
-        push_item(L, &in_batch.m.next, 5, 1);
-        return 4;
+        lsched_push_item(L, &in_batch.m.next);
+        return 2;
     }
-    lua_pushboolean(L, 0);
-    if (got == SCHED_UNDONE) return 1;
+    if (got == SCHED_UNDONE) {
+        lua_pushliteral(L, "undone");
+        return 1;
+    }
+    lua_pushnil(L);
     lerror_push(L, &in_batch.m.err);
-    lua_pushboolean(L, 1);
-    return 3;
+    return 2;
 }
 
-/* core.batch_close(claim_sent, started) -> true, nil, { {machine,
- * attempt, token}, ... } (the closer's item first, then what the claim
- * locked and could hand to nobody: the caller lets it go), and how many
- * it handed to other slots; or false and the batch's error: the end of a
- * batch whose closer claimed in it (core.batch_leave's "claim"). The
- * claim turn is let go either way. */
+/* core.batch_close(claim_sent, started) -> "committed", { item, ... }
+ * (the closer's item first, then what the claim locked and could hand to
+ * nobody: the caller lets it go), and how many it handed to other slots |
+ * nil, err (the batch failed): the end of a batch whose closer claimed in
+ * it (core.batch_leave's "claim"). The claim turn is let go either way. */
 static int l_batch_close(lua_State *L) {
     if (!in_batch.tx) return lerror_raise_kind(L, BMDB_E_USAGE, "batch_close: not closing a batch");
     *in_batch.tx = NULL;
@@ -273,15 +320,14 @@ static int l_batch_close(lua_State *L) {
     c.sent = lua_toboolean(L, 1);
     c.started = luaL_optnumber(L, 2, 0);
     if (sched_batch_close(&in_batch.m, &c) != SCHED_COMMITTED) {
-        lua_pushboolean(L, 0);
+        lua_pushnil(L);
         lerror_push(L, &in_batch.m.err);
         return 2;
     }
-    lua_pushboolean(L, 1);
-    lua_pushnil(L);
+    lua_pushliteral(L, "committed");
     push_items(L, c.item, c.n);
     lua_pushinteger(L, c.handed);
-    return 4;
+    return 3;
 }
 
 /* core.batch_members() -> members of the open batch, those not yet left */

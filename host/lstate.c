@@ -40,7 +40,7 @@ static int nstates;
 static void cancel_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
-    lerror_raise_kind(L, "canceled", "canceled: the host is shutting down");
+    lerror_raise_kind(L, BMDB_E_CANCELED, "canceled: the host is shutting down");
 }
 
 /* Raises "lost" in a body whose lock was taken away (items.c), at the
@@ -50,7 +50,7 @@ static void lost_hook(lua_State *L, lua_Debug *ar) {
     (void)ar;
     lua_sethook(L, NULL, 0, 0);
     char why[512];
-    if (items_take_interrupt(L, why, sizeof why)) lerror_raise_kind(L, "lost", "%s", why);
+    if (items_take_interrupt(L, why, sizeof why)) lerror_raise_kind(L, BMDB_E_LOST, "%s", why);
 }
 
 /* items.c's interrupt (items_on_lost), called with none of its locks held:
@@ -124,7 +124,7 @@ static int l_os_exit(lua_State *L) {
         log_kv(LOG_INFO, "os.exit called: stopping the host", "status", buf, NULL);
     }
     lifecycle_advance(HOST_CANCELLING);
-    return lerror_raise_kind(L, "canceled", "canceled: os.exit ends the host");
+    return lerror_raise_kind(L, BMDB_E_CANCELED, "canceled: os.exit ends the host");
 }
 
 int lstate_is_os_exit(lua_CFunction f) { return f == l_os_exit; }
@@ -211,9 +211,9 @@ static int setup_state(lua_State *L) {
 static int kind_of(lua_State *L) {
     const char *k = lerror_kind(L, -1);
     if (!k) return SCRIPT_RUNTIME_ERROR;
-    if (!strcmp(k, "definition")) return SCRIPT_DEFINITION_ERROR;
-    if (!strcmp(k, "canceled")) return SCRIPT_CANCELED;
-    if (!strcmp(k, "not_connected")) return SCRIPT_NOT_CONNECTED;
+    if (!strcmp(k, BMDB_E_DEFINITION)) return SCRIPT_DEFINITION_ERROR;
+    if (!strcmp(k, BMDB_E_CANCELED)) return SCRIPT_CANCELED;
+    if (!strcmp(k, BMDB_E_NOT_CONNECTED)) return SCRIPT_NOT_CONNECTED;
     return SCRIPT_RUNTIME_ERROR;
 }
 

@@ -196,7 +196,7 @@ static int release_tx_session(ltx *u) {
 }
 
 /* A batch member's tx is the batch's: it commits or rolls back with the
- * batch (batch.h), never by one member's call. */
+ * batch (sched.h), never by one member's call. */
 static ltx *check_own_tx(lua_State *L, const char *fname) {
     ltx *u = lerror_checkudata(L, 1, LTX_MT, "bmdb tx");
     if (ltx_borrowed(u))

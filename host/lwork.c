@@ -3,14 +3,17 @@
  * core.lock, core.release and core.backoff_last run work.c's statements in
  * an open transaction (ltx.h) and hand back their outcome as Lua values;
  * what to do with an outcome (wait, back off, decide) is
- * lua/bmdb/internal.lua's. The claim options' reading is shared with the
+ * lua/bmdb/work.lua's and claim.lua's. A lock's item is the scheduler's
+ * item table (lsched_push_item). The claim options' reading is shared with the
  * claims of several items (core.lock_any). */
 #include <lauxlib.h>
+#include <stdio.h>
 
 #include "lcore.h"
 #include "lerror.h"
 #include "ltx.h"
 #include "lvalue.h"
+#include "sched.h"
 #include "slots.h"
 #include "work.h"
 
@@ -33,8 +36,8 @@ void lwork_claim_options(lua_State *L, int idx, work_claim *c, char b[4][40]) {
 }
 
 /* core.lock(tx, machine, process, {timeout=, initial=, maximum=, exponent=})
- * -> "locked", attempt, token | "held" | "backoff", until
- *  | "paused", reason | "onhold", reason */
+ * -> "locked", item (its machine, process, token, session_id, attempt) |
+ * "held" | "backoff", until | "paused", reason | "onhold", reason */
 static int l_lock(lua_State *L) {
     ltx *u = ltx_check_open(L, "lock");
     lcore_check_ids(L, 2, 3);
@@ -45,12 +48,17 @@ static int l_lock(lua_State *L) {
     tx_error e;
     work_lock_result res = work_lock(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
     switch (res) {
-    case WORK_LOCKED:
+    case WORK_LOCKED: {
         slot_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
+        sched_item it = {.attempt = out.attempt};
+        snprintf(it.machine, sizeof it.machine, "%s", lua_tostring(L, 2));
+        snprintf(it.process, sizeof it.process, "%s", lua_tostring(L, 3));
+        snprintf(it.token, sizeof it.token, "%s", out.token);
+        if (u->t->sess) snprintf(it.session_id, sizeof it.session_id, "%s", session_id(u->t->sess));
         lua_pushliteral(L, "locked");
-        lua_pushinteger(L, out.attempt);
-        lua_pushstring(L, out.token);
-        return 3;
+        lsched_push_item(L, &it);
+        return 2;
+    }
     case WORK_HELD:
         lua_pushliteral(L, "held");
         return 1;

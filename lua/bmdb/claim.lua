@@ -1,5 +1,5 @@
 -- bmdb/claim.lua -- the claim path: how a slot gets its next work item.
--- Claims run in the host's claim turn (slots.h), for every slot of the
+-- Claims run in the host's claim turn (host/sched.h), for every slot of the
 -- process that waits: in two round trips when all goes well (claim_fast),
 -- else the full claim, which learns why a candidate cannot be locked; or
 -- in the transaction of a batch of finishes that this slot closes
@@ -7,6 +7,7 @@
 -- the host (core.claim_hand) and adopted there. How many a claim locks
 -- is policy.lua's.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local T = require "bmdb.transact"
 local W = require "bmdb.work"
@@ -63,7 +64,7 @@ end
 -- The usual claim in two round trips: BEGIN, the fence and the select's
 -- statement in one; the lock of up to k free candidates (in random order)
 -- with COMMIT in the other (core.lock_any). Returns true and the list of
--- {machine, attempt, token} it locked (empty when select found nothing),
+-- items it locked (core.claimed: empty when select found nothing),
 -- or false when the full claim below must decide: no candidate was free
 -- in our snapshot, select returned something that is not a machine id,
 -- or the lock failed (a machine that does not exist). A drain that begins
@@ -84,13 +85,13 @@ local function claim_fast(def, sess, k)
       return "idle"
     end
     shuffle(ids)
-    if core.state() ~= "running" then raise("draining", 0, "draining: no new claims") end
+    if core.state() ~= "running" then raise(K.draining, 0, "draining: no new claims") end
     core.lock_any(tx, ids, def.process, claim_opts, k)
     sent = tx
     return "sent"
   end)
   if not ok then
-    if is_error(outcome, "sql") and outcome.sqlstate == "23503" then return false end
+    if is_error(outcome, K.sql) and outcome.sqlstate == "23503" then return false end
     error(outcome, 0)
   end
   if outcome == "idle" then return true, {} end
@@ -127,10 +128,10 @@ local function claim(def, opts)
   for _ = 1, def.batch + 1 do
     local trying
     local started = core.now()
-    local ok, machine, attempt, token = pcall(transact_on, sess, function(tx)
+    local ok, item = pcall(transact_on, sess, function(tx)
       local rows = def.select(tx, def.batch)
       if type(rows) ~= "table" then
-        raise("usage", 0, "worker " .. def.process .. ": select must return a list of rows, got " .. type(rows))
+        raise(K.usage, 0, "worker " .. def.process .. ": select must return a list of rows, got " .. type(rows))
       end
       local ids = {}
       for _, r in ipairs(rows) do
@@ -146,72 +147,77 @@ local function claim(def, opts)
           skip(id, "no such machine")
         else
           trying = id
-          local status, a, t = core.lock(tx, id, def.process, claim_opts)
+          local status, detail = core.lock(tx, id, def.process, claim_opts)
           trying = nil
           if status == "locked" then
             -- A drain that began while we selected wins: roll the claim back.
             -- A select that starts after the drain always sees it here.
-            if core.state() ~= "running" then raise("draining", 0, "draining: no new claims") end
+            if core.state() ~= "running" then raise(K.draining, 0, "draining: no new claims") end
             core.note_pause(def.process, false)
-            return id, a, t
+            return detail
           elseif status == "paused" then
-            core.note_pause(def.process, true, a)
+            core.note_pause(def.process, true, detail)
             return nil
           end
         end
       end
     end)
     if ok then
-      if machine then
+      if item then
         core.count("claim")
-        return new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
+        item.started = started
+        return new_work(sess, def, item)
       end
       return nil
     end
-    local err = machine
-    if not (trying and not suspects[trying] and is_error(err, "sql") and err.sqlstate == "23503") then
+    local err = item
+    if not (trying and not suspects[trying] and is_error(err, K.sql) and err.sqlstate == "23503") then
       error(err, 0)
     end
     suspects[trying] = true
   end
-  raise("claim", 0, "worker " .. def.process .. ": too many candidates failed to lock")
+  raise(K.claim, 0, "worker " .. def.process .. ": too many candidates failed to lock")
 end
 
 -- An item locked for this slot by another's claim (handed to it, or
--- claimed in the batch that finished its item before): the work item, or
--- nil when it is not this slot's to run any more.
-local function adopt(def, machine, attempt, token, session_id, started)
+-- claimed in the batch that finished its item before; it names its
+-- session and when its claim began): the work item, or nil when it is not
+-- this slot's to run any more.
+local function adopt(def, item)
   local sess = core.session(1)
   -- A lock taken under a session that has since been lost is not ours.
-  if sess:id() ~= session_id then return nil end
+  if sess:id() ~= item.session_id then return nil end
   -- Nor one whose timeout passed while it waited (claimed ahead): its
   -- body must not start, and the row is the timeout's to record. (A
   -- cancel while it waits is learned as for any item: the body's first
   -- transaction finds its lock gone. One that waits long is given back
-  -- before that: slots.h, SLOT_GIVE_BACK_S.)
-  if def.timeout and core.now() >= started + def.timeout then
+  -- before that: host/sched.h, SCHED_GIVE_BACK_S.)
+  if def.timeout and core.now() >= item.started + def.timeout then
     core.log("info", "claimed item not started: its timeout passed while it waited",
-             { "session", session_id, "machine", machine, "process", def.process, "timeout", def.timeout })
+             { "session", item.session_id, "machine", item.machine, "process", def.process, "timeout", def.timeout })
     return nil
   end
-  return new_work(sess, machine, def.process, attempt, def.backoff, token, def.timeout, started)
+  return new_work(sess, def, item)
 end
 C.adopt = adopt
 
 -- An item claimed for a slot that turned out not to be there: let go.
-local function let_go(def, sess, l)
+local function let_go(def, sess, item)
   pcall(transact_on, sess, function(tx)
-    core.release(tx, l[1], def.process, "Canceled", "claimed for a slot that was not there", 1, l[3])
+    core.release(tx, item.machine, def.process, "Canceled", "claimed for a slot that was not there", 1, item.token)
   end)
 end
 
 -- A claim for several slots keeps the first item it locked and hands
--- the others to the slots of its process that wait (core.claim_hand).
+-- the others to the slots of its process that wait (core.claim_hand),
+-- each naming what adopting it needs: its process, session and when its
+-- claim began.
 local function hand_out(def, sess, locked, started)
-  for i = 2, #locked do
-    local l = locked[i]
-    -- No room to hand it (more than SLOT_HAND_MAX): let it go.
-    if not core.claim_hand(def.process, l[1], l[2], l[3], sess:id(), started) then let_go(def, sess, l) end
+  local session_id = sess:id()
+  for i, item in ipairs(locked) do
+    item.process, item.session_id, item.started = def.process, session_id, started
+    -- No room to hand it (more than SCHED_QUEUE_MAX): let it go.
+    if i > 1 and not core.claim_hand(item) then let_go(def, sess, item) end
   end
 end
 
@@ -224,16 +230,15 @@ local function claim_as_claimer(def, opts)
   if not settled then return claim(def) end
   if #locked == 0 then return nil end
   hand_out(def, sess, locked, started)
-  local l = locked[1]
-  return new_work(sess, l[1], def.process, l[2], def.backoff, l[3], def.timeout, started)
+  return new_work(sess, def, locked[1])
 end
 
--- A claim in the host's turn (slots.h: claims run alone, and claim for
+-- A claim in the host's turn (host/sched.h: claims run alone, and claim for
 -- every slot of the process that waits to). Returns the work item for
 -- this slot, or nil.
 function C.in_turn(def, opts, generation)
   while true do
-    local got, machine, attempt, token, session_id, started = core.claim_enter(def.process, 0.5)
+    local got, item = core.claim_enter(def.process, 0.5)
     if got == "turn" then
       -- The wait for the turn can be long enough for a reload or a drain
       -- to begin: then this slot claims nothing on the old code.
@@ -242,9 +247,9 @@ function C.in_turn(def, opts, generation)
       return nil
     end
     if got == "handed" then
-      local w = adopt(def, machine, attempt, token, session_id, started)
+      local w = adopt(def, item)
       if w then return w end
-    elseif core.state() ~= "running" then
+    elseif core.state() ~= "running" then -- "timeout"
       return nil
     end
   end
@@ -284,6 +289,7 @@ local function close_batch() core.batch_close(false) end
 -- failures in a row this slot's worker claims only in turn, where the
 -- full claim says what is wrong (policy.lua's batch_claimed). What it
 -- claimed for itself becomes s.next, which the serve loop runs next.
+-- Returns as core.batch_close: "committed", or nil and the batch's error.
 function C.in_batch(w, tx, s, peers)
   T.hold(close_batch)
   local def = s.def
@@ -301,14 +307,18 @@ function C.in_batch(w, tx, s, peers)
   T.unhold()
   -- The batch's members and the waiting slots are handed their items
   -- there; what is left is this slot's, and what fitted nowhere.
-  local committed, err, locked, handed = core.batch_close(ok and sent, started)
-  if committed and #locked > 0 then
+  local committed, locked, handed = core.batch_close(ok and sent, started)
+  if not committed then
+    P.batch_claimed(def, ok, sent, false, locked) -- (locked: the batch's error)
+    return nil, locked
+  end
+  if #locked > 0 then
     note_claimed(def, #locked + handed)
-    s.next = { locked[1][1], locked[1][2], locked[1][3], w.session_id, started }
+    s.next = locked[1] -- (named by its session and its claim's start, as handed items are)
     for i = 2, #locked do let_go(def, T.item_session(w), locked[i]) end
   end
-  P.batch_claimed(def, ok, sent, committed, err)
-  return committed, err
+  P.batch_claimed(def, ok, sent, true, nil)
+  return committed
 end
 
 -- An item a claimer handed to this process's slots that none took (they
@@ -316,9 +326,9 @@ end
 -- it leaves the loop, as it would an item it had claimed itself.
 function C.take_handed(def)
   while true do
-    local machine, attempt, token, session_id, started = core.claim_take(def.process)
-    if not machine then return nil end
-    local w = adopt(def, machine, attempt, token, session_id, started)
+    local item = core.claim_take(def.process)
+    if not item then return nil end
+    local w = adopt(def, item)
     if w then return w end
   end
 end

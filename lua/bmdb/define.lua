@@ -2,6 +2,7 @@
 -- (problems) and returns it with its defaults filled in; workers reads
 -- the list a script returned, specs what the host needs of it (lstate.c).
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local B = require "bmdb.backoff"
 local P = require "bmdb.policy"
@@ -16,7 +17,7 @@ local known_fields = { process = true, concurrency = true, backoff = true, selec
                        poll = true, batch = true, timeout = true, ahead = true }
 
 -- The most items a worker may hold claimed ahead of its slots (a host's
--- queue of handed items holds SLOT_HAND_MAX, 64, per process).
+-- queue of handed items holds SCHED_QUEUE_MAX, 64, per process).
 local AHEAD_MAX = 32
 -- Candidates a select is asked for by default: 16, or as many as the
 -- claim locks when it locks more (several slots, or items claimed ahead).
@@ -68,7 +69,7 @@ end
 -- timeout=, ahead=}
 function M.worker(def)
   local problems = M.problems(def)
-  if #problems > 0 then raise("definition", 2, table.concat(problems, "; ")) end
+  if #problems > 0 then raise(K.definition, 2, table.concat(problems, "; ")) end
   local w = {}
   for k, v in pairs(def) do w[k] = v end
   w.concurrency = w.concurrency or 1
@@ -97,7 +98,7 @@ function M.workers(result)
       list[#list + 1] = def
     end
   end
-  if #problems > 0 then raise("definition", 0, table.concat(problems, "; ")) end
+  if #problems > 0 then raise(K.definition, 0, table.concat(problems, "; ")) end
   if #list == 0 then return nil end
   return list
 end

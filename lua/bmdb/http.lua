@@ -2,6 +2,7 @@
 -- and normalized for the transport in host/lhttp.c, which fences the
 -- request (host/iofence.h) and keeps the slot's connections alive.
 local core = require "bmdb.core"
+local K = core.kinds
 local T = require "bmdb.transact"
 -- bmdb.json is loaded when a request first needs it.
 local json_module
@@ -15,7 +16,7 @@ local M = {}
 local DEFAULT_MAX_BODY = 16 * 1024 * 1024
 
 local function usage(field, msg)
-  error(core.error("usage", "bmdb.http.request: " .. field .. " " .. msg), 3)
+  error(core.error(K.usage, "bmdb.http.request: " .. field .. " " .. msg), 3)
 end
 
 local function seconds(opts, field)

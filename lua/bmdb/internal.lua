@@ -31,7 +31,7 @@ local T = require "bmdb.transact"
 local D = require "bmdb.define"
 local W = require "bmdb.work"
 local S = require "bmdb.services"
-local K = require "bmdb.control"
+local Ctl = require "bmdb.control"
 local C = require "bmdb.claim"
 local serve = require "bmdb.serve"
 
@@ -57,11 +57,11 @@ local I = {
   sleep = S.sleep,
   log = S.log,
   wake = S.wake,
-  cancel = K.cancel,
-  pause = K.pause,
-  resume = K.resume,
-  hold = K.hold,
-  unhold = K.unhold,
+  cancel = Ctl.cancel,
+  pause = Ctl.pause,
+  resume = Ctl.resume,
+  hold = Ctl.hold,
+  unhold = Ctl.unhold,
   claim = C.in_turn,
   serve = serve.serve,
 }

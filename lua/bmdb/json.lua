@@ -7,6 +7,7 @@
 -- array is a table whose metatable is core.json_array, which decode sets
 -- on every array it makes and array() sets on the caller's.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 
 local array_mt = core.json_array
@@ -22,11 +23,11 @@ local json = {
 function json.array(t)
   if t == nil then t = {} end
   if type(t) ~= "table" then
-    U.raise("usage", 2, "bad argument #1 to 'array' (table expected, got " .. type(t) .. ")")
+    U.raise(K.usage, 2, "bad argument #1 to 'array' (table expected, got " .. type(t) .. ")")
   end
   local mt = getmetatable(t)
   if mt ~= nil and mt ~= array_mt then
-    U.raise("usage", 2, "bad argument #1 to 'array' (the table has a metatable of its own)")
+    U.raise(K.usage, 2, "bad argument #1 to 'array' (the table has a metatable of its own)")
   end
   return setmetatable(t, array_mt)
 end

@@ -15,6 +15,7 @@
 -- bmdb.transact's, so it runs under the caller's fence: a body whose lock
 -- or session is gone gets nothing.
 local core = require "bmdb.core"
+local K = core.kinds
 local T = require "bmdb.transact"
 local W = require "bmdb.work"
 
@@ -101,7 +102,7 @@ end
 
 -- A bad argument, worded as luaL_argerror words it, naming the field.
 local function bad(level, n, fname, field, msg)
-  raise("usage", level + 1, "bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")", { field = field })
+  raise(K.usage, level + 1, "bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")", { field = field })
 end
 
 local function finite(v) return type(v) == "number" and v == v and v ~= math.huge and v ~= -math.huge end
@@ -194,7 +195,7 @@ local function check_take_opts(opts)
 end
 
 local function other_kind(l, kind)
-  raise("usage", 0, "limit " .. l.name .. " is a " .. kind .. " limit in the database, and this script " ..
+  raise(K.usage, 0, "limit " .. l.name .. " is a " .. kind .. " limit in the database, and this script " ..
         "declares a " .. l.kind .. " limit by that name: a name is one limit (use another name)",
         { field = l.kind == "rate" and "rate" or "concurrency", limit = l.name })
 end
@@ -231,7 +232,7 @@ local function take_rate(l, max_wait, io)
   if r.wait == nil then
     if r.kind ~= "rate" then other_kind(l, r.kind or "different") end
     -- Reserving would wait past max_wait: nothing was reserved.
-    raise("limit", 0, string.format("limit %s: the next token is %.3fs away, beyond max_wait %gs",
+    raise(K.limit, 0, string.format("limit %s: the next token is %.3fs away, beyond max_wait %gs",
           l.name, r.would_wait, max_wait),
           { reason = "timeout", limit = l.name, wait = r.would_wait, max_wait = max_wait })
   end
@@ -269,7 +270,7 @@ local function take_place(l, max_wait, token, io, sess)
     local now = core.now()
     if deadline and now >= deadline then
       if waiting then core.limit_observe(l.name, now - started) end
-      raise("limit", 0, string.format("limit %s: no place free within max_wait %gs (concurrency %d)",
+      raise(K.limit, 0, string.format("limit %s: no place free within max_wait %gs (concurrency %d)",
             l.name, max_wait, l.concurrency), { reason = "timeout", limit = l.name, max_wait = max_wait })
     end
     if not waiting then

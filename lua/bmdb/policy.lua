@@ -4,6 +4,7 @@
 -- are the scheduler's, one record per worker definition in this Lua
 -- state (P.of): the user's definition table is never written.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local is_error = U.is_error
 
@@ -26,7 +27,7 @@ function P.of(def)
 end
 
 -- The most items one claim locks: what the host reads back and hands out
--- of a claim (core.claim_max, a batch's BATCH_MAX, 64); a lock of more
+-- of a claim (core.claim_max, SCHED_BATCH_MAX, 64); a lock of more
 -- would leave the rest locked to no slot until the stray sweep.
 local CLAIM_MAX = core.claim_max
 
@@ -106,7 +107,7 @@ end
 -- none, and with several the claims in batches stay the rarer ones.
 local BATCH_CLAIM_PAUSE = 32
 local function conflict(err)
-  return is_error(err, "sql") and (err.sqlstate == "40001" or err.sqlstate == "40P01")
+  return is_error(err, K.sql) and (err.sqlstate == "40001" or err.sqlstate == "40P01")
 end
 function P.may_claim_in_batch(def)
   local r = P.of(def)
@@ -131,7 +132,7 @@ function P.batch_claimed(def, ok, sent, committed, err)
   elseif not ok and type(sent) == "table" and sent.deferred then
     -- A member's deferred statement failed in the select's flight: the
     -- member's failure (it finishes alone, and raises it), not the claim's.
-  elseif ok and not (sent and is_error(err, "sql") and err.sqlstate == "23503") then
+  elseif ok and not (sent and is_error(err, K.sql) and err.sqlstate == "23503") then
     r.batch_claim_failures = 0
   else
     r.batch_claim_failures = (r.batch_claim_failures or 0) + 1

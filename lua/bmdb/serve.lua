@@ -4,6 +4,7 @@
 -- item it runs (work.lua's set_loop), so the finish that ends it may
 -- claim its next in the same transaction (claim.lua's in_batch).
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local B = require "bmdb.backoff"
 local P = require "bmdb.policy"
@@ -15,7 +16,8 @@ local is_error, describe = U.is_error, U.describe
 local M = {}
 
 -- The item this slot's loop runs now ({w, def, generation}, and, once
--- its finish also claimed, next).
+-- its finish also claimed, next: the item its batch's claim locked for
+-- it, lsched.c's item table).
 local serving = nil
 
 -- For a finish of w in a batch: this loop's record when w is the item it
@@ -38,7 +40,7 @@ function M.serve(result, process, index, generation)
   if not def or index > def.concurrency then return "removed" end
   P.of(def).claim_opts = B.claim_opts(def.backoff, def.timeout)
   -- What this worker claimed ahead by default is given back when it has
-  -- waited long (slots.h, SLOT_GIVE_BACK_S); what it asked for, it keeps.
+  -- waited long (host/sched.h, SCHED_GIVE_BACK_S); what it asked for, it keeps.
   core.claim_give_back(def.process, def.ahead_auto)
   W.set_slot(index)
   W.set_loop(ending, C.in_batch)
@@ -51,7 +53,7 @@ function M.serve(result, process, index, generation)
     if t0 then P.time_item(def, core.now() - t0) end
     local n = serving.next
     serving = nil
-    pending = n and C.adopt(def, n[1], n[2], n[3], n[4], n[5])
+    pending = n and C.adopt(def, n)
   end
   while true do
     if core.state() ~= "running" or core.generation() ~= generation then
@@ -69,7 +71,7 @@ function M.serve(result, process, index, generation)
     if not ok then
       if core.state() ~= "running" then
         -- draining or cancelling: the loop ends at the top
-      elseif is_error(w, "sql") and (w.sqlstate == "40001" or w.sqlstate == "40P01") then
+      elseif is_error(w, K.sql) and (w.sqlstate == "40001" or w.sqlstate == "40P01") then
         -- Contention that outlasted the retries: nothing failed; this
         -- slot backs off and claims again.
         core.log("info", "claim contended, backing off", { process = def.process, error = tostring(w) })

@@ -2,6 +2,7 @@
 -- bmdb.session, bmdb.sleep, bmdb.log, bmdb.wake. Each acts for the
 -- running item's session inside a body, the host's outside one.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local T = require "bmdb.transact"
 local raise, argerror, finite = U.raise, U.argerror, U.finite
@@ -20,9 +21,9 @@ function M.sleep(seconds)
   end
   if core.sleep(seconds, T.io_session()) then return end
   if core.state() == "cancelling" then
-    raise("canceled", 2, "canceled: the host is shutting down")
+    raise(K.canceled, 2, "canceled: the host is shutting down")
   end
-  raise("session_expired", 2, "session expired")
+  raise(K.session_expired, 2, "session expired")
 end
 
 M.log = {}

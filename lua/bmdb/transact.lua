@@ -5,6 +5,7 @@
 -- host meanwhile. How a transaction is retried (retryable) and refused
 -- when nested live here too.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local raise, argerror, is_error = U.raise, U.argerror, U.is_error
 
@@ -91,7 +92,7 @@ end
 
 function T.refuse_nested(what)
   if open_tx then
-    raise("nested", 3, what .. ": a transaction is already open in this Lua state; " ..
+    raise(K.nested, 3, what .. ": a transaction is already open in this Lua state; " ..
       "use the tx you have (a second transaction would wait on the first one's locks)")
   end
 end
@@ -103,12 +104,12 @@ local refuse_nested = T.refuse_nested
 -- twice, so that error goes to the caller unchanged.
 function T.retryable(err)
   if not is_error(err) then return false end
-  if err.kind == "sql" then
+  if err.kind == K.sql then
     -- stale_statement: a statement this connection had prepared met a
     -- changed schema (a migration ran); prepared again, it runs.
     return err.sqlstate == "40001" or err.sqlstate == "40P01" or err.stale_statement == true
   end
-  return err.kind == "connection" and err.outcome ~= "unknown"
+  return err.kind == K.connection and err.outcome ~= "unknown"
 end
 local retryable = T.retryable
 
@@ -120,7 +121,7 @@ local retryable = T.retryable
 function T.past_deadline(w)
   if w._deadline and core.now() >= w._deadline then
     w._lost = w._lost or ("timeout after " .. w._timeout .. "s")
-    return core.error("lost", "lost: the lock on " .. w.machine .. " " .. w.process ..
+    return core.error(K.lost, "lost: the lock on " .. w.machine .. " " .. w.process ..
                       " was taken away: " .. w._lost)
   end
 end
@@ -169,7 +170,7 @@ local function transact_on(on, fn, ...)
     end
     -- The item fence rides with the first statement (or the COMMIT), so
     -- a lock taken away is learned there, whichever statement it was.
-    if w and is_error(err, "lost") and not w._lost then w._lost = err.message end
+    if w and is_error(err, K.lost) and not w._lost then w._lost = err.message end
     local delay = -1
     if retryable(err) and core.now() - started < T.retry_seconds then
       delay = core.retry_delay(attempt)
@@ -197,7 +198,7 @@ send_wake = function(process)
   local ok, err = pcall(transact_on, session_for(current_work), function(tx)
     tx:exec("SELECT pg_notify('bmdb_wake', $1)", process)
   end)
-  if not ok and not (is_error(err, "sql") and (err.sqlstate == "42883" or err.sqlstate == "0A000")) then
+  if not ok and not (is_error(err, K.sql) and (err.sqlstate == "42883" or err.sqlstate == "0A000")) then
     error(err, 0)
   end
   return ok

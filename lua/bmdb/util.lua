@@ -2,6 +2,7 @@
 -- the caller's position (raise, argerror), is_error, finite, and describe,
 -- a readable text for any value a body raises. A leaf over bmdb.core.
 local core = require "bmdb.core"
+local K = core.kinds
 
 local M = {}
 
@@ -17,7 +18,7 @@ M.raise = raise
 -- A bad argument, worded as luaL_argerror words it: "bad argument #2 to
 -- 'work' (invalid process name ...)".
 function M.argerror(level, n, fname, msg)
-  raise("usage", level + 1, "bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")")
+  raise(K.usage, level + 1, "bad argument #" .. n .. " to '" .. fname .. "' (" .. msg .. ")")
 end
 
 function M.is_error(v, kind)

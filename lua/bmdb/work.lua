@@ -7,6 +7,7 @@
 -- else, or in backoff -- are raised by bmdb.work and returned as nil, err
 -- by bmdb.try_work.
 local core = require "bmdb.core"
+local K = core.kinds
 local U = require "bmdb.util"
 local B = require "bmdb.backoff"
 local T = require "bmdb.transact"
@@ -17,23 +18,25 @@ local M = {}
 
 local Work = {}
 
--- What a work item is: its machine, process, session_id and attempt. The
--- release acts on them, so a body can read them but not change them; they
--- live out of the body's reach, keyed by the item. So does the session
--- userdata the item was locked under (transact.lua's item_session).
+-- What a work item is: its item table, as bmdb.core hands items (host/
+-- lsched.c: machine, process, token, session_id, attempt, started). The
+-- release acts on it, so it lives out of the body's reach, keyed by the
+-- work item; a body can read its machine, process, session_id and
+-- attempt (public), but not change them. So does the session userdata
+-- the item was locked under (transact.lua's item_session).
 local fixed = setmetatable({}, { __mode = "k" })
+local public = { machine = true, process = true, session_id = true, attempt = true }
 
 Work.__index = function(w, k)
   local method = Work[k]
   if method ~= nil then return method end
-  local f = fixed[w]
+  local f = public[k] and fixed[w]
   return f and f[k]
 end
 
 Work.__newindex = function(w, k, v)
-  local f = fixed[w]
-  if f and f[k] ~= nil then
-    raise("usage", 2, "w." .. tostring(k) .. " is read-only: the item's machine, process, session_id and " ..
+  if public[k] and fixed[w] then
+    raise(K.usage, 2, "w." .. tostring(k) .. " is read-only: the item's machine, process, session_id and " ..
           "attempt are fixed when it is locked")
   end
   rawset(w, k, v)
@@ -58,7 +61,7 @@ local function check_undecided(w, what)
     -- the body may swallow the error.
     core.log("warn", "work decided twice", { "session", w.session_id, "machine", w.machine,
       "process", w.process, "attempt", w.attempt, "decision", w._decided:lower(), "refused", what })
-    raise("usage", 3, "w:" .. what .. ": the work item was already decided (" .. w._decided .. ")")
+    raise(K.usage, 3, "w:" .. what .. ": the work item was already decided (" .. w._decided .. ")")
   end
 end
 
@@ -77,11 +80,15 @@ local function log_event(w, event, extra)
   core.log(event == "failed" and "warn" or "info", "work " .. event, kv)
 end
 
+-- Whether err says a COMMIT was sent and no answer came back: what it
+-- committed is unknown.
+local function outcome_unknown(err) return is_error(err, K.connection) and err.outcome == "unknown" end
+
 -- What a batch's member lets go of when its commit function is left
 -- behind: the batch fails (its transaction's state is unknown).
 local function fail_batch() core.batch_leave(false, true) end
 
--- A finish in the host's batch (host/batch.h): commit_fn runs at once,
+-- A finish in the host's batch (host/sched.h): commit_fn runs at once,
 -- its deferred statements queued aside; a statement it sends waits to
 -- use the batch's transaction, in a savepoint of its own. Its release goes
 -- out with the other members' at the batch's COMMIT. Returns true and
@@ -95,11 +102,11 @@ local function fail_batch() core.batch_leave(false, true) end
 -- The member that closes the batch may also claim in it (claim_in_batch).
 local function finish_in_batch(w, commit_fn)
   core.finish_enter()
-  local joined, tx, failed = pcall(core.batch_join, handle(w))
-  if not joined or not tx then
+  local called, joined, tx = pcall(core.batch_join, handle(w))
+  if not called or joined ~= "joined" then
     core.finish_leave()
-    if not joined then error(tx, 0) end -- the host is cancelling
-    return false, nil, is_error(failed, "connection") and failed.outcome == "unknown"
+    if not called then error(joined, 0) end -- the host is cancelling
+    return false, nil, outcome_unknown(tx) -- (tx: nil when "alone", else the batch's error)
   end
   hold(core.finish_leave)
   local r, wakes = { true }, {}
@@ -115,24 +122,29 @@ local function finish_in_batch(w, commit_fn)
     err = T.past_deadline(w)
     ok = not err
   end
-  local fatal = not ok and (T.retryable(err) or is_error(err, "session_expired"))
+  local fatal = not ok and (T.retryable(err) or is_error(err, K.session_expired))
   -- s: this finish ends the item of a serve loop that runs its next item
   -- after it, so the batch's claim may claim one for it (batch_leave).
   local s, may_claim
   if ok and ending then s, may_claim = ending(w) end
-  local committed, berr, whole, next =
-    core.batch_leave(ok, fatal, w.machine, w.process, w._token, s ~= nil, may_claim)
-  if committed == "claim" then committed, berr = claim_in_batch(w, tx, s, berr) end
-  if next then s.next = next end -- handed by the closer's claim
+  -- left: "committed" (with the next item the closer's claim handed s),
+  -- "undone" (commit_fn's own failure), "claim" (peers: claim in the
+  -- batch, then the same as committed), or nil and the batch's error.
+  local left, detail = core.batch_leave(ok, fatal, fixed[w], s ~= nil, may_claim)
+  if left == "claim" then
+    left, detail = claim_in_batch(w, tx, s, detail)
+  elseif left == "committed" and detail then
+    s.next = detail
+  end
   unhold()
   core.finish_leave()
-  if committed then
+  if left == "committed" then
     for _, process in ipairs(wakes) do pcall(T.send_wake, process) end
     return true, { unpack(r, 2, table.maxn(r)) }
   end
-  -- (whole: the batch failed under commit_fn; its error may not be its own)
-  if ok or fatal or whole then return false, nil, is_error(berr, "connection") and berr.outcome == "unknown" end
-  if is_error(err, "lost") and not w._lost then w._lost = err.message end
+  -- The batch failed, under commit_fn too: its error may not be commit_fn's own.
+  if left == nil then return false, nil, outcome_unknown(detail) end
+  if is_error(err, K.lost) and not w._lost then w._lost = err.message end
   core.count("tx_failed")
   error(err, 0)
 end
@@ -164,7 +176,7 @@ local function release(w, event, cause, spec, commit_fn)
     uncertain = unknown
   end
   while not results do
-    -- Finishes run while no claim of this host does (slots.h).
+    -- Finishes run while no claim of this host does (host/sched.h).
     core.finish_enter()
     hold(core.finish_leave)
     local r = { pcall(transact_on, w, decide) }
@@ -173,9 +185,9 @@ local function release(w, event, cause, spec, commit_fn)
     local err = r[2]
     if r[1] then
       results = { unpack(r, 2, table.maxn(r)) }
-    elseif uncertain and is_error(err, "lost") then
+    elseif uncertain and is_error(err, K.lost) then
       results = {} -- the earlier attempt committed; commit_fn's results went with it
-    elseif is_error(err, "connection") and core.state() ~= "cancelling" and handle(w):alive() then
+    elseif is_error(err, K.connection) and core.state() ~= "cancelling" and handle(w):alive() then
       uncertain = uncertain or err.outcome == "unknown"
       attempt = attempt + 1
       core.sleep(math.min(1, 0.05 * 2 ^ attempt), handle(w))
@@ -253,7 +265,7 @@ end
 -- recorded by this session; anything else is a failure with backoff.
 local function settle_failure(w, err, msg)
   if w._decided then return end
-  if is_error(err, "canceled") or is_error(err, "session_expired") or is_error(err, "lost")
+  if is_error(err, K.canceled) or is_error(err, K.session_expired) or is_error(err, K.lost)
      or not w:alive() then
     -- Nothing this session can record any more: at shutdown the host
     -- records Canceled for every lock it still holds; a lost lock is
@@ -261,7 +273,7 @@ local function settle_failure(w, err, msg)
     if not pcall(w.cancel, w) then
       local shutdown = core.state() == "cancelling"
       w._decided = shutdown and "Canceled" or "Lost"
-      local why = w._lost or (is_error(err, "lost") and err.message) or "session expired"
+      local why = w._lost or (is_error(err, K.lost) and err.message) or "session expired"
       log_event(w, shutdown and "canceled" or "lost", {
         { "result", shutdown and "canceled" or "lost" },
         { "cause", shutdown and "host shutdown" or why } })
@@ -274,12 +286,18 @@ local function settle_failure(w, err, msg)
   end
 end
 
--- started: core.now() before the claim was sent, so the local deadline
--- passes before the database's.
-function M.new_work(sess, machine, process, attempt, backoff, token, timeout, started)
-  local w = setmetatable({ _backoff = backoff, _decided = false, _started = core.now(), _token = token,
-                           _timeout = timeout, _deadline = timeout and (started or core.now()) + timeout }, Work)
-  fixed[w] = { machine = machine, process = process, session_id = sess:id(), attempt = attempt }
+-- A work item for item, a table as bmdb.core hands items (its machine,
+-- attempt and token; started, core.now() before the claim was sent, so
+-- the local deadline passes before the database's: now when it has
+-- none), locked under sess for def: the worker (its process, backoff and
+-- timeout), or what bmdb.work's call says of them. The item becomes the
+-- work item's own, naming its process and session.
+function M.new_work(sess, def, item)
+  local timeout = def.timeout
+  local w = setmetatable({ _backoff = def.backoff, _decided = false, _started = core.now(), _token = item.token,
+                           _timeout = timeout, _deadline = timeout and (item.started or core.now()) + timeout }, Work)
+  item.process, item.session_id = def.process, sess:id()
+  fixed[w] = item
   T.bind(w, sess)
   log_event(w, "started")
   return w
@@ -305,24 +323,25 @@ function M.lock(machine, process, opts, fname, level)
   end
   local sess = core.session()
   local started = core.now()
-  local status, detail, token = transact_on(sess, function(tx)
+  local status, detail = transact_on(sess, function(tx)
     return core.lock(tx, machine, process, B.claim_opts(opts and opts.backoff, timeout))
   end)
   if status == "held" then
-    return nil, core.error("held", "machine " .. machine .. " is already held for " .. process)
+    return nil, core.error(K.held, "machine " .. machine .. " is already held for " .. process)
   elseif status == "paused" or status == "onhold" then
-    local e = core.error("held", status == "paused"
+    local e = core.error(K.held, status == "paused"
       and "process " .. process .. " is paused" .. (detail ~= "" and ": " .. detail or "")
       or "machine " .. machine .. " is on hold" .. (detail ~= "" and ": " .. detail or ""))
     e.reason = status
     return nil, e
   elseif status == "backoff" then
-    local e = core.error("backoff", "machine " .. machine .. " is in backoff for " .. process ..
+    local e = core.error(K.backoff, "machine " .. machine .. " is in backoff for " .. process ..
                          " until " .. detail)
     e.backoff_until = detail
     return nil, e
   end
-  return new_work(sess, machine, process, detail, opts and opts.backoff, token, timeout, started)
+  detail.started = started -- "locked": detail is the item
+  return new_work(sess, { process = process, backoff = opts and opts.backoff, timeout = timeout }, detail)
 end
 local lock = M.lock
 
