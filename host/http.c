@@ -45,7 +45,7 @@
 #include "metrics.h"
 #include "pqerr.h"
 #include "session.h"
-#include "slots.h"
+#include "snapshot.h"
 #include "work.h"
 
 #define DB_WAIT_S 2.0        /* for db_mu, and for each statement */
@@ -282,7 +282,7 @@ static void host_section(FILE *out) {
         html(out, why, 200);
     }
     fprintf(out, "</dd><dt>state</dt><dd>%s</dd><dt>code generation</dt><dd>%u</dd></dl>\n", state_name(),
-            slot_generation());
+            snapshot_generation());
 
     enum { MAX = 256 };
     metrics_slot_view *v = malloc(MAX * sizeof *v);

@@ -17,7 +17,6 @@
 #include "lerror.h"
 #include "ltx.h"
 #include "sched.h"
-#include "slots.h"
 #include "work.h"
 
 /* ---- items ----------------------------------------------------------------
@@ -211,7 +210,7 @@ static int l_claimed(lua_State *L) {
     for (int i = 0; t && work_locked_any(t, i, it.machine, sizeof it.machine, &out); i++) {
         /* The first is the claimer's own; the others' slots note theirs
          * when they are handed them (sched.h). */
-        if (i == 0) slot_note_item(it.machine); /* named if its slot will not stop */
+        if (i == 0) sched_note_item(it.machine); /* named if its slot will not stop */
         it.attempt = out.attempt;
         copy(it.token, sizeof it.token, out.token);
         lsched_push_item(L, &it);

@@ -3,7 +3,7 @@
  *
  * core.idle_wait, core.wake_local, core.wake_fleet, core.count,
  * core.observe_work, core.generation and core.notify_enabled: thin
- * wrappers over slots.h and metrics.h. Outside the binary (busted) they
+ * wrappers over slots.h, snapshot.h and metrics.h. Outside the binary (busted) they
  * work the same, with nobody else waiting. */
 #include <lauxlib.h>
 
@@ -11,6 +11,7 @@
 #include "lerror.h"
 #include "metrics.h"
 #include "slots.h"
+#include "snapshot.h"
 
 static int l_idle_wait(lua_State *L) {
     lua_pushboolean(L, slot_idle_wait(lerror_checkstring(L, 1), lerror_checknumber(L, 2)));
@@ -27,9 +28,9 @@ static int l_wake_local(lua_State *L) {
 static int l_count(lua_State *L) {
     static const char *const what[] = {"claim", "retry", "empty", "tx_failed", NULL};
     switch (luaL_checkoption(L, 1, NULL, what)) {
-    case 0: slot_count_claim(); break;
+    case 0: metrics_count_claim(); break;
     case 1:
-        slot_count_retry();
+        metrics_count_retry();
         metrics_tx_retried(luaL_optstring(L, 2, NULL));
         break;
     case 2: metrics_claim_empty(lerror_checkstring(L, 2)); break;
@@ -50,7 +51,7 @@ static int l_observe_work(lua_State *L) {
 /* lstate.c replaces it in a slot that runs an older generation on purpose
  * (its load of the newer one failed). */
 static int l_generation(lua_State *L) {
-    lua_pushnumber(L, slot_generation());
+    lua_pushnumber(L, snapshot_generation());
     return 1;
 }
 

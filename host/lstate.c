@@ -25,7 +25,6 @@
 #include "items.h"
 #include "lifecycle.h"
 #include "log.h"
-#include "slots.h"
 #include "snapshot.h"
 
 #define INTERNAL "bmdb.internal"
@@ -313,7 +312,7 @@ int lstate_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t err
  * for that reload again at every boundary before then. A newer generation
  * is reported at once. Upvalues: have, deferred, until. */
 static int deferred_generation(lua_State *L) {
-    unsigned now = slot_generation();
+    unsigned now = snapshot_generation();
     unsigned deferred = (unsigned)lua_tonumber(L, lua_upvalueindex(2));
     int defer = now == deferred && mono_now() < lua_tonumber(L, lua_upvalueindex(3));
     lua_pushnumber(L, defer ? lua_tonumber(L, lua_upvalueindex(1)) : now);
@@ -321,7 +320,7 @@ static int deferred_generation(lua_State *L) {
 }
 
 static int current_generation(lua_State *L) {
-    lua_pushnumber(L, slot_generation());
+    lua_pushnumber(L, snapshot_generation());
     return 1;
 }
 

@@ -14,7 +14,6 @@
 #include "ltx.h"
 #include "lvalue.h"
 #include "sched.h"
-#include "slots.h"
 #include "work.h"
 
 /* An optional numeric field of table idx as parameter text, into buf. */
@@ -49,7 +48,7 @@ static int l_lock(lua_State *L) {
     work_lock_result res = work_lock(u->t, lua_tostring(L, 2), lua_tostring(L, 3), &c, &out, &e);
     switch (res) {
     case WORK_LOCKED: {
-        slot_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
+        sched_note_item(lua_tostring(L, 2)); /* named if its slot will not stop */
         sched_item it = {.attempt = out.attempt};
         snprintf(it.machine, sizeof it.machine, "%s", lua_tostring(L, 2));
         snprintf(it.process, sizeof it.process, "%s", lua_tostring(L, 3));
@@ -86,7 +85,7 @@ static int l_release(lua_State *L) {
     if (work_release(u->t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 7, NULL), events[ev],
                      luaL_optstring(L, 5, NULL), (long)luaL_optnumber(L, 6, 1), &e) < 0)
         return lerror_raise(L, &e);
-    slot_note_item(NULL);
+    sched_note_item(NULL);
     return 0;
 }
 

@@ -34,6 +34,7 @@
 #include "lifecycle.h"
 #include "log.h"
 #include "lstate.h"
+#include "metrics.h"
 #include "migrate.h"
 #include "notify.h"
 #include "pool.h"
@@ -410,7 +411,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     workers_stop();
     reload_destroy(rl);
     unsigned long claims, retries, batches, batched;
-    slot_counts(&claims, &retries);
+    metrics_claim_counts(&claims, &retries);
     sched_batch_counts(&batches, &batched);
     char c[32], r[32], b[32], f[32];
     snprintf(c, sizeof c, "%lu", claims);

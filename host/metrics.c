@@ -393,3 +393,15 @@ void metrics_render(FILE *out) {
     pthread_mutex_unlock(&mu);
     render_slots(out);
 }
+
+/* ---- the stop line's counts (atomics, no registry) ------------------------- */
+
+static unsigned long claims_total, retries_total;
+
+void metrics_count_claim(void) { __atomic_add_fetch(&claims_total, 1, __ATOMIC_RELAXED); }
+void metrics_count_retry(void) { __atomic_add_fetch(&retries_total, 1, __ATOMIC_RELAXED); }
+
+void metrics_claim_counts(unsigned long *claims, unsigned long *retries) {
+    *claims = __atomic_load_n(&claims_total, __ATOMIC_RELAXED);
+    *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
+}

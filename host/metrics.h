@@ -25,6 +25,11 @@ void metrics_tx_committed(void);
 /* A transaction retried; why is its SQLSTATE ("40001") or "connection". */
 void metrics_tx_retried(const char *why);
 void metrics_tx_failed(void);
+/* The stop line's counts: items claimed, and the slots' transactions
+ * retried (40001/40P01), the price of SERIALIZABLE claims. */
+void metrics_count_claim(void);
+void metrics_count_retry(void);
+void metrics_claim_counts(unsigned long *claims, unsigned long *retries);
 
 /* event: "started", or how it ended ("finished", "failed", "canceled",
  * "lost"); machine is noted for the calling slot, seconds is the duration

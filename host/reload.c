@@ -26,7 +26,6 @@
 #include "lifecycle.h"
 #include "log.h"
 #include "metrics.h"
-#include "slots.h"
 #include "snapshot.h"
 #include "worker.h"
 
@@ -198,7 +197,7 @@ int reload_run(reloader *r, pool *p, int forced) {
     workers_start(specs, n);
     free(specs);
     char gen[16], ms[32];
-    snprintf(gen, sizeof gen, "%u", slot_generation());
+    snprintf(gen, sizeof gen, "%u", snapshot_generation());
     snprintf(ms, sizeof ms, "%.1fms", (mono_now() - t0) * 1000);
     metrics_reload(0);
     log_kv(LOG_INFO, "reloaded", "generation", gen, "took", ms, "trigger", forced ? "SIGHUP" : "file change",

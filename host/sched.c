@@ -34,7 +34,6 @@
 #include "lockcheck.h"
 #include "log.h"
 #include "metrics.h"
-#include "slots.h"
 #include "strays.h"
 
 typedef struct claim_queue {
@@ -49,6 +48,11 @@ typedef struct claim_queue {
 } claim_queue;
 
 static pthread_mutex_t phase_mu = PTHREAD_MUTEX_INITIALIZER;
+/* Each slot's item record, and how many name an item (an atomic written
+ * under item_mu, read without it: a hint). */
+static pthread_mutex_t item_mu = PTHREAD_MUTEX_INITIALIZER;
+static __thread char *item_record; /* the calling slot's; NULL on other threads */
+static int items_noted;
 static pthread_cond_t phase_cv; /* CLOCK_MONOTONIC */
 static pthread_once_t phase_once = PTHREAD_ONCE_INIT;
 static int finishing, claiming, claims_waiting;
@@ -152,7 +156,7 @@ sched_claim_got sched_claim_enter(const char *process, double seconds, sched_ite
     /* Finishes wait while claims wait: one that gave up may free them. */
     if (got == SCHED_CLAIM_TIMEOUT) pthread_cond_broadcast(&phase_cv);
     pthread_mutex_unlock(&phase_mu);
-    if (got == SCHED_CLAIM_HANDED) slot_note_item(out->machine);
+    if (got == SCHED_CLAIM_HANDED) sched_note_item(out->machine);
     return got;
 }
 
@@ -210,7 +214,7 @@ int sched_claim_take(const char *process, sched_item *out) {
         recount(q);
     }
     pthread_mutex_unlock(&phase_mu);
-    if (got) slot_note_item(out->machine);
+    if (got) sched_note_item(out->machine);
     return got;
 }
 
@@ -220,7 +224,9 @@ int sched_items_ahead(void) { return __atomic_load_n(&items_ahead, __ATOMIC_RELA
 void sched_note_handed(int delta) { __atomic_add_fetch(&items_handed, delta, __ATOMIC_RELAXED); }
 
 /* Invariant 4 (docs/internals.md). */
-int sched_items_held(void) { return slot_items_noted() + __atomic_load_n(&items_handed, __ATOMIC_RELAXED); }
+int sched_items_held(void) {
+    return __atomic_load_n(&items_noted, __ATOMIC_RELAXED) + __atomic_load_n(&items_handed, __ATOMIC_RELAXED);
+}
 
 void sched_claim_give_back(const char *process, int on) {
     pthread_mutex_lock(&phase_mu);
@@ -251,4 +257,23 @@ int sched_give_back_waiting(void) {
         strays_give_back(stale[i].token);
     }
     return n;
+}
+
+/* ---- the item each slot holds ---------------------------------------------- */
+
+void sched_bind_item(char *record) { item_record = record; }
+
+void sched_note_item(const char *machine) {
+    if (!item_record) return;
+    pthread_mutex_lock(&item_mu);
+    int was = item_record[0] != '\0', is = machine && machine[0];
+    if (was != is) __atomic_add_fetch(&items_noted, is ? 1 : -1, __ATOMIC_RELAXED);
+    snprintf(item_record, SCHED_ITEM_LEN, "%s", machine ? machine : "");
+    pthread_mutex_unlock(&item_mu);
+}
+
+void sched_item_read(const char *record, char *out, size_t len) {
+    pthread_mutex_lock(&item_mu);
+    snprintf(out, len, "%s", record);
+    pthread_mutex_unlock(&item_mu);
 }

@@ -48,7 +48,7 @@ typedef struct sched_item {
  * worker's `ahead`). sched_claim_take takes a queued item without
  * waiting, for a slot that stops claiming (reload, drain) and must not
  * strand one. An item the calling slot gets from here is noted as the one
- * it holds (slot_note_item). */
+ * it holds (sched_note_item). */
 #define SCHED_QUEUE_MAX 64
 typedef enum { SCHED_CLAIM_TIMEOUT, SCHED_CLAIM_TURN, SCHED_CLAIM_HANDED } sched_claim_got;
 void sched_finish_enter(void);
@@ -229,5 +229,15 @@ int sched_batch_members(int *active);
 /* Batches committed, and the finishes they committed, since start (the
  * stop line: their ratio is the mean batch size). */
 void sched_batch_counts(unsigned long *batches, unsigned long *finishes);
+
+/* The item each slot holds, for the report on slots that will not stop
+ * and for sched_items_held. A slot thread binds its record
+ * (char[SCHED_ITEM_LEN]) once; the lock calls note what they claim (NULL:
+ * released), a no-op on threads that bound nothing; sched_item_read
+ * copies a record under the same lock. */
+#define SCHED_ITEM_LEN 40
+void sched_bind_item(char *record);
+void sched_note_item(const char *machine);
+void sched_item_read(const char *record, char *out, size_t len);
 
 #endif

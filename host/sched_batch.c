@@ -34,7 +34,6 @@
 
 #include "lifecycle.h"
 #include "lockcheck.h"
-#include "slots.h"
 #include "work.h"
 
 /* One savepoint name serves every member: each releases (or rolls back
@@ -370,7 +369,7 @@ static int close_claiming(const sched_member *closer, const char *process, int i
  * or FAILED. */
 static sched_outcome ended(sched_member *m) {
     if (m->state != SCHED_COMMITTED) return SCHED_FAILED;
-    slot_note_item(m->has_next ? m->next.machine : NULL);
+    sched_note_item(m->has_next ? m->next.machine : NULL);
     if (m->has_next) sched_note_handed(-1); /* taken */
     return SCHED_COMMITTED;
 }
@@ -467,7 +466,7 @@ sched_outcome sched_batch_leave(sched_member *m, const sched_leave *leave, int *
 sched_outcome sched_batch_close(sched_member *m, sched_claim *c) {
     close_batch(m, c);
     if (m->state != SCHED_COMMITTED) return SCHED_FAILED;
-    slot_note_item(c->n > 0 ? c->item[0].machine : NULL);
+    sched_note_item(c->n > 0 ? c->item[0].machine : NULL);
     return SCHED_COMMITTED;
 }
 

@@ -1,12 +1,9 @@
-/* slots.c -- what the slot threads share with the Lua they run, short of
- * scheduling (sched.c): idle waits and wake-ups, local and fleet-wide,
- * the code generation, the stop line's counters, the item records.
+/* slots.c -- idle slots and their wake-ups, local and fleet-wide
+ * (slots.h). Who claims what is the scheduler's (sched.c).
  *
  * Globals and their guards (lock order: host/README.md):
  *   queues, everyone_gen, each queue's counts   idle_mu
- *   item records bound by slot_bind_item        item_mu
- *   generation, claims/retries, notify,
- *   fleet_pending, items_held                   atomics, no lock */
+ *   notify_enabled, fleet_pending                atomics, no lock */
 #include "slots.h"
 
 #include <stdint.h>
@@ -107,22 +104,9 @@ void slot_wake_everyone(void) {
     pthread_mutex_unlock(&idle_mu);
 }
 
-/* ---- generation, counters, notify ------------------------------------------ */
+/* ---- notify ------------------------------------------------------------------ */
 
-static unsigned generation = 1;
-static unsigned long claims_total, retries_total;
 static int notify_enabled;
-
-unsigned slot_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
-void slot_generation_advance(void) { __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE); }
-
-void slot_count_claim(void) { __atomic_add_fetch(&claims_total, 1, __ATOMIC_RELAXED); }
-void slot_count_retry(void) { __atomic_add_fetch(&retries_total, 1, __ATOMIC_RELAXED); }
-
-void slot_counts(unsigned long *claims, unsigned long *retries) {
-    *claims = __atomic_load_n(&claims_total, __ATOMIC_RELAXED);
-    *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
-}
 
 int slot_notify_enabled(void) { return __atomic_load_n(&notify_enabled, __ATOMIC_ACQUIRE); }
 void slot_set_notify_enabled(void) { __atomic_store_n(&notify_enabled, 1, __ATOMIC_RELEASE); }
@@ -156,30 +140,4 @@ int slot_fleet_wake_take(void) {
      * one after it writes again. */
     __atomic_store_n(&fleet_pending, 0, __ATOMIC_RELEASE);
     return got;
-}
-
-/* ---- the item each slot holds ---------------------------------------------- */
-
-static pthread_mutex_t item_mu = PTHREAD_MUTEX_INITIALIZER;
-static __thread char *item; /* the calling slot's record; NULL on other threads */
-
-void slot_bind_item(char *record) { item = record; }
-
-static int items_held; /* records that name an item; written under item_mu */
-
-void slot_note_item(const char *machine) {
-    if (!item) return;
-    pthread_mutex_lock(&item_mu);
-    int was = item[0] != '\0', is = machine && machine[0];
-    if (was != is) __atomic_add_fetch(&items_held, is ? 1 : -1, __ATOMIC_RELAXED);
-    snprintf(item, SLOT_ITEM_LEN, "%s", machine ? machine : "");
-    pthread_mutex_unlock(&item_mu);
-}
-
-int slot_items_noted(void) { return __atomic_load_n(&items_held, __ATOMIC_RELAXED); }
-
-void slot_item_read(const char *record, char *out, size_t len) {
-    pthread_mutex_lock(&item_mu);
-    snprintf(out, len, "%s", record);
-    pthread_mutex_unlock(&item_mu);
 }

@@ -201,3 +201,8 @@ int snapshot_load_script(lua_State *L, snapshot *s) {
     lua_remove(L, -2);
     return rc;
 }
+
+static unsigned generation = 1;
+
+unsigned snapshot_generation(void) { return __atomic_load_n(&generation, __ATOMIC_ACQUIRE); }
+void snapshot_generation_advance(void) { __atomic_add_fetch(&generation, 1, __ATOMIC_RELEASE); }

@@ -38,4 +38,9 @@ void snapshot_install(lua_State *L, snapshot *s);
  * pushes the chunk; a non-zero lua_load status with the message pushed. */
 int snapshot_load_script(lua_State *L, snapshot *s);
 
+/* The code generation: 1 until the first reload; slots compare it at every
+ * item boundary. Only worker.c moves it on, when it swaps the code. */
+unsigned snapshot_generation(void);
+void snapshot_generation_advance(void);
+
 #endif

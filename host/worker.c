@@ -14,7 +14,7 @@
  * Globals and their guards (lock order: host/README.md):
  *   code                                  code_mu
  *   slots, live, each slot's ended        slots_mu
- *   each slot's item record               slots.c's item_mu (slot_item_read)
+ *   each slot's item record               slots.c's item_mu (sched_item_read)
  *   the_pool, script_argc, script_argv    set once by workers_init, before
  *                                         any thread starts; read-only after
  *   listener, listener_started            main thread only */
@@ -37,6 +37,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "lstate.h"
+#include "sched.h"
 #include "slots.h"
 #include "snapshot.h"
 #include "strays.h"
@@ -50,7 +51,7 @@ void workers_set_code(snapshot *next) {
     pthread_mutex_lock(&code_mu);
     snapshot *old = code;
     code = snapshot_ref(next);
-    if (old) slot_generation_advance();
+    if (old) snapshot_generation_advance();
     pthread_mutex_unlock(&code_mu);
     if (!old) return;
     snapshot_unref(old);
@@ -61,7 +62,7 @@ void workers_set_code(snapshot *next) {
 static snapshot *current_code(unsigned *gen) {
     pthread_mutex_lock(&code_mu);
     snapshot *s = snapshot_ref(code);
-    *gen = slot_generation();
+    *gen = snapshot_generation();
     pthread_mutex_unlock(&code_mu);
     return s;
 }
@@ -74,7 +75,7 @@ typedef struct slot {
     char process[64];
     int index;                   /* 1-based within its worker */
     int ended;                   /* under slots_mu */
-    char machine[SLOT_ITEM_LEN]; /* last claimed, "" after release (slots.h) */
+    char machine[SCHED_ITEM_LEN]; /* last claimed, "" after release (slots.h) */
     pthread_t thread;
     struct slot *next;
 } slot;
@@ -145,7 +146,7 @@ static void slot_load(slot *s, slot_code *c) {
 
 static void *slot_main(void *arg) {
     slot *s = arg;
-    slot_bind_item(s->machine);
+    sched_bind_item(s->machine);
     metrics_slot_bind(s->process, s->index);
     char err[4096];
     slot_code c = {0};
@@ -331,9 +332,9 @@ int workers_report_stuck(void) {
     pthread_mutex_lock(&slots_mu);
     for (slot *s = slots; s; s = s->next) {
         if (s->ended) continue;
-        char idx[16], machine[SLOT_ITEM_LEN];
+        char idx[16], machine[SCHED_ITEM_LEN];
         snprintf(idx, sizeof idx, "%d", s->index);
-        slot_item_read(s->machine, machine, sizeof machine);
+        sched_item_read(s->machine, machine, sizeof machine);
         log_kv(LOG_ERROR, "slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)",
                "process", s->process, "slot", idx, "machine", *machine ? machine : "none", NULL);
         n++;
