@@ -188,6 +188,58 @@ describe("bmdb.metrics", function()
       assert.equal(1, warned, p:stderr())
     end)
 
+    it("keeps a reloaded script's series, and refuses a reload that redefines a metric differently", function()
+      admin:exec("CREATE TABLE wanted_rel (machine_id UUID PRIMARY KEY REFERENCES machines)")
+      local function rel(n)
+        for _ = 1, n do
+          local m = admin:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+          admin:exec("INSERT INTO wanted_rel VALUES ($1)", m)
+        end
+      end
+      local function done()
+        return admin:one("SELECT count(*) AS n FROM work_history WHERE process = 'Rel' AND event = 'Finished'").n
+      end
+      local path = dir .. "/rel.lua"
+      local function script(version, help)
+        return string.format([[
+local bmdb = require "bmdb"
+local c = bmdb.metrics.counter("rel_items_total", %q, { "version" })
+return { bmdb.worker {
+  process = "Rel", poll = 0.1, concurrency = 2,
+  select = function(tx, limit)
+    return tx:query("SELECT machine_id FROM wanted_rel w WHERE NOT EXISTS (SELECT 1 FROM work_history h "
+      .. "WHERE h.machine_id = w.machine_id AND h.process = 'Rel' AND h.event = 'Finished') LIMIT $1", limit)
+  end,
+  run = function(w) c:inc(%q) end,
+} }
+]], help, version)
+      end
+      H.write_file(path, script("v1", "Items."))
+      local p = H.spawn { argv = { H.bin, "--interval", "2", "--http", "127.0.0.1:0", path }, env = { BMDB_DSN = dsn } }
+      p:await("stderr", "workers started", 30)
+      local port = tonumber(p:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
+      rel(3)
+      H.wait_until(function() return done() == 3 end, 30, "v1's items")
+      H.write_file(path, script("v2", "Items."))
+      p:kill("HUP")
+      p:await("stderr", "msg=reloaded generation=2 ")
+      rel(3)
+      H.wait_until(function() return done() == 6 end, 30, "v2's items")
+      H.write_file(path, script("v3", "Other help."))
+      p:kill("HUP")
+      p:await("stderr", "reload refused")
+      assert.matches("metric 'rel_items_total' is already defined with another help text", p:stderr(), 1, true)
+      rel(1)
+      H.wait_until(function() return done() == 7 end, 30, "an item after the refusal")
+      local status, _, body = http.get(port, "/metrics")
+      assert.equal(200, status)
+      p:kill("TERM")
+      assert.equal(0, p:wait(30), p:stderr())
+      assert.matches('\nrel_items_total{version="v1"} 3\n', body, 1, true)
+      assert.matches('\nrel_items_total{version="v2"} 4\n', body, 1, true)
+      assert.not_matches("v3", body, 1, true)
+    end)
+
     it("work the same in a one-off script, with no --http", function()
       H.write_file(dir .. "/once.lua", [[
 local bmdb = require "bmdb"
