@@ -62,5 +62,6 @@ int luaopen_bmdb_core(lua_State *L) {
     ljson_register(L);
     lexec_register(L);
     llimit_register(L);
+    lmetrics_register(L);
     return 1;
 }

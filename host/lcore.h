@@ -10,7 +10,7 @@
  * connect: the bootstrap for specs and bmdb.testing (lboot.c), work
  * control (lcontrol.c), bmdb.http (lhttp.c), JSON (ljson.c), exec: a
  * command as a body's I/O (lexec.c), the waits and releases of
- * bmdb.limit (llimit.c).
+ * bmdb.limit (llimit.c), operators' own metrics (lmetrics.c).
  *
  * What a bmdb.core function returns, in every one of those files: the C
  * side of docs/api.md's "Raise or return".
@@ -66,6 +66,7 @@ void lhttp_global_init(void);
 void ljson_register(lua_State *L);
 void lexec_register(lua_State *L); /* core.exec: lexec.c */
 void llimit_register(lua_State *L);
+void lmetrics_register(lua_State *L); /* core.metric_counter, _gauge, _histogram: lmetrics.c */
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

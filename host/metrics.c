@@ -6,7 +6,11 @@
  * callers that hold nothing -- the heartbeat calls in without its `mu`).
  * Series are created on first use and never freed: their number is
  * bounded by processes x results x sqlstates seen, which a host keeps few
- * of. */
+ * of. The operators' families (bmdb.metrics) live in the same registry,
+ * after the host's, and are never freed either; theirs are bounded by a
+ * cap per family (METRICS_OWN_SERIES_MAX): a sample that would make one
+ * more is dropped, with one warning per family (logging is allowed under
+ * mu: log.c's lock is innermost). */
 #include "metrics.h"
 
 #include <pthread.h>
@@ -15,23 +19,29 @@
 
 #include "lifecycle.h"
 #include "lockcheck.h"
+#include "log.h"
 
 enum kind { COUNTER, GAUGE, HISTOGRAM };
 
 typedef struct series {
-    char labels[128]; /* rendered: process="x",result="y" */
+    char *labels; /* rendered: process="x",result="y" */
     double value;     /* a counter's count, a gauge's value */
     unsigned long long *buckets, count;
     double sum;
     struct series *next;
 } series;
 
-typedef struct family {
+typedef struct metrics_family {
     const char *name, *help;
     enum kind kind;
     const double *bounds; /* histograms: upper bounds, ascending */
     int nbounds;
     series *series;
+    /* An operator's family (metrics_own_define) only; the host's are 0. */
+    int cap, nseries, warned; /* cap: series at most (0: no cap) */
+    char **label_names;
+    int nlabels;
+    struct metrics_family *next;
 } family;
 
 static const double heartbeat_bounds[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5};
@@ -110,13 +120,25 @@ static series *find(family *f, const char *labels) {
     LOCK_HELD(&mu);
     for (series *s = f->series; s; s = s->next)
         if (!strcmp(s->labels, labels)) return s;
+    if (f->cap && f->nseries >= f->cap) {
+        if (!f->warned) {
+            f->warned = 1;
+            char max[16];
+            snprintf(max, sizeof max, "%d", f->cap);
+            log_kv(LOG_WARN, "metrics: too many series, samples of new ones dropped", "metric", f->name, "max",
+                   max, NULL);
+        }
+        return NULL;
+    }
     series *s = calloc(1, sizeof *s);
     if (!s) return NULL;
-    if (f->kind == HISTOGRAM && !(s->buckets = calloc((size_t)f->nbounds, sizeof *s->buckets))) {
+    if ((f->kind == HISTOGRAM && !(s->buckets = calloc((size_t)f->nbounds, sizeof *s->buckets))) ||
+        !(s->labels = strdup(labels))) {
+        free(s->buckets);
         free(s);
         return NULL;
     }
-    snprintf(s->labels, sizeof s->labels, "%s", labels);
+    f->nseries++;
     /* appended, so the exposition keeps the order series first appeared */
     series **tail = &f->series;
     while (*tail) tail = &(*tail)->next;
@@ -131,16 +153,20 @@ static void add(int fam, const char *labels, double n) {
     pthread_mutex_unlock(&mu);
 }
 
+/* Under mu. */
+static void observe_in(family *f, series *s, double v) {
+    LOCK_HELD(&mu);
+    for (int i = 0; i < f->nbounds; i++)
+        if (v <= f->bounds[i]) s->buckets[i]++;
+    s->count++;
+    s->sum += v;
+}
+
 static void observe(int fam, const char *labels, double v) {
     family *f = &families[fam];
     pthread_mutex_lock(&mu);
     series *s = find(f, labels);
-    if (s) {
-        for (int i = 0; i < f->nbounds; i++)
-            if (v <= f->bounds[i]) s->buckets[i]++;
-        s->count++;
-        s->sum += v;
-    }
+    if (s) observe_in(f, s, v);
     pthread_mutex_unlock(&mu);
 }
 
@@ -372,26 +398,51 @@ static void render_slots(FILE *out) {
     free(v);
 }
 
+/* HELP text escaped as the text format wants: \\ and \n. */
+static void help_text(FILE *out, const char *v) {
+    for (; *v; v++) {
+        if (*v == '\\') fputs("\\\\", out);
+        else if (*v == '\n') fputs("\\n", out);
+        else fputc(*v, out);
+    }
+}
+
+/* Under mu: one family, its HELP, TYPE and every series. */
+static void render_family(FILE *out, const family *f) {
+    LOCK_HELD(&mu);
+    fprintf(out, "# HELP %s ", f->name);
+    help_text(out, f->help);
+    fprintf(out, "\n# TYPE %s %s\n", f->name,
+            f->kind == HISTOGRAM ? "histogram" : f->kind == GAUGE ? "gauge" : "counter");
+    for (const series *s = f->series; s; s = s->next) {
+        if (f->kind == HISTOGRAM) render_histogram(out, f, s);
+        else if (s->labels[0]) fprintf(out, "%s{%s} %.17g\n", f->name, s->labels, s->value);
+        else fprintf(out, "%s %.17g\n", f->name, s->value);
+    }
+}
+
+static family *own_families, **own_tail = &own_families; /* under mu, in the order defined */
+static int own_count;                                    /* under mu */
+
 void metrics_render(FILE *out) {
     pthread_mutex_lock(&mu);
     for (int i = 0; i < F_COUNT; i++) {
         const family *f = &families[i];
-        fprintf(out, "# HELP %s %s\n# TYPE %s %s\n", f->name, f->help, f->name,
-                f->kind == HISTOGRAM ? "histogram" : f->kind == GAUGE ? "gauge" : "counter");
         /* An unlabelled counter is 0 before its first event: present, so a
          * rate() over it starts at the host's start. */
         if (!f->series && f->kind == COUNTER && i != F_TX_RETRIED && i != F_HEARTBEATS &&
             i != F_WORK_STARTED && i != F_WORK_ENDED && i != F_CLAIMS_EMPTY && i != F_EXEC_TOTAL &&
-            i != F_LIMIT_WAITS)
-            fprintf(out, "%s 0\n", f->name);
-        for (const series *s = f->series; s; s = s->next) {
-            if (f->kind == HISTOGRAM) render_histogram(out, f, s);
-            else if (s->labels[0]) fprintf(out, "%s{%s} %.17g\n", f->name, s->labels, s->value);
-            else fprintf(out, "%s %.17g\n", f->name, s->value);
+            i != F_LIMIT_WAITS) {
+            fprintf(out, "# HELP %s %s\n# TYPE %s counter\n%s 0\n", f->name, f->help, f->name, f->name);
+            continue;
         }
+        render_family(out, f);
     }
     pthread_mutex_unlock(&mu);
     render_slots(out);
+    pthread_mutex_lock(&mu);
+    for (const family *f = own_families; f; f = f->next) render_family(out, f);
+    pthread_mutex_unlock(&mu);
 }
 
 /* ---- the stop line's counts (atomics, no registry) ------------------------- */
@@ -404,4 +455,199 @@ void metrics_count_retry(void) { __atomic_add_fetch(&retries_total, 1, __ATOMIC_
 void metrics_claim_counts(unsigned long *claims, unsigned long *retries) {
     *claims = __atomic_load_n(&claims_total, __ATOMIC_RELAXED);
     *retries = __atomic_load_n(&retries_total, __ATOMIC_RELAXED);
+}
+
+/* ---- operators' own families (bmdb.metrics) ---------------------------------- */
+
+static int valid_name(const char *s, int colon) {
+    if (!*s || strlen(s) > METRICS_OWN_NAME_MAX) return 0;
+    for (const char *p = s; *p; p++) {
+        int c = (unsigned char)*p;
+        int letter = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || c == '_' || (colon && c == ':');
+        if (!letter && !(p > s && c >= '0' && c <= '9')) return 0;
+    }
+    return 1;
+}
+
+static const char *kind_name(enum kind k) {
+    return k == HISTOGRAM ? "histogram" : k == GAUGE ? "gauge" : "counter";
+}
+
+/* What makes a definition invalid in itself, into err; 0 when nothing. */
+static int check_definition(enum kind k, const char *name, const char *const *labels, int nlabels,
+                            const double *bounds, int nbounds, char *err, size_t errlen) {
+    if (!valid_name(name, 1)) {
+        snprintf(err, errlen,
+                 "invalid metric name '%s' (a letter, _ or :, then letters, digits, _ or :; at most %d)", name,
+                 METRICS_OWN_NAME_MAX);
+        return 1;
+    }
+    if (!strncmp(name, "bmdb_", 5)) {
+        snprintf(err, errlen, "metric name '%s': the prefix bmdb_ is the host's own", name);
+        return 1;
+    }
+    if (nlabels > METRICS_OWN_LABELS_MAX) {
+        snprintf(err, errlen, "metric '%s': %d labels, at most %d", name, nlabels, METRICS_OWN_LABELS_MAX);
+        return 1;
+    }
+    for (int i = 0; i < nlabels; i++) {
+        if (!valid_name(labels[i], 0)) {
+            snprintf(err, errlen,
+                     "metric '%s': invalid label name '%s' (a letter or _, then letters, digits or _; at most %d)",
+                     name, labels[i], METRICS_OWN_NAME_MAX);
+            return 1;
+        }
+        if (!strncmp(labels[i], "__", 2)) {
+            snprintf(err, errlen, "metric '%s': label name '%s' starts with __ (reserved to Prometheus)", name,
+                     labels[i]);
+            return 1;
+        }
+        if (k == HISTOGRAM && !strcmp(labels[i], "le")) {
+            snprintf(err, errlen, "metric '%s': a histogram cannot have the label 'le' (its buckets' own)", name);
+            return 1;
+        }
+        for (int j = 0; j < i; j++)
+            if (!strcmp(labels[i], labels[j])) {
+                snprintf(err, errlen, "metric '%s': label '%s' is listed twice", name, labels[i]);
+                return 1;
+            }
+    }
+    if (k != HISTOGRAM) return 0;
+    if (nbounds < 1 || nbounds > METRICS_OWN_BUCKETS_MAX) {
+        snprintf(err, errlen, "metric '%s': %d buckets, want 1 to %d", name, nbounds, METRICS_OWN_BUCKETS_MAX);
+        return 1;
+    }
+    for (int i = 0; i < nbounds; i++) {
+        if (!(bounds[i] > -1e308 && bounds[i] < 1e308)) {
+            snprintf(err, errlen, "metric '%s': bucket %d is not a finite number (+Inf is always added)", name,
+                     i + 1);
+            return 1;
+        }
+        if (i > 0 && bounds[i] <= bounds[i - 1]) {
+            snprintf(err, errlen, "metric '%s': buckets must be increasing (bucket %d is %g after %g)", name,
+                     i + 1, bounds[i], bounds[i - 1]);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Under mu: how an existing family differs from this definition, into
+ * err; 0 when it is the same. */
+static int differs(const family *f, enum kind k, const char *help, const char *const *labels, int nlabels,
+                   const double *bounds, int nbounds, char *err, size_t errlen) {
+    LOCK_HELD(&mu);
+    if (f->kind != k) {
+        snprintf(err, errlen, "metric '%s' is already defined as a %s, not a %s", f->name, kind_name(f->kind),
+                 kind_name(k));
+        return 1;
+    }
+    if (strcmp(f->help, help)) {
+        snprintf(err, errlen, "metric '%s' is already defined with another help text ('%s', not '%s')", f->name,
+                 f->help, help);
+        return 1;
+    }
+    int same = f->nlabels == nlabels;
+    for (int i = 0; same && i < nlabels; i++) same = !strcmp(f->label_names[i], labels[i]);
+    if (!same) {
+        char had[512] = "", want[512] = "";
+        for (int i = 0; i < f->nlabels; i++)
+            snprintf(had + strlen(had), sizeof had - strlen(had), "%s%s", i ? ", " : "", f->label_names[i]);
+        for (int i = 0; i < nlabels; i++)
+            snprintf(want + strlen(want), sizeof want - strlen(want), "%s%s", i ? ", " : "", labels[i]);
+        snprintf(err, errlen, "metric '%s' is already defined with other labels ((%s), not (%s))", f->name, had,
+                 want);
+        return 1;
+    }
+    same = k != HISTOGRAM || f->nbounds == nbounds;
+    for (int i = 0; same && k == HISTOGRAM && i < nbounds; i++) same = f->bounds[i] == bounds[i];
+    if (!same) {
+        snprintf(err, errlen, "metric '%s' is already defined with other buckets", f->name);
+        return 1;
+    }
+    return 0;
+}
+
+static family *own_new(enum kind k, const char *name, const char *help, const char *const *labels, int nlabels,
+                       const double *bounds, int nbounds) {
+    family *f = calloc(1, sizeof *f);
+    if (!f) return NULL;
+    f->kind = k;
+    f->cap = METRICS_OWN_SERIES_MAX;
+    f->nlabels = nlabels;
+    f->name = strdup(name);
+    f->help = strdup(help);
+    f->label_names = calloc((size_t)nlabels + 1, sizeof *f->label_names);
+    int ok = f->name && f->help && f->label_names;
+    for (int i = 0; ok && i < nlabels; i++) ok = (f->label_names[i] = strdup(labels[i])) != NULL;
+    if (ok && k == HISTOGRAM) {
+        double *b = malloc((size_t)nbounds * sizeof *b);
+        if ((ok = b != NULL)) memcpy(b, bounds, (size_t)nbounds * sizeof *b);
+        f->bounds = b;
+        f->nbounds = nbounds;
+    }
+    if (ok) return f;
+    for (int i = 0; f->label_names && i < nlabels; i++) free(f->label_names[i]);
+    free(f->label_names);
+    free((void *)f->name);
+    free((void *)f->help);
+    free((void *)f->bounds);
+    free(f);
+    return NULL;
+}
+
+metrics_own *metrics_own_define(const char *kind, const char *name, const char *help, const char *const *labels,
+                                int nlabels, const double *bounds, int nbounds, char *err, size_t errlen) {
+    enum kind k = !strcmp(kind, "histogram") ? HISTOGRAM : !strcmp(kind, "gauge") ? GAUGE : COUNTER;
+    if (!help) help = "";
+    if (check_definition(k, name, labels, nlabels, bounds, nbounds, err, errlen)) return NULL;
+    family *f = NULL;
+    pthread_mutex_lock(&mu);
+    for (f = own_families; f && strcmp(f->name, name); f = f->next) {}
+    if (f) {
+        if (differs(f, k, help, labels, nlabels, bounds, nbounds, err, errlen)) f = NULL;
+    } else if (own_count >= METRICS_OWN_FAMILIES_MAX) {
+        snprintf(err, errlen, "metric '%s': %d metrics are defined already, the most a host keeps", name,
+                 METRICS_OWN_FAMILIES_MAX);
+    } else if (!(f = own_new(k, name, help, labels, nlabels, bounds, nbounds))) {
+        snprintf(err, errlen, "metric '%s': out of memory", name);
+    } else {
+        *own_tail = f;
+        own_tail = &f->next;
+        own_count++;
+        /* an unlabelled family has its one series from the start, so it
+         * shows as 0 before its first sample */
+        if (!nlabels) find(f, "");
+    }
+    pthread_mutex_unlock(&mu);
+    return f;
+}
+
+const char *metrics_own_name(const metrics_own *f) { return f->name; }
+int metrics_own_nlabels(const metrics_own *f) { return f->nlabels; }
+const char *metrics_own_label(const metrics_own *f, int i) { return f->label_names[i]; }
+
+void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char *const *values) {
+    char *text = NULL;
+    size_t n = 0;
+    if (f->nlabels) {
+        FILE *m = open_memstream(&text, &n);
+        if (!m) return;
+        for (int i = 0; i < f->nlabels; i++) {
+            fprintf(m, "%s%s=\"", i ? "," : "", f->label_names[i]);
+            metrics_label_value(m, values[i]);
+            fputc('"', m);
+        }
+        if (fclose(m) || !text) {
+            free(text);
+            return;
+        }
+    }
+    pthread_mutex_lock(&mu);
+    series *s = find(f, text ? text : "");
+    if (s && op == METRICS_OWN_OBSERVE) observe_in(f, s, v);
+    else if (s && op == METRICS_OWN_SET) s->value = v;
+    else if (s) s->value += v;
+    pthread_mutex_unlock(&mu);
+    free(text);
 }

@@ -75,7 +75,34 @@ typedef struct metrics_slot_view {
  * there are (may exceed max). */
 int metrics_slots_read(metrics_slot_view *out, int max);
 
-/* Writes every family of the registry, with HELP and TYPE, to out. */
+/* Operators' own families (bmdb.metrics, lmetrics.c), in the same
+ * registry under the same mutex, rendered after the host's. One family per
+ * name for the whole process: every Lua state that defines a name gets the
+ * same one, and a definition that differs is refused. Families are never
+ * freed (a handle stays valid in any state, across reloads). */
+#define METRICS_OWN_NAME_MAX 128     /* a metric's or a label's name, bytes */
+#define METRICS_OWN_LABELS_MAX 16    /* label names of one family */
+#define METRICS_OWN_BUCKETS_MAX 64   /* a histogram's bounds, +Inf aside */
+#define METRICS_OWN_SERIES_MAX 1000  /* series of one family: samples of more are dropped, logged once */
+#define METRICS_OWN_FAMILIES_MAX 1000
+typedef struct metrics_family metrics_own;
+/* kind: "counter", "gauge" or "histogram"; labels: nlabels names; bounds:
+ * a histogram's upper bounds, ascending (+Inf is added). Returns the
+ * family, or NULL with why in err: a rule broken (Prometheus' names, the
+ * host's bmdb_ prefix, a histogram's le) or how a definition of the same
+ * name differs. */
+metrics_own *metrics_own_define(const char *kind, const char *name, const char *help, const char *const *labels,
+                                int nlabels, const double *bounds, int nbounds, char *err, size_t errlen);
+const char *metrics_own_name(const metrics_own *f);
+int metrics_own_nlabels(const metrics_own *f);
+const char *metrics_own_label(const metrics_own *f, int i);
+typedef enum { METRICS_OWN_ADD, METRICS_OWN_SET, METRICS_OWN_OBSERVE } metrics_own_op;
+/* One sample: values are the label values, in the order of the family's
+ * names (escaped here). A new series beyond the family's cap is dropped. */
+void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char *const *values);
+
+/* Writes every family of the registry, with HELP and TYPE, to out: the
+ * host's, the slots gauge, then the operators'. */
 void metrics_render(FILE *out);
 
 /* Writes `value` as a Prometheus label value (quotes not included). */

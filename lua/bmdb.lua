@@ -1,11 +1,12 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec, limit
+--   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec, limit,
+--   metrics
 --
 -- docs/api.md describes each (worker: docs/workers.md; cancel, pause,
 -- resume, hold, unhold: docs/work-control.md; http, json, exec, limit:
--- docs/talking-to-the-world.md). The implementation, and what the
+-- docs/talking-to-the-world.md; metrics: docs/operations.md). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
 
@@ -29,4 +30,5 @@ return {
   json = require "bmdb.json",
   exec = require "bmdb.exec",
   limit = require("bmdb.limit").limit,
+  metrics = require "bmdb.metrics",
 }

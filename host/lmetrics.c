@@ -1,0 +1,169 @@
+/* lmetrics.c -- bmdb.metrics: operators' own counters, gauges and
+ * histograms (core.metric_counter, core.metric_gauge, core.metric_histogram).
+ *
+ * The registry is metrics.c's (metrics_own_*): one family per name for
+ * the whole process, so every slot's state, the script's and a reloaded
+ * one's share the series. A metric object is a userdata holding the
+ * family, which is never freed. Errors are usage errors at the caller's
+ * position: the definitions and the methods are called straight from Lua
+ * (lua/bmdb/metrics.lua hands out these functions), so level 1 is the
+ * caller. */
+#include "lcore.h"
+
+#include <math.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "lerror.h"
+#include "metrics.h"
+
+#define COUNTER_MT "bmdb.metrics.counter"
+#define GAUGE_MT "bmdb.metrics.gauge"
+#define HISTOGRAM_MT "bmdb.metrics.histogram"
+/* A label value longer than this is refused: the cap bounds the series,
+ * this the bytes of each. */
+#define VALUE_MAX 1024
+
+/* Default buckets, for latencies in seconds as the host's own. */
+static const double default_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
+
+static int usage(lua_State *L, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    luaL_where(L, 1);
+    lua_pushstring(L, msg);
+    lua_concat(L, 2);
+    lerror_push_kind(L, BMDB_E_USAGE, lua_tostring(L, -1));
+    return lua_error(L);
+}
+
+static int define(lua_State *L, const char *kind, const char *mt) {
+    if (lua_type(L, 1) != LUA_TSTRING)
+        return usage(L, "bmdb.metrics.%s: the name must be a string, got %s", kind, luaL_typename(L, 1));
+    const char *name = lua_tostring(L, 1);
+    if (!lua_isnoneornil(L, 2) && lua_type(L, 2) != LUA_TSTRING)
+        return usage(L, "metric '%s': the help must be a string, got %s", name, luaL_typename(L, 2));
+    const char *help = lua_isnoneornil(L, 2) ? "" : lua_tostring(L, 2);
+    if (!lua_isnoneornil(L, 3) && !lua_istable(L, 3))
+        return usage(L, "metric '%s': labels must be a list of names, got %s", name, luaL_typename(L, 3));
+    const char *labels[METRICS_OWN_LABELS_MAX];
+    int nlabels = lua_istable(L, 3) ? (int)lua_objlen(L, 3) : 0;
+    if (nlabels > METRICS_OWN_LABELS_MAX)
+        return usage(L, "metric '%s': %d labels, at most %d", name, nlabels, METRICS_OWN_LABELS_MAX);
+    for (int i = 0; i < nlabels; i++) {
+        lua_rawgeti(L, 3, i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            return usage(L, "metric '%s': label %d must be a string, got %s", name, i + 1, luaL_typename(L, -1));
+        labels[i] = lua_tostring(L, -1); /* kept alive by the table */
+        lua_pop(L, 1);
+    }
+    double bounds[METRICS_OWN_BUCKETS_MAX];
+    int nbounds = 0;
+    if (!strcmp(kind, "histogram")) {
+        if (lua_isnoneornil(L, 4)) {
+            nbounds = (int)(sizeof default_bounds / sizeof *default_bounds);
+            memcpy(bounds, default_bounds, sizeof default_bounds);
+        } else if (!lua_istable(L, 4)) {
+            return usage(L, "metric '%s': buckets must be a list of numbers, got %s", name, luaL_typename(L, 4));
+        } else {
+            nbounds = (int)lua_objlen(L, 4);
+            if (nbounds < 1 || nbounds > METRICS_OWN_BUCKETS_MAX)
+                return usage(L, "metric '%s': %d buckets, want 1 to %d", name, nbounds, METRICS_OWN_BUCKETS_MAX);
+            for (int i = 0; i < nbounds; i++) {
+                lua_rawgeti(L, 4, i + 1);
+                if (lua_type(L, -1) != LUA_TNUMBER)
+                    return usage(L, "metric '%s': bucket %d must be a number, got %s", name, i + 1,
+                                 luaL_typename(L, -1));
+                bounds[i] = lua_tonumber(L, -1);
+                lua_pop(L, 1);
+            }
+        }
+    }
+    char err[768];
+    metrics_own *f = metrics_own_define(kind, name, help, labels, nlabels, bounds, nbounds, err, sizeof err);
+    if (!f) return usage(L, "%s", err);
+    metrics_own **u = lua_newuserdata(L, sizeof *u);
+    *u = f;
+    luaL_getmetatable(L, mt);
+    lua_setmetatable(L, -2);
+    return 1;
+}
+
+static int l_counter(lua_State *L) { return define(L, "counter", COUNTER_MT); }
+static int l_gauge(lua_State *L) { return define(L, "gauge", GAUGE_MT); }
+static int l_histogram(lua_State *L) { return define(L, "histogram", HISTOGRAM_MT); }
+
+/* One sample. value: the argument after self is the number (n or v);
+ * with optional, it may be left out (then 1) when the arguments are just
+ * the label values. sign: -1 for dec. */
+static int sample(lua_State *L, const char *mt, const char *method, metrics_own_op op, int optional, double sign) {
+    metrics_own *f = *(metrics_own **)lerror_checkudata(L, 1, mt, "a metric");
+    const char *name = metrics_own_name(f);
+    int nl = metrics_own_nlabels(f), nargs = lua_gettop(L) - 1, first = 3;
+    double v = 1;
+    if (optional && nargs == nl) first = 2;
+    else if (nargs != nl + 1) {
+        return usage(L, "metric '%s': %s wants %s%d label value%s, got %d argument%s", name, method,
+                     optional ? "[n,] " : "a number and ", nl, nl == 1 ? "" : "s", nargs, nargs == 1 ? "" : "s");
+    } else if (lua_type(L, 2) != LUA_TNUMBER) {
+        return usage(L, "metric '%s': %s wants a number first, got %s", name, method, luaL_typename(L, 2));
+    } else {
+        v = lua_tonumber(L, 2);
+    }
+    if (isnan(v)) return usage(L, "metric '%s': %s got NaN", name, method);
+    if (!strcmp(mt, COUNTER_MT) && !(v >= 0 && isfinite(v)))
+        return usage(L, "metric '%s': a counter goes up only, by a finite n >= 0 (got %g)", name, v);
+    const char *values[METRICS_OWN_LABELS_MAX];
+    for (int i = 0; i < nl; i++) {
+        int t = lua_type(L, first + i);
+        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+            return usage(L, "metric '%s': the value of label '%s' must be a string or a number, got %s", name,
+                         metrics_own_label(f, i), luaL_typename(L, first + i));
+        size_t len;
+        values[i] = lua_tolstring(L, first + i, &len);
+        if (len > VALUE_MAX)
+            return usage(L, "metric '%s': the value of label '%s' is %zu bytes, at most %d", name,
+                         metrics_own_label(f, i), len, VALUE_MAX);
+        if (strlen(values[i]) != len)
+            return usage(L, "metric '%s': the value of label '%s' holds a NUL byte", name, metrics_own_label(f, i));
+    }
+    metrics_own_sample(f, op, sign * v, values);
+    return 0;
+}
+
+static int c_inc(lua_State *L) { return sample(L, COUNTER_MT, "inc", METRICS_OWN_ADD, 1, 1); }
+static int g_set(lua_State *L) { return sample(L, GAUGE_MT, "set", METRICS_OWN_SET, 0, 1); }
+static int g_inc(lua_State *L) { return sample(L, GAUGE_MT, "inc", METRICS_OWN_ADD, 1, 1); }
+static int g_dec(lua_State *L) { return sample(L, GAUGE_MT, "dec", METRICS_OWN_ADD, 1, -1); }
+static int h_observe(lua_State *L) { return sample(L, HISTOGRAM_MT, "observe", METRICS_OWN_OBSERVE, 0, 1); }
+
+static int m_tostring(lua_State *L) {
+    lua_pushfstring(L, "metric %s", metrics_own_name(*(metrics_own **)lua_touserdata(L, 1)));
+    return 1;
+}
+
+static void class(lua_State *L, const char *mt, const luaL_Reg *methods) {
+    luaL_newmetatable(L, mt);
+    lua_newtable(L);
+    luaL_register(L, NULL, methods);
+    lua_setfield(L, -2, "__index");
+    lua_pushcfunction(L, m_tostring);
+    lua_setfield(L, -2, "__tostring");
+    lua_pop(L, 1);
+}
+
+void lmetrics_register(lua_State *L) {
+    static const luaL_Reg counter[] = {{"inc", c_inc}, {NULL, NULL}};
+    static const luaL_Reg gauge[] = {{"set", g_set}, {"inc", g_inc}, {"dec", g_dec}, {NULL, NULL}};
+    static const luaL_Reg histogram[] = {{"observe", h_observe}, {NULL, NULL}};
+    class(L, COUNTER_MT, counter);
+    class(L, GAUGE_MT, gauge);
+    class(L, HISTOGRAM_MT, histogram);
+    static const luaL_Reg fns[] = {
+        {"metric_counter", l_counter}, {"metric_gauge", l_gauge}, {"metric_histogram", l_histogram}, {NULL, NULL}};
+    luaL_register(L, NULL, fns);
+}
