@@ -173,6 +173,7 @@ static void render_metrics(FILE *out) {
             "bmdb_pool_connections{state=\"in_use\"} %d\nbmdb_pool_connections{state=\"idle\"} %d\n",
             in_use, idle);
     render_fleet(out);
+    metrics_render_own(out);
 }
 
 /* ---- HTML -------------------------------------------------------------------- */

@@ -440,6 +440,9 @@ void metrics_render(FILE *out) {
     }
     pthread_mutex_unlock(&mu);
     render_slots(out);
+}
+
+void metrics_render_own(FILE *out) {
     pthread_mutex_lock(&mu);
     for (const family *f = own_families; f; f = f->next) render_family(out, f);
     pthread_mutex_unlock(&mu);

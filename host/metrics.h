@@ -104,6 +104,9 @@ void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char 
 /* Writes every family of the registry, with HELP and TYPE, to out: the
  * host's, the slots gauge, then the operators'. */
 void metrics_render(FILE *out);
+/* The operators' own families (bmdb.metrics), written after every series
+ * of the host's (http.c). */
+void metrics_render_own(FILE *out);
 
 /* Writes `value` as a Prometheus label value (quotes not included). */
 void metrics_label_value(FILE *out, const char *value);

@@ -153,7 +153,7 @@ describe("bmdb.metrics", function()
       assert.equal(0, p:wait(30), p:stderr())
 
       -- after the host's own
-      assert(body:find("# TYPE bmdb_slots gauge", 1, true) < body:find("# TYPE op_items_total", 1, true))
+      assert(body:find("# TYPE bmdb_fleet_up gauge", 1, true) < body:find("# TYPE op_items_total", 1, true))
       assert.matches("\n# HELP op_items_total Items done, by mode%.\n# TYPE op_items_total counter\n", body)
       local function lines(prefix)
         local t = {}
