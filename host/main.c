@@ -38,6 +38,7 @@
 #include "migrate.h"
 #include "notify.h"
 #include "pool.h"
+#include "prune.h"
 #include "reload.h"
 #include "report.h"
 #include "sched.h"
@@ -67,6 +68,10 @@ static const char usage_text[] =
     "       bmdb-host resume PROCESS                   claims of PROCESS start again\n"
     "       bmdb-host hold MACHINE [--reason TEXT]     no process claims MACHINE\n"
     "       bmdb-host unhold MACHINE [--reason TEXT]   MACHINE can be claimed again\n"
+    "       bmdb-host prune [--before TIME | --keep-days DAYS] [--dry-run] [--batch N]\n"
+    "                      delete work_history older than TIME (ISO 8601) or DAYS days\n"
+    "                      (default 30; 0 prunes nothing), N rows a batch (default 1000);\n"
+    "                      the latest event of a pair in flight or in backoff is kept\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
@@ -274,6 +279,21 @@ static int cmd_control(const struct options *o, const char *cmd, int argc, char 
     bootstrap_close(&db);
     if (rc < 0) return print_error(EXIT_FAILED, "%s", err);
     return rc == 0 && !strcmp(cmd, "cancel") ? EXIT_FAILED : 0;
+}
+
+/* prune (prune.c). Exit 0 when done (or nothing to do), 1 when the
+ * database failed, 2 for bad arguments or a --before the server refuses. */
+static int cmd_prune(const struct options *o, int argc, char **argv) {
+    prune_args a;
+    char err[1024];
+    if (prune_parse(argc, argv, &a, err, sizeof err) < 0) return print_error(EXIT_USAGE, "%s", err);
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
+    int rc = bootstrap_schema(db.pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err);
+    if (rc == 0) rc = prune_run(db.pool, &a, stdout, err, sizeof err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
+    return 0;
 }
 
 /* ---- running a script ------------------------------------------------------ */
@@ -633,6 +653,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "cancel") || !strcmp(cmd, "pause") || !strcmp(cmd, "resume") || !strcmp(cmd, "hold") ||
         !strcmp(cmd, "unhold"))
         return cmd_control(&o, cmd, nargs - 1, args + 1);
+    if (strcmp(cmd, "prune") == 0) return cmd_prune(&o, nargs - 1, args + 1);
     int status = cmd_run(&o, nargs, args, sigfd);
     if (status == EXIT_STUCK) {
         /* A thread still runs Lua in our memory: exit without the atexit
