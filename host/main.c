@@ -28,6 +28,7 @@
 
 #include "bootstrap.h"
 #include "control.h"
+#include "retry.h"
 #include "http.h"
 #include "items.h"
 #include "lcore.h"
@@ -67,6 +68,9 @@ static const char usage_text[] =
     "       bmdb-host resume PROCESS                   claims of PROCESS start again\n"
     "       bmdb-host hold MACHINE [--reason TEXT]     no process claims MACHINE\n"
     "       bmdb-host unhold MACHINE [--reason TEXT]   MACHINE can be claimed again\n"
+    "       bmdb-host retry MACHINE PROCESS [--reason TEXT]  end that backoff now (exit 1: none)\n"
+    "       bmdb-host retry --process P [--cause TEXT] [--since TIME] [--dry-run] [--reason TEXT]\n"
+    "                                                  end the backoffs of P's pairs that match\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
@@ -274,6 +278,22 @@ static int cmd_control(const struct options *o, const char *cmd, int argc, char 
     bootstrap_close(&db);
     if (rc < 0) return print_error(EXIT_FAILED, "%s", err);
     return rc == 0 && !strcmp(cmd, "cancel") ? EXIT_FAILED : 0;
+}
+
+/* retry (retry.c). Exit 0 when it cleared the pair (bulk: always, with
+ * the count), 1 when the pair had no backoff or the database failed, 2
+ * for bad arguments, a --since the server refuses among them. */
+static int cmd_retry(const struct options *o, int argc, char **argv) {
+    retry_args a;
+    char err[1024];
+    if (retry_parse(argc, argv, &a, err, sizeof err) < 0) return print_error(EXIT_USAGE, "%s", err);
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
+    int rc = bootstrap_schema(db.pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err);
+    if (rc == 0) rc = retry_run(db.pool, &a, stdout, err, sizeof err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
+    return rc == 0 ? EXIT_FAILED : 0;
 }
 
 /* ---- running a script ------------------------------------------------------ */
@@ -633,6 +653,7 @@ int main(int argc, char **argv) {
     if (!strcmp(cmd, "cancel") || !strcmp(cmd, "pause") || !strcmp(cmd, "resume") || !strcmp(cmd, "hold") ||
         !strcmp(cmd, "unhold"))
         return cmd_control(&o, cmd, nargs - 1, args + 1);
+    if (!strcmp(cmd, "retry")) return cmd_retry(&o, nargs - 1, args + 1);
     int status = cmd_run(&o, nargs, args, sigfd);
     if (status == EXIT_STUCK) {
         /* A thread still runs Lua in our memory: exit without the atexit

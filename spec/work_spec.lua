@@ -230,7 +230,7 @@ describe("bmdb.work", function()
     for k in pairs(bmdb) do names[#names + 1] = k end
     table.sort(names)
     assert.same({ "backoff_next", "cancel", "exec", "hold", "http", "is_error", "json", "limit", "log", "pause",
-                  "resume", "session", "sleep", "transact", "try_work", "unhold", "wake", "work", "worker" }, names)
+                  "resume", "retry", "session", "sleep", "transact", "try_work", "unhold", "wake", "work", "worker" }, names)
   end)
 
   it("rejects a machine id that is not a UUID and an invalid process name", function()
