@@ -44,7 +44,7 @@ describe("retry", function()
     H.write_file(dir .. "/worker.lua", [[
       local bmdb = require "bmdb"
       return bmdb.worker {
-        process = "Reflash", poll = 0.2,
+        process = "Reflash", poll = 60, -- idle until woken: the retry's notification must wake it
         select = function(tx, limit)
           return tx:query([=[SELECT w.machine_id FROM wanted w WHERE w.process = 'Reflash'
             AND NOT EXISTS (SELECT 1 FROM effects e WHERE e.machine_id = w.machine_id)
@@ -61,11 +61,15 @@ describe("retry", function()
     admin:exec("INSERT INTO wanted VALUES ($1, 'Reflash')", m)
     local h = H.spawn { argv = { H.bin, "--interval", "2", dir .. "/worker.lua" }, env = { BMDB_DSN = dsn } }
     H.wait_until(function() return admin:one("SELECT count(*) AS n FROM sessions").n >= 2 end, 20, "the host's session")
+    -- the host listens for wake-ups (its slot has found nothing it may claim)
+    H.wait_until(function()
+      return admin:one("SELECT count(*) AS n FROM pg_stat_activity WHERE query LIKE 'LISTEN%'").n > 0
+    end, 20, "the host to listen")
     local code, out, err = cli("retry", m, "Reflash", "--reason", "provider is back")
     assert.equal(0, code, out .. err)
     assert.matches("retried", out)
     H.wait_until(function() return admin:one("SELECT count(*) AS n FROM effects WHERE machine_id = $1", m).n == 1 end,
-      20, "the worker to run the retried item")
+      20, "the woken worker to run the retried item")
     h:kill("TERM")
     assert.equal(0, h:wait(30), h:stderr())
     local r = retried(m, "Reflash")
@@ -159,6 +163,10 @@ describe("retry", function()
     backoff(m1, "Lua", "provider said 503")
     backoff(m2, "Lua", "provider said 503")
     backoff(m3, "Lua", "disk missing")
+    admin:exec([[INSERT INTO work_backoff (machine_id, process, backoff_until, last_seconds, attempts, cause)
+                 SELECT machine_id, 'LuaMany', now() + INTERVAL '1 hour', 3600, 1, 'x' FROM machines]])
+    local many = admin:one("SELECT count(*) AS n FROM work_backoff WHERE process = 'LuaMany'").n
+    assert.is_true(many > 1000) -- more than one batch
     H.write_file(dir .. "/oneoff.lua", [[
       local bmdb = require "bmdb"
       local m1 = ...
@@ -172,10 +180,12 @@ describe("retry", function()
       print(one, again, dry, n, bmdb.is_error(err, "usage"), tostring(err))
       print(bmdb.is_error(err2, "usage"), tostring(err2))
       print(bmdb.is_error(err3, "usage"), tostring(err3))
+      print(bmdb.retry { process = "LuaMany" })
     ]])
     local code, out, err = H.run({ H.bin, dir .. "/oneoff.lua", m1 }, { env = { BMDB_DSN = dsn } })
     assert.equal(0, code, out .. err)
-    local l1, l2, l3 = out:match("([^\n]*)\n([^\n]*)\n([^\n]*)")
+    local l1, l2, l3, l4 = out:match("([^\n]*)\n([^\n]*)\n([^\n]*)\n([^\n]*)")
+    assert.equal(tostring(many), l4)
     assert.matches("^true\tfalse\t1\t1\ttrue\t.*%-%-since is not a timestamp: not a time", l1)
     assert.matches("^true\t.*bad argument #1 to 'retry' %(unknown field \"proces\"%)", l2)
     assert.matches("^true\t.*bad argument #2 to 'retry' %(invalid process name", l3)
