@@ -1,5 +1,6 @@
 /* lcontrol.c -- work control as bmdb.core sees it: cancel, pause, resume,
- * hold and unhold inside a script's transaction (control.c), and the
+ * hold and unhold inside a script's transaction (control.c), retry
+ * (retry.c), and the
  * registry of items whose bodies run here (items.c: core.track,
  * core.item_lost). */
 #include <lauxlib.h>
@@ -10,6 +11,7 @@
 #include "lerror.h"
 #include "lifecycle.h"
 #include "lstate.h"
+#include "retry.h"
 #include "strays.h"
 #include "tx.h"
 #include "work.h"
@@ -51,6 +53,33 @@ static int l_control(lua_State *L) {
                      : control_unhold(t, name, reason, &e);
     if (rc < 0) return lerror_raise(L, &e);
     lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* core.retry(tx, machine, process, reason) -> whether the pair was in backoff */
+static int l_retry(lua_State *L) {
+    tx *t = lcore_check_tx(L, "retry");
+    check_ids(L);
+    tx_error e;
+    int rc = retry_one(t, lua_tostring(L, 2), lua_tostring(L, 3), luaL_optstring(L, 4, NULL), &e);
+    if (rc < 0) return lerror_raise(L, &e);
+    lua_pushboolean(L, rc);
+    return 1;
+}
+
+/* core.retry_batch(tx, process, cause, since, reason, dry_run) -> count:
+ * up to RETRY_BATCH pairs cleared (dry_run: how many match, all of them).
+ * A since the server refuses is a usage error naming it. */
+static int l_retry_batch(lua_State *L) {
+    tx *t = lcore_check_tx(L, "retry_batch");
+    retry_filter f = {lerror_checkstring(L, 2), luaL_optstring(L, 3, NULL), luaL_optstring(L, 4, NULL)};
+    if (!work_valid_process(f.process))
+        return lerror_raise_kind(L, BMDB_E_USAGE, "invalid process name '%s' (a letter, then letters, digits or _; at most 63)", f.process);
+    tx_error e;
+    long n = lua_toboolean(L, 6) ? retry_count(t, &f, &e) : retry_batch(t, &f, RETRY_BATCH, luaL_optstring(L, 5, NULL), &e);
+    if (n < 0 && retry_bad_since(&f, &e)) return lerror_raise_kind(L, BMDB_E_USAGE, "%s", e.message);
+    if (n < 0) return lerror_raise(L, &e);
+    lua_pushnumber(L, (lua_Number)n);
     return 1;
 }
 
@@ -108,7 +137,8 @@ static int l_is_os_exit(lua_State *L) {
 }
 
 static const luaL_Reg funcs[] = {{"cancel", l_cancel},       {"control", l_control},
-                                 {"paused", l_paused},       {"note_pause", l_note_pause},
+                                 {"paused", l_paused},       {"retry", l_retry},
+                                 {"retry_batch", l_retry_batch},       {"note_pause", l_note_pause},
                                  {"seen_paused", l_seen_paused},
                                  {"track", l_track},         {"untrack", l_untrack},
                                  {"item_lost", l_item_lost}, {"is_os_exit", l_is_os_exit},

@@ -40,6 +40,7 @@
 #include "pool.h"
 #include "prune.h"
 #include "reload.h"
+#include "retry.h"
 #include "report.h"
 #include "sched.h"
 #include "session.h"
@@ -72,6 +73,9 @@ static const char usage_text[] =
     "                      delete work_history older than TIME (ISO 8601) or DAYS days\n"
     "                      (default 30; 0 prunes nothing), N rows a batch (default 1000);\n"
     "                      the latest event of a pair in flight or in backoff is kept\n"
+    "       bmdb-host retry MACHINE PROCESS [--reason TEXT]  end that backoff now (exit 1: none)\n"
+    "       bmdb-host retry --process P [--cause TEXT] [--since TIME] [--dry-run] [--reason TEXT]\n"
+    "                                                  end the backoffs of P's pairs that match\n"
     "\n"
     "options:\n"
     "  --dsn DSN          libpq conninfo or URI (default: $BMDB_DSN, else embedded)\n"
@@ -294,6 +298,22 @@ static int cmd_prune(const struct options *o, int argc, char **argv) {
     bootstrap_close(&db);
     if (rc < 0) return print_error(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
     return 0;
+}
+
+/* retry (retry.c). Exit 0 when it cleared the pair (bulk: always, with
+ * the count), 1 when the pair had no backoff or the database failed, 2
+ * for bad arguments, a --since the server refuses among them. */
+static int cmd_retry(const struct options *o, int argc, char **argv) {
+    retry_args a;
+    char err[1024];
+    if (retry_parse(argc, argv, &a, err, sizeof err) < 0) return print_error(EXIT_USAGE, "%s", err);
+    host_db db;
+    if (database_open(o, 1, &db) < 0) return bootstrap_close(&db), EXIT_FAILED;
+    int rc = bootstrap_schema(db.pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err);
+    if (rc == 0) rc = retry_run(db.pool, &a, stdout, err, sizeof err);
+    bootstrap_close(&db);
+    if (rc < 0) return print_error(rc == -2 ? EXIT_USAGE : EXIT_FAILED, "%s", err);
+    return rc == 0 ? EXIT_FAILED : 0;
 }
 
 /* ---- running a script ------------------------------------------------------ */
@@ -654,6 +674,7 @@ int main(int argc, char **argv) {
         !strcmp(cmd, "unhold"))
         return cmd_control(&o, cmd, nargs - 1, args + 1);
     if (strcmp(cmd, "prune") == 0) return cmd_prune(&o, nargs - 1, args + 1);
+    if (!strcmp(cmd, "retry")) return cmd_retry(&o, nargs - 1, args + 1);
     int status = cmd_run(&o, nargs, args, sigfd);
     if (status == EXIT_STUCK) {
         /* A thread still runs Lua in our memory: exit without the atexit

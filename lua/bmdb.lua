@@ -1,11 +1,11 @@
 -- bmdb.lua -- the `bmdb` module scripts use: the documented API only.
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
---   worker, is_error, cancel, pause, resume, hold, unhold, http, json, exec, limit,
---   metrics
+--   worker, is_error, cancel, pause, resume, hold, unhold, retry, http, json,
+--   exec, limit, metrics
 --
 -- docs/api.md describes each (worker: docs/workers.md; cancel, pause,
--- resume, hold, unhold: docs/work-control.md; http, json, exec, limit:
+-- resume, hold, unhold, retry: docs/work-control.md; http, json, exec, limit:
 -- docs/talking-to-the-world.md; metrics: docs/operations.md). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
@@ -26,6 +26,7 @@ return {
   resume = I.resume,
   hold = I.hold,
   unhold = I.unhold,
+  retry = require("bmdb.control").retry,
   http = { request = require("bmdb.http").request },
   json = require "bmdb.json",
   exec = require "bmdb.exec",

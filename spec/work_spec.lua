@@ -230,7 +230,8 @@ describe("bmdb.work", function()
     for k in pairs(bmdb) do names[#names + 1] = k end
     table.sort(names)
     assert.same({ "backoff_next", "cancel", "exec", "hold", "http", "is_error", "json", "limit", "log", "metrics",
-                  "pause", "resume", "session", "sleep", "transact", "try_work", "unhold", "wake", "work", "worker" }, names)
+                  "pause", "resume", "retry", "session", "sleep", "transact", "try_work", "unhold", "wake", "work",
+                  "worker" }, names)
   end)
 
   it("rejects a machine id that is not a UUID and an invalid process name", function()

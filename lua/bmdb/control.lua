@@ -64,4 +64,56 @@ function M.hold(machine, reason) return control("hold", machine, reason, "hold")
 -- True when it was on hold.
 function M.unhold(machine, reason) return control("unhold", machine, reason, "unhold") end
 
+-- Ends the backoff of (machine, process) now, or, given a table, of
+-- every pair of its process in backoff whose cause contains cause and
+-- whose last failure was at or after since; each recorded Retried with
+-- the reason. The count of attempts is kept (retry.h says why). One
+-- pair: true when it was in backoff. Bulk: how many pairs it cleared (or
+-- with dry_run, would clear), one transaction per batch of them.
+function M.retry(machine, process, reason)
+  refuse_nested("bmdb.retry")
+  if type(machine) == "table" then
+    local o = machine
+    for k in pairs(o) do
+      if k ~= "process" and k ~= "cause" and k ~= "since" and k ~= "dry_run" and k ~= "reason" then
+        argerror(2, 1, "retry", "unknown field " .. string.format("%q", tostring(k)))
+      end
+    end
+    if not core.valid_process(o.process) then
+      argerror(2, 1, "retry", "process: invalid process name " .. string.format("%q", tostring(o.process)))
+    end
+    for _, f in ipairs { "cause", "since", "reason" } do
+      if o[f] ~= nil and type(o[f]) ~= "string" then
+        argerror(2, 1, "retry", f .. " must be a string, got " .. type(o[f]))
+      end
+    end
+    if o.dry_run ~= nil and type(o.dry_run) ~= "boolean" then
+      argerror(2, 1, "retry", "dry_run must be a boolean, got " .. type(o.dry_run))
+    end
+    local total = 0
+    repeat
+      local ok, n = pcall(transact_on, session_for(T.running()), function(tx)
+        return core.retry_batch(tx, o.process, o.cause, o.since, o.reason, o.dry_run)
+      end)
+      if not ok then error(n, 2) end
+      total = total + n
+      if n > 0 and not o.dry_run then notify_after("bmdb_wake", o.process) end
+    until n == 0 or o.dry_run
+    return total
+  end
+  if not core.valid_uuid(machine) then argerror(2, 1, "retry", "machine id is not a UUID: " .. tostring(machine)) end
+  if not core.valid_process(process) then
+    argerror(2, 2, "retry", "invalid process name " .. string.format("%q", tostring(process)))
+  end
+  if reason ~= nil and type(reason) ~= "string" then
+    argerror(2, 3, "retry", "reason must be a string, got " .. type(reason))
+  end
+  local ok, r = pcall(transact_on, session_for(T.running()), function(tx)
+    return core.retry(tx, machine, process, reason)
+  end)
+  if not ok then error(r, 2) end
+  if r then notify_after("bmdb_wake", process) end
+  return r
+end
+
 return M
