@@ -197,7 +197,13 @@ describe("retry", function()
 
   it("migration 0008 goes down with Retried events in history, and up again", function()
     assert.is_true(admin:one("SELECT count(*) AS n FROM work_history WHERE event = 'Retried'").n > 0)
-    local code, out, err = cli("migrate", "down", "1")
+    -- down to before 0008: it and every core migration after it
+    local newer = 0
+    for f in io.popen("ls " .. H.root .. "/migrations"):lines() do
+      local k = tonumber(f:match("^(%d+)_.*%.up%.sql$"))
+      if k and k >= 8 then newer = newer + 1 end
+    end
+    local code, out, err = cli("migrate", "down", tostring(newer))
     assert.equal(0, code, out .. err)
     assert.equal(0, admin:one("SELECT count(*) AS n FROM work_history WHERE event = 'Retried'").n)
     local ok = pcall(admin.exec, admin, [[INSERT INTO work_history (machine_id, process, event)
