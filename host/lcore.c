@@ -42,8 +42,10 @@ void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CF
     lua_newtable(L);
     luaL_register(L, NULL, methods);
     lua_setfield(L, -2, "__index");
-    lua_pushcfunction(L, gc);
-    lua_setfield(L, -2, "__gc");
+    if (gc) {
+        lua_pushcfunction(L, gc);
+        lua_setfield(L, -2, "__gc");
+    }
     lua_pop(L, 1);
 }
 

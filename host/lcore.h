@@ -48,7 +48,8 @@ struct pool *lcore_pool(void);
 
 int luaopen_bmdb_core(lua_State *L);
 
-/* A userdata class: metatable name with methods as __index and gc. */
+/* A userdata class: metatable name with methods as __index and gc (when
+ * not NULL) as __gc. */
 void lcore_class(lua_State *L, const char *name, const luaL_Reg *methods, lua_CFunction gc);
 
 /* Add their functions to the core table on top of the stack. */

@@ -79,6 +79,16 @@ int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...) {
     return lua_error(L);
 }
 
+int lerror_raise_where(lua_State *L, const char *kind, const char *fmt, ...) {
+    char msg[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    luaL_where(L, 1);
+    return lerror_raise_kind(L, kind, "%s%s", lua_tostring(L, -1), msg);
+}
+
 /* luaL_argerror, word for word, raising an object of kind usage. When
  * Lua cannot name the function (a tail call), fname and method say what
  * the caller called, so the message still names it. */

@@ -63,6 +63,10 @@ int lerror_raise(lua_State *L, const tx_error *e);
 /* The same error object, pushed instead of raised. */
 void lerror_push(lua_State *L, const tx_error *e);
 int lerror_raise_kind(lua_State *L, const char *kind, const char *fmt, ...);
+/* The same, the message prefixed with the position of the Lua code that
+ * called the C function (luaL_where(L, 1)): for the C functions Lua calls
+ * directly, whose errors should point at the script's line. */
+int lerror_raise_where(lua_State *L, const char *kind, const char *fmt, ...);
 /* Pushes {kind=, message=} with the metatable, for a caller that adds
  * fields of its own (an http error's reason) before lua_error. */
 void lerror_push_kind(lua_State *L, const char *kind, const char *msg);

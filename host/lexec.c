@@ -81,8 +81,7 @@ static int usage(lua_State *L, const char *fmt, ...) {
     va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
     va_end(ap);
-    luaL_where(L, 1);
-    return lerror_raise_kind(L, BMDB_E_USAGE, "%sbad argument #1 to 'exec' (%s)", lua_tostring(L, -1), msg);
+    return lerror_raise_where(L, BMDB_E_USAGE, "bad argument #1 to 'exec' (%s)", msg);
 }
 
 static const char *const OPTION_NAMES[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "grace", NULL};

@@ -28,18 +28,7 @@
 /* Default buckets, for latencies in seconds as the host's own. */
 static const double default_bounds[] = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
 
-static int usage(lua_State *L, const char *fmt, ...) {
-    char msg[1024];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    luaL_where(L, 1);
-    lua_pushstring(L, msg);
-    lua_concat(L, 2);
-    lerror_push_kind(L, BMDB_E_USAGE, lua_tostring(L, -1));
-    return lua_error(L);
-}
+#define usage(L, ...) lerror_raise_where(L, BMDB_E_USAGE, __VA_ARGS__)
 
 static int define(lua_State *L, const char *kind, const char *mt) {
     if (lua_type(L, 1) != LUA_TSTRING)
@@ -146,11 +135,10 @@ static int m_tostring(lua_State *L) {
     return 1;
 }
 
+/* A metric's class: lcore_class's, with a __tostring naming the metric. */
 static void class(lua_State *L, const char *mt, const luaL_Reg *methods) {
-    luaL_newmetatable(L, mt);
-    lua_newtable(L);
-    luaL_register(L, NULL, methods);
-    lua_setfield(L, -2, "__index");
+    lcore_class(L, mt, methods, NULL);
+    luaL_getmetatable(L, mt);
     lua_pushcfunction(L, m_tostring);
     lua_setfield(L, -2, "__tostring");
     lua_pop(L, 1);
