@@ -12,6 +12,8 @@ PREFIX    ?= /usr/local
 CFLAGS    ?= -O2 -g
 BUILD     ?= build
 BASE_CFLAGS := -std=gnu11 -Wall -Wextra -pthread -fPIC
+# host/ is searched for #include "..." only: its sched.h must not hide the
+# system <sched.h> that <pthread.h> includes.
 override CPPFLAGS += -iquote host -I$(BUILD) $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 override LDLIBS += $(shell pkg-config --libs $(PKGS) 2>/dev/null) -pthread
 # The Lua C module takes LuaJIT from the interpreter that loads it.
