@@ -75,14 +75,7 @@ typedef struct {
 
 /* A bad option: worded as luaL_argerror words it, at the caller's line
  * (bmdb.exec tail-calls core.exec, so level 1 is the script's code). */
-static int usage(lua_State *L, const char *fmt, ...) {
-    char msg[512];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    return lerror_raise_where(L, BMDB_E_USAGE, "bad argument #1 to 'exec' (%s)", msg);
-}
+#define usage(L, fmt, ...) lerror_raise_where(L, BMDB_E_USAGE, "bad argument #1 to 'exec' (" fmt ")", ##__VA_ARGS__)
 
 static const char *const OPTION_NAMES[] = {"argv", "stdin", "env", "cwd", "timeout", "max_output", "grace", NULL};
 
