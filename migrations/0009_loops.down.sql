@@ -1,0 +1,2 @@
+DROP TABLE loop_history;
+DROP TABLE loops;
