@@ -1,9 +1,10 @@
 /* lcontrol.c -- work control as bmdb.core sees it: cancel, pause, resume,
  * hold and unhold inside a script's transaction (control.c), retry
- * (retry.c), and the
+ * (retry.c), history retention's batches (prune.c), and the
  * registry of items whose bodies run here (items.c: core.track,
  * core.item_lost). */
 #include <lauxlib.h>
+#include <stdio.h>
 
 #include "control.h"
 #include "items.h"
@@ -11,6 +12,7 @@
 #include "lerror.h"
 #include "lifecycle.h"
 #include "lstate.h"
+#include "prune.h"
 #include "retry.h"
 #include "strays.h"
 #include "tx.h"
@@ -83,6 +85,65 @@ static int l_retry_batch(lua_State *L) {
     return 1;
 }
 
+/* core.keep_history() -> days: the host's --keep-history (0: keep all) */
+static int l_keep_history(lua_State *L) {
+    lua_pushnumber(L, prune_keep_history());
+    return 1;
+}
+
+/* core.prune_cutoff(days) -> the cutoff, now() - days as the server
+ * writes a TIMESTAMPTZ */
+static int l_prune_cutoff(lua_State *L) {
+    lua_Number d = luaL_checknumber(L, 1);
+    if (!(d >= 1 && d <= PRUNE_KEEP_MAX) || d != (int)d)
+        return lerror_argerror(L, 1, "days: expected a whole number from 1 to %d, got %g", PRUNE_KEEP_MAX, d);
+    char cutoff[64], err[1024];
+    if (!lcore_pool()) return lerror_raise_kind(L, BMDB_E_NOT_CONNECTED, "prune_cutoff: no database");
+    if (prune_cutoff(lcore_pool(), NULL, (int)d, cutoff, sizeof cutoff, err, sizeof err) < 0)
+        return lerror_raise_kind(L, BMDB_E_CONNECTION, "%s", err);
+    lua_pushstring(L, cutoff);
+    return 1;
+}
+
+/* core.prune_batch(cutoff, limit, cursor) -> removed, more, cursor: one
+ * batch of prune.h's (its own short READ COMMITTED transaction, on a
+ * pooled connection, fenced by nothing: deleting old history is the same
+ * whoever does it). cursor: nil at the start, then what the last call
+ * returned ({table=, at=, id=}). */
+static int l_prune_batch(lua_State *L) {
+    const char *cutoff = lerror_checkstring(L, 1);
+    lua_Number limit = luaL_checknumber(L, 2);
+    if (!(limit >= 1 && limit <= 100000) || limit != (int)limit)
+        return lerror_argerror(L, 2, "limit: expected a whole number from 1 to 100000, got %g", limit);
+    prune_cursor cur = {0};
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "table");
+        lua_getfield(L, 3, "at");
+        lua_getfield(L, 3, "id");
+        cur.table = (int)luaL_optnumber(L, -3, 0);
+        snprintf(cur.at, sizeof cur.at, "%s", luaL_optstring(L, -2, ""));
+        snprintf(cur.id, sizeof cur.id, "%s", luaL_optstring(L, -1, ""));
+        lua_pop(L, 3);
+    }
+    long removed;
+    int more;
+    char err[1024];
+    if (!lcore_pool()) return lerror_raise_kind(L, BMDB_E_NOT_CONNECTED, "prune_batch: no database");
+    if (prune_batch(lcore_pool(), cutoff, (int)limit, 0, &cur, &removed, &more, err, sizeof err) < 0)
+        return lerror_raise_kind(L, BMDB_E_CONNECTION, "%s", err);
+    lua_pushnumber(L, (lua_Number)removed);
+    lua_pushboolean(L, more);
+    lua_createtable(L, 0, 3);
+    lua_pushnumber(L, cur.table);
+    lua_setfield(L, -2, "table");
+    lua_pushstring(L, cur.at);
+    lua_setfield(L, -2, "at");
+    lua_pushstring(L, cur.id);
+    lua_setfield(L, -2, "id");
+    return 3;
+}
+
 /* core.paused(tx, process) -> reason or nil, and notes it for the log */
 static int l_paused(lua_State *L) {
     tx *t = lcore_check_tx(L, "paused");
@@ -139,6 +200,8 @@ static int l_is_os_exit(lua_State *L) {
 static const luaL_Reg funcs[] = {{"cancel", l_cancel},       {"control", l_control},
                                  {"paused", l_paused},       {"retry", l_retry},
                                  {"retry_batch", l_retry_batch},       {"note_pause", l_note_pause},
+                                 {"keep_history", l_keep_history},     {"prune_cutoff", l_prune_cutoff},
+                                 {"prune_batch", l_prune_batch},
                                  {"seen_paused", l_seen_paused},
                                  {"track", l_track},         {"untrack", l_untrack},
                                  {"item_lost", l_item_lost}, {"is_os_exit", l_is_os_exit},

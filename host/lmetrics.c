@@ -1,5 +1,8 @@
 /* lmetrics.c -- bmdb.metrics: operators' own counters, gauges and
- * histograms (core.metric_counter, core.metric_gauge, core.metric_histogram).
+ * histograms (core.metric_counter, core.metric_gauge, core.metric_histogram);
+ * what a fleet gauge (bmdb.gauge, lua/bmdb/gauge.lua) needs besides: its
+ * name checked before its family exists, its query's rows in column
+ * order, its series removed.
  *
  * The registry is metrics.c's (metrics_own_*): one family per name for
  * the whole process, so every slot's state, the script's and a reloaded
@@ -16,7 +19,9 @@
 #include <string.h>
 
 #include "lerror.h"
+#include "lvalue.h"
 #include "metrics.h"
+#include "tx.h"
 
 #define COUNTER_MT "bmdb.metrics.counter"
 #define GAUGE_MT "bmdb.metrics.gauge"
@@ -130,6 +135,80 @@ static int g_inc(lua_State *L) { return sample(L, GAUGE_MT, "inc", METRICS_OWN_A
 static int g_dec(lua_State *L) { return sample(L, GAUGE_MT, "dec", METRICS_OWN_ADD, 1, -1); }
 static int h_observe(lua_State *L) { return sample(L, HISTOGRAM_MT, "observe", METRICS_OWN_OBSERVE, 0, 1); }
 
+/* core.metric_check(kind, name) -> why name is refused, or nil: the rules
+ * of a definition, for a definition that defines its family later (a
+ * fleet gauge: its labels are its query's columns). */
+static int l_check(lua_State *L) {
+    const char *kind = lerror_checkstring(L, 1);
+    if (lua_type(L, 2) != LUA_TSTRING) {
+        lua_pushfstring(L, "the name must be a string, got %s", luaL_typename(L, 2));
+        return 1;
+    }
+    char err[512];
+    if (metrics_own_check(kind, lua_tostring(L, 2), err, sizeof err)) lua_pushstring(L, err);
+    else lua_pushnil(L);
+    return 1;
+}
+
+/* core.metric_remove(metric[, values]) -> how many series went: the one
+ * with these label values (a list, in the family's order), or all of
+ * them without values. */
+static int l_remove(lua_State *L) {
+    metrics_own *f = *(metrics_own **)lerror_checkudata(L, 1, GAUGE_MT, "a gauge");
+    if (lua_isnoneornil(L, 2)) {
+        lua_pushnumber(L, metrics_own_remove(f, NULL));
+        return 1;
+    }
+    luaL_checktype(L, 2, LUA_TTABLE);
+    int nl = metrics_own_nlabels(f);
+    if ((int)lua_objlen(L, 2) != nl)
+        return usage(L, "metric '%s': remove wants %d label value%s, got %d", metrics_own_name(f), nl,
+                     nl == 1 ? "" : "s", (int)lua_objlen(L, 2));
+    const char *values[METRICS_OWN_LABELS_MAX];
+    luaL_checkstack(L, nl + 1, "metric_remove");
+    for (int i = 0; i < nl; i++) {
+        lua_rawgeti(L, 2, i + 1);
+        if (lua_type(L, -1) != LUA_TSTRING && lua_type(L, -1) != LUA_TNUMBER)
+            return usage(L, "metric '%s': label value %d must be a string or a number, got %s",
+                         metrics_own_name(f), i + 1, luaL_typename(L, -1));
+        values[i] = lua_tostring(L, -1); /* kept on the stack: a number's text is only there */
+    }
+    lua_pushnumber(L, metrics_own_remove(f, values));
+    return 1;
+}
+
+/* core.metric_rows(tx, sql) -> names, rows: a fleet gauge's query, its
+ * column names in order and each row as a list in that order (a row
+ * keyed by name, as tx:query gives it, loses the order that says which
+ * column is the value; NULL is nil, a hole). */
+static int l_rows(lua_State *L) {
+    tx *t = lcore_check_tx(L, "metric_rows");
+    const char *sql = lerror_checkstring(L, 2);
+    char name[64];
+    if (lvalue_transaction_control(sql, name, sizeof name))
+        return lerror_raise_kind(L, BMDB_E_USAGE, "metric_rows: %s is refused inside bmdb.transact", name);
+    tx_error e;
+    PGresult *r = tx_exec_params(t, sql, 0, NULL, NULL, NULL, &e);
+    if (!r) return lerror_raise(L, &e);
+    int rows = PQntuples(r), cols = PQnfields(r);
+    lua_createtable(L, cols, 0);
+    for (int c = 0; c < cols; c++) {
+        lua_pushstring(L, PQfname(r, c));
+        lua_rawseti(L, -2, c + 1);
+    }
+    lua_createtable(L, rows, 0);
+    for (int i = 0; i < rows; i++) {
+        lua_createtable(L, cols, 0);
+        for (int c = 0; c < cols; c++) {
+            lvalue_push_value(L, r, i, c);
+            lua_rawseti(L, -2, c + 1);
+        }
+        lua_rawseti(L, -2, i + 1);
+    }
+    PQclear(r);
+    return 2;
+}
+
 static int m_tostring(lua_State *L) {
     lua_pushfstring(L, "metric %s", metrics_own_name(*(metrics_own **)lua_touserdata(L, 1)));
     return 1;
@@ -152,6 +231,8 @@ void lmetrics_register(lua_State *L) {
     class(L, GAUGE_MT, gauge);
     class(L, HISTOGRAM_MT, histogram);
     static const luaL_Reg fns[] = {
-        {"metric_counter", l_counter}, {"metric_gauge", l_gauge}, {"metric_histogram", l_histogram}, {NULL, NULL}};
+        {"metric_counter", l_counter}, {"metric_gauge", l_gauge},   {"metric_histogram", l_histogram},
+        {"metric_check", l_check},     {"metric_remove", l_remove}, {"metric_rows", l_rows},
+        {NULL, NULL}};
     luaL_register(L, NULL, fns);
 }

@@ -231,7 +231,7 @@ void lvalue_params(lua_State *L, const char *fname, const char *sql, int first, 
     }
 }
 
-static void push_value(lua_State *L, const PGresult *r, int row, int col) {
+void lvalue_push_value(lua_State *L, const PGresult *r, int row, int col) {
     if (PQgetisnull(r, row, col)) {
         lua_pushnil(L);
         return;
@@ -274,7 +274,7 @@ static void push_row(lua_State *L, const PGresult *r, int row) {
     int ncols = PQnfields(r);
     lua_createtable(L, 0, ncols);
     for (int c = 0; c < ncols; c++) {
-        push_value(L, r, row, c);
+        lvalue_push_value(L, r, row, c);
         lua_setfield(L, -2, PQfname(r, c));
     }
 }

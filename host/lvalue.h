@@ -29,6 +29,9 @@ void lvalue_params(lua_State *L, const char *fname, const char *sql, int first, 
 /* Pushes what query ("q..."), one ("o...") or exec returns for r, and
  * clears r. */
 int lvalue_push_result(lua_State *L, const char *fname, PGresult *r);
+/* Pushes one cell of r as a row's field would be (the same rules), for a
+ * caller that wants the columns in order (a fleet gauge's rows). */
+void lvalue_push_value(lua_State *L, const PGresult *r, int row, int col);
 /* The statement's name when it would start, end or split the transaction
  * (COMMIT, ROLLBACK, BEGIN, SAVEPOINT, PREPARE TRANSACTION, ...), else
  * NULL. Inside bmdb.transact the transaction is the host's: ending it ends

@@ -70,8 +70,9 @@ static const char usage_text[] =
     "       bmdb-host hold MACHINE [--reason TEXT]     no process claims MACHINE\n"
     "       bmdb-host unhold MACHINE [--reason TEXT]   MACHINE can be claimed again\n"
     "       bmdb-host prune [--before TIME | --keep-days DAYS] [--dry-run] [--batch N]\n"
-    "                      delete work_history older than TIME (ISO 8601) or DAYS days\n"
-    "                      (default 30; 0 prunes nothing), N rows a batch (default 1000);\n"
+    "                      delete work_history and loop_history older than TIME\n"
+    "                      (ISO 8601) or DAYS days (default 30; 0 prunes nothing),\n"
+    "                      N rows a batch (default 1000);\n"
     "                      the latest event of a pair in flight or in backoff is kept\n"
     "       bmdb-host retry MACHINE PROCESS [--reason TEXT]  end that backoff now (exit 1: none)\n"
     "       bmdb-host retry --process P [--cause TEXT] [--since TIME] [--dry-run] [--reason TEXT]\n"
@@ -86,6 +87,8 @@ static const char usage_text[] =
     "  --interval SECS    session heartbeat interval (default: 5)\n"
     "  --grace SECS       drain time for items in flight on SIGTERM (default: 30)\n"
     "  --watch            reload the script when its files change\n"
+    "  --keep-history DAYS a worker script's retention loop prunes history older than\n"
+    "                     DAYS days, as prune does (default: 30; 0 keeps it all)\n"
     "  --http ADDR        serve /metrics, a status page and /healthz on ADDR: PORT or\n"
     "                     127.0.0.1:PORT, [::1]:PORT; other addresses only as written\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
@@ -94,7 +97,7 @@ static const char usage_text[] =
 
 struct options {
     const char *dsn, *data_dir, *component, *migrations, *http;
-    int interval, grace, watch, migrate;
+    int interval, grace, watch, migrate, keep_history;
 };
 
 /* Prints "bmdb-host: <message>" on stderr and returns code, so a command
@@ -126,7 +129,7 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_KEEP_HISTORY };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -137,6 +140,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"grace", required_argument, NULL, O_GRACE},
         {"watch", no_argument, NULL, O_WATCH},
         {"http", required_argument, NULL, O_HTTP},
+        {"keep-history", required_argument, NULL, O_KEEP_HISTORY},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
         {"help", no_argument, NULL, 'h'},
@@ -160,6 +164,9 @@ static int parse_options(int argc, char **argv, struct options *o) {
             if (parse_int("--grace", optarg, 0, 86400, &o->grace) < 0) return -1;
             break;
         case O_WATCH: o->watch = 1; break;
+        case O_KEEP_HISTORY:
+            if (parse_int("--keep-history", optarg, 0, PRUNE_KEEP_MAX, &o->keep_history) < 0) return -1;
+            break;
         case O_HTTP: {
             char err[256];
             if (http_check_addr(optarg, err, sizeof err) < 0) {
@@ -642,8 +649,10 @@ static int cmd_run(const struct options *o, int argc, char **argv, int sigfd) {
 }
 
 int main(int argc, char **argv) {
-    struct options o = {.data_dir = ".bmdb", .interval = 5, .grace = 30, .migrate = 1};
+    struct options o = {.data_dir = ".bmdb", .interval = 5, .grace = 30, .migrate = 1,
+                        .keep_history = PRUNE_KEEP_DAYS};
     if (parse_options(argc, argv, &o) < 0) return EXIT_USAGE;
+    prune_set_keep_history(o.keep_history); /* before any thread: the retention loop reads it */
     int nargs = argc - optind;
     char **args = argv + optind;
     if (nargs == 0) {

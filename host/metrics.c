@@ -7,7 +7,8 @@
  * Series are created on first use and never freed: their number is
  * bounded by processes x results x sqlstates seen, which a host keeps few
  * of. The operators' families (bmdb.metrics) live in the same registry,
- * after the host's, and are never freed either; theirs are bounded by a
+ * after the host's, and are never freed either (their series are freed
+ * only when removed: metrics_own_remove); theirs are bounded by a
  * cap per family (METRICS_OWN_SERIES_MAX): a sample that would make one
  * more is dropped, with one warning per family (logging is allowed under
  * mu: log.c's lock is innermost). */
@@ -630,24 +631,62 @@ const char *metrics_own_name(const metrics_own *f) { return f->name; }
 int metrics_own_nlabels(const metrics_own *f) { return f->nlabels; }
 const char *metrics_own_label(const metrics_own *f, int i) { return f->label_names[i]; }
 
-void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char *const *values) {
+int metrics_own_check(const char *kind, const char *name, char *err, size_t errlen) {
+    enum kind k = !strcmp(kind, "histogram") ? HISTOGRAM : !strcmp(kind, "gauge") ? GAUGE : COUNTER;
+    static const double one_bound[] = {1};
+    return check_definition(k, name, NULL, 0, one_bound, 1, err, errlen);
+}
+
+/* The rendered label set of these values (escaped), malloc'd; "" (also
+ * malloc'd) for an unlabelled family; NULL when out of memory. */
+static char *label_text(const family *f, const char *const *values) {
+    if (!f->nlabels) return strdup("");
     char *text = NULL;
     size_t n = 0;
-    if (f->nlabels) {
-        FILE *m = open_memstream(&text, &n);
-        if (!m) return;
-        for (int i = 0; i < f->nlabels; i++) {
-            fprintf(m, "%s%s=\"", i ? "," : "", f->label_names[i]);
-            metrics_label_value(m, values[i]);
-            fputc('"', m);
-        }
-        if (fclose(m) || !text) {
-            free(text);
-            return;
-        }
+    FILE *m = open_memstream(&text, &n);
+    if (!m) return NULL;
+    for (int i = 0; i < f->nlabels; i++) {
+        fprintf(m, "%s%s=\"", i ? "," : "", f->label_names[i]);
+        metrics_label_value(m, values[i]);
+        fputc('"', m);
     }
+    if (fclose(m) || !text) {
+        free(text);
+        return NULL;
+    }
+    return text;
+}
+
+int metrics_own_remove(metrics_own *f, const char *const *values) {
+    char *text = values ? label_text(f, values) : NULL;
+    if (values && !text) return 0;
+    int n = 0;
     pthread_mutex_lock(&mu);
-    series *s = find(f, text ? text : "");
+    for (series **p = &f->series; *p;) {
+        series *s = *p;
+        if (text && strcmp(s->labels, text)) {
+            p = &s->next;
+            continue;
+        }
+        *p = s->next;
+        free(s->labels);
+        free(s->buckets);
+        free(s);
+        f->nseries--;
+        n++;
+    }
+    /* under the cap again: a new series past it is worth a warning again */
+    if (f->nseries < f->cap) f->warned = 0;
+    pthread_mutex_unlock(&mu);
+    free(text);
+    return n;
+}
+
+void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char *const *values) {
+    char *text = label_text(f, values);
+    if (!text) return;
+    pthread_mutex_lock(&mu);
+    series *s = find(f, text);
     if (s && op == METRICS_OWN_OBSERVE) observe_in(f, s, v);
     else if (s && op == METRICS_OWN_SET) s->value = v;
     else if (s) s->value += v;

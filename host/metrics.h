@@ -100,6 +100,14 @@ typedef enum { METRICS_OWN_ADD, METRICS_OWN_SET, METRICS_OWN_OBSERVE } metrics_o
 /* One sample: values are the label values, in the order of the family's
  * names (escaped here). A new series beyond the family's cap is dropped. */
 void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char *const *values);
+/* Removes the series with these label values (in the order of the
+ * family's names), or every series of the family when values is NULL: a
+ * series whose source is gone is no longer exported (a fleet gauge's row
+ * that vanished, or its loop held elsewhere now). Returns how many went. */
+int metrics_own_remove(metrics_own *f, const char *const *values);
+/* Whether name is valid for a family of this kind, by the rules
+ * metrics_own_define applies (labels aside): 0, or 1 with why in err. */
+int metrics_own_check(const char *kind, const char *name, char *err, size_t errlen);
 
 /* Writes every family of the registry, with HELP and TYPE, to out: the
  * host's, the slots gauge, then the operators'. */

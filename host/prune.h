@@ -1,5 +1,6 @@
-/* prune.h -- history retention: deleting old work_history rows in short
- * batches, and the command line that does it (bmdb-host prune).
+/* prune.h -- history retention: deleting old work_history and
+ * loop_history rows in short batches, the command line that does it
+ * (bmdb-host prune), and the host's --keep-history for the retention loop.
  *
  * What is never deleted, whatever its age: the latest event of each
  * (machine, process) that has a work row (in flight) or a work_backoff row
@@ -13,10 +14,16 @@
 #include <stdio.h>
 #include "pool.h"
 
-/* Where the next batch starts: after the last row the previous one looked
- * at. Zeroed: from the oldest row. Keeping it across batches spares each
- * batch rereading the protected rows at the head of the range. */
+/* The tables pruned, in the order the batches walk them. */
+enum { PRUNE_WORK_HISTORY, PRUNE_LOOP_HISTORY, PRUNE_TABLES };
+extern const char *const prune_table_names[PRUNE_TABLES];
+
+/* Where the next batch starts: in which table, after the last row the
+ * previous one looked at. Zeroed: from the oldest row of work_history.
+ * Keeping it across batches spares each batch rereading the protected
+ * rows at the head of the range. */
 typedef struct prune_cursor {
+    int table;    /* PRUNE_WORK_HISTORY, ...; PRUNE_TABLES once all are done */
     char at[64];  /* occurred_at of the last row looked at, as the server wrote it; "" at the start */
     char id[40];  /* its history_id */
 } prune_cursor;
@@ -26,10 +33,11 @@ typedef struct prune_cursor {
  * not a timestamp or lies in the future (err names it); -1 otherwise. */
 int prune_cutoff(pool *p, const char *before, int keep_days, char *cutoff, size_t len, char *err, size_t errlen);
 
-/* One batch: looks at up to limit rows older than cutoff after *cur,
- * deletes those not protected (with dry_run, only counts them), and moves
- * *cur past them. *removed gets the rows deleted (or that would be), *more
- * 1 when rows older than cutoff may remain after *cur. Retries a
+/* One batch: looks at up to limit rows of cur->table older than cutoff
+ * after *cur, deletes those not protected (with dry_run, only counts
+ * them), and moves *cur past them, to the next table when this one has
+ * none left. *removed gets the rows deleted (or that would be), *more 1
+ * when rows older than cutoff may remain after *cur (in any table). Retries a
  * serialization failure itself. 0, or -1 with err. A caller that loops
  * (the command line, a retention loop) pauses between calls. */
 int prune_batch(pool *p, const char *cutoff, int limit, int dry_run, prune_cursor *cur, long *removed, int *more,
@@ -38,6 +46,13 @@ int prune_batch(pool *p, const char *cutoff, int limit, int dry_run, prune_curso
 /* bmdb-host prune [--before TIME] [--keep-days DAYS] [--dry-run] [--batch N] */
 #define PRUNE_KEEP_DAYS 30
 #define PRUNE_BATCH 1000
+#define PRUNE_KEEP_MAX 36500  /* days: --keep-days and --keep-history at most */
+
+/* The host's --keep-history DAYS (0: keep everything), what the retention
+ * loop prunes to; PRUNE_KEEP_DAYS until main() sets it, before any thread
+ * starts. */
+void prune_set_keep_history(int days);
+int prune_keep_history(void);
 typedef struct prune_args {
     const char *before;  /* NULL: keep_days */
     int keep_days, batch, dry_run;

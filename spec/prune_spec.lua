@@ -90,6 +90,15 @@ describe("bmdb-host prune", function()
     admin:exec([[INSERT INTO work_history (machine_id, process, session_id, event, occurred_at)
                  SELECT gen_random_uuid(), 'Bulk', $1, 'Finished', now() - INTERVAL '29 days' + i * INTERVAL '1 second'
                  FROM generate_series(1, 500) AS g (i)]], session)
+    -- loop_history: every old event goes (a loop's state is its loops row), the young stay
+    admin:exec([[INSERT INTO loop_history (name, session_id, event, occurred_at)
+                 SELECT 'reconcile', $1, 'Finished', now() - INTERVAL '31 days' - i * INTERVAL '1 minute'
+                 FROM generate_series(1, 2500) AS g (i)]], session)
+    admin:exec([[INSERT INTO loop_history (name, session_id, event, occurred_at)
+                 SELECT 'reconcile', $1, 'Started', now() - INTERVAL '29 days' + i * INTERVAL '1 minute'
+                 FROM generate_series(1, 40) AS g (i)]], session)
+    local old_loops = "SELECT count(*) AS n FROM loop_history WHERE occurred_at < now() - INTERVAL '30 days'"
+    assert.equal(2500, n(old_loops))
     local old = "SELECT count(*) AS n FROM work_history WHERE occurred_at < now() - INTERVAL '30 days'"
     local expected = n(old) - 2
     assert.equal(100000 + 8 - 2, expected)
@@ -98,8 +107,10 @@ describe("bmdb-host prune", function()
     -- --dry-run counts and changes nothing
     local code, out, err = cli("prune", "--dry-run")
     assert.equal(0, code, err)
-    assert.matches("dry run: would delete " .. expected .. " history rows older than", out, 1, true)
+    assert.matches("dry run: would delete " .. expected + 2500 .. " history rows older than", out, 1, true)
+    assert.matches("(work_history " .. expected .. ", loop_history 2500; ", out, 1, true)
     assert.equal(expected + 2, n(old))
+    assert.equal(2500, n(old_loops))
 
     -- A host of 8 slots whose select offers many machines, each item short.
     admin:exec("CREATE TABLE spin (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)")
@@ -138,10 +149,13 @@ describe("bmdb-host prune", function()
           :format(retries0, claims0, retries1, claims1))
     code, out, err = res[1], res[2], res[3]
     assert.equal(0, code, err)
-    assert.matches("^deleted " .. expected .. " history rows older than", out)
-    local batches = tonumber(out:match("%((%d+) batches of at most 1000%)"))
+    assert.matches("^deleted " .. expected + 2500 .. " history rows older than", out)
+    assert.matches("(work_history " .. expected .. ", loop_history 2500; ", out, 1, true)
+    local batches = tonumber(out:match("; (%d+) batches of at most 1000%)"))
     assert.is_truthy(batches, out)
-    assert.is_true(batches >= expected / 1000, out)
+    assert.is_true(batches >= (expected + 2500) / 1000, out)
+    assert.equal(0, n(old_loops))
+    assert.equal(40, n("SELECT count(*) AS n FROM loop_history"))
 
     -- exactly the protected rows are left of the old ones
     local left = {}
