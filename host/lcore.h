@@ -67,7 +67,7 @@ void lhttp_global_init(void);
 void ljson_register(lua_State *L);
 void lexec_register(lua_State *L); /* core.exec: lexec.c */
 void llimit_register(lua_State *L);
-void lmetrics_register(lua_State *L); /* core.metric_counter, _gauge, _histogram, _check, _remove, _rows: lmetrics.c */
+void lmetrics_register(lua_State *L); /* core.metric_counter, _gauge, _histogram, _check, _remove, _rows, _text: lmetrics.c */
 
 /* The open transaction at stack index 1 (raises when it is over, the host
  * canceled or the session expired), for lcontrol.c. */

@@ -16,6 +16,7 @@
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "lerror.h"
@@ -209,6 +210,23 @@ static int l_rows(lua_State *L) {
     return 2;
 }
 
+/* core.metric_text() -> the operators' families as /metrics writes them
+ * (bmdb.testing and the specs read a host's registry in-process). */
+static int l_text(lua_State *L) {
+    char *text = NULL;
+    size_t n = 0;
+    FILE *m = open_memstream(&text, &n);
+    if (!m) return lerror_raise_kind(L, BMDB_E_MEMORY, "metric_text: out of memory");
+    metrics_render_own(m);
+    if (fclose(m) || !text) {
+        free(text);
+        return lerror_raise_kind(L, BMDB_E_MEMORY, "metric_text: out of memory");
+    }
+    lua_pushlstring(L, text, n);
+    free(text);
+    return 1;
+}
+
 static int m_tostring(lua_State *L) {
     lua_pushfstring(L, "metric %s", metrics_own_name(*(metrics_own **)lua_touserdata(L, 1)));
     return 1;
@@ -233,6 +251,6 @@ void lmetrics_register(lua_State *L) {
     static const luaL_Reg fns[] = {
         {"metric_counter", l_counter}, {"metric_gauge", l_gauge},   {"metric_histogram", l_histogram},
         {"metric_check", l_check},     {"metric_remove", l_remove}, {"metric_rows", l_rows},
-        {NULL, NULL}};
+        {"metric_text", l_text},       {NULL, NULL}};
     luaL_register(L, NULL, fns);
 }

@@ -2,11 +2,11 @@
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
 --   worker, is_error, cancel, pause, resume, hold, unhold, retry, http, json,
---   exec, limit, metrics
+--   exec, limit, metrics, gauge
 --
 -- docs/api.md describes each (worker: docs/workers.md; cancel, pause,
 -- resume, hold, unhold, retry: docs/work-control.md; http, json, exec, limit:
--- docs/talking-to-the-world.md; metrics: docs/operations.md). The implementation, and what the
+-- docs/talking-to-the-world.md; metrics, gauge: docs/operations.md). The implementation, and what the
 -- host, bmdb.testing and the specs use besides, is bmdb.internal.
 local I = require "bmdb.internal"
 
@@ -32,4 +32,5 @@ return {
   exec = require "bmdb.exec",
   limit = require("bmdb.limit").limit,
   metrics = require "bmdb.metrics",
+  gauge = require("bmdb.gauge").gauge,
 }
