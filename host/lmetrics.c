@@ -151,10 +151,17 @@ static int l_check(lua_State *L) {
     return 1;
 }
 
-/* core.metric_remove(metric[, values]) -> how many series went: the one
+/* core.metric_remove(gauge[, values]) -> how many series went: the one
  * with these label values (a list, in the family's order), or all of
- * them without values. */
+ * them without values. gauge: a gauge, or the name of one (none of that
+ * name: 0), for a state that never defined it (a reload that removed a
+ * fleet gauge). */
 static int l_remove(lua_State *L) {
+    if (lua_type(L, 1) == LUA_TSTRING) {
+        metrics_own *f = metrics_own_find(lua_tostring(L, 1), "gauge");
+        lua_pushnumber(L, f && lua_isnoneornil(L, 2) ? metrics_own_remove(f, NULL) : 0);
+        return 1;
+    }
     metrics_own *f = *(metrics_own **)lerror_checkudata(L, 1, GAUGE_MT, "a gauge");
     if (lua_isnoneornil(L, 2)) {
         lua_pushnumber(L, metrics_own_remove(f, NULL));

@@ -682,6 +682,15 @@ static char *label_text(const family *f, const char *const *values) {
     return text;
 }
 
+metrics_own *metrics_own_find(const char *name, const char *kind) {
+    enum kind k = !strcmp(kind, "histogram") ? HISTOGRAM : !strcmp(kind, "gauge") ? GAUGE : COUNTER;
+    pthread_mutex_lock(&mu);
+    family *f = own_families;
+    while (f && strcmp(f->name, name)) f = f->next;
+    pthread_mutex_unlock(&mu);
+    return f && f->kind == k ? f : NULL;
+}
+
 int metrics_own_remove(metrics_own *f, const char *const *values) {
     char *text = values ? label_text(f, values) : NULL;
     if (values && !text) return 0;

@@ -109,6 +109,8 @@ void metrics_own_sample(metrics_own *f, metrics_own_op op, double v, const char 
  * series whose source is gone is no longer exported (a fleet gauge's row
  * that vanished, or its loop held elsewhere now). Returns how many went. */
 int metrics_own_remove(metrics_own *f, const char *const *values);
+/* The family of that name if one of this kind is defined, else NULL. */
+metrics_own *metrics_own_find(const char *name, const char *kind);
 /* Whether name is valid for a family of this kind, by the rules
  * metrics_own_define applies (labels aside): 0, or 1 with why in err. */
 int metrics_own_check(const char *kind, const char *name, char *err, size_t errlen);

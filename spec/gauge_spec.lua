@@ -10,10 +10,7 @@ local bmdb = require "bmdb"
 local G = require "bmdb.gauge"
 local K = core.kinds
 
--- Until bmdb.loop is in this tree, a stand-in for its define (only the
--- definition checks use it; the in-process runs use the gauge's state).
 local have_loops = pcall(require, "bmdb.loop")
-if not have_loops then package.loaded["bmdb.loop"] = { define = function(def) return def end } end
 
 local function definition_error(def)
   local ok, err = pcall(bmdb.gauge, def)
@@ -64,6 +61,12 @@ describe("bmdb.gauge", function()
                        definition_error(with("every", v)))
       end
       assert.matches("every must be a number of seconds above 0, got nil", definition_error(with("every", nil)))
+    end)
+
+    it("a name too long for its loop's", function()
+      assert.matches("gauge: name '" .. ("x"):rep(53) .. "' is 53 characters, at most 52 %(its loop is gauge:<name>%)",
+                     definition_error(with("name", ("x"):rep(53))))
+      assert.equal("gauge:" .. ("x"):rep(52), bmdb.gauge(with("name", ("x"):rep(52))).name)
     end)
 
     it("a help that is not a string, and unknown fields", function()
@@ -137,6 +140,25 @@ describe("bmdb.gauge", function()
       s.run(alive)
       assert.same({ 'gr_by_region{region="us"} 2' }, series("gr_by_region{"))
       s.clear()
+    end)
+
+    it("a new state of the loop (the code after a reload) drops what the last one left; a removed gauge's go", function()
+      admin:exec("DELETE FROM racks")
+      rack("eu", "r1", 10); rack("us", "r1", 30)
+      local def = { name = "gr_reload", sql = "SELECT region, count(*) AS n FROM racks GROUP BY 1 ORDER BY 1" }
+      local before = G.state(def)
+      before.run(alive)
+      assert.same({ 'gr_reload{region="eu"} 1', 'gr_reload{region="us"} 1' }, series("gr_reload{"))
+      admin:exec("DELETE FROM racks WHERE region = 'eu'")
+      local after = G.state(def)
+      after.run(alive)
+      assert.same({ 'gr_reload{region="us"} 1' }, series("gr_reload{"))
+      -- the reload removed the gauge from the script: its series go
+      G.removed("reconcile") -- not a gauge's loop: nothing
+      G.removed("gauge:no_such_metric")
+      assert.same({ 'gr_reload{region="us"} 1' }, series("gr_reload{"))
+      G.removed("gauge:gr_reload")
+      assert.same({}, series("gr_reload{"))
     end)
 
     it("several labels, numbers and numerics as values, and no labels at all", function()
@@ -241,13 +263,19 @@ describe("bmdb.gauge", function()
         pending("needs bmdb.loop (singleton loops) in this tree")
         return
       end
-      local function host()
-        local p = H.spawn { argv = { H.bin, "--interval", "1", "--http", "127.0.0.1:0", dir .. "/fleet.lua" },
-                            env = { BMDB_DSN = dsn } }
+      local function host(component)
+        local p = H.spawn { argv = { H.bin, "--interval", "1", "--component", component, "--http", "127.0.0.1:0",
+                                     dir .. "/fleet.lua" }, env = { BMDB_DSN = dsn } }
         p:await("stderr", "workers started", 30)
         local port = tonumber(p:stderr():match("http listening.-address=127%.0%.0%.1:(%d+)"))
         assert(port, p:stderr())
-        return { p = p, port = port }
+        return { p = p, port = port, component = component }
+      end
+      -- The component of the live session that holds the gauge's loop, if any.
+      local function holder_now()
+        local r = admin:one([[SELECT s.component_name AS c FROM loops l JOIN sessions s ON s.session_id = l.session_id
+                              WHERE l.name = 'gauge:fleet_machines_by_region' AND s.deadline > now()]])
+        return r and r.c
       end
       local function exported(h)
         local status, _, body = http.get(h.port, "/metrics")
@@ -255,7 +283,7 @@ describe("bmdb.gauge", function()
         return lines(body, "fleet_machines_by_region{")
       end
       local want = { 'fleet_machines_by_region{region="eu"} 3', 'fleet_machines_by_region{region="us"} 2' }
-      local a, b = host(), host()
+      local a, b = host("gauge-a"), host("gauge-b")
       local holder, other
       H.wait_until(function()
         local ea, eb = exported(a), exported(b)
@@ -270,6 +298,23 @@ describe("bmdb.gauge", function()
       end, 30, "three runs of the gauge")
       assert.same(want, exported(holder))
       assert.same({}, exported(other))
+      assert.equal(holder.component, holder_now())
+
+      -- The holder loses its session but lives on: the other takes the
+      -- hold, and the one that lost it exports nothing any more (its
+      -- release removed the series). It may take the hold back with its
+      -- new session first: then again, until the hold moves.
+      for _ = 1, 10 do
+        admin:exec("DELETE FROM sessions WHERE component_name = $1", holder.component)
+        local now = H.wait_until(function() return holder_now() end, 30, "a live holder")
+        if now == other.component then break end
+      end
+      assert.equal(other.component, holder_now())
+      H.wait_until(function() local e = exported(other) return e and #e == 2 end, 30,
+                   "the new holder to export the gauge")
+      assert.same({}, exported(holder))
+      assert.same(want, exported(other))
+      holder, other = other, holder
 
       -- the holder dies without a word: the other takes the loop over and exports
       holder.p:kill("KILL")

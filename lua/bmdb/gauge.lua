@@ -26,6 +26,8 @@ local raise, finite = U.raise, U.finite
 local G = {}
 
 local known_fields = { name = true, help = true, every = true, sql = true }
+-- A loop's name is at most 58 characters (bmdb.loop), and "gauge:" takes 6.
+local NAME_MAX = 52
 
 -- The problems of a definition, as bmdb.worker's are listed.
 function G.problems(def)
@@ -39,6 +41,10 @@ function G.problems(def)
   local where = "gauge " .. name .. ": "
   local why = core.metric_check("gauge", def.name)
   if why then bad("gauge: " .. why) end
+  if not why and #def.name > NAME_MAX then
+    bad("gauge: name '" .. def.name .. "' is " .. #def.name .. " characters, at most " .. NAME_MAX ..
+        " (its loop is gauge:<name>)")
+  end
   if def.help ~= nil and type(def.help) ~= "string" then
     bad(where .. "help must be a string, got " .. type(def.help))
   end
@@ -116,6 +122,9 @@ local function state(def)
       local labels = {}
       for c = 1, #names - 1 do labels[c] = names[c] end
       s.family = core.metric_gauge(def.name, def.help or "", labels)
+      -- A state before this one (the code before a reload, which kept the
+      -- hold) may have left series this one never saw.
+      core.metric_remove(s.family)
     end
     local now = {}
     for _, x in ipairs(series) do
@@ -149,6 +158,13 @@ local function state(def)
   return s
 end
 G.state = state
+
+-- A loop named loop_name is gone from this host's script (a reload
+-- removed it): if it was a fleet gauge, its series go, as at a release.
+function G.removed(loop_name)
+  local metric = type(loop_name) == "string" and loop_name:match("^gauge:(.+)$")
+  if metric then core.metric_remove(metric) end
+end
 
 -- bmdb.gauge{name=, help=, every=, sql=}
 function G.gauge(def)
