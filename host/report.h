@@ -11,7 +11,9 @@
 #include <stddef.h>
 #include <libpq-fe.h>
 
-/* Sessions, work in flight and active backoffs. 0, or -1 with err. */
+/* Sessions, work in flight, pauses, holds, active backoffs, per-process
+ * counts and latest failures, loops and their holders and latest events.
+ * 0, or -1 with err. */
 int report_status(PGconn *c, FILE *out, int json, char *err, size_t errlen);
 /* The audit trail of one machine, oldest first. -2 when machine is not a
  * UUID, -1 on a database error. */
