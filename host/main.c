@@ -29,6 +29,7 @@
 #include "bootstrap.h"
 #include "control.h"
 #include "http.h"
+#include "httpauth.h"
 #include "items.h"
 #include "lcore.h"
 #include "lifecycle.h"
@@ -88,12 +89,17 @@ static const char usage_text[] =
     "  --watch            reload the script when its files change\n"
     "  --http ADDR        serve /metrics, a status page and /healthz on ADDR: PORT or\n"
     "                     127.0.0.1:PORT, [::1]:PORT; other addresses only as written\n"
+    "  --http-auth FILE   every --http request must carry the secret FILE holds, read\n"
+    "                     once at start: its one line is user:password (Basic) if it\n"
+    "                     has a ':', else a bearer token (Authorization: Bearer ...)\n"
+    "  --http-open LIST   with --http-auth, leave these open: healthz, metrics or\n"
+    "                     healthz,metrics\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";
 
 struct options {
-    const char *dsn, *data_dir, *component, *migrations, *http;
+    const char *dsn, *data_dir, *component, *migrations, *http, *http_auth, *http_open;
     int interval, grace, watch, migrate;
 };
 
@@ -122,11 +128,22 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
     return 0;
 }
 
+/* --http-auth and --http-open need what they qualify; the secret is read
+ * here, once, before any database work. */
+static int http_auth_options(const struct options *o) {
+    if (o->http_auth && !o->http) return print_error(EXIT_USAGE, "--http-auth needs --http"), -1;
+    if (o->http_open && !o->http_auth) return print_error(EXIT_USAGE, "--http-open needs --http-auth"), -1;
+    char err[1024];
+    if (o->http_auth && httpauth_load(o->http_auth, err, sizeof err) < 0)
+        return print_error(EXIT_USAGE, "%s", err), -1;
+    return 0;
+}
+
 /* Parses options up to the first operand (the script or subcommand); what
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_HTTP_AUTH, O_HTTP_OPEN };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -137,6 +154,8 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"grace", required_argument, NULL, O_GRACE},
         {"watch", no_argument, NULL, O_WATCH},
         {"http", required_argument, NULL, O_HTTP},
+        {"http-auth", required_argument, NULL, O_HTTP_AUTH},
+        {"http-open", required_argument, NULL, O_HTTP_OPEN},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
         {"help", no_argument, NULL, 'h'},
@@ -169,6 +188,16 @@ static int parse_options(int argc, char **argv, struct options *o) {
             o->http = optarg;
             break;
         }
+        case O_HTTP_AUTH: o->http_auth = optarg; break;
+        case O_HTTP_OPEN: {
+            char err[256];
+            if (httpauth_set_open(optarg, err, sizeof err) < 0) {
+                print_error(EXIT_USAGE, "%s", err);
+                return -1;
+            }
+            o->http_open = optarg;
+            break;
+        }
         case O_LOG_LEVEL:
             if (log_parse_level(optarg, &lvl) < 0) {
                 print_error(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
@@ -197,7 +226,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         }
     }
     log_configure(lvl, json);
-    return 0;
+    return http_auth_options(o);
 }
 
 /* ---- the database ---------------------------------------------------------- */

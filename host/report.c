@@ -125,37 +125,6 @@ static void print_json(PGresult *r, FILE *out, const char *key) {
     "WHEN w.deadline <= now() THEN 'timed out; its slot is stuck or stopping' " \
     "ELSE 'running' END"
 
-/* Per process: work rows, active backoffs, and the Failed events of the
- * last hour (distinct machines, and events), in one pass over the four
- * sources; every registered process shows, idle ones as zeros. */
-#define PROCESS_COUNTS_SQL                                                                          \
-    "SELECT process, sum(w)::INT8 AS in_flight, sum(b)::INT8 AS in_backoff, "                       \
-    "count(DISTINCT f)::INT8 AS failed_machines_1h, count(f)::INT8 AS failures_1h FROM ("           \
-    " SELECT process, 1 AS w, 0 AS b, NULL::UUID AS f FROM work"                                    \
-    " UNION ALL SELECT process, 0, 1, NULL FROM work_backoff WHERE backoff_until > now()"           \
-    " UNION ALL SELECT process, 0, 0, machine_id FROM work_history"                                 \
-    "  WHERE event = 'Failed' AND occurred_at > now() - INTERVAL '1 hour'"                          \
-    " UNION ALL SELECT process, 0, 0, NULL FROM processes"                                          \
-    ") AS t GROUP BY process ORDER BY process"
-
-/* The Failed events of the last day, numbered newest first per process:
- * one range of the history's age index, however long the history. */
-#define LATEST_FAILURES_SQL                                                                         \
-    "SELECT h.process, h.machine_id, h.occurred_at, h.history_id, h.session_id, h.cause, "         \
-    "row_number() OVER (PARTITION BY h.process ORDER BY h.occurred_at DESC, h.history_id DESC) AS n " \
-    "FROM work_history h WHERE h.event = 'Failed' AND h.occurred_at > now() - INTERVAL '24 hours'"
-
-/* A loop's holder is its session while that session is live. */
-#define LOOPS_FROM_SQL                                                                              \
-    "FROM loops l LEFT JOIN sessions s ON s.session_id = l.session_id AND s.deadline > now() "     \
-    "ORDER BY l.name"
-
-/* Each loop's newest ten events, along the (name, occurred_at) index. */
-#define LOOP_HISTORY_FROM_SQL                                                                       \
-    "FROM loops l CROSS JOIN LATERAL (SELECT occurred_at, history_id, event, session_id, cause "   \
-    "FROM loop_history h WHERE h.name = l.name ORDER BY h.occurred_at DESC, h.history_id DESC LIMIT 10) AS h " \
-    "ORDER BY l.name, h.occurred_at DESC, h.history_id DESC"
-
 /* Text: ages and time left in whole seconds (the width a timestamp would
  * take does not fit); JSON: timestamps too, in ISO 8601. */
 static const struct { const char *key, *title, *text_sql, *json_sql; } status_tables[] = {
@@ -191,13 +160,13 @@ static const struct { const char *key, *title, *text_sql, *json_sql; } status_ta
      "SELECT machine_id, process, attempts, last_seconds, "
      "b.backoff_until::TEXT AS until, cause "
      "FROM work_backoff b WHERE b.backoff_until > now() ORDER BY b.backoff_until"},
-    {"processes", "processes (failed: in the last hour)", PROCESS_COUNTS_SQL, PROCESS_COUNTS_SQL},
+    {"processes", "processes (failed: in the last hour)", REPORT_PROCESS_COUNTS_SQL, REPORT_PROCESS_COUNTS_SQL},
     {"failures", "latest failures (5 per process, last 24 h)",
      "SELECT process, machine_id, floor(EXTRACT(EPOCH FROM (now() - occurred_at)))::INT8 AS ago_s, "
-     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause FROM (" LATEST_FAILURES_SQL ") AS f "
+     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause FROM (" REPORT_LATEST_FAILURES_SQL ") AS f "
      "WHERE n <= 5 ORDER BY process, occurred_at DESC, history_id DESC",
      "SELECT process, machine_id, occurred_at::TEXT AS occurred_at, session_id, "
-     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause_line, cause FROM (" LATEST_FAILURES_SQL ") AS f "
+     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause_line, cause FROM (" REPORT_LATEST_FAILURES_SQL ") AS f "
      "WHERE n <= 5 ORDER BY process, occurred_at DESC, history_id DESC"},
     {"loops", "loops (holder: its runtime; seconds since held, ran, done; next run in)",
      "SELECT l.name, COALESCE(s.runtime_info, 'none') AS holder, "
@@ -205,15 +174,15 @@ static const struct { const char *key, *title, *text_sql, *json_sql; } status_ta
      "floor(EXTRACT(EPOCH FROM (now() - l.last_started_at)))::INT8 AS ran_s, "
      "floor(EXTRACT(EPOCH FROM (now() - l.last_finished_at)))::INT8 AS done_s, "
      "ceil(EXTRACT(EPOCH FROM (l.next_run_at - now())))::INT8 AS next_s, l.failures AS fails, "
-     "split_part(COALESCE(l.last_cause, ''), chr(10), 1) AS cause " LOOPS_FROM_SQL,
+     "split_part(COALESCE(l.last_cause, ''), chr(10), 1) AS cause " REPORT_LOOPS_FROM_SQL,
      "SELECT l.name, s.session_id AS holder, s.component_name AS holder_component, "
      "s.runtime_info AS holder_runtime, CASE WHEN s.session_id IS NOT NULL THEN l.held_since::TEXT END AS held_since, "
      "l.last_started_at::TEXT AS last_started_at, l.last_finished_at::TEXT AS last_finished_at, "
-     "l.next_run_at::TEXT AS next_run_at, l.failures, l.last_seconds, l.last_cause " LOOPS_FROM_SQL},
+     "l.next_run_at::TEXT AS next_run_at, l.failures, l.last_seconds, l.last_cause " REPORT_LOOPS_FROM_SQL},
     {"loop_history", "loop history (newest 10 per loop)",
      "SELECT l.name, floor(EXTRACT(EPOCH FROM (now() - h.occurred_at)))::INT8 AS ago_s, h.event, "
-     "h.session_id, split_part(COALESCE(h.cause, ''), chr(10), 1) AS cause " LOOP_HISTORY_FROM_SQL,
-     "SELECT l.name, h.occurred_at::TEXT AS occurred_at, h.event, h.session_id, h.cause " LOOP_HISTORY_FROM_SQL},
+     "h.session_id, split_part(COALESCE(h.cause, ''), chr(10), 1) AS cause " REPORT_LOOP_HISTORY_FROM_SQL,
+     "SELECT l.name, h.occurred_at::TEXT AS occurred_at, h.event, h.session_id, h.cause " REPORT_LOOP_HISTORY_FROM_SQL},
 };
 
 int report_status(PGconn *c, FILE *out, int json, char *err, size_t errlen) {
