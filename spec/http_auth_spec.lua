@@ -120,7 +120,7 @@ describe("--http-auth", function()
       assert.matches("^unauthorized", body)
     end
     local wrong = { "Bearer " .. TOKEN .. "x", "Bearer " .. TOKEN:sub(1, -2), "Bearer", "Bearer ", TOKEN,
-      "Basic " .. base64("x:" .. TOKEN), "Bearer " .. TOKEN:upper() }
+      "Basic " .. base64("x:" .. TOKEN), "Bearer " .. TOKEN:upper(), "Secret " .. TOKEN }
     for _, a in ipairs(wrong) do assert.equal(401, (get(port, "/", a)), a) end
     -- a POST without the token learns nothing either, not even the 405
     local fd = assert(http.connect(port))
@@ -170,6 +170,7 @@ describe("--http-auth", function()
     assert.equal(401, (get(port, "/", "Basic " .. base64(USER .. ":"))))
     assert.equal(401, (get(port, "/", "Basic !!!")))
     assert.equal(401, (get(port, "/", "Bearer " .. USER .. ":" .. PASSWORD)))
+    assert.equal(401, (get(port, "/", "Other " .. base64(USER .. ":" .. PASSWORD))))
     assert.equal(200, (get(port, "/", "Basic " .. base64(USER .. ":" .. PASSWORD))))
     assert.equal(200, (get(port, "/healthz", "basic " .. base64(USER .. ":" .. PASSWORD):gsub("=+$", ""))))
 

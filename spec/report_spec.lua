@@ -165,6 +165,27 @@ describe("status and history", function()
     end)
   end)
 
+  it("names a loop's holder only while its session is live (a fleet no host collects)", function()
+    local quiet = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "migrate" }, { env = { BMDB_DSN = quiet } })))
+    local db = core.connect(quiet)
+    local function session(deadline)
+      return db:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
+        VALUES ('looper', 'box:1', 5, now() + $1 * INTERVAL '1 second') RETURNING session_id]], deadline).session_id
+    end
+    local live, expired = session(3600), session(-10)
+    db:exec([[INSERT INTO loops (name, session_id, token, held_since) VALUES
+      ('a', $1, gen_random_uuid(), now()), ('b', $2, gen_random_uuid(), now())]], live, expired)
+    local code, out, err = H.run({ H.bin, "status", "--json" }, { env = { BMDB_DSN = quiet } })
+    assert.equal(0, code, err)
+    db:close()
+    assert.equal(live, json(out, "{loops,0,holder}"))
+    assert.equal("box:1", json(out, "{loops,0,holder_runtime}"))
+    assert.is_nil(json(out, "{loops,1,holder}"))
+    assert.is_nil(json(out, "{loops,1,held_since}"))
+    assert.equal("expired", json(out, "{sessions,1,state}"))
+  end)
+
   it("history --json is one object with the machine and its events, oldest first", function()
     local out = host { "history", m, "--json" }
     assert.equal(m, json(out, "{machine_id}"))
