@@ -567,7 +567,7 @@ static unsigned machine_page(FILE *out, const char *id) {
                      1, params, backoff_row, "none") == 0 &&
             db_table_cap(out, 0, "history, newest first", hcols,
                      "SELECT date_trunc('second', occurred_at)::TEXT, process, event, session_id, "
-                     "COALESCE(substr(cause, 1, 4000), ''), COALESCE(octet_length(cause), 0) "
+                     "COALESCE(substr(cause, 1, 2000), ''), COALESCE(octet_length(cause), 0) "
                      "FROM work_history WHERE machine_id = $1 "
                      "ORDER BY occurred_at DESC, history_id DESC LIMIT " HISTORY_MAX,
                      1, params, history_row, "no events recorded") == 0 &&

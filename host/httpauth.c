@@ -24,7 +24,7 @@ int httpauth_load(const char *path, char *err, size_t errlen) {
         snprintf(err, errlen, "--http-auth %s: cannot read it: %s", path, strerror(errno));
         return -1;
     }
-    static unsigned char buf[SECRET_MAX + 64]; /* the line, its end, and room to see more */
+    unsigned char buf[SECRET_MAX + 64]; /* the line, its end, and room to see more */
     size_t n = fread(buf, 1, sizeof buf, f);
     int failed = ferror(f);
     fclose(f);

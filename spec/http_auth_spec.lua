@@ -152,6 +152,11 @@ describe("--http-auth", function()
     assert.equal(401, (get(port, "/")))
     assert.equal(401, (get(port, "/healthz/")))
     assert.equal(401, (get(port, "/machine/00000000-0000-0000-0000-000000000000")))
+    if browser then
+      assert.matches("ok: session %S+ live", dump("http://127.0.0.1:" .. port .. "/healthz"))
+      assert.matches("bmdb_session_live 1", dump("http://127.0.0.1:" .. port .. "/metrics"), 1, true)
+      assert.matches("unauthorized", dump("http://127.0.0.1:" .. port .. "/"), 1, true)
+    end
     stop(p)
 
     p, port = start { "--http-auth", dir .. "/bearer", "--http-open", "metrics" }
