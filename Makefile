@@ -197,22 +197,8 @@ LUA_LIB   ?= $(PREFIX)/lib/lua/5.1
 install: all
 	install -D -m 0755 build/bmdb-host $(DESTDIR)$(PREFIX)/bin/bmdb-host
 	install -D -m 0644 lua/bmdb.lua $(DESTDIR)$(LUA_SHARE)/bmdb.lua
-	install -D -m 0644 lua/bmdb/util.lua $(DESTDIR)$(LUA_SHARE)/bmdb/util.lua
-	install -D -m 0644 lua/bmdb/backoff.lua $(DESTDIR)$(LUA_SHARE)/bmdb/backoff.lua
-	install -D -m 0644 lua/bmdb/transact.lua $(DESTDIR)$(LUA_SHARE)/bmdb/transact.lua
-	install -D -m 0644 lua/bmdb/policy.lua $(DESTDIR)$(LUA_SHARE)/bmdb/policy.lua
-	install -D -m 0644 lua/bmdb/define.lua $(DESTDIR)$(LUA_SHARE)/bmdb/define.lua
-	install -D -m 0644 lua/bmdb/work.lua $(DESTDIR)$(LUA_SHARE)/bmdb/work.lua
-	install -D -m 0644 lua/bmdb/services.lua $(DESTDIR)$(LUA_SHARE)/bmdb/services.lua
-	install -D -m 0644 lua/bmdb/control.lua $(DESTDIR)$(LUA_SHARE)/bmdb/control.lua
-	install -D -m 0644 lua/bmdb/claim.lua $(DESTDIR)$(LUA_SHARE)/bmdb/claim.lua
-	install -D -m 0644 lua/bmdb/serve.lua $(DESTDIR)$(LUA_SHARE)/bmdb/serve.lua
-	install -D -m 0644 lua/bmdb/internal.lua $(DESTDIR)$(LUA_SHARE)/bmdb/internal.lua
-	install -D -m 0644 lua/bmdb/exec.lua $(DESTDIR)$(LUA_SHARE)/bmdb/exec.lua
-	install -D -m 0644 lua/bmdb/limit.lua $(DESTDIR)$(LUA_SHARE)/bmdb/limit.lua
-	install -D -m 0644 lua/bmdb/testing.lua $(DESTDIR)$(LUA_SHARE)/bmdb/testing.lua
-	install -D -m 0644 lua/bmdb/json.lua $(DESTDIR)$(LUA_SHARE)/bmdb/json.lua
-	install -D -m 0644 lua/bmdb/http.lua $(DESTDIR)$(LUA_SHARE)/bmdb/http.lua
+	# every module: a list by name forgot new ones
+	for f in lua/bmdb/*.lua; do install -D -m 0644 $$f $(DESTDIR)$(LUA_SHARE)/bmdb/$${f##*/} || exit 1; done
 	install -D -m 0755 build/bmdb/core.so $(DESTDIR)$(LUA_LIB)/bmdb/core.so
 
 clean:

@@ -45,6 +45,13 @@ function M.create(machine)
   return r.json.id
 end
 
+-- GET /devices: every device the provider has, {id=, machine=, state=}.
+function M.list()
+  local devices = call("GET", "/devices").json.devices
+  if type(devices) ~= "table" then error("provider: GET /devices answered without a device list", 0) end
+  return devices
+end
+
 -- POST /devices/<id>/reboot. The device id is the one create returned (the
 -- example workers keep it in machine_provided.provider_id).
 function M.reboot(device)

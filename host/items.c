@@ -102,8 +102,11 @@ static int lose(item *it, const char *why, losses *ls) {
     ls->states[ls->n++] = it->state;
     char slot[16];
     snprintf(slot, sizeof slot, "%d", it->slot);
-    log_kv(LOG_WARN, "work lock taken away; interrupting the body", "machine", it->machine, "process",
-           it->process, "slot", slot, "reason", why, NULL);
+    if (*it->machine)
+        log_kv(LOG_WARN, "work lock taken away; interrupting the body", "machine", it->machine, "process",
+               it->process, "slot", slot, "reason", why, NULL);
+    else
+        log_kv(LOG_WARN, "loop run taken away; interrupting it", "loop", it->process, "reason", why, NULL);
     return 1;
 }
 
@@ -205,8 +208,10 @@ static int state_lost(const void *state, int untold_only, int mark_told, char *w
         if (it->state != state || !*it->lost || (untold_only && it->told)) continue;
         lost = 1;
         if (mark_told) it->told = 1;
-        if (why) snprintf(why, whylen, "lost: the lock on %s %s was taken away: %s", it->machine,
-                          it->process, it->lost);
+        if (why && *it->machine)
+            snprintf(why, whylen, "lost: the lock on %s %s was taken away: %s", it->machine, it->process, it->lost);
+        else if (why)
+            snprintf(why, whylen, "lost: the hold on loop %s was taken away: %s", it->process, it->lost);
     }
     return lost;
 }

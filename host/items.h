@@ -21,7 +21,9 @@
 typedef void items_interrupt_fn(void *state);
 void items_on_lost(items_interrupt_fn *fn);
 
-/* started: monotonic time before the claim was sent; timeout 0: none. */
+/* started: monotonic time before the claim was sent; timeout 0: none.
+ * A singleton loop's run is tracked the same way, with machine "" and
+ * its loop's name as process. */
 void items_track(void *state, const char *token, const char *machine, const char *process, int slot,
                  double timeout, double started);
 void items_untrack(const char *token);

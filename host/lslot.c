@@ -2,7 +2,8 @@
  * beside the scheduler's (lsched.c).
  *
  * core.idle_wait, core.wake_local, core.wake_fleet, core.count,
- * core.observe_work, core.generation and core.notify_enabled: thin
+ * core.observe_work, core.loop_run, core.loop_held, core.generation and
+ * core.notify_enabled: thin
  * wrappers over slots.h, snapshot.h and metrics.h. Outside the binary (busted) they
  * work the same, with nobody else waiting. */
 #include <lauxlib.h>
@@ -25,6 +26,17 @@ static int l_wake_local(lua_State *L) {
 
 /* core.count("claim") | ("retry", sqlstate?) | ("empty", process) |
  * ("tx_failed"): the stop line's counters and the metrics. */
+/* core.loop_run(name, outcome, seconds), core.loop_held(name, held) */
+static int l_loop_run(lua_State *L) {
+    metrics_loop_run(lerror_checkstring(L, 1), lerror_checkstring(L, 2), lerror_checknumber(L, 3));
+    return 0;
+}
+
+static int l_loop_held(lua_State *L) {
+    metrics_loop_held(lerror_checkstring(L, 1), lua_toboolean(L, 2));
+    return 0;
+}
+
 static int l_count(lua_State *L) {
     static const char *const what[] = {"claim", "retry", "empty", "tx_failed", NULL};
     switch (luaL_checkoption(L, 1, NULL, what)) {
@@ -70,6 +82,8 @@ static int l_notify_enabled(lua_State *L) {
 static const luaL_Reg funcs[] = {{"idle_wait", l_idle_wait},
                                  {"wake_local", l_wake_local},
                                  {"count", l_count},
+                                 {"loop_run", l_loop_run},
+                                 {"loop_held", l_loop_held},
                                  {"observe_work", l_observe_work},
                                  {"generation", l_generation},
                                  {"notify_enabled", l_notify_enabled},

@@ -289,6 +289,12 @@ static int call_internal(lua_State *L, const char *fname, int nargs, int nresult
     return 0;
 }
 
+const char *worker_spec_describe(const worker_spec *s, char *buf, size_t len) {
+    if (s->loop) snprintf(buf, len, "loop %.63s", s->process);
+    else snprintf(buf, len, "%.63s x%d", s->process, s->concurrency);
+    return buf;
+}
+
 int lstate_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t errlen) {
     *specs = NULL;
     lua_pushvalue(L, -1); /* the script's result */
@@ -301,7 +307,9 @@ int lstate_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t err
         snprintf((*specs)[i].process, sizeof (*specs)[i].process, "%s", lua_tostring(L, -1));
         lua_getfield(L, -2, "concurrency");
         (*specs)[i].concurrency = (int)lua_tonumber(L, -1);
-        lua_pop(L, 3);
+        lua_getfield(L, -3, "loop");
+        (*specs)[i].loop = lua_toboolean(L, -1);
+        lua_pop(L, 4);
     }
     lua_pop(L, 1);
     return n;
@@ -342,17 +350,18 @@ static void set_generation_fn(lua_State *L, unsigned have, unsigned deferred, do
     lua_pop(L, 3);
 }
 
-int lstate_serve(lua_State *L, const char *process, int index, unsigned generation, unsigned deferred,
+int lstate_serve(lua_State *L, const worker_spec *spec, int index, unsigned generation, unsigned deferred,
                  double defer_until, char *err, size_t errlen) {
     set_generation_fn(L, generation, deferred, defer_until);
+    const char *entry = spec->loop ? "serve_loop" : "serve";
     lua_pushvalue(L, -1); /* the script's result */
-    lua_pushstring(L, process);
+    lua_pushstring(L, spec->process);
     lua_pushinteger(L, index);
     lua_pushnumber(L, generation);
-    if (call_internal(L, "serve", 4, 1, err, errlen) < 0) return SERVE_ERROR;
+    if (call_internal(L, entry, 4, 1, err, errlen) < 0) return SERVE_ERROR;
     const char *r = lua_tostring(L, -1);
     int out = !r ? SERVE_ERROR : !strcmp(r, "reload") ? SERVE_RELOAD : !strcmp(r, "removed") ? SERVE_REMOVED : SERVE_STOP;
-    if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb.internal.serve returned %s", r ? r : "nothing");
+    if (out == SERVE_ERROR) snprintf(err, errlen, "bmdb.internal.%s returned %s", entry, r ? r : "nothing");
     lua_pop(L, 1);
     return out;
 }

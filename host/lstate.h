@@ -25,11 +25,15 @@ typedef struct embedded_lua_module {
 extern const embedded_lua_module bmdb_lua_modules[];
 extern const int bmdb_lua_modules_count;
 
-/* What a script's worker definitions ask for. */
+/* What a script's definitions ask for: a worker's slots, or a singleton
+ * loop (bmdb.loop: one thread, process is the loop's name). */
 typedef struct worker_spec {
     char process[64];
     int concurrency;
+    int loop;
 } worker_spec;
+/* "Provision x4", or "loop reconcile": how reports and logs name a spec. */
+const char *worker_spec_describe(const worker_spec *s, char *buf, size_t len);
 
 /* How loading a script failed, from the kind of the error object raised
  * (lerror.h): a syntax error and a definition error (an invalid
@@ -72,12 +76,13 @@ int lstate_exit_requested(int *status);
  * when the definitions are invalid. */
 int lstate_worker_specs(lua_State *L, worker_spec **specs, char *err, size_t errlen);
 
-/* Runs one slot's loop (bmdb.internal.serve) on code of `generation` until
- * it must stop or reload. A slot that failed to load generation `deferred`
+/* Runs one slot's loop (bmdb.internal.serve; a loop's thread:
+ * bmdb.internal.serve_loop, with process its name) on code of
+ * `generation` until it must stop or reload. A slot that failed to load generation `deferred`
  * keeps serving its code and is not sent back for that reload before the
  * monotonic time defer_until (0: no deferral). */
 enum { SERVE_STOP, SERVE_RELOAD, SERVE_REMOVED, SERVE_ERROR };
-int lstate_serve(lua_State *L, const char *process, int index, unsigned generation, unsigned deferred,
+int lstate_serve(lua_State *L, const worker_spec *spec, int index, unsigned generation, unsigned deferred,
                  double defer_until, char *err, size_t errlen);
 
 #endif

@@ -97,9 +97,10 @@ static int l_begin(lua_State *L) {
     session_ref(s);
     tx_error e;
     /* core.begin(sess, machine, process, token): a body's transaction,
-     * fenced by its item too */
-    tx_item item = {lua_tostring(L, 2), lua_tostring(L, 3), lua_tostring(L, 4)};
-    int fenced = item.machine && item.process && item.token;
+     * fenced by its item too; core.begin(sess, nil, loop, token): a loop
+     * run's, fenced by its hold */
+    tx_item item = {lua_tostring(L, 2), lua_tostring(L, 3), lua_tostring(L, 4), lua_isnil(L, 2)};
+    int fenced = (item.machine || item.loop) && item.process && item.token;
     if (tx_begin_item(u->t, lcore_pool(), s, fenced ? &item : NULL, &e) < 0) return lerror_raise(L, &e);
     return 1;
 }

@@ -546,7 +546,8 @@ static int cmd_check(int argc, char **argv) {
         return 0;
     }
     printf("%s: ok,", script);
-    for (int i = 0; i < n; i++) printf("%s %s x%d", i ? "," : "", specs[i].process, specs[i].concurrency);
+    char one[80];
+    for (int i = 0; i < n; i++) printf("%s %s", i ? "," : "", worker_spec_describe(&specs[i], one, sizeof one));
     printf("\n");
     free(specs);
     return 0;

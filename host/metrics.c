@@ -54,7 +54,7 @@ enum {
     F_SESSIONS_STARTED, F_SESSIONS_LOST, F_HEARTBEATS, F_HEARTBEAT_SECONDS, F_TX_COMMITTED, F_TX_RETRIED,
     F_TX_FAILED, F_WORK_STARTED, F_WORK_ENDED, F_WORK_SECONDS, F_CLAIMS_EMPTY, F_RELOADS, F_RELOADS_REFUSED,
     F_STRAYS_RELEASED, F_ITEMS_WAITING, F_ITEMS_GIVEN_BACK, F_HTTP_REQUESTS, F_HTTP_SECONDS, F_EXEC_TOTAL,
-    F_EXEC_SECONDS, F_LIMIT_WAITS, F_LIMIT_WAIT_SECONDS, F_COUNT
+    F_EXEC_SECONDS, F_LIMIT_WAITS, F_LIMIT_WAIT_SECONDS, F_LOOP_RUNS, F_LOOP_SECONDS, F_LOOP_HELD, F_COUNT
 };
 
 static family families[F_COUNT] = {
@@ -110,6 +110,14 @@ static family families[F_COUNT] = {
     [F_LIMIT_WAIT_SECONDS] = {"bmdb_limit_wait_seconds",
                               "How long a take of a limit that had to wait waited in all, by limit.", HISTOGRAM,
                               limit_bounds, NB(limit_bounds), NULL},
+    [F_LOOP_RUNS] = {"bmdb_loop_runs_total",
+                     "Runs of a singleton loop (bmdb.loop) in this host, by loop and outcome (finished, failed, "
+                     "lost).",
+                     COUNTER, NULL, 0, NULL},
+    [F_LOOP_SECONDS] = {"bmdb_loop_run_seconds", "How long a singleton loop's runs took in this host, by loop.",
+                        HISTOGRAM, work_bounds, NB(work_bounds), NULL},
+    [F_LOOP_HELD] = {"bmdb_loop_held", "1 while this host holds the singleton loop, 0 while it stands by.", GAUGE,
+                     NULL, 0, NULL},
 };
 
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
@@ -274,6 +282,23 @@ void metrics_limit_wait(const char *limit, double seconds) {
     labels(l, sizeof l, "limit", limit, NULL, NULL);
     add(F_LIMIT_WAITS, l, 1);
     observe(F_LIMIT_WAIT_SECONDS, l, seconds);
+}
+
+void metrics_loop_run(const char *loop, const char *outcome, double seconds) {
+    char l[192];
+    labels(l, sizeof l, "loop", loop, "outcome", outcome);
+    add(F_LOOP_RUNS, l, 1);
+    labels(l, sizeof l, "loop", loop, NULL, NULL);
+    observe(F_LOOP_SECONDS, l, seconds);
+}
+
+void metrics_loop_held(const char *loop, int held) {
+    char l[128];
+    labels(l, sizeof l, "loop", loop, NULL, NULL);
+    pthread_mutex_lock(&mu);
+    series *s = find(&families[F_LOOP_HELD], l);
+    if (s) s->value = held;
+    pthread_mutex_unlock(&mu);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }

@@ -55,6 +55,10 @@ void metrics_exec(const char *command, const char *outcome, double seconds);
 /* A take of limit (bmdb.limit) that had to wait, and for how long in all
  * (its wait however it ended: a token or place, max_wait, a fence stop). */
 void metrics_limit_wait(const char *limit, double seconds);
+/* A singleton loop's run ended here (outcome: finished, failed, lost);
+ * whether this host holds the loop (1) or stands by (0). */
+void metrics_loop_run(const char *loop, const char *outcome, double seconds);
+void metrics_loop_held(const char *loop, int held);
 
 void metrics_reload(int refused);
 /* Work rows no slot held, released by the stray sweep (strays.h). */

@@ -159,7 +159,8 @@ static void describe(const worker_spec *specs, int n, char *list, size_t len) {
             snprintf(list + used, len - used, ", ... (%d workers)", n);
             return;
         }
-        snprintf(list + used, len - used, "%s%.63s x%d", i ? ", " : "", specs[i].process, specs[i].concurrency);
+        char one[80];
+        snprintf(list + used, len - used, "%s%s", i ? ", " : "", worker_spec_describe(&specs[i], one, sizeof one));
     }
 }
 

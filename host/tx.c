@@ -120,7 +120,7 @@ static int add_begin(tx *t, step *s, const char **fence_params) {
     s[0] = (step){.kind = STEP_BEGIN, .sql = begin_sql};
     if (!t->sess) return 1;
     const char *sql = fence_of(t, fence_params);
-    int n = t->item ? 4 : 1;
+    int n = t->fence == TX_FENCE_ITEM ? 4 : t->fence == TX_FENCE_LOOP ? 3 : 1;
     /* Prepared before the flight: a PREPARE's answer must be read before
      * anything else is sent. Our own SQL, once per connection. */
     s[1] = (step){.kind = STEP_FENCE, .sql = sql, .n = n, .params = fence_params,
@@ -399,16 +399,29 @@ int tx_set_final(tx *t, const char *sql, int nparams, const char *const *params,
     "ON w.session_id = s.session_id WHERE s.session_id = $1 AND s.deadline > now() "         \
     "AND w.machine_id = $2 AND w.process = $3 AND w.token = $4 "                             \
     "AND (w.deadline IS NULL OR w.deadline > now()) FOR KEY SHARE OF w) AS live"
+/* A loop's run: its row locked FOR SHARE (not KEY SHARE: a takeover
+ * changes no key, so only a SHARE lock makes its UPDATE wait for our
+ * COMMIT). One host's run locks it, so no MultiXact grows. The session
+ * row is read, not locked: the loop row is what a new holder must write. */
+#define FENCE_LOOP_SQL                                                                       \
+    "SELECT 1 / count(*) FROM (SELECT 1 FROM sessions s JOIN loops l "                       \
+    "ON l.session_id = s.session_id WHERE s.session_id = $1 AND s.deadline > now() "         \
+    "AND l.name = $2 AND l.token = $3 FOR SHARE OF l) AS live"
 #define FENCE_SESSION_SQL                                                                    \
     "SELECT 1 / count(*) FROM (SELECT 1 FROM sessions WHERE session_id = $1 "                \
     "AND deadline > now() FOR KEY SHARE) AS live"
 
 static const char *fence_of(const tx *t, const char **params) {
     params[0] = session_id(t->sess);
+    if (t->fence == TX_FENCE_LOOP) {
+        params[1] = t->process;
+        params[2] = t->token;
+        return FENCE_LOOP_SQL;
+    }
     params[1] = t->machine;
     params[2] = t->process;
     params[3] = t->token;
-    return t->item ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
+    return t->fence == TX_FENCE_ITEM ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
 }
 
 /* Only when the item fence failed: why. The session died, or the lock was
@@ -460,6 +473,33 @@ static void item_lost(tx *t, tx_error *e) {
     PQclear(r);
 }
 
+/* Only when a loop's fence failed: the session died, or the hold is no
+ * longer this one (released, or taken by another session after ours was
+ * given up). Like item_lost, outside any transaction, on the failure path
+ * only. */
+static void hold_lost(tx *t, tx_error *e) {
+    const char *params[] = {session_id(t->sess), t->process, t->token};
+    PGresult *r = PQexecParams(t->conn,
+                               "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
+                               "(SELECT session_id IS NOT NULL AND session_id <> $1 FROM loops "
+                               " WHERE name = $2) AS taken",
+                               3, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        flight_error(e, t->conn, r);
+        PQclear(r);
+        return;
+    }
+    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+        PQclear(r);
+        session_lose(t->sess, "session row gone or past its deadline");
+        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        return;
+    }
+    tx_error_set(e, TXE_LOST, "lost: the hold on loop %s was taken away: %s", t->process,
+                 !strcmp(PQgetvalue(r, 0, 1), "t") ? "taken over by another session" : "released");
+    PQclear(r);
+}
+
 /* Borrows t's connection, tagged with t's session: if the session passes
  * its local deadline while t waits on the server, the pool cuts it
  * (pool_cut_owned). The session is checked after the tag too, so a cut
@@ -502,9 +542,9 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
     t->pending = NULL;
     t->npending = 0;
     t->flights = 0;
-    t->item = item != NULL;
+    t->fence = !item ? TX_FENCE_SESSION : item->loop ? TX_FENCE_LOOP : TX_FENCE_ITEM;
     if (item) {
-        snprintf(t->machine, sizeof t->machine, "%s", item->machine);
+        snprintf(t->machine, sizeof t->machine, "%s", item->loop ? "" : item->machine);
         snprintf(t->process, sizeof t->process, "%s", item->process);
         snprintf(t->token, sizeof t->token, "%s", item->token);
     }
@@ -575,7 +615,8 @@ static int settle_failure(tx *t, const step *s, int bad, tx_error *e) {
              * then learn why outside the transaction. */
             if (PQstatus(t->conn) == CONNECTION_OK && PQtransactionStatus(t->conn) != PQTRANS_IDLE)
                 PQclear(PQexec(t->conn, "ROLLBACK"));
-            if (t->item) item_lost(t, e);
+            if (t->fence == TX_FENCE_LOOP) hold_lost(t, e);
+            else if (t->fence == TX_FENCE_ITEM) item_lost(t, e);
             else session_lose(t->sess, "session row gone or past its deadline");
         }
         /* fall through */

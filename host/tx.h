@@ -71,6 +71,13 @@ typedef enum {
                         * refused the statement) */
 } tx_state;
 
+/* What a transaction's fence checks besides the session being alive. */
+typedef enum tx_fence {
+    TX_FENCE_SESSION, /* the session row alone */
+    TX_FENCE_ITEM,    /* the work item's row with its claim's token */
+    TX_FENCE_LOOP,    /* the loop's row with its hold's token (bmdb.loop) */
+} tx_fence;
+
 typedef struct tx {
     pool *pool;
     PGconn *conn;
@@ -79,11 +86,11 @@ typedef struct tx {
     tx_state state;
     /* Two facts about the transaction that are not states, since they do
      * not change which calls it takes: */
-    int item;        /* fenced by the work item below too: what the fence
-                      * reads, fixed by tx_begin_item */
+    tx_fence fence;  /* what the fence reads, fixed by tx_begin_item */
     int refreshed;   /* the one flight again on a fresh connection (a first
                       * flight that found its connection broken) is spent */
-    char machine[40], process[64], token[40];
+    char machine[40], process[64], token[40]; /* the item's, or the loop's
+                                               * name (process) and token */
     tx_final final;
     /* Statements that ride in front of the next flight, after BEGIN and
      * the fence, in the order queued: the host's static SQL (a batch's
@@ -108,9 +115,13 @@ const tx_error *tx_doom(const tx *t);
 void tx_failure_undone(tx *t);
 
 /* The work item a body's transaction belongs to: its fence also checks
- * that the item's work row with this claim's token still exists. */
+ * that the item's work row with this claim's token still exists. With
+ * loop set, a loop's run instead: process is the loop's name, machine is
+ * unused, and the fence checks that the loop's row still names this
+ * session and this hold's token. */
 typedef struct tx_item {
     const char *machine, *process, *token;
+    int loop;
 } tx_item;
 
 /* sess may be NULL for housekeeping transactions. Only borrows a

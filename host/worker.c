@@ -72,13 +72,16 @@ static snapshot *current_code(unsigned *gen) {
 #define RETRY_MAX_S 30.0 /* a slot retries a code load that failed, backing off to this */
 
 typedef struct slot {
-    char process[64];
-    int index;                   /* 1-based within its worker */
+    worker_spec spec;            /* its worker's process, or its loop's name */
+    int index;                   /* 1-based within its worker; a loop's is 1 */
     int ended;                   /* under slots_mu */
     char machine[SCHED_ITEM_LEN]; /* last claimed, "" after release (slots.h) */
     pthread_t thread;
     struct slot *next;
 } slot;
+
+/* What a slot's log lines name it by. */
+static const char *slot_key(const slot *s) { return s->spec.loop ? "loop" : "process"; }
 
 static pthread_mutex_t slots_mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t slots_changed; /* CLOCK_MONOTONIC: see workers_init */
@@ -124,7 +127,7 @@ static void slot_load(slot *s, slot_code *c) {
     if (fresh) {
         if (c->L) lstate_close(c->L);
         if (c->retry_at > 0)
-            log_kv(LOG_INFO, "slot loaded the code after failing", "process", s->process, "slot", idx,
+            log_kv(LOG_INFO, "slot loaded the code after failing", slot_key(s), s->spec.process, "slot", idx,
                    "generation", g, NULL);
         *c = (slot_code){.L = fresh, .have = gen, .delay = 1};
         return;
@@ -137,17 +140,17 @@ static void slot_load(slot *s, slot_code *c) {
     snprintf(retry, sizeof retry, "%.0fs", c->delay);
     c->delay = c->delay * 2 > RETRY_MAX_S ? RETRY_MAX_S : c->delay * 2;
     if (c->L)
-        log_kv(LOG_ERROR, "slot cannot load the new code; it keeps its old code and retries", "process",
-               s->process, "slot", idx, "generation", g, "running", had, "retry_in", retry, "error", err, NULL);
+        log_kv(LOG_ERROR, "slot cannot load the new code; it keeps its old code and retries", slot_key(s),
+               s->spec.process, "slot", idx, "generation", g, "running", had, "retry_in", retry, "error", err, NULL);
     else
-        log_kv(LOG_ERROR, "slot cannot load the code; it retries", "process", s->process, "slot", idx,
+        log_kv(LOG_ERROR, "slot cannot load the code; it retries", slot_key(s), s->spec.process, "slot", idx,
                "generation", g, "retry_in", retry, "error", err, NULL);
 }
 
 static void *slot_main(void *arg) {
     slot *s = arg;
     sched_bind_item(s->machine);
-    metrics_slot_bind(s->process, s->index);
+    if (!s->spec.loop) metrics_slot_bind(s->spec.process, s->index);
     char err[4096];
     slot_code c = {0};
     int load = 1;
@@ -159,9 +162,9 @@ static void *slot_main(void *arg) {
             load = 1;
             continue;
         }
-        int r = lstate_serve(c.L, s->process, s->index, c.have, c.deferred, c.retry_at, err, sizeof err);
+        int r = lstate_serve(c.L, &s->spec, s->index, c.have, c.deferred, c.retry_at, err, sizeof err);
         if (r == SERVE_ERROR) {
-            log_kv(LOG_ERROR, "slot stopped by an error", "process", s->process, "error", err, NULL);
+            log_kv(LOG_ERROR, "slot stopped by an error", slot_key(s), s->spec.process, "error", err, NULL);
             /* do not spin on a persistent error; a reload may fix it */
             lifecycle_wait(1.0, HOST_DRAINING, NULL);
             continue;
@@ -170,7 +173,7 @@ static void *slot_main(void *arg) {
         load = 1;
     }
     if (c.L) lstate_close(c.L);
-    metrics_slot_unbind();
+    if (!s->spec.loop) metrics_slot_unbind();
     pthread_mutex_lock(&slots_mu);
     s->ended = 1;
     live--;
@@ -281,8 +284,10 @@ static void *listener_main(void *arg) {
 int workers_start(const worker_spec *specs, int nspecs) {
     if (!listener_started && pthread_create(&listener, NULL, listener_main, NULL) == 0) listener_started = 1;
     const char *names[256];
-    for (int i = 0; i < nspecs && i < 256; i++) names[i] = specs[i].process;
-    control_register(the_pool, names, nspecs < 256 ? nspecs : 256); /* holds block them in work_blocked */
+    int nnames = 0;
+    for (int i = 0; i < nspecs && nnames < 256; i++)
+        if (!specs[i].loop) names[nnames++] = specs[i].process;
+    control_register(the_pool, names, nnames); /* holds block them in work_blocked */
     strays_enable(); /* this host's claims now run unattended: look for rows they left */
     pthread_mutex_lock(&slots_mu);
     for (int i = 0; i < nspecs; i++) {
@@ -292,10 +297,12 @@ int workers_start(const worker_spec *specs, int nspecs) {
         for (int idx = 1; idx <= specs[i].concurrency; idx++) {
             int running = 0;
             for (slot *s = slots; s; s = s->next)
-                if (!strcmp(s->process, specs[i].process) && s->index == idx && !s->ended) running = 1;
+                if (!strcmp(s->spec.process, specs[i].process) && s->spec.loop == specs[i].loop &&
+                    s->index == idx && !s->ended)
+                    running = 1;
             if (running) continue;
             slot *s = calloc(1, sizeof *s);
-            snprintf(s->process, sizeof s->process, "%s", specs[i].process);
+            s->spec = specs[i];
             s->index = idx;
             if (pthread_create(&s->thread, NULL, slot_main, s) != 0) {
                 free(s);
@@ -336,7 +343,7 @@ int workers_report_stuck(void) {
         snprintf(idx, sizeof idx, "%d", s->index);
         sched_item_read(s->machine, machine, sizeof machine);
         log_kv(LOG_ERROR, "slot did not stop; left behind (a loop compiled by the JIT ignores the interrupt)",
-               "process", s->process, "slot", idx, "machine", *machine ? machine : "none", NULL);
+               slot_key(s), s->spec.process, "slot", idx, "machine", *machine ? machine : "none", NULL);
         n++;
     }
     pthread_mutex_unlock(&slots_mu);

@@ -2,7 +2,7 @@
 --
 --   transact, work, try_work, backoff_next, session, sleep, log, wake,
 --   worker, is_error, cancel, pause, resume, hold, unhold, retry, http, json,
---   exec, limit, metrics
+--   exec, limit, metrics, loop
 --
 -- docs/api.md describes each (worker: docs/workers.md; cancel, pause,
 -- resume, hold, unhold, retry: docs/work-control.md; http, json, exec, limit:
@@ -32,4 +32,5 @@ return {
   exec = require "bmdb.exec",
   limit = require("bmdb.limit").limit,
   metrics = require "bmdb.metrics",
+  loop = I.loop,
 }

@@ -138,7 +138,7 @@ describe("bmdb-host", function()
       local s = script("badworkers.lua", "local bmdb = require 'bmdb'\nreturn { bmdb.worker { process = 'Ok', select = function() end, run = function() end }, 42 }\n")
       local code, _, err = host { s }
       assert.equal(2, code)
-      assert.matches("returned value #2 is not a bmdb.worker{...} definition", err, 1, true)
+      assert.matches("returned value #2 is not a bmdb.worker{...} or bmdb.loop{...} definition", err, 1, true)
       s = script("badworker.lua", "local bmdb = require 'bmdb'\nreturn { bmdb.worker { process = 'Ok', poll = 0 } }\n")
       code, _, err = host { s }
       assert.equal(2, code)

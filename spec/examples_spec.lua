@@ -104,6 +104,44 @@ describe("examples", function()
     assert.matches('"state":"rebooting"', select(3, provider:get("/devices/" .. device)), 1, true)
   end)
 
+  it("reconciler: one of two hosts runs the loop; it adopts a device the BMDB does not record", function()
+    local fleet = H.postgres():create_db()
+    assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },
+      { env = { BMDB_DSN = fleet } })))
+    local c = core.connect(fleet)
+    local lost = c:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    local recorded = c:one("INSERT INTO machines DEFAULT VALUES RETURNING machine_id").machine_id
+    -- a create that landed at the provider while its item never committed,
+    -- one the BMDB recorded, and one for a machine the BMDB does not know
+    local status, _, body = provider:post("/devices", '{"machine":"' .. lost .. '"}')
+    assert.equal(201, status, body)
+    local device = body:match('"id":"([^"]+)"')
+    status, _, body = provider:post("/devices", '{"machine":"' .. recorded .. '"}')
+    assert.equal(201, status, body)
+    c:exec("INSERT INTO machine_provided (machine_id, provider, provider_id) VALUES ($1, 'fake', $2)", recorded,
+           body:match('"id":"([^"]+)"'))
+    assert.equal(201, (provider:post("/devices", '{"machine":"00000000-0000-4000-8000-000000000000"}')))
+    local e = { BMDB_DSN = fleet, BMDB_PROVIDER_URL = provider.url, BMDB_RECONCILE_EVERY = "0.5" }
+    local r1 = H.spawn { argv = host { "reconciler.lua" }, env = e }
+    local r2 = H.spawn { argv = host { "reconciler.lua" }, env = e }
+    H.wait_until(function()
+      return c:one("SELECT count(*) AS n FROM loop_history WHERE name = 'provider-reconcile' AND event = 'Finished'").n >= 3
+    end, 60, "three reconcile runs")
+    assert.equal(device, c:one("SELECT provider_id FROM machine_provided WHERE machine_id = $1", lost).provider_id)
+    assert.equal(2, c:one("SELECT count(*) AS n FROM machine_provided").n)
+    -- every run was the one holder's
+    assert.equal(1, c:one([[SELECT count(DISTINCT session_id) AS n FROM loop_history
+                            WHERE name = 'provider-reconcile' AND event = 'Started']]).n)
+    stop(r1)
+    stop(r2)
+    local log = r1:stderr() .. r2:stderr()
+    -- (fields in the order of their names; the provider is shared with
+    -- the other examples, whose devices are for other databases' machines)
+    assert.matches('msg=reconciled adopted=1 attempt=%d+ devices=%d+ unknown=[1-9]', log)
+    assert.matches('msg=reconciled adopted=0 attempt=%d+ devices=%d+ unknown=[1-9]', log)
+    c:close()
+  end)
+
   it("the initializer fails a command's non-zero exit with its stderr, and stops one at its timeout", function()
     local fleet = H.postgres():create_db()
     assert.equal(0, (H.run({ H.bin, "--migrations", H.root .. "/examples/migrations", "migrate" },

@@ -229,7 +229,7 @@ describe("bmdb.work", function()
     local names = {}
     for k in pairs(bmdb) do names[#names + 1] = k end
     table.sort(names)
-    assert.same({ "backoff_next", "cancel", "exec", "hold", "http", "is_error", "json", "limit", "log", "metrics",
+    assert.same({ "backoff_next", "cancel", "exec", "hold", "http", "is_error", "json", "limit", "log", "loop", "metrics",
                   "pause", "resume", "retry", "session", "sleep", "transact", "try_work", "unhold", "wake", "work",
                   "worker" }, names)
   end)

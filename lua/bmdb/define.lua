@@ -1,11 +1,13 @@
 -- bmdb/define.lua -- worker definitions: bmdb.worker{...} checks one
 -- (problems) and returns it with its defaults filled in; workers reads
--- the list a script returned, specs what the host needs of it (lstate.c).
+-- the list a script returned, specs what the host needs of it and of the
+-- script's loops (loop.lua) (lstate.c).
 local core = require "bmdb.core"
 local K = core.kinds
 local U = require "bmdb.util"
 local B = require "bmdb.backoff"
 local P = require "bmdb.policy"
+local L = require "bmdb.loop"
 local raise, finite = U.raise, U.finite
 
 local M = {}
@@ -82,15 +84,18 @@ function M.worker(def)
 end
 
 -- The workers a script returned: a list of bmdb.worker definitions (or one
--- alone). nil for a one-off; raises naming every problem found.
+-- alone), beside which it may return bmdb.loop definitions. nil when it
+-- has no worker; raises naming every problem found.
 function M.workers(result)
   if result == nil then return nil end
-  if getmetatable(result) == Worker then result = { result } end
+  if getmetatable(result) == Worker or L.is_loop(result) then result = { result } end
   if type(result) ~= "table" then return nil end
   local list, problems, seen = {}, {}, {}
   for i, def in ipairs(result) do
-    if getmetatable(def) ~= Worker then
-      problems[#problems + 1] = "returned value #" .. i .. " is not a bmdb.worker{...} definition"
+    if L.is_loop(def) then
+      -- loop.lua's
+    elseif getmetatable(def) ~= Worker then
+      problems[#problems + 1] = "returned value #" .. i .. " is not a bmdb.worker{...} or bmdb.loop{...} definition"
     elseif seen[def.process] then
       problems[#problems + 1] = "two workers have process " .. def.process
     else
@@ -103,11 +108,13 @@ function M.workers(result)
   return list
 end
 
+-- What the host starts for a script: each worker's slots, and a thread
+-- for each loop. nil for a one-off (no worker, no loop).
 function M.specs(result)
-  local list = M.workers(result)
-  if not list then return nil end
   local specs = {}
-  for i, def in ipairs(list) do specs[i] = { process = def.process, concurrency = def.concurrency } end
+  for i, def in ipairs(M.workers(result) or {}) do specs[i] = { process = def.process, concurrency = def.concurrency } end
+  for _, l in ipairs(L.loops(result)) do specs[#specs + 1] = { process = l.name, concurrency = 1, loop = true } end
+  if #specs == 0 then return nil end
   return specs
 end
 

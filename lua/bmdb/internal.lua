@@ -12,8 +12,9 @@
 --   backoff    backoff specs: backoff_next, claim_opts
 --   transact   fenced transactions, their retries; the running item, the open tx
 --   policy     how much a claim locks; when a batch may claim (per-worker records)
---   define     bmdb.worker, workers, specs, problems
 --   work       the work item: lock, run, finish/fail/cancel, at_item_end
+--   loop       singleton loops (bmdb.loop): definitions, a loop's thread
+--   define     bmdb.worker, workers, specs (the loops' too), problems
 --   services   session, sleep, log, wake
 --   control    cancel, pause, resume, hold, unhold
 --   claim      the claim path: in the host's turn, or in a batch of finishes
@@ -34,6 +35,7 @@ local S = require "bmdb.services"
 local Ctl = require "bmdb.control"
 local C = require "bmdb.claim"
 local serve = require "bmdb.serve"
+local Loop = require "bmdb.loop"
 
 local I = {
   raise = U.raise,
@@ -64,6 +66,8 @@ local I = {
   unhold = Ctl.unhold,
   claim = C.in_turn,
   serve = serve.serve,
+  loop = Loop.loop,
+  serve_loop = Loop.serve_loop,
 }
 
 -- retry_seconds is transact.lua's: read and set through this table, as

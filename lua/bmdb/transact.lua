@@ -121,8 +121,8 @@ local retryable = T.retryable
 function T.past_deadline(w)
   if w._deadline and core.now() >= w._deadline then
     w._lost = w._lost or ("timeout after " .. w._timeout .. "s")
-    return core.error(K.lost, "lost: the lock on " .. w.machine .. " " .. w.process ..
-                      " was taken away: " .. w._lost)
+    local what = w._loop and "the hold on loop " .. w.name or "the lock on " .. w.machine .. " " .. w.process
+    return core.error(K.lost, "lost: " .. what .. " was taken away: " .. w._lost)
   end
 end
 local past_deadline = T.past_deadline
@@ -133,7 +133,8 @@ local send_wake
 -- what retryable() allows with jittered backoff, for retry_seconds.
 -- on is a session, or a work item: then the fence also checks that the
 -- item's lock is still this claim's (its token), and a "lost" error marks
--- the item lost for good.
+-- the item lost for good; or a loop's run (_loop): the fence checks the
+-- loop's hold (its token) the same way.
 local function transact_on(on, fn, ...)
   refuse_nested("bmdb.transact")
   local sess = handles[on]
@@ -142,7 +143,9 @@ local function transact_on(on, fn, ...)
   local started = core.now()
   for attempt = 1, math.huge do
     local ok, tx
-    if w then
+    if w and w._loop then
+      ok, tx = pcall(core.begin, sess, nil, w.name, w._token)
+    elseif w then
       ok, tx = pcall(core.begin, sess, w.machine, w.process, w._token)
     else
       ok, tx = pcall(core.begin, sess)

@@ -376,18 +376,26 @@ end
 -- still marks it lost.
 -- Then what the body left to the item's end (bmdb.at_item_end) runs,
 -- last registered first: the item is untracked, so no lost hook cuts it.
-function M.run(w, body)
-  local r = { pcall(run_body, w, body) }
+-- The end of w, a work item or a loop's run, whose log lines name it by
+-- fields (a list of keys and values): untracked, so no lost hook cuts
+-- what follows, then what its body left to its end runs.
+function M.end_item(w, fields)
   if w._token then core.untrack(w._token) end
   local at_end = w._at_end
   w._at_end = nil
   for i = #(at_end or {}), 1, -1 do
     local ok, err = pcall(at_end[i])
     if not ok then
-      core.log("warn", "cleanup at the end of an item failed",
-               { "machine", w.machine, "process", w.process, "error", describe(err) })
+      local kv = { unpack(fields) }
+      kv[#kv + 1], kv[#kv + 2] = "error", describe(err)
+      core.log("warn", "cleanup at the end of an item failed", kv)
     end
   end
+end
+
+function M.run(w, body)
+  local r = { pcall(run_body, w, body) }
+  M.end_item(w, { "machine", w.machine, "process", w.process })
   if not r[1] then error(r[2], 0) end
   return unpack(r, 2, table.maxn(r))
 end
@@ -409,7 +417,7 @@ function M.try_work(machine, process, body, opts)
   return run(w, body)
 end
 
--- fn() runs once the running item has ended, however it ended (for
+-- fn() runs once the running item (or loop run) has ended, however it ended (for
 -- what a module holds on the item's behalf, such as bmdb.limit's
 -- places). False outside work: nothing is registered.
 function M.at_item_end(fn)
