@@ -186,6 +186,36 @@ describe("status and history", function()
     assert.equal("expired", json(out, "{sessions,1,state}"))
   end)
 
+  it("shows a loop a real host holds: its session, its failed runs and their cause", function()
+    local quiet = H.postgres():create_db()
+    H.write_file(dir .. "/looper.lua", [[
+      local bmdb = require "bmdb"
+      return { bmdb.loop { name = "tick", every = 0.2, backoff = { initial = 2 },
+        run = function(l) error("tick failed\nsecond line") end } }
+    ]])
+    local host_p = H.spawn { argv = { H.bin, "--component", "looper", dir .. "/looper.lua" }, env = { BMDB_DSN = quiet } }
+    local db = core.connect(quiet)
+    H.wait_until(function()
+      local ok, r = pcall(db.one, db, "SELECT count(*) AS n FROM loop_history WHERE name = 'tick' AND event = 'Failed'")
+      return ok and r.n >= 2
+    end, 30, "two failed runs of the loop")
+    local session = db:one("SELECT session_id FROM sessions WHERE component_name = 'looper'").session_id
+    local code, out, err = H.run({ H.bin, "status", "--json" }, { env = { BMDB_DSN = quiet } })
+    assert.equal(0, code, err)
+    host_p:kill("TERM")
+    assert.equal(0, host_p:wait(30), host_p:stderr())
+    db:close()
+    assert.equal("tick", json(out, "{loops,0,name}"))
+    assert.equal(session, json(out, "{loops,0,holder}"))
+    assert.equal("looper", json(out, "{loops,0,holder_component}"))
+    assert.is_true(tonumber(json(out, "{loops,0,failures}")) >= 2)
+    assert.matches("tick failed", json(out, "{loops,0,last_cause}"), 1, true)
+    local events = admin:one([[SELECT string_agg(e->>'event', ' ' ORDER BY n) AS s
+      FROM jsonb_array_elements($1::jsonb -> 'loop_history') WITH ORDINALITY AS a(e, n)]], out).s
+    assert.matches("Failed", events, 1, true)
+    assert.matches("Failed Started Failed Started Taken$", events) -- newest first; the third run is 4 s off
+  end)
+
   it("history --json is one object with the machine and its events, oldest first", function()
     local out = host { "history", m, "--json" }
     assert.equal(m, json(out, "{machine_id}"))
