@@ -520,7 +520,7 @@ static void status_page(FILE *out) {
 }
 
 /* One machine: 404 when neither the machines table nor the history knows
- * it. Its history is capped at HISTORY_MAX events, newest first, and the
+ * it, else 200 (a database error said on the page). Its history is capped at HISTORY_MAX events, newest first, and the
  * page says how many there are in all. */
 static unsigned machine_page(FILE *out, const char *id) {
     page_head(out, "bmdb-host: machine");
@@ -531,7 +531,7 @@ static unsigned machine_page(FILE *out, const char *id) {
     if (!db_lock()) {
         fputs("<p class=bad>the database is busy with another request; reload in a moment</p>", out);
         fputs("</body></html>\n", out);
-        return MHD_HTTP_SERVICE_UNAVAILABLE;
+        return MHD_HTTP_OK; /* as the status page: the page says why */
     }
     const char *params[] = {id};
     char err[512];
@@ -542,7 +542,6 @@ static unsigned machine_page(FILE *out, const char *id) {
         fputs("<p class=bad>cannot read: ", out);
         html(out, err, 300);
         fputs("</p>\n", out);
-        status = MHD_HTTP_SERVICE_UNAVAILABLE;
     } else if (PQgetisnull(r, 0, 0) && atol(PQgetvalue(r, 0, 1)) == 0) {
         fputs("<p class=bad>no such machine: it is not in the machines table and has no history</p>\n", out);
         status = MHD_HTTP_NOT_FOUND;
@@ -616,8 +615,8 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
     /* Nothing, not even a 405 or a 404, for a request without the secret. */
     if (!httpauth_allows(url, MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))) {
         log_kv(LOG_DEBUG, "http: unauthorized request refused", "path", url, NULL);
-        return respond_text(c, MHD_HTTP_UNAUTHORIZED, "unauthorized: this server wants the credentials of --http-auth\n",
-                            httpauth_challenge());
+        return respond_text(c, MHD_HTTP_UNAUTHORIZED,
+                            "unauthorized: this server wants the credentials of --http-auth\n", httpauth_challenge());
     }
     /* Answered on the first call, before any body is read: no request here
      * has a body worth reading, and one that sends a body is not waited for. */
