@@ -131,7 +131,8 @@ check-asan: check-deps
 # spec/support/tsan.supp holds the one known false positive.
 TSAN_FLAGS  := -fsanitize=thread
 TSAN_SPECS  := spec/worker_spec.lua spec/transact_spec.lua spec/session_spec.lua spec/work_spec.lua \
-               spec/fencing_spec.lua spec/control_spec.lua spec/shutdown_spec.lua spec/http_spec.lua
+               spec/fencing_spec.lua spec/control_spec.lua spec/shutdown_spec.lua spec/http_spec.lua \
+               spec/http_auth_spec.lua
 tsan-host:
 	@$(MAKE) --no-print-directory BUILD=build/tsan CFLAGS='-O1 -g $(TSAN_FLAGS) -fno-omit-frame-pointer -DBMDB_LOCKCHECK' \
 	  LDFLAGS='$(TSAN_FLAGS)' build/tsan/bmdb-host

@@ -3,9 +3,13 @@
  *   /metrics          Prometheus text format: the registry (metrics.c), the
  *                     session's time left, the pool, and the fleet read
  *                     from the database (cached a second)
- *   /                 this host, then the fleet, as plain HTML and CSS
- *   /machine/<id>     one machine: its work, backoffs and history
+ *   /                 this host, then the fleet (sessions, processes, latest
+ *                     failures, work, backoffs, loops), as plain HTML and CSS
+ *   /machine/<id>     one machine: its work, backoffs and history (capped)
  *   /healthz          200 while the session is live, else 503; one line
+ *
+ * With --http-auth every request but those --http-open leaves open must
+ * carry the secret (httpauth.c), or is answered 401 and nothing else.
  *
  * libmicrohttpd parses HTTP and runs the requests on a small pool of its
  * own threads. Hostile clients are its limits' business: a total and a
@@ -39,11 +43,13 @@
 #include <string.h>
 #include <sys/socket.h>
 
+#include "httpauth.h"
 #include "lifecycle.h"
 #include "lockcheck.h"
 #include "log.h"
 #include "metrics.h"
 #include "pqerr.h"
+#include "report.h"
 #include "session.h"
 #include "snapshot.h"
 #include "work.h"
@@ -53,6 +59,7 @@
 #define ROWS_MAX "200"       /* rows per table on a page */
 #define CELL_MAX 160         /* bytes of a value in a table cell */
 #define CAUSE_MAX 2000       /* bytes of a cause on a machine's page */
+#define HISTORY_MAX "1000"   /* events on a machine's page */
 
 static struct MHD_Daemon *daemon_;
 static pool *the_pool;
@@ -251,10 +258,11 @@ static void table_open(FILE *out, const char *const *cols) {
     fputs("</tr></thead><tbody>\n", out);
 }
 
-static void table_close(FILE *out, int rows, int ncols, const char *empty) {
+/* cap: the statement's LIMIT, said when reached; 0 when the caller says it. */
+static void table_close(FILE *out, int rows, int ncols, const char *empty, int cap) {
     if (!rows) fprintf(out, "<tr><td colspan=%d class=muted>%s</td></tr>", ncols, empty);
     fputs("</tbody></table></div>\n", out);
-    if (rows >= atoi(ROWS_MAX)) fputs("<p class=muted>The first " ROWS_MAX " rows only.</p>\n", out);
+    if (cap && rows >= cap) fprintf(out, "<p class=muted>The first %d rows only.</p>\n", cap);
 }
 
 static const char *state_name(void) {
@@ -300,12 +308,12 @@ static void host_section(FILE *out) {
         if (v[i].busy) duration(out, v[i].busy_for);
         fputs("</td></tr>\n", out);
     }
-    table_close(out, n, 5, "no slots (a one-off script, or not started yet)");
+    table_close(out, n, 5, "no slots (a one-off script, or not started yet)", MAX);
     free(v);
 }
 
 /* Runs sql and writes its rows with row(out, result, i). Under db_mu. */
-static int db_table(FILE *out, const char *title, const char *const *cols, const char *sql, int nparams,
+static int db_table_cap(FILE *out, int cap, const char *title, const char *const *cols, const char *sql, int nparams,
                     const char *const *params, void (*row)(FILE *, PGresult *, int), const char *empty) {
     char err[512];
     PGresult *r = db_query(sql, nparams, params, err, sizeof err);
@@ -326,9 +334,14 @@ static int db_table(FILE *out, const char *title, const char *const *cols, const
         row(out, r, i);
         fputs("</tr>\n", out);
     }
-    table_close(out, PQntuples(r), ncols, empty);
+    table_close(out, PQntuples(r), ncols, empty, cap);
     PQclear(r);
     return 0;
+}
+
+static int db_table(FILE *out, const char *title, const char *const *cols, const char *sql, int nparams,
+                    const char *const *params, void (*row)(FILE *, PGresult *, int), const char *empty) {
+    return db_table_cap(out, atoi(ROWS_MAX), title, cols, sql, nparams, params, row, empty);
 }
 
 static void cell(FILE *out, PGresult *r, int i, int j, size_t max) {
@@ -346,6 +359,22 @@ static void cell_duration(FILE *out, PGresult *r, int i, int j) {
 static void cell_machine(FILE *out, PGresult *r, int i, int j) {
     fputs("<td>", out);
     machine_link(out, PQgetvalue(r, i, j));
+    fputs("</td>", out);
+}
+
+enum { AGO, AHEAD, SPAN };
+/* An age ("4m 07s ago"), a time to come ("in 12s") or a span; "never"
+ * for NULL. */
+static void cell_when(FILE *out, PGresult *r, int i, int j, int how) {
+    fputs("<td>", out);
+    if (PQgetisnull(r, i, j)) fputs("<span class=muted>never</span>", out);
+    else {
+        double v = atof(PQgetvalue(r, i, j));
+        if (how == AHEAD && v <= 0) how = AGO, v = -v, fputs("due ", out); /* and not taken yet */
+        fputs(how == AHEAD ? "in " : "", out);
+        duration(out, v);
+        fputs(how == AGO ? " ago" : "", out);
+    }
     fputs("</td>", out);
 }
 
@@ -380,6 +409,47 @@ static void backoff_row(FILE *out, PGresult *r, int i) {
     cell_cause(out, r, i, 4, CELL_MAX);
 }
 
+static void process_row(FILE *out, PGresult *r, int i) {
+    for (int j = 0; j < 5; j++) cell(out, r, i, j, 64);
+}
+
+static void failure_row(FILE *out, PGresult *r, int i) {
+    cell(out, r, i, 0, 64);
+    cell_machine(out, r, i, 1);
+    cell_when(out, r, i, 2, AGO);
+    cell_cause(out, r, i, 3, CELL_MAX);
+}
+
+/* The holder: its live session (id, component, runtime), else none. */
+static void loop_row(FILE *out, PGresult *r, int i) {
+    cell(out, r, i, 0, 64);
+    if (PQgetisnull(r, i, 1)) {
+        fputs("<td class=muted>none</td><td></td>", out);
+    } else {
+        fputs("<td><span class=id>", out);
+        html(out, PQgetvalue(r, i, 1), 64);
+        fputs("</span><br>", out);
+        html(out, PQgetvalue(r, i, 2), CELL_MAX);
+        fputs(" ", out);
+        html(out, PQgetvalue(r, i, 3), CELL_MAX);
+        fputs("</td>", out);
+        cell_when(out, r, i, 4, SPAN);
+    }
+    cell_when(out, r, i, 5, AGO);
+    cell_when(out, r, i, 6, AGO);
+    cell_when(out, r, i, 7, AHEAD);
+    cell(out, r, i, 8, 32);
+    cell_cause(out, r, i, 9, CELL_MAX);
+}
+
+static void loop_event_row(FILE *out, PGresult *r, int i) {
+    cell(out, r, i, 0, 64);
+    cell_when(out, r, i, 1, AGO);
+    cell(out, r, i, 2, 32);
+    cell(out, r, i, 3, 64);
+    cell_cause(out, r, i, 4, CELL_MAX);
+}
+
 static void history_row(FILE *out, PGresult *r, int i) {
     cell(out, r, i, 0, 64);
     cell(out, r, i, 1, 64);
@@ -402,6 +472,23 @@ static const char SQL_BACKOFFS[] =
     "substr(cause, 1, 4000) AS cause, octet_length(cause) FROM work_backoff WHERE backoff_until > now() "
     "ORDER BY backoff_until LIMIT " ROWS_MAX;
 
+static const char SQL_PROCESSES[] = REPORT_PROCESS_COUNTS_SQL " LIMIT " ROWS_MAX;
+static const char SQL_FAILURES[] =
+    "SELECT process, machine_id, EXTRACT(EPOCH FROM (now() - occurred_at))::FLOAT8, "
+    "substr(split_part(COALESCE(cause, ''), chr(10), 1), 1, 4000), COALESCE(octet_length(cause), 0) "
+    "FROM (" REPORT_LATEST_FAILURES_SQL ") AS f WHERE n <= 5 "
+    "ORDER BY process, occurred_at DESC, history_id DESC LIMIT " ROWS_MAX;
+static const char SQL_LOOPS[] =
+    "SELECT l.name, s.session_id, s.component_name, s.runtime_info, "
+    "EXTRACT(EPOCH FROM (now() - l.held_since))::FLOAT8, EXTRACT(EPOCH FROM (now() - l.last_started_at))::FLOAT8, "
+    "EXTRACT(EPOCH FROM (now() - l.last_finished_at))::FLOAT8, EXTRACT(EPOCH FROM (l.next_run_at - now()))::FLOAT8, "
+    "l.failures, substr(split_part(COALESCE(l.last_cause, ''), chr(10), 1), 1, 4000), "
+    "COALESCE(octet_length(l.last_cause), 0) " REPORT_LOOPS_FROM_SQL " LIMIT " ROWS_MAX;
+static const char SQL_LOOP_HISTORY[] =
+    "SELECT l.name, EXTRACT(EPOCH FROM (now() - h.occurred_at))::FLOAT8, h.event, h.session_id, "
+    "substr(COALESCE(h.cause, ''), 1, 4000), COALESCE(octet_length(h.cause), 0) " REPORT_LOOP_HISTORY_FROM_SQL
+    " LIMIT " ROWS_MAX;
+
 static void status_page(FILE *out) {
     page_head(out, "bmdb-host status");
     host_section(out);
@@ -412,23 +499,58 @@ static void status_page(FILE *out) {
         static const char *const scols[] = {"session", "component", "runtime", "state", "deadline in", NULL};
         static const char *const wcols[] = {"machine", "process", "session", "age", NULL};
         static const char *const bcols[] = {"machine", "process", "attempts", "time left", "cause", NULL};
+        static const char *const pcols[] = {"process", "in flight", "in backoff", "machines failed (1 h)",
+                                            "failures (1 h)", NULL};
+        static const char *const fcols[] = {"process", "machine", "when", "cause (first line)", NULL};
+        static const char *const lcols[] = {"loop", "holder", "held for", "last started", "last finished",
+                                            "next run", "failures", "last cause", NULL};
+        static const char *const ecols[] = {"loop", "when", "event", "session", "cause", NULL};
         if (db_table(out, "sessions", scols, SQL_SESSIONS, 0, NULL, session_row, "none") == 0 &&
-            db_table(out, "work in flight", wcols, SQL_WORK, 0, NULL, work_row, "none") == 0)
-            db_table(out, "backoffs", bcols, SQL_BACKOFFS, 0, NULL, backoff_row, "none");
+            db_table(out, "processes", pcols, SQL_PROCESSES, 0, NULL, process_row, "none") == 0 &&
+            db_table(out, "latest failures (5 per process, last 24 h)", fcols, SQL_FAILURES, 0, NULL,
+                     failure_row, "none") == 0 &&
+            db_table(out, "work in flight", wcols, SQL_WORK, 0, NULL, work_row, "none") == 0 &&
+            db_table(out, "backoffs", bcols, SQL_BACKOFFS, 0, NULL, backoff_row, "none") == 0 &&
+            db_table(out, "loops", lcols, SQL_LOOPS, 0, NULL, loop_row, "none") == 0)
+            db_table(out, "loop history (newest 10 per loop)", ecols, SQL_LOOP_HISTORY, 0, NULL, loop_event_row,
+                     "none");
         pthread_mutex_unlock(&db_mu);
     }
     fputs("</body></html>\n", out);
 }
 
-static void machine_page(FILE *out, const char *id) {
+/* One machine: 404 when neither the machines table nor the history knows
+ * it, else 200 (a database error said on the page). Its history is capped at HISTORY_MAX events, newest first, and the
+ * page says how many there are in all. */
+static unsigned machine_page(FILE *out, const char *id) {
     page_head(out, "bmdb-host: machine");
     fputs("<p><a href=\"/\">&larr; status</a></p><h1>machine <span class=id>", out);
     html(out, id, 64);
     fputs("</span></h1>\n", out);
+    unsigned status = MHD_HTTP_OK;
     if (!db_lock()) {
         fputs("<p class=bad>the database is busy with another request; reload in a moment</p>", out);
+        fputs("</body></html>\n", out);
+        return MHD_HTTP_OK; /* as the status page: the page says why */
+    }
+    const char *params[] = {id};
+    char err[512];
+    PGresult *r = db_query("SELECT (SELECT created_at::TEXT FROM machines WHERE machine_id = $1), "
+                           "(SELECT count(*) FROM work_history WHERE machine_id = $1)",
+                           1, params, err, sizeof err);
+    if (!r) {
+        fputs("<p class=bad>cannot read: ", out);
+        html(out, err, 300);
+        fputs("</p>\n", out);
+    } else if (PQgetisnull(r, 0, 0) && atol(PQgetvalue(r, 0, 1)) == 0) {
+        fputs("<p class=bad>no such machine: it is not in the machines table and has no history</p>\n", out);
+        status = MHD_HTTP_NOT_FOUND;
     } else {
-        const char *params[] = {id};
+        long events = atol(PQgetvalue(r, 0, 1));
+        fputs("<dl><dt>created</dt><dd>", out);
+        if (PQgetisnull(r, 0, 0)) fputs("<span class=bad>not in the machines table (deleted)</span>", out);
+        else html(out, PQgetvalue(r, 0, 0), 64);
+        fprintf(out, "</dd><dt>events</dt><dd>%ld</dd></dl>\n", events);
         static const char *const wcols[] = {"machine", "process", "session", "age", NULL};
         static const char *const bcols[] = {"machine", "process", "attempts", "time left", "cause", NULL};
         static const char *const hcols[] = {"when", "process", "event", "session", "cause", NULL};
@@ -441,22 +563,28 @@ static void machine_page(FILE *out, const char *id) {
                      "substr(cause, 1, 4000), octet_length(cause) FROM work_backoff "
                      "WHERE machine_id = $1 AND backoff_until > now() "
                      "ORDER BY backoff_until LIMIT " ROWS_MAX,
-                     1, params, backoff_row, "none") == 0)
-            db_table(out, "history, newest first", hcols,
+                     1, params, backoff_row, "none") == 0 &&
+            db_table_cap(out, 0, "history, newest first", hcols,
                      "SELECT date_trunc('second', occurred_at)::TEXT, process, event, session_id, "
-                     "COALESCE(substr(cause, 1, 4000), ''), COALESCE(octet_length(cause), 0) "
+                     "COALESCE(substr(cause, 1, 2000), ''), COALESCE(octet_length(cause), 0) "
                      "FROM work_history WHERE machine_id = $1 "
-                     "ORDER BY occurred_at DESC, history_id DESC LIMIT " ROWS_MAX,
-                     1, params, history_row, "no events recorded");
-        pthread_mutex_unlock(&db_mu);
+                     "ORDER BY occurred_at DESC, history_id DESC LIMIT " HISTORY_MAX,
+                     1, params, history_row, "no events recorded") == 0 &&
+            events > atol(HISTORY_MAX))
+            fprintf(out, "<p class=muted>The newest " HISTORY_MAX " of %ld events only: "
+                         "<code>bmdb-host history</code> lists them all.</p>\n", events);
     }
+    PQclear(r);
+    pthread_mutex_unlock(&db_mu);
     fputs("</body></html>\n", out);
+    return status;
 }
 
 /* ---- requests ------------------------------------------------------------------ */
 
+/* challenge: a WWW-Authenticate value, or NULL. */
 static enum MHD_Result respond(struct MHD_Connection *c, unsigned status, const char *type, char *body,
-                               size_t len) {
+                               size_t len, const char *challenge) {
     struct MHD_Response *r = MHD_create_response_from_buffer(len, body, MHD_RESPMEM_MUST_FREE);
     if (!r) {
         free(body);
@@ -465,6 +593,7 @@ static enum MHD_Result respond(struct MHD_Connection *c, unsigned status, const 
     MHD_add_response_header(r, "Content-Type", type);
     MHD_add_response_header(r, "Cache-Control", "no-store");
     MHD_add_response_header(r, "X-Content-Type-Options", "nosniff");
+    if (challenge) MHD_add_response_header(r, MHD_HTTP_HEADER_WWW_AUTHENTICATE, challenge);
     /* The page needs its own inline style and nothing else. */
     MHD_add_response_header(r, "Content-Security-Policy",
                             "default-src 'none'; style-src 'unsafe-inline'; form-action 'none'; "
@@ -474,24 +603,31 @@ static enum MHD_Result respond(struct MHD_Connection *c, unsigned status, const 
     return ok;
 }
 
-static enum MHD_Result respond_text(struct MHD_Connection *c, unsigned status, const char *text) {
+static enum MHD_Result respond_text(struct MHD_Connection *c, unsigned status, const char *text,
+                                    const char *challenge) {
     char *body = strdup(text);
-    return body ? respond(c, status, "text/plain; charset=utf-8", body, strlen(body)) : MHD_NO;
+    return body ? respond(c, status, "text/plain; charset=utf-8", body, strlen(body), challenge) : MHD_NO;
 }
 
 static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *url, const char *method,
                               const char *version, const char *upload, size_t *upload_size, void **state) {
     (void)cls, (void)version, (void)upload, (void)upload_size, (void)state;
+    /* Nothing, not even a 405 or a 404, for a request without the secret. */
+    if (!httpauth_allows(url, MHD_lookup_connection_value(c, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION))) {
+        log_kv(LOG_DEBUG, "http: unauthorized request refused", "path", url, NULL);
+        return respond_text(c, MHD_HTTP_UNAUTHORIZED,
+                            "unauthorized: this server wants the credentials of --http-auth\n", httpauth_challenge());
+    }
     /* Answered on the first call, before any body is read: no request here
      * has a body worth reading, and one that sends a body is not waited for. */
     if (strcmp(method, "GET") != 0 && strcmp(method, "HEAD") != 0)
-        return respond_text(c, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n");
+        return respond_text(c, MHD_HTTP_METHOD_NOT_ALLOWED, "only GET and HEAD\n", NULL);
     if (!strcmp(url, "/healthz")) {
         char id[64], why[256], line[300];
         double left;
         int live = sessions_describe(id, sizeof id, &left, why, sizeof why);
         snprintf(line, sizeof line, "%s: %s\n", live ? "ok" : "unavailable", why);
-        return respond_text(c, live ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, line);
+        return respond_text(c, live ? MHD_HTTP_OK : MHD_HTTP_SERVICE_UNAVAILABLE, line, NULL);
     }
     char *body = NULL;
     size_t len = 0;
@@ -505,7 +641,11 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
     } else if (!strcmp(url, "/")) {
         status_page(out);
     } else if (!strncmp(url, "/machine/", 9) && work_valid_uuid(url + 9)) {
-        machine_page(out, url + 9);
+        status = machine_page(out, url + 9);
+    } else if (!strncmp(url, "/machine/", 9)) {
+        type = "text/plain; charset=utf-8";
+        status = MHD_HTTP_BAD_REQUEST;
+        fputs("bad request: /machine/<id> takes a machine id, a UUID (8-4-4-4-12 hex digits)\n", out);
     } else {
         type = "text/plain; charset=utf-8";
         status = MHD_HTTP_NOT_FOUND;
@@ -515,7 +655,7 @@ static enum MHD_Result handle(void *cls, struct MHD_Connection *c, const char *u
         free(body);
         return MHD_NO;
     }
-    return respond(c, status, type, body, len);
+    return respond(c, status, type, body, len, NULL);
 }
 
 static void mhd_log(void *cls, const char *fmt, va_list ap) {
@@ -614,7 +754,7 @@ int http_start(const char *addr, pool *p, const char *comp, char *err, size_t er
     if (v6) inet_ntop(AF_INET6, &((struct sockaddr_in6 *)&ss)->sin6_addr, host, sizeof host);
     else inet_ntop(AF_INET, &((struct sockaddr_in *)&ss)->sin_addr, host, sizeof host);
     snprintf(where, sizeof where, v6 ? "[%s]:%u" : "%s:%u", host, info ? (unsigned)info->port : 0);
-    log_kv(LOG_INFO, "http listening", "address", where, NULL);
+    log_kv(LOG_INFO, "http listening", "address", where, "auth", httpauth_enabled() ? "on" : "off", NULL);
     return 0;
 }
 
@@ -628,4 +768,5 @@ void http_stop(void) {
     fleet.at = 0;
     pthread_mutex_unlock(&db_mu);
     the_pool = NULL;
+    httpauth_clear();
 }

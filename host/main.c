@@ -29,6 +29,7 @@
 #include "bootstrap.h"
 #include "control.h"
 #include "http.h"
+#include "httpauth.h"
 #include "items.h"
 #include "lcore.h"
 #include "lifecycle.h"
@@ -62,7 +63,9 @@ static const char usage_text[] =
     "usage: bmdb-host [options] SCRIPT.lua [ARGS...]   run a script (workers or one-off)\n"
     "       bmdb-host check SCRIPT.lua                 compile and validate, no database\n"
     "       bmdb-host migrate [up | down N | status]   manage the schema\n"
-    "       bmdb-host status [--json]                  sessions, work in flight, pauses, holds, backoffs\n"
+    "       bmdb-host status [--json]                  sessions, work in flight, pauses, holds, backoffs,\n"
+    "                      per process (in flight, in backoff, failed in the last hour), the\n"
+    "                      latest failures, loops (holder, runs, failures) and their events\n"
     "       bmdb-host history MACHINE [--json]         audit trail of one machine\n"
     "       bmdb-host cancel MACHINE PROCESS [--reason TEXT]  end that lock now (exit 1: none held)\n"
     "       bmdb-host pause PROCESS [--reason TEXT]    no claims of PROCESS on any host\n"
@@ -91,12 +94,17 @@ static const char usage_text[] =
     "                     DAYS days, as prune does (default: 30; 0 keeps it all)\n"
     "  --http ADDR        serve /metrics, a status page and /healthz on ADDR: PORT or\n"
     "                     127.0.0.1:PORT, [::1]:PORT; other addresses only as written\n"
+    "  --http-auth FILE   every --http request must carry the secret FILE holds, read\n"
+    "                     once at start: its one line is user:password (Basic) if it\n"
+    "                     has a ':', else a bearer token (Authorization: Bearer ...)\n"
+    "  --http-open LIST   with --http-auth, leave these open: healthz, metrics or\n"
+    "                     healthz,metrics\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";
 
 struct options {
-    const char *dsn, *data_dir, *component, *migrations, *http;
+    const char *dsn, *data_dir, *component, *migrations, *http, *http_auth, *http_open;
     int interval, grace, watch, migrate, keep_history;
 };
 
@@ -125,11 +133,22 @@ static int parse_int(const char *flag, const char *v, int min, int max, int *out
     return 0;
 }
 
+/* --http-auth and --http-open need what they qualify; the secret is read
+ * here, once, before any database work. */
+static int http_auth_options(const struct options *o) {
+    if (o->http_auth && !o->http) return print_error(EXIT_USAGE, "--http-auth needs --http"), -1;
+    if (o->http_open && !o->http_auth) return print_error(EXIT_USAGE, "--http-open needs --http-auth"), -1;
+    char err[1024];
+    if (o->http_auth && httpauth_load(o->http_auth, err, sizeof err) < 0)
+        return print_error(EXIT_USAGE, "%s", err), -1;
+    return 0;
+}
+
 /* Parses options up to the first operand (the script or subcommand); what
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_KEEP_HISTORY };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_HTTP_AUTH, O_HTTP_OPEN, O_KEEP_HISTORY };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -140,6 +159,8 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"grace", required_argument, NULL, O_GRACE},
         {"watch", no_argument, NULL, O_WATCH},
         {"http", required_argument, NULL, O_HTTP},
+        {"http-auth", required_argument, NULL, O_HTTP_AUTH},
+        {"http-open", required_argument, NULL, O_HTTP_OPEN},
         {"keep-history", required_argument, NULL, O_KEEP_HISTORY},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
@@ -176,6 +197,16 @@ static int parse_options(int argc, char **argv, struct options *o) {
             o->http = optarg;
             break;
         }
+        case O_HTTP_AUTH: o->http_auth = optarg; break;
+        case O_HTTP_OPEN: {
+            char err[256];
+            if (httpauth_set_open(optarg, err, sizeof err) < 0) {
+                print_error(EXIT_USAGE, "%s", err);
+                return -1;
+            }
+            o->http_open = optarg;
+            break;
+        }
         case O_LOG_LEVEL:
             if (log_parse_level(optarg, &lvl) < 0) {
                 print_error(EXIT_USAGE, "--log-level: expected debug, info, warn or error, got '%s'", optarg);
@@ -204,7 +235,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         }
     }
     log_configure(lvl, json);
-    return 0;
+    return http_auth_options(o);
 }
 
 /* ---- the database ---------------------------------------------------------- */

@@ -2,7 +2,7 @@
  *
  * Text: aligned columns, each row at most WIDTH columns: every column is
  * capped, the last one takes what is left, and a cut value ends in "...".
- * JSON: {"sessions": [...], "work": [...], "backoffs": [...]} for status,
+ * JSON: {"sessions": [...], "work": [...], ..., "loop_history": [...]} for status,
  * {"machine_id": ..., "events": [...]} for history; each row an object
  * keyed by the column names below, integers as numbers, NULL as null,
  * timestamps as the server writes them (ISO 8601 with a UTC offset). */
@@ -160,6 +160,29 @@ static const struct { const char *key, *title, *text_sql, *json_sql; } status_ta
      "SELECT machine_id, process, attempts, last_seconds, "
      "b.backoff_until::TEXT AS until, cause "
      "FROM work_backoff b WHERE b.backoff_until > now() ORDER BY b.backoff_until"},
+    {"processes", "processes (failed: in the last hour)", REPORT_PROCESS_COUNTS_SQL, REPORT_PROCESS_COUNTS_SQL},
+    {"failures", "latest failures (5 per process, last 24 h)",
+     "SELECT process, machine_id, floor(EXTRACT(EPOCH FROM (now() - occurred_at)))::INT8 AS ago_s, "
+     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause FROM (" REPORT_LATEST_FAILURES_SQL ") AS f "
+     "WHERE n <= 5 ORDER BY process, occurred_at DESC, history_id DESC",
+     "SELECT process, machine_id, occurred_at::TEXT AS occurred_at, session_id, "
+     "split_part(COALESCE(cause, ''), chr(10), 1) AS cause_line, cause FROM (" REPORT_LATEST_FAILURES_SQL ") AS f "
+     "WHERE n <= 5 ORDER BY process, occurred_at DESC, history_id DESC"},
+    {"loops", "loops (holder: its runtime; seconds since held, ran, done; next run in)",
+     "SELECT l.name, COALESCE(s.runtime_info, 'none') AS holder, "
+     "CASE WHEN s.session_id IS NOT NULL THEN floor(EXTRACT(EPOCH FROM (now() - l.held_since)))::INT8 END AS held_s, "
+     "floor(EXTRACT(EPOCH FROM (now() - l.last_started_at)))::INT8 AS ran_s, "
+     "floor(EXTRACT(EPOCH FROM (now() - l.last_finished_at)))::INT8 AS done_s, "
+     "ceil(EXTRACT(EPOCH FROM (l.next_run_at - now())))::INT8 AS next_s, l.failures AS fails, "
+     "split_part(COALESCE(l.last_cause, ''), chr(10), 1) AS cause " REPORT_LOOPS_FROM_SQL,
+     "SELECT l.name, s.session_id AS holder, s.component_name AS holder_component, "
+     "s.runtime_info AS holder_runtime, CASE WHEN s.session_id IS NOT NULL THEN l.held_since::TEXT END AS held_since, "
+     "l.last_started_at::TEXT AS last_started_at, l.last_finished_at::TEXT AS last_finished_at, "
+     "l.next_run_at::TEXT AS next_run_at, l.failures, l.last_seconds, l.last_cause " REPORT_LOOPS_FROM_SQL},
+    {"loop_history", "loop history (newest 10 per loop)",
+     "SELECT l.name, floor(EXTRACT(EPOCH FROM (now() - h.occurred_at)))::INT8 AS ago_s, h.event, "
+     "h.session_id, split_part(COALESCE(h.cause, ''), chr(10), 1) AS cause " REPORT_LOOP_HISTORY_FROM_SQL,
+     "SELECT l.name, h.occurred_at::TEXT AS occurred_at, h.event, h.session_id, h.cause " REPORT_LOOP_HISTORY_FROM_SQL},
 };
 
 int report_status(PGconn *c, FILE *out, int json, char *err, size_t errlen) {

@@ -189,7 +189,14 @@ describe("--http", function()
   it("answers other paths and methods without a page, and machine ids only as UUIDs", function()
     local p, port = start()
     assert.equal(404, (get(port, "/nope")))
-    assert.equal(404, (get(port, "/machine/not-a-uuid")))
+    local status, _, body = get(port, "/machine/not-a-uuid")
+    assert.equal(400, status)
+    assert.matches("takes a machine id, a UUID", body, 1, true)
+    assert.equal(400, (get(port, "/machine/00000000-0000-0000-0000-00000000000'%3B")))
+    -- a UUID no table knows
+    status, _, body = get(port, "/machine/00000000-0000-0000-0000-000000000000")
+    assert.equal(404, status)
+    assert.matches("no such machine", body, 1, true)
     local fd = assert(http.connect(port))
     http.send(fd, "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nConnection: close\r\n\r\nhello")
     assert.matches("^HTTP/1%.1 405", http.read_all(fd, 10))
@@ -245,6 +252,100 @@ describe("--http", function()
       assert.matches("&lt;script&gt;", page, 1, true)
       assert.is_nil(page:find("<script", 1, true))
       admin:exec("UPDATE wanted SET mode = 'ok' WHERE machine_id = $1", held)
+      stop(p)
+    end)
+
+    it("shows each process's counts, its latest failures linked to their machines, and the loops' holders", function()
+      if not browser then
+        pending("chromium is not installed (make check installs it: the check-deps target)")
+        return
+      end
+      -- what earlier tests left (their hosts are stopped) would count too
+      admin:exec("DELETE FROM work_backoff")
+      admin:exec("DELETE FROM work_history")
+      local held = want("hold")
+      local failed = want("fail", "first line of the cause\nsecond line")
+      local p, port = start()
+      H.wait_until(function()
+        return admin:one("SELECT count(*) AS n FROM work WHERE machine_id = $1", held).n == 1
+           and admin:one("SELECT count(*) AS n FROM work_backoff WHERE machine_id = $1", failed).n == 1
+      end, 30, "one machine held and one in backoff")
+      -- two older failures of another machine in the last hour, one of a day ago
+      local other = want("ok")
+      admin:exec([[INSERT INTO work_history (machine_id, process, event, cause, occurred_at)
+        SELECT $1, 'Observe', 'Failed', 'older ' || i, now() - i * INTERVAL '10 minutes'
+        FROM generate_series(1, 2) AS i]], other)
+      admin:exec([[INSERT INTO work_history (machine_id, process, event, cause, occurred_at)
+        VALUES ($1, 'Observe', 'Failed', 'a day ago', now() - INTERVAL '25 hours')]], other)
+      local session = admin:one("SELECT session_id FROM sessions WHERE component_name = 'observe'").session_id
+      admin:exec([[INSERT INTO loops (name, session_id, token, held_since, next_run_at, last_started_at,
+          last_finished_at, failures, last_cause)
+        VALUES ('reconcile', $1, gen_random_uuid(), now() - INTERVAL '5 minutes', now() + INTERVAL '1 hour',
+          now() - INTERVAL '2 minutes', now() - INTERVAL '1 minute', 3, '<b>provider</b> down' || chr(10) || 'trace'),
+          ('gauge:depth', gen_random_uuid(), gen_random_uuid(), now() - INTERVAL '1 day', now(), NULL, NULL, 0, NULL)]],
+        session)
+      admin:exec([[INSERT INTO loop_history (name, session_id, event, cause, occurred_at)
+        VALUES ('reconcile', $1, 'Taken', NULL, now() - INTERVAL '5 minutes'),
+               ('reconcile', $1, 'Failed', 'loop cause <i>x</i>', now() - INTERVAL '1 minute')]], session)
+
+      local dom = dump(port, "/")
+      -- processes: Observe has one in flight, one in backoff, 2 machines and 3 failures in the hour
+      assert.matches("<tr><td>Observe</td><td>1</td><td>1</td><td>2</td><td>3</td></tr>", dom, 1, true)
+      -- latest failures: newest first, each machine a link, the cause's first line only
+      local f = dom:match("<h2>latest failures.-</table>")
+      assert.is_not_nil(f, dom)
+      local links = {}
+      for id in f:gmatch('href="/machine/([%x%-]+)"') do links[#links + 1] = id end
+      assert.same({ failed, other, other }, links)
+      assert.matches("first line of the cause", f, 1, true)
+      assert.is_nil(f:find("second line", 1, true))
+      assert.matches("older 2", f, 1, true)
+      assert.is_nil(f:find("a day ago", 1, true))
+      -- loops: the live holder with its component, the free one as none
+      local l = dom:match("<h2>loops %(2%)</h2>.-</table>")
+      assert.is_not_nil(l, dom)
+      assert.matches("<tr><td>gauge:depth</td><td class=\"muted\">none</td>", l, 1, true)
+      assert.matches('<td>reconcile</td><td><span class="id">' .. session .. "</span><br>observe ", l, 1, true)
+      assert.matches("<td>3</td><td>&lt;b&gt;provider&lt;/b&gt; down", l, 1, true)
+      assert.matches("<td>in 59m %d%ds</td>", l)
+      local e = dom:match("<h2>loop history.-</table>")
+      assert.matches("<td>reconcile</td><td>[^<]* ago</td><td>Failed</td>", e)
+      assert.matches("loop cause &lt;i&gt;x&lt;/i&gt;", e, 1, true)
+      assert.is_nil(dom:find("<b>", 1, true))
+      admin:exec("UPDATE wanted SET mode = 'ok' WHERE machine_id = $1", held)
+      stop(p)
+      admin:exec("DELETE FROM loop_history")
+      admin:exec("DELETE FROM loops")
+    end)
+
+    it("shows a machine's newest 1000 events and says how many there are, its work and backoff", function()
+      if not browser then
+        pending("chromium is not installed (make check installs it: the check-deps target)")
+        return
+      end
+      local failed = want("fail", "it broke")
+      local p, port = start()
+      H.wait_until(function()
+        return admin:one("SELECT count(*) AS n FROM work_backoff WHERE machine_id = $1", failed).n == 1
+      end, 30, "the machine in backoff")
+      admin:exec([[INSERT INTO work_history (machine_id, process, event, cause, occurred_at)
+        SELECT $1, 'Observe', 'Retried', 'old ' || i, now() - INTERVAL '1 day' - i * INTERVAL '1 second'
+        FROM generate_series(1, 1200) AS i]], failed)
+      local page = dump(port, "/machine/" .. failed)
+      assert.matches("<dt>events</dt><dd>1202</dd>", page, 1, true)
+      local hist = page:match("<h2>history, newest first %((%d+)%)</h2>")
+      assert.equal("1000", hist)
+      assert.matches("The newest 1000 of 1202 events only", page, 1, true)
+      local t = page:match("<h2>history, newest first.-</table>")
+      local _, rows = t:gsub("<tr><td>", "")
+      assert.equal(1000, rows)
+      -- newest first: the failure, then its start, then the oldest Retried kept
+      local first, second = t:match("<td>Observe</td><td>(%u%l+)</td>.-<td>Observe</td><td>(%u%l+)</td>")
+      assert.same({ "Failed", "Started" }, { first, second })
+      assert.matches("old 998", t, 1, true)
+      assert.is_nil(t:find("old 999<", 1, true))
+      local b = page:match("<h2>backoffs %(1%)</h2>.-</table>")
+      assert.matches("it broke", b, 1, true)
       stop(p)
     end)
   end)
