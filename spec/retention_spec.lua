@@ -208,6 +208,30 @@ describe("bmdb:retention", function()
       assert.equal(0, tonumber(admin:one(OLD_LOOP).n))
       assert.matches('msg="retention: history pruned"[^\n]*deleted=3502', p:stderr())
     end)
+
+    it("stops between batches when the host drains, leaving the rest to the next run", function()
+      if not have_loops then
+        pending("needs bmdb.loop to add bmdb:retention to a worker script's loops")
+        return
+      end
+      admin:exec("DELETE FROM loops WHERE name = 'bmdb:retention'") -- due at once
+      bulk(admin, session, 100000, 0)
+      local before = tonumber(admin:one(OLD_WORK).n)
+      local p = H.spawn { argv = { H.bin, "--interval", "1", dir .. "/idle.lua" }, env = { BMDB_DSN = dsn } }
+      -- some batches in, most of them to come (100 of 1000 rows)
+      H.wait_until(function() return tonumber(admin:one(OLD_WORK).n) < before - 2000 end, 60, "the first batches")
+      p:kill("TERM")
+      assert.equal(0, p:wait(40), p:stderr())
+      assert.matches('msg="retention: stopped before the end[^\n]*', p:stderr())
+      local left = tonumber(admin:one(OLD_WORK).n)
+      assert.is_true(left > 50000, left .. " old rows left")
+      -- the next run carries on
+      admin:exec("UPDATE loops SET next_run_at = now() WHERE name = 'bmdb:retention'")
+      p = H.spawn { argv = { H.bin, "--interval", "1", dir .. "/idle.lua" }, env = { BMDB_DSN = dsn } }
+      H.wait_until(function() return tonumber(admin:one(OLD_WORK).n) == 2 end, 120, "the rest pruned")
+      p:kill("TERM")
+      assert.equal(0, p:wait(40), p:stderr())
+    end)
   end)
 end)
 

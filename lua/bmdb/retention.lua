@@ -8,7 +8,7 @@
 -- transaction, the latest event of a pair in flight or in backoff kept,
 -- a pause between batches so that claims and finishes have the server to
 -- themselves. It stops when nothing older than the cutoff is left, or as
--- soon as the hold is no longer this host's.
+-- soon as the hold is no longer this host's or the host starts to stop.
 local core = require "bmdb.core"
 
 local R = {}
@@ -46,9 +46,12 @@ function R.loop()
     every = R.EVERY,
     _builtin = true,
     run = function(l)
-      local n, stopped = R.prune(days, function() return l:alive() end, S.sleep)
+      -- A host that drains stops between batches too: the next holder
+      -- carries on, and the drain does not wait for a long backlog.
+      local n, stopped = R.prune(days, function() return l:alive() and core.state() == "running" end, S.sleep)
       if n > 0 or stopped then
-        S.log.info(stopped and "retention: hold lost, stopped" or "retention: history pruned",
+        S.log.info(stopped and "retention: stopped before the end (hold lost or host stopping)"
+                   or "retention: history pruned",
                    { deleted = tostring(n), keep_days = tostring(days) })
       end
     end,
