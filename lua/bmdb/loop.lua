@@ -86,10 +86,14 @@ function M.define(def) return define(def, true) end
 function M.is_loop(v) return getmetatable(v) == Loop end
 
 -- The loops a script's result runs (a loop alone, or a list holding
--- loops beside workers), in order; raises naming two loops of one name.
+-- loops beside workers), in order, and the host's own retention loop
+-- (retention.lua; none with --keep-history 0) for any script that
+-- returns definitions: a worker script. Raises naming two loops of one
+-- name.
 function M.loops(result)
-  if M.is_loop(result) then result = { result } end
-  if type(result) ~= "table" or getmetatable(result) ~= nil then return {} end
+  -- a definition alone (a loop's or a worker's metatable) stands for a list of one
+  if type(result) == "table" and getmetatable(result) ~= nil then result = { result } end
+  if type(result) ~= "table" then return {} end
   local list, seen = {}, {}
   for _, v in ipairs(result) do
     if M.is_loop(v) then
@@ -98,6 +102,8 @@ function M.loops(result)
       list[#list + 1] = v
     end
   end
+  local retention = #result > 0 and require("bmdb.retention").loop()
+  if retention then list[#list + 1] = retention end
   return list
 end
 
@@ -303,7 +309,10 @@ function M.serve_loop(result, name, _, generation)
     sess, token, row = nil, nil, nil
   end
   if not def then
-    -- Removed by a reload: give back a hold this session still has.
+    -- Removed by a reload: the state that ran it is gone, so this one
+    -- drops what a gauge of that name exported, and gives back a hold
+    -- this session still has.
+    require("bmdb.gauge").removed(name)
     local ok, s = pcall(core.session, 0)
     if ok then
       local got, t = pcall(T.transact_on, s, function(tx)
