@@ -75,6 +75,8 @@ function M.serve(result, process, index, generation)
         -- Contention that outlasted the retries: nothing failed; this
         -- slot backs off and claims again.
         core.log("info", "claim contended, backing off", { process = def.process, error = tostring(w) })
+      elseif (is_error(w, K.connection) or is_error(w, K.session_expired)) and core.outage_counted() then
+        -- the database is out: the heartbeat logs the outage (host/outage.h), this failure only counts in it
       else
         core.log("warn", "claim failed", { process = def.process, error = describe(w) })
       end
