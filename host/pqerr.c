@@ -44,9 +44,11 @@ void pq_error_read(pq_error *e, PGconn *c, const PGresult *r) {
         pq_first_line(e->message, sizeof e->message, PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY));
         pq_first_line(e->detail, sizeof e->detail, PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL));
         pq_first_line(e->hint, sizeof e->hint, PQresultErrorField(r, PG_DIAG_MESSAGE_HINT));
+        /* In place of the server's own hint: "You can use REPEATABLE READ
+         * instead" is no advice for a host whose fences are SERIALIZABLE. */
         if (standby_refusal(c, e)) {
             e->standby = 1;
-            if (!*e->hint) snprintf(e->hint, sizeof e->hint, "%s", PQ_STANDBY_HINT);
+            snprintf(e->hint, sizeof e->hint, "%s", PQ_STANDBY_HINT);
         }
         return;
     }

@@ -22,8 +22,9 @@ typedef struct pq_error {
 } pq_error;
 
 /* What a read-only standby's refusal (25006 read-only transaction, 0A000
- * hot standby) adds to its message, in the hint and in pq_error_text:
- * the DSN reached a standby, or a server since demoted. */
+ * hot standby) adds to its message, as its hint (in place of the
+ * server's) and in pq_error_text: the DSN reached a standby, or a server
+ * since demoted. */
 #define PQ_STANDBY_HINT                                                                           \
     "the server is a read-only standby: list every server of the cluster in the DSN "             \
     "(host=a,b,c) and set target_session_attrs=read-write, so libpq connects to the primary"
