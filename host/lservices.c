@@ -132,6 +132,13 @@ static int l_outage_counted(lua_State *L) {
     return 1;
 }
 
+/* core.outage_failed(what, why): a failure to reach the database, for
+ * outage.h's account (it logs, at its rate). */
+static int l_outage_failed(lua_State *L) {
+    outage_failed(lerror_checkstring(L, 1), lerror_checkstring(L, 2));
+    return 0;
+}
+
 static int l_pause_heartbeat(lua_State *L) {
     sessions_pause_heartbeat(lua_toboolean(L, 1));
     return 0;
@@ -143,6 +150,7 @@ void lservices_register(lua_State *L) {
         {"log", l_log},               {"state", l_state},
         {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
         {"pause_heartbeat", l_pause_heartbeat}, {"outage_counted", l_outage_counted},
+        {"outage_failed", l_outage_failed},
         {"seed", l_seed},             {"now", l_now},
         {NULL, NULL}};
     luaL_register(L, NULL, funcs);

@@ -490,8 +490,12 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
 }
 
 void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen) {
+    pq_error e;
+    pq_error_read(&e, *cp, r);
     pq_error_text(*cp, r, why, whylen);
-    if (PQstatus(*cp) != CONNECTION_OK) {
+    /* A standby's refusal holds for as long as the connection does: the
+     * next one may reach the primary (target_session_attrs=read-write). */
+    if (PQstatus(*cp) != CONNECTION_OK || e.standby) {
         PQfinish(*cp);
         *cp = NULL;
     }

@@ -192,4 +192,40 @@ return { bmdb.worker { process = "Outage", concurrency = 3, poll = 0.1,
     assert.equal(0, lines(err, "claim failed"), err)
     pg:stop()
   end)
+
+  it("of a server turned read-only (as a demoted primary) gives the standby hint once, not per statement",
+    function()
+      local pg = H.postgres { fresh = true }
+      local dsn = pg:create_db()
+      local dir = H.tmpdir("readonly")
+      H.write_file(dir .. "/w.lua", [[
+local bmdb = require "bmdb"
+return { bmdb.worker { process = "ReadOnly", concurrency = 3, poll = 0.1,
+  select = function(tx, limit) return tx:query("SELECT gen_random_uuid() AS machine_id WHERE false LIMIT $1", limit) end,
+  run = function(w) end } }
+]])
+      local h = H.spawn { argv = { H.bin, "--dsn", dsn, "--interval", "2", dir .. "/w.lua" } }
+      h:await("stderr", "workers started", 30)
+      local admin = core.connect(dsn)
+      admin:exec("SET default_transaction_read_only = off")
+      admin:exec("ALTER SYSTEM SET default_transaction_read_only = on")
+      admin:exec("SELECT pg_reload_conf()")
+      h:await("stderr", 'msg="database outage started"', 30)
+      h:await("stderr", 'msg="session lost"', 30) -- claims have failed meanwhile, several times each
+      admin:exec("ALTER SYSTEM RESET default_transaction_read_only")
+      admin:exec("SELECT pg_reload_conf()")
+      admin:close()
+      h:await("stderr", 'msg="database reachable again after', 30)
+      h:kill("TERM")
+      assert.equal(0, h:wait(30), h:stderr())
+      local err = h:stderr()
+      assert.equal(1, lines(err, "database outage started"), err)
+      -- whoever failed first, the heartbeat or a claim
+      assert.matches('msg="database outage started" during=%a+ error="[^"]*25006:? cannot execute [^"]* in a ' ..
+        'read%-only transaction hint: the server is a read%-only standby', err)
+      local _, hints = err:gsub("target_session_attrs", "")
+      assert.equal(1, hints, err)
+      assert.equal(0, lines(err, "claim failed"), err)
+      pg:stop()
+    end)
 end)
