@@ -1,9 +1,10 @@
 /* lservices.c -- the host's services as Lua sees them (bmdb.core).
  *
  * Sleeping that the fence cuts short, the retry delay, logging, clocks,
- * a seed, the run state, the checks of ids, and the heartbeat's pause (for
- * specs). Each reads or waits on what the host already keeps (lifecycle,
- * log, session); none runs SQL. */
+ * a seed, the run state, the checks of ids, whether a database outage is
+ * under way, and the heartbeat's pause (for specs). Each reads or waits on
+ * what the host already keeps (lifecycle, log, session, outage); none runs
+ * SQL. */
 #include <lauxlib.h>
 #include <stdint.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include "lerror.h"
 #include "lifecycle.h"
 #include "log.h"
+#include "outage.h"
 #include "session.h"
 #include "tx.h"
 #include "work.h"
@@ -123,6 +125,20 @@ static int l_valid_process(lua_State *L) {
     return 1;
 }
 
+/* core.outage_counted() -> true when a database outage is under way (the
+ * failure is counted in it, and logged by it: outage.h), false otherwise. */
+static int l_outage_counted(lua_State *L) {
+    lua_pushboolean(L, outage_counted());
+    return 1;
+}
+
+/* core.outage_failed(what, why): a failure to reach the database, for
+ * outage.h's account (it logs, at its rate). */
+static int l_outage_failed(lua_State *L) {
+    outage_failed(lerror_checkstring(L, 1), lerror_checkstring(L, 2));
+    return 0;
+}
+
 static int l_pause_heartbeat(lua_State *L) {
     sessions_pause_heartbeat(lua_toboolean(L, 1));
     return 0;
@@ -133,7 +149,8 @@ void lservices_register(lua_State *L) {
         {"sleep", l_sleep},           {"retry_delay", l_retry_delay},
         {"log", l_log},               {"state", l_state},
         {"valid_uuid", l_valid_uuid}, {"valid_process", l_valid_process},
-        {"pause_heartbeat", l_pause_heartbeat},
+        {"pause_heartbeat", l_pause_heartbeat}, {"outage_counted", l_outage_counted},
+        {"outage_failed", l_outage_failed},
         {"seed", l_seed},             {"now", l_now},
         {NULL, NULL}};
     luaL_register(L, NULL, funcs);

@@ -180,9 +180,12 @@ static void scrub(char *buf, size_t len, const char *secret) {
 
 /* Parses conninfo the way libpq will, so a malformed DSN is reported here
  * with its pieces redacted rather than echoed by PQconnectdb. On success
- * copies the password (if any) into pw, for scrubbing later messages. */
-static int check_conninfo(const char *conninfo, char *pw, size_t pwlen, char *err, size_t errlen) {
+ * copies the password (if any) into pw, for scrubbing later messages, and
+ * says whether the DSN sets connect_timeout. */
+static int check_conninfo(const char *conninfo, char *pw, size_t pwlen, int *has_timeout, char *err,
+                          size_t errlen) {
     pw[0] = '\0';
+    *has_timeout = 0;
     if (!is_conninfo(conninfo)) return 0; /* a bare database name */
     char *why = NULL;
     PQconninfoOption *opts = PQconninfoParse(conninfo, &why);
@@ -194,28 +197,62 @@ static int check_conninfo(const char *conninfo, char *pw, size_t pwlen, char *er
         PQfreemem(why);
         return -1;
     }
-    for (PQconninfoOption *o = opts; o->keyword; o++)
+    for (PQconninfoOption *o = opts; o->keyword; o++) {
         if (strcmp(o->keyword, "password") == 0 && o->val) snprintf(pw, pwlen, "%s", o->val);
+        if (strcmp(o->keyword, "connect_timeout") == 0 && o->val && *o->val) *has_timeout = 1;
+    }
     PQconninfoFree(opts);
     return 0;
 }
 
+/* libpq's message of a failed connect has a line per attempt
+ * ("connection to server at ... failed: why"), each perhaps followed by
+ * indented hints: every attempt, in order, on one line. Returns how many. */
+static int attempts_line(char *dst, size_t len, const char *msg) {
+    size_t o = 0;
+    int n = 0;
+    dst[0] = '\0';
+    for (const char *s = msg ? msg : ""; *s;) {
+        size_t l = strcspn(s, "\n");
+        if (l > 0 && *s != '\t' && *s != ' ' && o + 1 < len) {
+            o += (size_t)snprintf(dst + o, len - o, "%s%.*s", n ? "; " : "", (int)l, s);
+            if (o >= len) o = len - 1;
+            n++;
+        }
+        s += l;
+        if (*s) s++;
+    }
+    return n;
+}
+
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
     char pw[256];
-    if (check_conninfo(conninfo, pw, sizeof pw, err, errlen) < 0) return NULL;
-    /* expand_dbname lets conninfo be a keyword string or a URI; the other
-     * keywords are only defaults the caller's string can override. */
-    const char *keys[] = {"dbname", "fallback_application_name", "connect_timeout", NULL};
-    const char *vals[] = {conninfo, "bmdb-host", "10", NULL};
+    int has_timeout;
+    if (check_conninfo(conninfo, pw, sizeof pw, &has_timeout, err, errlen) < 0) return NULL;
+    /* expand_dbname lets conninfo be a keyword string or a URI. A keyword
+     * after dbname would override what conninfo says, and the environment
+     * only fills keywords left unset: so the host's connect_timeout is
+     * passed only when neither the DSN nor PGCONNECT_TIMEOUT sets one
+     * (with none, libpq waits for ever on a route that hangs). */
+    const char *env_timeout = getenv("PGCONNECT_TIMEOUT");
+    int default_timeout = !has_timeout && !(env_timeout && *env_timeout);
+    const char *keys[] = {"fallback_application_name", "dbname", default_timeout ? "connect_timeout" : NULL, NULL};
+    const char *vals[] = {"bmdb-host", conninfo, "10", NULL};
     PGconn *c = PQconnectdbParams(keys, vals, 1);
     if (!c) {
         snprintf(err, errlen, "cannot connect to database: out of memory");
         return NULL;
     }
     if (PQstatus(c) != CONNECTION_OK) {
-        char where[512], why[512];
-        describe_conn(c, where, sizeof where);
-        pq_first_line(why, sizeof why, PQerrorMessage(c));
+        char where[512], why[1536];
+        /* Each attempt names its server; past one, PQhost is only the last. */
+        if (attempts_line(why, sizeof why, PQerrorMessage(c)) > 1) {
+            const char *db = PQdb(c), *user = PQuser(c);
+            snprintf(where, sizeof where, "dbname=%s user=%s", db ? db : "?", user ? user : "?");
+        } else {
+            describe_conn(c, where, sizeof where);
+            pq_first_line(why, sizeof why, PQerrorMessage(c));
+        }
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
         scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
@@ -453,8 +490,12 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
 }
 
 void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen) {
+    pq_error e;
+    pq_error_read(&e, *cp, r);
     pq_error_text(*cp, r, why, whylen);
-    if (PQstatus(*cp) != CONNECTION_OK) {
+    /* A standby's refusal holds for as long as the connection does: the
+     * next one may reach the primary (target_session_attrs=read-write). */
+    if (PQstatus(*cp) != CONNECTION_OK || e.standby) {
         PQfinish(*cp);
         *cp = NULL;
     }

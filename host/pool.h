@@ -53,7 +53,8 @@ PGresult *pool_exec_bounded(PGconn **cp, const char *sql, int n, const char *con
                             double until, char *why, size_t whylen);
 /* After a result of pool_exec_bounded that failed: its message into why,
  * and the connection given up if the failure broke it (a terminated
- * backend, a server restart). */
+ * backend, a server restart) or came from a read-only standby (pqerr.h:
+ * a new connection may reach the primary). */
 void pool_result_failed(PGconn **cp, const PGresult *r, char *why, size_t whylen);
 /* sqls in one SERIALIZABLE transaction on *cp, a connection of the
  * caller's own, each statement with the same params (COMMIT with none)

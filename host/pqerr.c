@@ -17,6 +17,22 @@ void pq_first_line(char *dst, size_t len, const char *src) {
     dst[n] = '\0';
 }
 
+/* The server is a standby (or was demoted) and refuses what the host
+ * needs of a primary: 25006 on a server that reports itself read-only
+ * (in_hot_standby, default_transaction_read_only: PostgreSQL 14 and
+ * later; an older one that reports neither is taken at its word), or
+ * 0A000 about hot standby ("cannot use serializable mode in a hot
+ * standby"). A body's own READ ONLY transaction that writes gets 25006 on
+ * a primary too, and no hint. */
+static int standby_refusal(PGconn *c, const pq_error *e) {
+    if (strcmp(e->sqlstate, "0A000") == 0) return strstr(e->message, "hot standby") != NULL;
+    if (strcmp(e->sqlstate, "25006") != 0) return 0;
+    const char *hs = PQparameterStatus(c, "in_hot_standby");
+    const char *ro = PQparameterStatus(c, "default_transaction_read_only");
+    if (!hs && !ro) return 1;
+    return (hs && strcmp(hs, "on") == 0) || (ro && strcmp(ro, "on") == 0);
+}
+
 void pq_error_read(pq_error *e, PGconn *c, const PGresult *r) {
     memset(e, 0, sizeof *e);
     const char *state = r ? PQresultErrorField(r, PG_DIAG_SQLSTATE) : NULL;
@@ -28,6 +44,12 @@ void pq_error_read(pq_error *e, PGconn *c, const PGresult *r) {
         pq_first_line(e->message, sizeof e->message, PQresultErrorField(r, PG_DIAG_MESSAGE_PRIMARY));
         pq_first_line(e->detail, sizeof e->detail, PQresultErrorField(r, PG_DIAG_MESSAGE_DETAIL));
         pq_first_line(e->hint, sizeof e->hint, PQresultErrorField(r, PG_DIAG_MESSAGE_HINT));
+        /* In place of the server's own hint: "You can use REPEATABLE READ
+         * instead" is no advice for a host whose fences are SERIALIZABLE. */
+        if (standby_refusal(c, e)) {
+            e->standby = 1;
+            snprintf(e->hint, sizeof e->hint, "%s", PQ_STANDBY_HINT);
+        }
         return;
     }
     e->connection_lost = 1;
@@ -38,5 +60,6 @@ void pq_error_read(pq_error *e, PGconn *c, const PGresult *r) {
 void pq_error_text(PGconn *c, const PGresult *r, char *buf, size_t len) {
     pq_error e;
     pq_error_read(&e, c, r);
-    snprintf(buf, len, "%s%s%s", e.sqlstate, *e.sqlstate ? " " : "", e.message);
+    snprintf(buf, len, "%s%s%s%s%s", e.sqlstate, *e.sqlstate ? " " : "", e.message,
+             e.standby ? " hint: " : "", e.standby ? e.hint : "");
 }

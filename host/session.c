@@ -32,6 +32,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "notify.h"
+#include "outage.h"
 #include "pqerr.h"
 
 struct session {
@@ -147,7 +148,7 @@ void sessions_check_deadline(void) {
  * server must not keep us believing in a dead session. */
 
 static session *create_session(PGconn **cp, char *err, size_t errlen) {
-    char interval[32], why[600];
+    char interval[32], why[1024];
     snprintf(interval, sizeof interval, "%d", cfg.interval_s);
     const char *params[] = {cfg.component, cfg.runtime_info, interval};
     double sent = mono_now();
@@ -200,9 +201,9 @@ static void heartbeat_sleep(double until) {
 static PGconn *heartbeat_conn(PGconn *c) {
     if (c && PQstatus(c) == CONNECTION_OK) return c;
     if (c) PQfinish(c);
-    char err[512];
+    char err[1024];
     c = pool_connect_own(the_pool, err, sizeof err);
-    if (!c) log_kv(LOG_WARN, "heartbeat cannot connect", "error", err, NULL);
+    if (!c) outage_failed("heartbeat", err);
     return c;
 }
 
@@ -232,14 +233,14 @@ static int poke(PGconn **cp, session *s) {
             if (!s->lost) s->deadline = sent + cfg.interval_s - margin();
             pthread_mutex_unlock(&mu);
             notify_watchdog(); /* a wedged heartbeat stops these: systemd restarts us */
+            outage_ended();
         }
     } else if (r) {
         pool_result_failed(cp, r, why, sizeof why);
     }
     PQclear(r);
     metrics_heartbeat(outcome == 1, mono_now() - sent);
-    if (outcome == 0)
-        log_kv(LOG_WARN, "heartbeat failed, retrying", "session", s->id, "error", why, NULL);
+    if (outcome == 0) outage_failed("heartbeat", why); /* retried: outage.h says how often it is logged */
     return outcome;
 }
 
@@ -271,13 +272,14 @@ static void collect_expired(PGconn **cp, double until) {
 /* Between sessions: start a new one for new work, retrying (the caller
  * loops) through a database outage. */
 static void start_next_session(PGconn **cp) {
-    char err[700] = "";
+    char err[1100] = "";
     session *n = (*cp = heartbeat_conn(*cp)) ? create_session(cp, err, sizeof err) : NULL;
     if (n) {
+        outage_ended();
         set_current(n);
         return;
     }
-    if (*cp || strstr(err, "local deadline")) log_kv(LOG_WARN, "cannot start a new session", "error", err, NULL);
+    if (*err) outage_failed("new session", err); /* (a failed connect was counted already) */
     lifecycle_wait(1.0, HOST_CANCELLING, NULL);
 }
 

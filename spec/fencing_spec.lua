@@ -218,7 +218,7 @@ describe("hosts under database faults", function()
     local stopped_at = admin:one("SELECT now()::TEXT AS t").t
     os.execute("kill -STOP " .. pid)
     local ok, err = pcall(function()
-      host:await("stderr", "heartbeat failed, retrying")
+      host:await("stderr", 'msg="database outage started" during=heartbeat')
       -- Pushed on a fresh connection past the frozen one's last chance.
       H.wait_until(function()
         return admin:one([[SELECT deadline > $1::TIMESTAMPTZ + INTERVAL '6 seconds' AS later
@@ -230,7 +230,7 @@ describe("hosts under database faults", function()
     assert(ok, tostring(err))
     assert.equal(0, host:wait(30), host:stderr())
     local log = host:stderr()
-    assert.matches('heartbeat failed, retrying" session=' .. id .. ' error="no answer from the database in time"',
+    assert.matches('msg="database outage started" during=heartbeat error="no answer from the database in time"',
       log, 1, true)
     assert.is_nil(log:find("session lost", 1, true), log)
     admin:close()
