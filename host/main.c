@@ -426,16 +426,22 @@ static int wait_for(int sigfd, int donefd, double timeout_s) {
  * in a script state cancels too. Slots that still run STOP_WAIT_S after
  * the cancel are named in the log and left behind: EXIT_STUCK. */
 static int serve_workers(const struct options *o, host_db *db, struct script_run *run, int sigfd) {
-    int slots = 0;
-    for (int i = 0; i < run->nspecs; i++) slots += run->specs[i].concurrency;
-    pool_grow(db->pool, slots + 4); /* + slack (heartbeat and listener connect on their own) */
+    int slots = 0, loops = 0;
+    for (int i = 0; i < run->nspecs; i++) {
+        if (run->specs[i].loop) loops++;
+        else slots += run->specs[i].concurrency;
+    }
+    /* a loop's thread borrows like a slot; + slack (heartbeat and
+     * listener connect on their own) */
+    pool_grow(db->pool, slots + loops + 4);
     workers_set_code(run->code);    /* the bytes the top level was validated on */
     reloader *rl = reload_create(run->code, run->argc, run->argv, o->watch);
     workers_init(db->pool, run->argc, run->argv);
     workers_start(run->specs, run->nspecs);
-    char n[16];
+    char n[16], nl[16];
     snprintf(n, sizeof n, "%d", slots);
-    log_kv(LOG_INFO, "workers started", "slots", n, NULL);
+    snprintf(nl, sizeof nl, "%d", loops);
+    log_kv(LOG_INFO, "workers started", "slots", n, "loops", nl, NULL);
     char summary[64];
     snprintf(summary, sizeof summary, "serving: %d slot%s", slots, slots == 1 ? "" : "s");
     notify_ready(summary);

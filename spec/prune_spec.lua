@@ -131,7 +131,9 @@ describe("bmdb-host prune", function()
     -- Runs the host until `during` returns and at least `items` more are
     -- finished; its claims and retries from the stop line.
     local function host_run(items, during)
-      local h = H.spawn { argv = { H.bin, "--interval", "2", dir .. "/spin.lua" }, env = { BMDB_DSN = dsn } }
+      -- (--keep-history 0: its own retention loop would prune beside the command)
+      local h = H.spawn { argv = { H.bin, "--interval", "2", "--keep-history", "0", dir .. "/spin.lua" },
+                          env = { BMDB_DSN = dsn } }
       local base = n(finished)
       H.wait_until(function() return n(finished) >= base + 20 end, 60, "the host to finish items")
       local result = during and { during() }

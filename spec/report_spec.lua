@@ -193,7 +193,9 @@ describe("status and history", function()
       return { bmdb.loop { name = "tick", every = 0.2, backoff = { initial = 2 },
         run = function(l) error("tick failed\nsecond line") end } }
     ]])
-    local host_p = H.spawn { argv = { H.bin, "--component", "looper", dir .. "/looper.lua" }, env = { BMDB_DSN = quiet } }
+    -- (--keep-history 0: only the script's own loop)
+    local host_p = H.spawn { argv = { H.bin, "--component", "looper", "--keep-history", "0", dir .. "/looper.lua" },
+                             env = { BMDB_DSN = quiet } }
     local db = core.connect(quiet)
     H.wait_until(function()
       local ok, r = pcall(db.one, db, "SELECT count(*) AS n FROM loop_history WHERE name = 'tick' AND event = 'Failed'")

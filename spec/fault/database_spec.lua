@@ -44,7 +44,7 @@ describe("fault: database faults while items run", function()
         120, "work to go on after " .. what)
       if not ok then error(err .. "\n" .. h:stderr():sub(-3000), 0) end
       assert.is_true(h:running(), "the host exited after " .. what .. ":\n" .. h:stderr())
-      assert.is_true(conns() <= 8, "more connections than the pool holds after " .. what)
+      assert.is_true(conns() <= 9, "more connections than the pool holds after " .. what)
       if what ~= "start" then survived = survived + 1 end
     end
     local function backend(what, pred)
@@ -121,7 +121,8 @@ describe("fault: database faults while items run", function()
       overlaps = a.overlaps + a.twice })
     print(string.format("\n  %d items through %d database faults; at most %d connections", a.items, faults, max_conns))
     F.assert_clean(admin, F.committed(h), true)
-    assert.is_true(max_conns <= 8, max_conns .. " connections at once, the pool holds 8")
+    -- 6 slots, the retention loop, the heartbeat and the listener
+    assert.is_true(max_conns <= 9, max_conns .. " connections at once, at most 9 are the host's")
     assert.equal(0, admin:count("SELECT 1 FROM work"))
   end)
 end)
