@@ -233,7 +233,9 @@ local function run_once(def, sess, token, row)
   local ok, attempt = pcall(record_start, l)
   if not ok then
     if lost_error(attempt) then return false end
-    core.log("warn", "loop run not started", { "loop", def.name, "error", describe(attempt) })
+    if not U.outage("loop", attempt) then
+      core.log("warn", "loop run not started", { "loop", def.name, "error", describe(attempt) })
+    end
     core.idle_wait("loop:" .. def.name, 1)
     return true
   end
@@ -343,7 +345,7 @@ function M.serve_loop(result, name, _, generation)
           count(name, "held")
           core.log("info", taken and "loop taken" or "loop hold kept", { "loop", name, "due_in",
                    string.format("%.1f", math.max(0, due_in)) })
-        elseif not got then
+        elseif not got and not U.outage("loop", t) then
           core.log("warn", "loop hold not looked at", { "loop", name, "error", describe(t) })
         else
           count(name, "standby")
