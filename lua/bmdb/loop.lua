@@ -202,14 +202,6 @@ end
 
 -- ---- the thread's loop --------------------------------------------------------
 
-local function traceback(err)
-  if is_error(err) then
-    if rawget(err, "traceback") == nil then err.traceback = debug.traceback("", 2):gsub("^\n", "") end
-    return err
-  end
-  return debug.traceback(describe(err), 2)
-end
-
 local function lost_error(err)
   return is_error(err, K.lost) or is_error(err, K.session_expired) or is_error(err, K.canceled)
 end
@@ -246,7 +238,7 @@ local function run_once(def, sess, token, row)
   core.log("info", "loop run started", { "loop", def.name, "attempt", attempt })
   local outer, outer_tx, depth = T.enter_item(l)
   core.track(token, "", def.name, 0, def.timeout or 0, started)
-  local results = { xpcall(def.run, traceback, l) }
+  local results = { xpcall(def.run, W.traceback, l) }
   if T.leave_item(outer, outer_tx, depth) then
     core.log("warn", "rolled back a transaction the loop's run left open (a coroutine yielded inside it)",
              { "loop", def.name })
