@@ -1,0 +1,106 @@
+-- Fault suite: a database outage is not the items' fault (docs/work-control.md,
+-- the poison-pill rule). Items in flight across an immediate restart that
+-- outlasts the interval lose their session: they are recorded Abandoned
+-- with a cause that says the database went away, get no backoff and run
+-- again at once. A host killed with SIGKILL while the database runs still
+-- counts against its items: Abandoned, "session expired", backoff.
+local H = require "support.helpers"
+local F = require "support.faults"
+
+local SCRIPT = [[
+local bmdb = require "bmdb"
+return {
+  bmdb.worker {
+    process = "Out", concurrency = 8, poll = 0.2,
+    -- a backoff long enough that an item run again soon was not put in it
+    backoff = { initial = 600 },
+    select = function(tx, limit)
+      return tx:query([=[SELECT m.machine_id FROM machines m WHERE NOT EXISTS (SELECT 1 FROM work_blocked b
+        WHERE b.machine_id = m.machine_id AND b.process = 'Out') LIMIT $1]=], limit)
+    end,
+    run = function(w)
+      bmdb.sleep(tonumber(os.getenv("HOLD")))
+      w:finish()
+    end,
+  },
+}
+]]
+
+describe("fault: a database outage is not the items' fault", function()
+  local server, dsn, admin, dir
+
+  setup(function()
+    server = F.durable_server()
+    dsn, admin = F.database(server)
+    dir = H.tmpdir("fault-outage-items")
+    H.write_file(dir .. "/out.lua", SCRIPT)
+  end)
+
+  teardown(function()
+    admin:close()
+    server:stop()
+  end)
+
+  before_each(function()
+    admin:exec("DELETE FROM work_history")
+    admin:exec("DELETE FROM work_backoff")
+    admin:exec("DELETE FROM machines")
+    for _ = 1, 4 do admin:exec("INSERT INTO machines DEFAULT VALUES") end
+  end)
+
+  -- every machine held by one live session of the host
+  local function all_in_flight()
+    H.wait_until(function() return admin:count("SELECT 1 FROM work WHERE process = 'Out'") == 4 end, 30,
+      "the four machines to be in flight")
+    return admin:query("SELECT machine_id, session_id FROM work WHERE process = 'Out'")
+  end
+
+  it("an immediate restart longer than the interval: Abandoned, not counted, run again at once", function()
+    local h = F.host(dsn, "outA", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    finally(function() h:kill("KILL"); h:wait(30) end)
+    h:await("stderr", "workers started", 30)
+    local held = all_in_flight()
+    server:stop("immediate")
+    H.sleep(5) -- the outage itself: longer than the interval (2 s)
+    server:start()
+    local ok, err = pcall(H.wait_until, function()
+      return admin:count([[SELECT 1 FROM work_history h WHERE h.process = 'Out' AND h.event = 'Abandoned'
+        AND h.session_id = $1]], held[1].session_id) == 4
+    end, 60, "the lost session's four items to be recorded Abandoned")
+    if not ok then error(err .. "\n" .. F.log_tail(h), 0) end
+    local causes = admin:query([[SELECT DISTINCT cause FROM work_history
+      WHERE process = 'Out' AND event = 'Abandoned']])
+    assert.same({ { cause = "session expired (database restarted or failed over: not counted)" } }, causes)
+    assert.equal(0, admin:count("SELECT 1 FROM work_backoff WHERE process = 'Out'"))
+    -- each runs again (within the backoff it would have had, 600 s)
+    for _, r in ipairs(held) do
+      H.wait_until(function()
+        return admin:count([[SELECT 1 FROM work_history WHERE machine_id = $1 AND process = 'Out'
+          AND event = 'Started' AND session_id <> $2]], r.machine_id, r.session_id) == 1
+      end, 60, "machine " .. r.machine_id .. " to run again")
+    end
+    assert.equal(0, admin:count("SELECT 1 FROM work_backoff WHERE process = 'Out'"))
+  end)
+
+  it("a host killed while the database runs still counts: Abandoned, backoff", function()
+    local h = F.host(dsn, "outB", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    h:await("stderr", "workers started", 30)
+    local held = all_in_flight()
+    h:kill("KILL")
+    h:wait(30)
+    -- another host collects the expired session
+    local h2 = F.host(dsn, "outC", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    finally(function() h2:kill("KILL"); h2:wait(30) end)
+    local ok, err = pcall(H.wait_until, function()
+      return admin:count([[SELECT 1 FROM work_history WHERE process = 'Out' AND event = 'Abandoned'
+        AND session_id = $1]], held[1].session_id) == 4
+    end, 60, "the killed host's four items to be recorded Abandoned")
+    if not ok then error(err .. "\n" .. F.log_tail(h2), 0) end
+    assert.same({ { cause = "session expired" } },
+      admin:query("SELECT DISTINCT cause FROM work_history WHERE process = 'Out' AND event = 'Abandoned'"))
+    assert.equal(4, admin:count([[SELECT 1 FROM work_backoff WHERE process = 'Out' AND attempts = 1
+      AND backoff_until > now() + INTERVAL '500 seconds']]))
+    assert.equal(0, admin:count([[SELECT 1 FROM work_history WHERE process = 'Out' AND event = 'Started'
+      AND session_id <> $1]], held[1].session_id))
+  end)
+end)
