@@ -3,7 +3,10 @@
 -- outlasts the interval lose their session: they are recorded Abandoned
 -- with a cause that says the database went away, get no backoff and run
 -- again at once. A host killed with SIGKILL while the database runs still
--- counts against its items: Abandoned, "session expired", backoff.
+-- counts against its items: Abandoned, "session expired", backoff. A
+-- standby promoted after a primary's crash is the same outage as a
+-- restart (its server started long before: the rule reads the last
+-- commit it replayed).
 local H = require "support.helpers"
 local F = require "support.faults"
 
@@ -102,5 +105,35 @@ describe("fault: a database outage is not the items' fault", function()
       AND backoff_until > now() + INTERVAL '500 seconds']]))
     assert.equal(0, admin:count([[SELECT 1 FROM work_history WHERE process = 'Out' AND event = 'Started'
       AND session_id <> $1]], held[1].session_id))
+  end)
+
+  it("a standby promoted after the primary's crash, the outage longer than the interval: not counted", function()
+    local primary, standby = H.standby_pair { sync = true }
+    local db = primary:create_db():match("dbname=(%S+)")
+    local mdsn = H.multi_dsn({ primary, standby }, db)
+    local _, padmin = F.prepare(mdsn)
+    finally(function() padmin:close() end)
+    for _ = 1, 4 do padmin:exec("INSERT INTO machines DEFAULT VALUES") end
+    local h = F.host(mdsn .. " connect_timeout=2", "outD", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    finally(function() h:kill("KILL"); h:wait(30) end)
+    h:await("stderr", "workers started", 30)
+    H.wait_until(function() return padmin:count("SELECT 1 FROM work WHERE process = 'Out'") == 4 end, 30,
+      "the four machines to be in flight")
+    local sid = padmin:one("SELECT session_id FROM work LIMIT 1").session_id
+    primary:stop("immediate")
+    H.sleep(5) -- the outage itself: longer than the interval (2 s)
+    standby:promote()
+    local ok, err = pcall(H.wait_until, function()
+      return padmin:count([[SELECT 1 FROM work_history WHERE process = 'Out' AND event = 'Abandoned'
+        AND session_id = $1]], sid) == 4
+    end, 60, "the lost session's four items to be recorded Abandoned on the promoted standby")
+    if not ok then error(err .. "\n" .. F.log_tail(h), 0) end
+    assert.same({ { cause = "session expired (database restarted or failed over: not counted)" } },
+      padmin:query("SELECT DISTINCT cause FROM work_history WHERE process = 'Out' AND event = 'Abandoned'"))
+    assert.equal(0, padmin:count("SELECT 1 FROM work_backoff WHERE process = 'Out'"))
+    H.wait_until(function()
+      return padmin:count([[SELECT DISTINCT machine_id FROM work_history WHERE process = 'Out'
+        AND event = 'Started' AND session_id <> $1]], sid) == 4
+    end, 60, "the four machines to run again")
   end)
 end)
