@@ -13,9 +13,12 @@ local H = require "support.helpers"
 local F = require "support.faults"
 local P = require "support.patroni"
 
--- the worst outage is ttl + loop_wait (a dead leader's key must expire);
--- it may begin up to interval/2 after a heartbeat
-local INTERVAL = 2 * (P.ttl + P.loop_wait) + 4
+-- A session outlives an outage that ends before its local deadline
+-- (0.9 interval after the last good heartbeat, which may be interval/2
+-- old when the fault comes): 0.4 interval. A dead leader's outage is up to
+-- ttl + loop_wait (its key must expire), and a second or two to promote
+-- and reconnect: README, "Running in production".
+local INTERVAL = math.ceil(2.5 * (P.ttl + P.loop_wait + 2))
 
 describe("fault: failover on a Patroni cluster #slow", function()
   local cluster, dsn, admin, dir, hosts
