@@ -136,4 +136,35 @@ describe("fault: a database outage is not the items' fault", function()
         AND event = 'Started' AND session_id <> $1]], sid) == 4
     end, 60, "the four machines to run again")
   end)
+
+  -- CockroachDB has no pg_postmaster_start_time(): a database whose
+  -- search_path finds one that fails as an unknown function stands in
+  it("where the server cannot say when it started, every expired session counts, said once", function()
+    local cdsn, cadmin = F.database(server)
+    finally(function() cadmin:close() end)
+    local db = cdsn:match("dbname=(%S+)")
+    cadmin:exec([[CREATE FUNCTION public.pg_postmaster_start_time() RETURNS TIMESTAMPTZ LANGUAGE plpgsql AS
+      $f$ BEGIN RAISE EXCEPTION 'unknown function: pg_postmaster_start_time()' USING ERRCODE = '42883'; END $f$]])
+    cadmin:exec("ALTER DATABASE " .. db .. " SET search_path = public, pg_catalog")
+    for _ = 1, 4 do cadmin:exec("INSERT INTO machines DEFAULT VALUES") end
+    local h = F.host(cdsn, "outE", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    finally(function() h:kill("KILL"); h:wait(30) end)
+    h:await("stderr", "workers started", 30)
+    H.wait_until(function() return cadmin:count("SELECT 1 FROM work WHERE process = 'Out'") == 4 end, 30,
+      "the four machines to be in flight")
+    local sid = cadmin:one("SELECT session_id FROM work LIMIT 1").session_id
+    h:kill("KILL")
+    h:wait(30)
+    local h2 = F.host(cdsn, "outF", dir .. "/out.lua", { interval = 2, env = { HOLD = "30" } })
+    finally(function() h2:kill("KILL"); h2:wait(30) end)
+    local ok, err = pcall(H.wait_until, function()
+      return cadmin:count([[SELECT 1 FROM work_history WHERE process = 'Out' AND event = 'Abandoned'
+        AND session_id = $1]], sid) == 4
+    end, 60, "the killed host's four items to be recorded Abandoned")
+    if not ok then error(err .. "\n" .. F.log_tail(h2), 0) end
+    assert.same({ { cause = "session expired" } },
+      cadmin:query("SELECT DISTINCT cause FROM work_history WHERE process = 'Out' AND event = 'Abandoned'"))
+    assert.equal(4, cadmin:count("SELECT 1 FROM work_backoff WHERE process = 'Out' AND attempts = 1"))
+    assert.equal(1, F.count_lines(h2, "the server cannot say when it started"))
+  end)
 end)
