@@ -4,7 +4,7 @@
 PKGS      := luajit libpq uuid libmicrohttpd libsystemd libcurl
 DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
              uuid-dev lua-busted postgresql libmicrohttpd-dev libsystemd-dev \
-             libcurl4-openssl-dev
+             libcurl4-openssl-dev patroni etcd-server
 PREFIX    ?= /usr/local
 
 # CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the

@@ -257,7 +257,9 @@ static void collect_expired(PGconn **cp, double until) {
     const struct session_housekeeping *hk = cfg.housekeeping;
     char why[600];
     long n = 0;
-    if (pool_exec_transaction_bounded(cp, hk->collect, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
+    const char *const *sql = hk->collect_plain && !hk->plain_off() ? hk->collect_plain : hk->collect;
+    if (pool_exec_transaction_bounded(cp, sql, hk->ncollect, NULL, 0, until, &n, why, sizeof why) < 0) {
+        if (hk->collect_plain) hk->plain_if(why); /* the next round runs without it */
         log_kv(LOG_DEBUG, "collecting expired sessions failed; the next round retries", "error", why,
                NULL);
     } else if (n > 0) {

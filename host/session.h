@@ -36,6 +36,13 @@ struct session_housekeeping {
      * at once after sessions_wake_heartbeat): what the session's work
      * asked to have done soon (strays.h: items given back). May be NULL. */
     void (*soon)(PGconn **cp, const char *session, double until);
+    /* The collect statements for a server that lacks what the first ones
+     * read, as many (work.h: WORK_LOST_TO_OUTAGE), used once plain_off()
+     * is 0; a failed collection's error goes to plain_if(), which answers
+     * whether it switched. May all be NULL. */
+    const char *const *collect_plain;
+    int (*plain_off)(void);
+    int (*plain_if)(const char *error);
 };
 
 struct session_config {

@@ -8,6 +8,7 @@
 #include "work.h"
 #include "session.h"
 #include "strays.h"
+#include "log.h"
 
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,27 +16,32 @@
 #include <uuid/uuid.h>
 
 /* Each dead item counts as its failure for backoff, with the spec stored at
- * its claim (a poison pill must not crash-loop the fleet); a work row past
- * its own timeout, its session alive, is ended too (Failed, its timeout as
- * cause). The events carry the claim's token, so a body told "lost" can
- * be told why. */
-static const char *const collect_sql[] = {
-    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
-    "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', 'session expired', w.token "
-    "FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()",
-    WORK_PENALTY_SQL("'session expired'",
-                     "w.session_id IN (SELECT session_id FROM sessions WHERE deadline <= now())"),
-    "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
-    "SELECT w.machine_id, w.process, w.session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", w.token "
-    "FROM work w JOIN sessions s ON s.session_id = w.session_id "
-    "WHERE s.deadline > now() AND w.deadline <= now()",
-    WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE,
-                     "w.deadline <= now() AND w.session_id IN "
-                     "(SELECT session_id FROM sessions WHERE deadline > now())"),
-    "DELETE FROM work w WHERE w.deadline <= now() AND w.session_id IN "
-    "(SELECT session_id FROM sessions WHERE deadline > now())",
-    "DELETE FROM sessions WHERE deadline <= now()",
-};
+ * its claim (a poison pill must not crash-loop the fleet), unless its
+ * session was lost because the database went away (WORK_LOST_TO_OUTAGE:
+ * recorded Abandoned all the same, with a cause that says so); a work row
+ * past its own timeout, its session alive, is ended too (Failed, its
+ * timeout as cause). The events carry the claim's token, so a body told
+ * "lost" can be told why. */
+#define COLLECT_SQL(lost)                                                                         \
+    {"INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "            \
+     "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', " WORK_EXPIRED_CAUSE(lost("s"))  \
+     ", w.token FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE s.deadline <= now()", \
+     WORK_PENALTY_SQL("'session expired'",                                                         \
+                      "w.session_id IN (SELECT session_id FROM sessions s WHERE s.deadline <= now() " \
+                      "AND NOT " lost("s") ")"),                                                   \
+     "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "            \
+     "SELECT w.machine_id, w.process, w.session_id, 'Failed', " WORK_TIMEOUT_CAUSE ", w.token "    \
+     "FROM work w JOIN sessions s ON s.session_id = w.session_id "                                 \
+     "WHERE s.deadline > now() AND w.deadline <= now()",                                           \
+     WORK_PENALTY_SQL(WORK_TIMEOUT_CAUSE,                                                          \
+                      "w.deadline <= now() AND w.session_id IN "                                   \
+                      "(SELECT session_id FROM sessions WHERE deadline > now())"),                 \
+     "DELETE FROM work w WHERE w.deadline <= now() AND w.session_id IN "                           \
+     "(SELECT session_id FROM sessions WHERE deadline > now())",                                   \
+     "DELETE FROM sessions WHERE deadline <= now()"}
+
+static const char *const collect_sql[] = COLLECT_SQL(WORK_LOST_TO_OUTAGE);
+static const char *const collect_plain_sql[] = COLLECT_SQL(WORK_LOST_NEVER);
 
 static const char *const end_sql[] = {
     "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
@@ -45,7 +51,24 @@ static const char *const end_sql[] = {
 };
 
 const struct session_housekeeping work_housekeeping = {collect_sql, 6, end_sql, 2, strays_sweep,
-                                                       strays_release_given};
+                                                       strays_release_given, collect_plain_sql,
+                                                       work_outage_rule_on, work_outage_rule_off};
+
+static int rule_off; /* atomic: set once, never cleared */
+
+int work_outage_rule_on(void) {
+    return !__atomic_load_n(&rule_off, __ATOMIC_RELAXED);
+}
+
+int work_outage_rule_off(const char *error) {
+    if (!error || (!strstr(error, "pg_postmaster_start_time") && !strstr(error, "pg_last_xact_replay_timestamp")))
+        return 0;
+    if (!__atomic_exchange_n(&rule_off, 1, __ATOMIC_RELAXED))
+        log_kv(LOG_INFO, "the server cannot say when it started (not PostgreSQL?): every expired session "
+                         "counts against its items, a database outage too",
+               "error", error, NULL);
+    return 1;
+}
 
 /* How long a takeover waits for the old session's last transaction. */
 #define TAKEOVER_LOCK_TIMEOUT "5s"
@@ -91,7 +114,7 @@ static int take_over_timed_out(tx *t, const char *machine, const char *process, 
 
 /* Ends the expired session `holder` inside our claim, as a collector would:
  * every work row it holds is recorded Abandoned, counts as a failure for
- * backoff (a poison pill that kills its host each time backs off instead
+ * backoff unless the database went away (WORK_LOST_TO_OUTAGE; a poison pill that kills its host each time backs off instead
  * of crash-looping the fleet), and goes with the session row. Deleting
  * the session row (not just our pair's work row) is what makes the
  * takeover conflict with a transaction of the old session still in
@@ -101,18 +124,25 @@ static int take_over_timed_out(tx *t, const char *machine, const char *process, 
  * serialization error and retry. The wait is bounded: a zombie whose
  * backend hangs must not hang our slot with it (55P03, the claim is tried
  * again at the next poll). */
+#define TAKE_OVER_SQL(lost)                                                                       \
+    {"INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "            \
+     "SELECT w.machine_id, w.process, w.session_id, 'Abandoned', " WORK_EXPIRED_CAUSE(lost("s"))  \
+     ", w.token FROM work w JOIN sessions s ON s.session_id = w.session_id WHERE w.session_id = $1", \
+     WORK_PENALTY_SQL("'session expired'", "w.session_id IN (SELECT session_id FROM sessions s "     \
+                      "WHERE s.session_id = $1 AND NOT " lost("s") ")")}
+
 static int take_over(tx *t, const char *holder, tx_error *e) {
+    static const char *const rule[] = TAKE_OVER_SQL(WORK_LOST_TO_OUTAGE);
+    static const char *const plain[] = TAKE_OVER_SQL(WORK_LOST_NEVER);
+    const char *const *sql = work_outage_rule_on() ? rule : plain;
     const char *hp[] = {holder};
     const char *timeout[] = {TAKEOVER_LOCK_TIMEOUT};
     if (tx_run(t, "SELECT set_config('lock_timeout', $1, true)", 1, timeout, NULL, e) < 0 ||
-        tx_run(t,
-            "INSERT INTO work_history (machine_id, process, session_id, event, cause, token) "
-            "SELECT machine_id, process, session_id, 'Abandoned', 'session expired', token "
-            "FROM work WHERE session_id = $1",
-            1, hp, NULL, e) < 0 ||
-        tx_run(t, WORK_PENALTY_SQL("'session expired'", "w.session_id = $1"), 1, hp, NULL, e) < 0 ||
-        tx_run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0)
+        tx_run(t, sql[0], 1, hp, NULL, e) < 0 || tx_run(t, sql[1], 1, hp, NULL, e) < 0 ||
+        tx_run(t, "DELETE FROM sessions WHERE session_id = $1 AND deadline <= now()", 1, hp, NULL, e) < 0) {
+        work_outage_rule_off(e->message); /* the claim is tried again, without the rule */
         return -1;
+    }
     return 0;
 }
 

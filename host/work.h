@@ -72,6 +72,23 @@ int work_release_finished(tx *t, const char *machines, const char *processes, co
 /* The cause of a takeover at timeout, as an SQL expression over work w. */
 #define WORK_TIMEOUT_CAUSE "'timeout after ' || w.timeout_seconds::TEXT || 's'"
 
+/* True for a session of sessions `s` lost because the database went away,
+ * not its host: its last heartbeat (deadline - interval) came before the
+ * server began serving: its start (a restart) or, for a promoted standby,
+ * the last commit it replayed from the old primary (every heartbeat that
+ * reached the old primary is at or before it). A host killed or frozen
+ * while the server ran heartbeat after both, and still counts. The
+ * functions are PostgreSQL's: where the server lacks them (CockroachDB)
+ * the host falls back to WORK_LOST_NEVER (work_outage_rule_off). */
+#define WORK_LOST_TO_OUTAGE(s)                                                                  \
+    "(" s ".deadline - " s ".interval_seconds * INTERVAL '1 second' < "                         \
+    "greatest(pg_postmaster_start_time(), pg_last_xact_replay_timestamp()))"
+#define WORK_LOST_NEVER(s) "FALSE"
+/* The Abandoned event's cause for an expired session (lost: its SQL test). */
+#define WORK_EXPIRED_CAUSE(lost)                                                                \
+    "CASE WHEN " lost " THEN 'session expired (database restarted or failed over: not counted)' " \
+    "ELSE 'session expired' END"
+
 /* Counts the death of the work rows of work w matching `where` as a
  * failure: their backoff grows by the spec stored at claim time (the
  * previous period, or 1 s, without one), with cause (an SQL expression).
@@ -97,6 +114,13 @@ long work_backoff_last(tx *t, const char *machine, const char *process, tx_error
  * deleting the session row cascades to its work rows. */
 struct session_housekeeping;
 extern const struct session_housekeeping work_housekeeping;
+
+/* Whether the server lacks what WORK_LOST_TO_OUTAGE reads (the error
+ * names it): then it is used no more, and every expired session counts
+ * against its items (logged once). Safe from any thread. */
+int work_outage_rule_off(const char *error);
+/* 1 until work_outage_rule_off switched the rule off. */
+int work_outage_rule_on(void);
 
 /* Input checks, so bad values fail before any SQL: */
 int work_valid_uuid(const char *s);

@@ -129,6 +129,11 @@ describe("bmdb.work", function()
 
   it("takes over a lock whose holder's session has expired, at once, counting it as a failure", function()
     local m = new_machine()
+    -- a holder that heartbeat after the server started: one from before
+    -- was lost to the database and would not count (work-control.md)
+    H.wait_until(function()
+      return admin:one("SELECT now() - pg_postmaster_start_time() > INTERVAL '3 seconds' AS up").up
+    end, 10, "the server to have run for 3 s")
     local dead = admin:one([[INSERT INTO sessions (component_name, runtime_info, interval_seconds, deadline)
                              VALUES ('crashed', 'elsewhere:3', 1, now() - INTERVAL '1 second')
                              RETURNING session_id]]).session_id

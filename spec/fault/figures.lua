@@ -7,6 +7,7 @@ local cols = { "items", "killed", "faults", "survived", "bad_inputs", "lost", "o
 local heads = { "items processed", "hosts killed", "faults injected", "faults survived", "bad inputs tried",
                 "rows lost", "overlaps seen" }
 local rows, order, total = {}, {}, { name = "total" }
+local flows = {} -- "name: N s" of the lines with flow_s, in order
 for _, c in ipairs(cols) do total[c] = 0 end
 local f = io.open(path)
 if not f then
@@ -26,6 +27,8 @@ for line in f:lines() do
     rows[name] = row
     order[#order + 1] = name
   end
+  local flow = line:match("\tflow_s=([%d.]+)")
+  if flow then flows[#flows + 1] = name .. ": " .. flow .. " s" end
   for _, c in ipairs(cols) do
     local v = tonumber(line:match("\t" .. c .. "=(%d+)")) or 0
     row[c] = row[c] + v
@@ -56,6 +59,10 @@ for _, r in ipairs(list) do
 end
 print("\nFault suite figures (" .. os.date("!%Y-%m-%d") .. "):\n")
 print(table.concat(out, "\n"))
+if #flows > 0 then
+  print("\nSeconds from a fault until items flowed again:\n")
+  for _, l in ipairs(flows) do print("- " .. l) end
+end
 if total.lost > 0 or total.overlaps > 0 then
   print("\nROWS LOST OR OVERLAPS SEEN: a guarantee is broken")
 end

@@ -299,7 +299,8 @@ end
 
 -- Appends one spec's counts to $BMDB_FIGURES (make check-all prints the
 -- table with spec/fault/figures.lua). Keys: items, killed, faults,
--- survived, bad_inputs, lost, overlaps.
+-- survived, bad_inputs, lost, overlaps; flow_s (optional: seconds from a
+-- fault until items flowed again, listed under the table).
 function F.figures(name, counts)
   local path = os.getenv("BMDB_FIGURES")
   if not path or path == "" then return end
@@ -308,6 +309,7 @@ function F.figures(name, counts)
   for _, k in ipairs { "items", "killed", "faults", "survived", "bad_inputs", "lost", "overlaps" } do
     parts[#parts + 1] = k .. "=" .. tostring(counts[k] or 0)
   end
+  if counts.flow_s then parts[#parts + 1] = ("flow_s=%.1f"):format(counts.flow_s) end
   f:write(table.concat(parts, "\t"), "\n")
   f:close()
 end

@@ -317,6 +317,10 @@ local function server_user()
   error("running as root and no postgres or nobody user to run the server")
 end
 
+-- The user a server (or its failover manager) runs as: nil when not root.
+H.server_user = server_user
+H.pg_bindir = pg_bindir
+
 local Server = {}
 Server.__index = Server
 
