@@ -389,6 +389,16 @@ static int down_set(PGconn *c, const mset *set, int count, char *err, size_t err
                  count == 1 ? "" : "s", n);
         rc = -1;
     }
+    /* One with no down file stops the whole roll-back before any of it runs. */
+    for (int i = n - 1; rc == 0 && i >= n - count; i--) {
+        const migration *m = known(set, a[i].version);
+        if (m && !m->down) {
+            snprintf(err, errlen, "cannot roll back %smigration %d (%s): its down file, %s.down.sql, is missing "
+                     "(the migration was applied from %s.up.sql alone)", set->label, a[i].version, m->name,
+                     m->name, m->name);
+            rc = -1;
+        }
+    }
     char forget[128];
     snprintf(forget, sizeof forget, "DELETE FROM %s WHERE version = $1", set->table);
     for (int i = n - 1; rc == 0 && i >= n - count; i--) {
@@ -399,13 +409,6 @@ static int down_set(PGconn *c, const mset *set, int count, char *err, size_t err
                                   : "this host does not know it";
             snprintf(err, errlen, "cannot roll back %smigration %d (%s): %s", set->label, a[i].version,
                      a[i].name, why);
-            rc = -1;
-            break;
-        }
-        if (!m->down) {
-            snprintf(err, errlen, "cannot roll back %smigration %d (%s): its down file, %s.down.sql, is missing "
-                     "(the migration was applied from %s.up.sql alone)", set->label, a[i].version, m->name,
-                     m->name, m->name);
             rc = -1;
             break;
         }
