@@ -234,13 +234,18 @@ void metrics_claim_empty(const char *process) {
     add(F_CLAIMS_EMPTY, l, 1);
 }
 
+/* Sets a gauge of the host's. */
+static void set(int fam, const char *labels, double v) {
+    pthread_mutex_lock(&mu);
+    series *s = find(&families[fam], labels);
+    if (s) s->value = v;
+    pthread_mutex_unlock(&mu);
+}
+
 void metrics_items_waiting(const char *process, int n) {
     char l[128];
     labels(l, sizeof l, "process", process, NULL, NULL);
-    pthread_mutex_lock(&mu);
-    series *s = find(&families[F_ITEMS_WAITING], l);
-    if (s) s->value = n;
-    pthread_mutex_unlock(&mu);
+    set(F_ITEMS_WAITING, l, n);
 }
 
 void metrics_item_given_back(const char *process) {
@@ -296,10 +301,7 @@ void metrics_loop_run(const char *loop, const char *outcome, double seconds) {
 void metrics_loop_held(const char *loop, int held) {
     char l[128];
     labels(l, sizeof l, "loop", loop, NULL, NULL);
-    pthread_mutex_lock(&mu);
-    series *s = find(&families[F_LOOP_HELD], l);
-    if (s) s->value = held;
-    pthread_mutex_unlock(&mu);
+    set(F_LOOP_HELD, l, held);
 }
 
 void metrics_reload(int refused) { add(refused ? F_RELOADS_REFUSED : F_RELOADS, "", 1); }

@@ -424,14 +424,32 @@ static const char *fence_of(const tx *t, const char **params) {
     return t->fence == TX_FENCE_ITEM ? FENCE_ITEM_SQL : FENCE_SESSION_SQL;
 }
 
-/* Only when the item fence failed: why. The session died, or the lock was
- * taken away, and then how (the event recorded for the claim's token).
- * Runs outside any transaction (the failed one was rolled back). Fills e;
- * the failure path pays this round trip, never the others. */
+/* Why a fence failed, asked outside any transaction (the failed one was
+ * rolled back), on the failure path only: sql's first column says whether
+ * the session is live. The answer, with its row to read; NULL when the
+ * question failed or the session is dead (e set then). */
+static PGresult *ask_why_lost(tx *t, const char *sql, int n, const char *const *params, tx_error *e) {
+    PGresult *r = PQexecParams(t->conn, sql, n, NULL, params, NULL, NULL, 0);
+    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
+        flight_error(e, t->conn, r);
+        PQclear(r);
+        return NULL;
+    }
+    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
+        PQclear(r);
+        session_lose(t->sess, "session row gone or past its deadline");
+        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
+        return NULL;
+    }
+    return r;
+}
+
+/* The item fence failed: the session died, or the lock was taken away,
+ * and then how (the event recorded for the claim's token). */
 static void item_lost(tx *t, tx_error *e) {
     const char *params[] = {session_id(t->sess), t->machine, t->process, t->token};
-    PGresult *r = PQexecParams(
-        t->conn,
+    PGresult *r = ask_why_lost(
+        t,
         "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
         "(SELECT 'timeout after ' || timeout_seconds::TEXT || 's' FROM work "
         " WHERE machine_id = $2 AND process = $3 AND token = $4 AND deadline <= now()) AS timed_out, "
@@ -439,18 +457,8 @@ static void item_lost(tx *t, tx_error *e) {
         " WHERE machine_id = $2 AND process = $3 AND token = $4 AND event <> 'Started' "
         " ORDER BY occurred_at DESC LIMIT 1) AS ended, "
         "(SELECT count(*) FROM work WHERE machine_id = $2 AND process = $3) AS held",
-        4, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-        flight_error(e, t->conn, r);
-        PQclear(r);
-        return;
-    }
-    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
-        PQclear(r);
-        session_lose(t->sess, "session row gone or past its deadline");
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
-        return;
-    }
+        4, params, e);
+    if (!r) return;
     const char *why;
     char buf[600];
     if (!PQgetisnull(r, 0, 1)) {
@@ -473,28 +481,16 @@ static void item_lost(tx *t, tx_error *e) {
     PQclear(r);
 }
 
-/* Only when a loop's fence failed: the session died, or the hold is no
- * longer this one (released, or taken by another session after ours was
- * given up). Like item_lost, outside any transaction, on the failure path
- * only. */
+/* A loop's fence failed: the session died, or the hold is no longer this
+ * one (released, or taken by another session after ours was given up). */
 static void hold_lost(tx *t, tx_error *e) {
     const char *params[] = {session_id(t->sess), t->process, t->token};
-    PGresult *r = PQexecParams(t->conn,
+    PGresult *r = ask_why_lost(t,
                                "SELECT (SELECT deadline > now() FROM sessions WHERE session_id = $1) AS live, "
                                "(SELECT session_id IS NOT NULL AND session_id <> $1 FROM loops "
                                " WHERE name = $2) AS taken",
-                               3, NULL, params, NULL, NULL, 0);
-    if (PQresultStatus(r) != PGRES_TUPLES_OK || PQntuples(r) != 1) {
-        flight_error(e, t->conn, r);
-        PQclear(r);
-        return;
-    }
-    if (strcmp(PQgetvalue(r, 0, 0), "t") != 0) {
-        PQclear(r);
-        session_lose(t->sess, "session row gone or past its deadline");
-        tx_error_set(e, TXE_SESSION_EXPIRED, "session expired");
-        return;
-    }
+                               3, params, e);
+    if (!r) return;
     tx_error_set(e, TXE_LOST, "lost: the hold on loop %s was taken away: %s", t->process,
                  !strcmp(PQgetvalue(r, 0, 1), "t") ? "taken over by another session" : "released");
     PQclear(r);

@@ -202,14 +202,6 @@ end
 
 -- ---- the thread's loop --------------------------------------------------------
 
-local function traceback(err)
-  if is_error(err) then
-    if rawget(err, "traceback") == nil then err.traceback = debug.traceback("", 2):gsub("^\n", "") end
-    return err
-  end
-  return debug.traceback(describe(err), 2)
-end
-
 local function lost_error(err)
   return is_error(err, K.lost) or is_error(err, K.session_expired) or is_error(err, K.canceled)
 end
@@ -233,7 +225,9 @@ local function run_once(def, sess, token, row)
   local ok, attempt = pcall(record_start, l)
   if not ok then
     if lost_error(attempt) then return false end
-    core.log("warn", "loop run not started", { "loop", def.name, "error", describe(attempt) })
+    if not U.outage("loop", attempt) then
+      core.log("warn", "loop run not started", { "loop", def.name, "error", describe(attempt) })
+    end
     core.idle_wait("loop:" .. def.name, 1)
     return true
   end
@@ -244,7 +238,7 @@ local function run_once(def, sess, token, row)
   core.log("info", "loop run started", { "loop", def.name, "attempt", attempt })
   local outer, outer_tx, depth = T.enter_item(l)
   core.track(token, "", def.name, 0, def.timeout or 0, started)
-  local results = { xpcall(def.run, traceback, l) }
+  local results = { xpcall(def.run, W.traceback, l) }
   if T.leave_item(outer, outer_tx, depth) then
     core.log("warn", "rolled back a transaction the loop's run left open (a coroutine yielded inside it)",
              { "loop", def.name })
@@ -343,7 +337,7 @@ function M.serve_loop(result, name, _, generation)
           count(name, "held")
           core.log("info", taken and "loop taken" or "loop hold kept", { "loop", name, "due_in",
                    string.format("%.1f", math.max(0, due_in)) })
-        elseif not got then
+        elseif not got and not U.outage("loop", t) then
           core.log("warn", "loop hold not looked at", { "loop", name, "error", describe(t) })
         else
           count(name, "standby")

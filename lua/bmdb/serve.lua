@@ -75,11 +75,8 @@ function M.serve(result, process, index, generation)
         -- Contention that outlasted the retries: nothing failed; this
         -- slot backs off and claims again.
         core.log("info", "claim contended, backing off", { process = def.process, error = tostring(w) })
-      elseif is_error(w, K.connection) or (is_error(w, K.sql) and (w.sqlstate == "25006" or w.sqlstate == "0A000")) then
-        -- the database is out, or a standby: one account of it (host/outage.h)
-        core.outage_failed("claim", describe(w))
-      elseif is_error(w, K.session_expired) and core.outage_counted() then
-        -- lost to the outage under way
+      elseif U.outage("claim", w) then
+        -- the database is out, or a standby: the host's one account of it
       else
         core.log("warn", "claim failed", { process = def.process, error = describe(w) })
       end

@@ -1,6 +1,8 @@
 -- bmdb/util.lua -- what every bmdb module shares: error objects raised at
--- the caller's position (raise, argerror), is_error, finite, and describe,
--- a readable text for any value a body raises. A leaf over bmdb.core.
+-- the caller's position (raise, argerror), is_error, finite, describe, a
+-- readable text for any value a body raises, and outage, which hands the
+-- database's own failures to the host's one account of an outage. A leaf
+-- over bmdb.core.
 local core = require "bmdb.core"
 local K = core.kinds
 
@@ -65,6 +67,20 @@ function M.describe(v)
   end
   if t == "nil" then return "(error object is a nil value)" end
   return "(error object is a " .. t .. " value: " .. tostring(v) .. ")"
+end
+
+-- True when err, met while `what` (a claim, a loop's look) ran, is the
+-- database's failure rather than this code's: the server out of reach,
+-- or a read-only standby (the host logs the outage once: host/outage.h),
+-- or a session lost to an outage already under way. The caller logs
+-- nothing more then; otherwise err is its own to report.
+function M.outage(what, err)
+  local is_error = M.is_error
+  if is_error(err, K.connection) or (is_error(err, K.sql) and (err.sqlstate == "25006" or err.sqlstate == "0A000")) then
+    core.outage_failed(what, M.describe(err))
+    return true
+  end
+  return is_error(err, K.session_expired) and core.outage_counted()
 end
 
 return M

@@ -260,6 +260,7 @@ local function traceback(err)
   end
   return debug.traceback(describe(err), 2)
 end
+M.traceback = traceback -- (a loop's run is handled the same: loop.lua)
 
 -- What a body's failure decides: cancellation and a lost session cannot be
 -- recorded by this session; anything else is a failure with backoff.
