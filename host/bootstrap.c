@@ -10,6 +10,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "connroom.h"
 #include "migrate.h"
 #include "session.h"
 #include "work.h"
@@ -49,6 +50,17 @@ int bootstrap_schema(pool *p, int mode, const char *migrations_dir, char *err, s
                                     : migrate_verify(c, migrations_dir, err, errlen);
     pool_put(p, c);
     return rc;
+}
+
+int bootstrap_room(pool *p, int slots, int pool_size) {
+    char err[256];
+    PGconn *c = pool_get(p, POOL_WAIT_S, err, sizeof err);
+    if (!c) return 0; /* the slots will say why */
+    int in_use, idle;
+    pool_stats(p, &in_use, &idle);
+    int warned = connroom_check(c, slots, pool_size, in_use + idle);
+    pool_put(p, c);
+    return warned;
 }
 
 /* "host:pid", what sessions.runtime_info says of this process. */

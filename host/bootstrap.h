@@ -34,6 +34,11 @@ enum { SCHEMA_MIGRATE, SCHEMA_VERIFY };
  * migrations_dir (NULL: none). 0, or -1 with err. */
 int bootstrap_schema(pool *p, int mode, const char *migrations_dir, char *err, size_t errlen);
 
+/* Whether the server has room for a pool of pool_size beside the
+ * connections open now, and some left for an operator: warns once if not
+ * (connroom.h). Returns 1 when it warned. */
+int bootstrap_room(pool *p, int slots, int pool_size);
+
 /* Creates the first session and starts the heartbeat (session.h), with
  * the work module's housekeeping. 0, or -1 with err. */
 int bootstrap_session(pool *p, const char *component, int interval_s, char *err, size_t errlen);

@@ -434,6 +434,7 @@ static int serve_workers(const struct options *o, host_db *db, struct script_run
     /* a loop's thread borrows like a slot; + slack (heartbeat and
      * listener connect on their own) */
     pool_grow(db->pool, slots + loops + 4);
+    bootstrap_room(db->pool, slots, slots + loops + 4); /* before the slots take what is left */
     workers_set_code(run->code);    /* the bytes the top level was validated on */
     reloader *rl = reload_create(run->code, run->argc, run->argv, o->watch);
     workers_init(db->pool, run->argc, run->argv);

@@ -214,8 +214,11 @@ static void free_list(migration *list, int n) {
     free(list);
 }
 
-static char *slurp(const char *path, char *err, size_t errlen) {
+/* The file at path, or NULL with err set; with missing_ok, a file that
+ * does not exist is NULL with err left alone. */
+static char *slurp(const char *path, int missing_ok, char *err, size_t errlen) {
     FILE *f = fopen(path, "rb");
+    if (!f && missing_ok && errno == ENOENT) return NULL;
     if (!f) {
         snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
         return NULL;
@@ -236,8 +239,10 @@ static int by_version(const void *a, const void *b) {
 }
 
 /* NNNN_name.up.sql with its NNNN_name.down.sql, as migrations/ holds them.
- * Anything else in dir is ignored; a lone .up.sql, a malformed name or a
- * version used twice is refused, naming the file. */
+ * Anything else in dir is ignored; a malformed name or a version used
+ * twice is refused, naming the file. A missing .down.sql is allowed (many
+ * operators' migrations are one-way): only rolling that one back is
+ * refused (down_set). */
 static int load_dir(const char *dir, mset *set, char *err, size_t errlen) {
     set->table = "operator_migrations";
     set->label = "operator ";
@@ -268,12 +273,17 @@ static int load_dir(const char *dir, mset *set, char *err, size_t errlen) {
         char path[4096];
         migration m = {atoi(name), strdup(name), NULL, NULL};
         snprintf(path, sizeof path, "%s/%s.up.sql", dir, name);
-        m.up = slurp(path, err, errlen);
+        m.up = slurp(path, 0, err, errlen);
         snprintf(path, sizeof path, "%s/%s.down.sql", dir, name);
-        if (m.up) m.down = slurp(path, err, errlen);
+        int down_read = 1;
+        if (m.up) {
+            errno = 0;
+            m.down = slurp(path, 1, err, errlen);
+            down_read = m.down || errno == ENOENT;
+        }
         list = realloc(list, sizeof *list * (size_t)(n + 1));
         list[n++] = m;
-        if (!m.up || !m.down) rc = -1;
+        if (!m.up || !down_read) rc = -1;
     }
     closedir(d);
     if (rc == 0) qsort(list, (size_t)n, sizeof *list, by_version);
@@ -378,6 +388,16 @@ static int down_set(PGconn *c, const mset *set, int count, char *err, size_t err
         snprintf(err, errlen, "cannot roll back %d %smigration%s: only %d applied", count, set->label,
                  count == 1 ? "" : "s", n);
         rc = -1;
+    }
+    /* One with no down file stops the whole roll-back before any of it runs. */
+    for (int i = n - 1; rc == 0 && i >= n - count; i--) {
+        const migration *m = known(set, a[i].version);
+        if (m && !m->down) {
+            snprintf(err, errlen, "cannot roll back %smigration %d (%s): its down file, %s.down.sql, is missing "
+                     "(the migration was applied from %s.up.sql alone)", set->label, a[i].version, m->name,
+                     m->name, m->name);
+            rc = -1;
+        }
     }
     char forget[128];
     snprintf(forget, sizeof forget, "DELETE FROM %s WHERE version = $1", set->table);

@@ -9,6 +9,7 @@
  * Each pool's fields are under its own lock, which is taken after any
  * other (log.c's aside): see host/README.md for the order. */
 #include "pool.h"
+#include "connroom.h"
 #include "lifecycle.h"
 #include "lockcheck.h"
 #include "log.h"
@@ -256,6 +257,7 @@ PGconn *pool_connect(const char *conninfo, char *err, size_t errlen) {
         snprintf(err, errlen, "cannot connect to database (%s): %s", where, why);
         scrub(err, errlen, pw); /* whatever libpq said, never the password */
         PQfinish(c);
+        connroom_refused(err); /* no room on the server: said once, not per attempt */
         return NULL;
     }
     PQsetNoticeProcessor(c, notice_to_log, NULL);

@@ -556,7 +556,8 @@ int tx_begin_item(tx *t, pool *p, session *sess, const tx_item *item, tx_error *
  * connection lost in a flight that carried COMMIT (always its last step)
  * leaves its outcome unknown, whichever answer was the first missing:
  * the server may have run everything, COMMIT included, before the
- * connection went. */
+ * connection went. So does a server that answers "result is ambiguous"
+ * (40003, txerror.h). */
 static int first_failure(tx *t, step *s, int n, tx_error *e) {
     for (int i = 0; i < n; i++) {
         PGresult *r = s[i].r;
@@ -582,7 +583,7 @@ static int first_failure(tx *t, step *s, int n, tx_error *e) {
             else if (s[i].kind == STEP_FINAL && t->final.zero_means_lost && !strcmp(st, "22012"))
                 tx_error_set(e, TXE_LOST, "lost: the lock on %s %s is no longer held by this session",
                              t->final.params[0], t->final.params[1]);
-            e->outcome_unknown = e->kind == TXE_CONNECTION && s[n - 1].kind == STEP_COMMIT;
+            if (s[n - 1].kind == STEP_COMMIT) tx_error_commit_failed(e);
             return i;
         }
     }

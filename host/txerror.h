@@ -31,4 +31,11 @@ typedef struct tx_error {
 /* e cleared, with kind and a printf-style message. */
 void tx_error_set(tx_error *e, tx_error_kind kind, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+/* e, the failure of a flight that carried COMMIT, says whether that
+ * COMMIT may have landed: a connection lost before its answer, or the
+ * server's own "result is ambiguous" (SQLSTATE 40003, CockroachDB's
+ * answer when it cannot tell), both become TXE_CONNECTION with
+ * outcome_unknown set, so every caller treats them alike. */
+void tx_error_commit_failed(tx_error *e);
+
 #endif

@@ -317,7 +317,7 @@ describe("bmdb policies", function()
         return e and e.event == "Finished"
       end, 30, "the real machine to be finished")
       -- the bad candidates stay: a few more claims run past them
-      p:await("stderr", "reason=\"no such machine\"")
+      p:await("stderr", "reason=\"no such machine (machines has no row with this id)\"")
       p:await("stderr", "candidate=not-a-uuid")
       p:kill("TERM")
       assert.equal(0, p:wait(30), p:stderr())

@@ -115,15 +115,30 @@ end
 -- when the lock's INSERT fails (23503, which aborts the transaction), so
 -- the claim then runs again and checks that id first. A correct select
 -- pays nothing for this.
+-- A candidate as the log shows it: an id string as it is; anything else
+-- with its type, and the field it came from when select returned rows
+-- (`machine_id = true (a boolean, not a machine id)`).
+local function shown(row, id)
+  if type(id) == "string" then return id end
+  local what = type(id) == "table" and "(a table, not a machine id)" or "(a " .. type(id) .. ", not a machine id)"
+  local text = type(id) == "table" and describe(id):gsub("^%(error object is a table: (.*)%)$", "%1") or tostring(id)
+  if type(row) == "table" then
+    if id == row then return text .. " (a row with no machine_id field)" end
+    return "machine_id = " .. text .. " " .. what
+  end
+  return text .. " " .. what
+end
+
 local function claim(def, opts)
   local sess = core.session(1)
   local claim_opts = P.of(def).claim_opts
   local suspects, warned = {}, {}
-  local function skip(id, why)
+  local first_ghost, ghosts -- the first candidate whose lock found no machine, and how many did
+  local function skip(id, why, row)
     if warned[id] then return end
     warned[id] = true
     core.log("warn", "claim skipped a candidate", { "process", def.process,
-      "candidate", type(id) == "string" and id or describe(id), "reason", why })
+      "candidate", shown(row, id), "reason", why })
   end
   for _ = 1, def.batch + 1 do
     local trying
@@ -135,16 +150,18 @@ local function claim(def, opts)
       end
       local ids = {}
       for _, r in ipairs(rows) do
-        local id = type(r) == "table" and r.machine_id or r
-        if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = id end
+        local id = r
+        if type(r) == "table" and r.machine_id ~= nil then id = r.machine_id end
+        if not (opts and opts.machine) or id == opts.machine then ids[#ids + 1] = { id, r } end
       end
       if not (opts and opts.ordered) then shuffle(ids) end
       if #ids == 0 then read_pause(tx, def) end
-      for _, id in ipairs(ids) do
+      for _, pair in ipairs(ids) do
+        local id, row = pair[1], pair[2]
         if type(id) ~= "string" or not core.valid_uuid(id) then
-          skip(id, "not a machine id (a UUID)")
+          skip(id, "not a machine id (a UUID)", row)
         elseif suspects[id] and not tx:one("SELECT 1 AS x FROM machines WHERE machine_id = $1", id) then
-          skip(id, "no such machine")
+          skip(id, "no such machine (machines has no row with this id)", row)
         else
           trying = id
           local status, detail = core.lock(tx, id, def.process, claim_opts)
@@ -175,8 +192,11 @@ local function claim(def, opts)
       error(err, 0)
     end
     suspects[trying] = true
+    first_ghost, ghosts = first_ghost or trying, (ghosts or 0) + 1
   end
-  raise(K.claim, 0, "worker " .. def.process .. ": too many candidates failed to lock")
+  raise(K.claim, 0, "worker " .. def.process .. ": too many candidates failed to lock: " .. ghosts ..
+    " named no machine (machines has no row with that id), the first " .. first_ghost ..
+    "; select must return ids of rows in machines")
 end
 
 -- An item locked for this slot by another's claim (handed to it, or
