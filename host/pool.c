@@ -33,11 +33,15 @@ struct pool {
         PGcancel *cancel;
         prepared *prep;
         const void *owner; /* while lent: whose it is (pool_lend_to), for pool_cut_owned */
+        int pid;           /* its server backend's, or 0: unknown (pool_lent_pids) */
     } *idle, *lent;
     int nidle, nlent;
     pthread_mutex_t lock;
     pthread_cond_t returned; /* on CLOCK_MONOTONIC: a clock step must not stall waiters */
 };
+
+static long server_pid(PGconn **cp);
+static int pids_are_servers = 1; /* PQbackendPID is the server's pid (pool_detect_pooler) */
 
 static void close_pconn(struct pconn *pc) {
     PQfreeCancel(pc->cancel);
@@ -326,6 +330,14 @@ PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
          * statement goes unnamed (Parse, Bind and Execute in one message
          * group, which the pooler keeps on one backend). */
         pc.prep = pool_transaction_pooled() ? NULL : prepared_new();
+        /* Behind a session pooler the backend is this connection's for its
+         * life, but only the server can name it: one round trip, once. */
+        pc.pid = pids_are_servers ? PQbackendPID(pc.conn) : pool_transaction_pooled() ? 0 : (int)server_pid(&pc.conn);
+        if (!pc.conn) {
+            PQfreeCancel(pc.cancel);
+            prepared_free(pc.prep);
+            snprintf(err, errlen, "cannot connect to database: the new connection broke at its first statement");
+        }
     }
     pthread_mutex_lock(&p->lock);
     if (pc.conn) p->lent[p->nlent++] = pc;
@@ -444,7 +456,6 @@ void pool_cut_owned(pool *p, const void *owner) {
 
 /* Set before any thread starts (pool.h), read-only after. */
 static pool_pooler pooler_mode = POOLER_REFUSE;
-static int pids_are_servers = 1; /* PQbackendPID is the server's pid */
 
 void pool_set_pooler(pool_pooler mode) {
     pooler_mode = mode;
@@ -532,11 +543,9 @@ int pool_detect_pooler(pool *p, char *seen, size_t seenlen) {
 
 int pool_lent_pids(pool *p, int *pids, int max) {
     int n = 0;
-    if (!pids_are_servers) return 0;
     pthread_mutex_lock(&p->lock);
     for (int i = 0; i < p->nlent && n < max; i++) {
-        /* PQbackendPID only reads a field set at connect time. */
-        int pid = PQbackendPID(p->lent[i].conn);
+        int pid = p->lent[i].pid; /* learnt at connect */
         if (pid > 0) pids[n++] = pid;
     }
     pthread_mutex_unlock(&p->lock);

@@ -74,8 +74,11 @@ void pool_cancel_lent(pool *p);
  * one (a statement on a route that hangs) returns with a broken
  * connection instead of waiting for ever. */
 void pool_cut_owned(pool *p, const void *owner);
-/* Backend pids of the connections lent out now; returns how many (<= max):
- * none when the pids libpq has are not the server's (pool_detect_pooler). */
+/* Backend pids of the connections lent out now; returns how many (<= max).
+ * Where libpq's pid is not the server's (a pooler answers: see
+ * pool_detect_pooler), each connection asks the server its pid once, at
+ * connect; behind a transaction pooler a connection has no backend of its
+ * own, and none is given. */
 int pool_lent_pids(pool *p, int *pids, int max);
 
 /* What sits between the host and PostgreSQL. A pooler in transaction or
@@ -98,7 +101,7 @@ int pool_transaction_pooled(void); /* mode is POOLER_TRANSACTION */
  * one server connection kept per client? First pg_backend_pid() is
  * compared with PQbackendPID: equal means no pooler in between (or one
  * that passes the server's pid on), and nothing more is asked. Else (a
- * pooler or proxy: then no pid is used for ending backends), unless the
+ * pooler or proxy: pool_lent_pids asks the server), unless the
  * mode is POOLER_SESSION, a second connection opens a transaction while
  * the first asks again: in session mode the first keeps its backend and
  * the second has its own; a transaction pooler gives the second the

@@ -159,6 +159,59 @@ describe("behind pgbouncer", function()
     assert.equal(0, code, out .. err)
   end)
 
+  -- A slot that will not stop, spinning inside a transaction (as in
+  -- fencing_spec): at shutdown its backend must be ended for the session
+  -- to end. The host's log.
+  local function stuck(b, ...)
+    admin:exec("CREATE TABLE IF NOT EXISTS counters (id INT8 PRIMARY KEY, n INT8 NOT NULL)")
+    admin:exec("INSERT INTO counters VALUES (1, 0) ON CONFLICT (id) DO UPDATE SET n = 0")
+    machines(1)
+    H.write_file(dir .. "/stuck.lua", [[
+      local bmdb = require "bmdb"
+      return { bmdb.worker {
+        process = "Stuck", poll = 0.1,
+        select = function(tx, limit) return tx:query("SELECT machine_id FROM machines LIMIT $1", limit) end,
+        run = function(w)
+          bmdb.transact(function(tx)
+            tx:exec("UPDATE counters SET n = n + 1 WHERE id = 1")
+            local x = 0
+            while true do x = x + 1 end
+          end)
+        end,
+      } }
+    ]])
+    local argv = { H.bin, "--interval", "2", "--grace", "1", ... }
+    argv[#argv + 1] = dir .. "/stuck.lua"
+    local h = H.spawn { argv = argv, env = { BMDB_DSN = b.dsn(dbname) } }
+    H.wait_until(function()
+      assert(h:running(), h:stderr())
+      return admin:one([[SELECT count(*) AS n FROM pg_stat_activity WHERE datname = current_database()
+                         AND state = 'idle in transaction' AND starts_with(query, 'UPDATE counters')]]).n > 0
+    end, 20, "the body to spin inside its transaction")
+    h:kill("TERM")
+    assert(pcall(h.wait, h, 60), "the host did not exit within 60 s of SIGTERM\n" .. h:stderr())
+    assert.equal(0, admin:one("SELECT n FROM counters WHERE id = 1").n) -- its transaction never committed
+    return h:stderr()
+  end
+
+  it("in session mode ends a stuck slot's own backend at shutdown (by the server's pid, not pgbouncer's)",
+    function()
+      local b = pgbouncer("session", 40)
+      local log = stuck(b)
+      assert.matches("ended the database backends of slots that did not stop", log, 1, true)
+      assert.equal(0, admin:one("SELECT count(*) AS n FROM sessions WHERE component_name = 'stuck'").n, log)
+      assert.equal(0, admin:one("SELECT count(*) AS n FROM work").n)
+    end)
+
+  it("in transaction mode ends no backend by pid: the stuck slot's session is left to its deadline", function()
+    local b = pgbouncer("transaction", 4)
+    local log = stuck(b, "--pooler", "transaction")
+    assert.is_nil(log:find("ended the database backends", 1, true), log)
+    assert.matches("could not end the session; it expires at its deadline", log, 1, true)
+    admin:exec("DELETE FROM work")
+    admin:exec("DELETE FROM sessions WHERE component_name = 'stuck'")
+  end)
+
   it("--pooler takes only refuse, session or transaction", function()
     local code, out, err = H.run({ H.bin, "--pooler", "statement", script })
     assert.equal(2, code, out .. err)
