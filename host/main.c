@@ -100,9 +100,9 @@ static const char usage_text[] =
     "  --http-open LIST   with --http-auth, leave these open: healthz, metrics or\n"
     "                     healthz,metrics\n"
     "  --pooler MODE      refuse (default): refuse to start behind a pooler in transaction or\n"
-    "                     statement mode (detected at connect); session: assume none, do not\n"
-    "                     probe; transaction: run behind one, with no prepared statements, no\n"
-    "                     LISTEN (idle slots poll) and no backend ended by pid\n"
+    "                     statement mode (detected at connect); session: there is none, do\n"
+    "                     not probe; transaction: run behind one, with no prepared statements,\n"
+    "                     no LISTEN (idle slots poll) and no backend ended by pid\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";

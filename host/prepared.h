@@ -7,8 +7,8 @@
  * once per connection. The pool owns one cache per connection (a fresh
  * connection starts empty, so a reconnect re-prepares; behind a
  * transaction pooler it gives none, and everything runs unnamed: pool.h).
- * Not thread-safe:
- * a cache is used only by the thread that holds its connection. */
+ * Not thread-safe: a cache is used only by the thread that holds its
+ * connection. */
 #ifndef BMDB_PREPARED_H
 #define BMDB_PREPARED_H
 
