@@ -532,6 +532,14 @@ int pool_detect_pooler(pool *p, char *seen, size_t seenlen) {
         /* A pooler or proxy answers for the server: its pid is no backend's
          * (pgbouncer makes one up), so none is ended by pid. */
         pids_are_servers = 0;
+        /* Connections made before (bootstrap's first) took libpq's pid:
+         * they go, and their successors ask the server. */
+        pthread_mutex_lock(&p->lock);
+        while (p->nidle > 0) {
+            close_pconn(&p->idle[--p->nidle]);
+            p->open--;
+        }
+        pthread_mutex_unlock(&p->lock);
         char err[512];
         if (pooler_mode != POOLER_SESSION && (b = pool_connect(p->conninfo, err, sizeof err)))
             found = probe_sharing(&a, &b, seen, seenlen);

@@ -157,6 +157,14 @@ describe("behind pgbouncer", function()
     local code, out, err = H.run({ H.bin, "--pooler", "transaction", "status" },
       { env = { BMDB_DSN = b.dsn(dbname) } })
     assert.equal(0, code, out .. err)
+    -- migrations of a fresh database too
+    local fresh = H.postgres():create_db():match("dbname=(%S+)")
+    code, out, err = H.run({ H.bin, "--pooler", "transaction", "migrate" }, { env = { BMDB_DSN = b.dsn(fresh) } })
+    assert.equal(0, code, out .. err)
+    code, out, err = H.run({ H.bin, "--pooler", "transaction", "migrate", "status" },
+      { env = { BMDB_DSN = b.dsn(fresh) } })
+    assert.equal(0, code, out .. err)
+    assert.is_nil((out .. err):find("pending", 1, true), out .. err)
   end)
 
   -- A slot that will not stop, spinning inside a transaction (as in
