@@ -530,7 +530,7 @@ int pool_detect_pooler(pool *p, char *seen, size_t seenlen) {
     long pid = server_pid(&a);
     if (pid > 0 && pid != libpq_pid) {
         /* A pooler or proxy answers for the server: its pid is no backend's
-         * (pgbouncer makes one up), so none is ended by pid. */
+         * (pgbouncer makes one up), so each connection asks the server. */
         pids_are_servers = 0;
         /* Connections made before (bootstrap's first) took libpq's pid:
          * they go, and their successors ask the server. */
