@@ -72,8 +72,19 @@ $(BUILD):
 	@mkdir -p $(BUILD)
 
 # The specs alone need a browser: spec/http_spec.lua loads the status page
-# in headless Chromium (Debian's chromium), installed only for them.
+# in headless Chromium (Debian's chromium), installed only for them; and
+# SPEC_DEB_PKGS: pgbouncer for spec/pooler_spec.lua.
+SPEC_DEB_PKGS := pgbouncer
 check-deps: deps
+	@missing=; for p in $(SPEC_DEB_PKGS); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing (for the specs)"; \
+	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \
+	  $$sudo apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
 	@command -v chromium >/dev/null || { \
 	  echo "installing: chromium (for the status page spec)"; \
 	  sudo=; [ "$$(id -u)" = 0 ] || sudo=sudo; \

@@ -99,6 +99,10 @@ static const char usage_text[] =
     "                     has a ':', else a bearer token (Authorization: Bearer ...)\n"
     "  --http-open LIST   with --http-auth, leave these open: healthz, metrics or\n"
     "                     healthz,metrics\n"
+    "  --pooler MODE      refuse (default): refuse to start behind a pooler in transaction or\n"
+    "                     statement mode (detected at connect); session: there is none, do\n"
+    "                     not probe; transaction: run behind one, with no prepared statements,\n"
+    "                     no LISTEN (idle slots poll) and no backend ended by pid\n"
     "  --log-level LEVEL  debug, info, warn or error (default: info)\n"
     "  --log-format FMT   logfmt or json (default: logfmt)\n"
     "  -h, --help         show this help\n";
@@ -148,7 +152,7 @@ static int http_auth_options(const struct options *o) {
  * follows belongs to the script as its arg table. */
 static int parse_options(int argc, char **argv, struct options *o) {
     enum { O_DSN = 256, O_DATA_DIR, O_NO_MIGRATE, O_MIGRATIONS, O_COMPONENT, O_INTERVAL, O_GRACE, O_WATCH,
-           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_HTTP_AUTH, O_HTTP_OPEN, O_KEEP_HISTORY };
+           O_LOG_LEVEL, O_LOG_FORMAT, O_HTTP, O_HTTP_AUTH, O_HTTP_OPEN, O_KEEP_HISTORY, O_POOLER };
     static const struct option longopts[] = {
         {"dsn", required_argument, NULL, O_DSN},
         {"data-dir", required_argument, NULL, O_DATA_DIR},
@@ -162,6 +166,7 @@ static int parse_options(int argc, char **argv, struct options *o) {
         {"http-auth", required_argument, NULL, O_HTTP_AUTH},
         {"http-open", required_argument, NULL, O_HTTP_OPEN},
         {"keep-history", required_argument, NULL, O_KEEP_HISTORY},
+        {"pooler", required_argument, NULL, O_POOLER},
         {"log-level", required_argument, NULL, O_LOG_LEVEL},
         {"log-format", required_argument, NULL, O_LOG_FORMAT},
         {"help", no_argument, NULL, 'h'},
@@ -198,6 +203,15 @@ static int parse_options(int argc, char **argv, struct options *o) {
             break;
         }
         case O_HTTP_AUTH: o->http_auth = optarg; break;
+        case O_POOLER: /* before any thread: the pool, the listener and shutdown read it (pool.h) */
+            if (!strcmp(optarg, "refuse")) pool_set_pooler(POOLER_REFUSE);
+            else if (!strcmp(optarg, "session")) pool_set_pooler(POOLER_SESSION);
+            else if (!strcmp(optarg, "transaction")) pool_set_pooler(POOLER_TRANSACTION);
+            else {
+                print_error(EXIT_USAGE, "--pooler: expected refuse, session or transaction, got '%s'", optarg);
+                return -1;
+            }
+            break;
         case O_HTTP_OPEN: {
             char err[256];
             if (httpauth_set_open(optarg, err, sizeof err) < 0) {
@@ -246,6 +260,15 @@ static int database_open(const struct options *o, int pool_size, host_db *db) {
     const char *dsn = o->dsn ? o->dsn : getenv("BMDB_DSN");
     if (bootstrap_database(dsn, o->data_dir, pool_size, db, err, sizeof err) < 0)
         return print_error(EXIT_FAILED, "%s", err), -1;
+    /* Before anything prepares a statement: behind a transaction pooler
+     * one could run with another client's parameters. */
+    int found = pool_detect_pooler(db->pool, err, sizeof err);
+    if (found < 0) return print_error(EXIT_FAILED, "%s", err), -1;
+    if (found)
+        return print_error(EXIT_FAILED, "refusing to start: %s; this host needs one server connection per client "
+                           "for its prepared statements, LISTEN and backend pids: use session pooling "
+                           "(pool_mode=session), connect to PostgreSQL directly, or pass --pooler transaction "
+                           "to run without them", err), -1;
     return 0;
 }
 
@@ -587,6 +610,9 @@ static int start_host(const struct options *o, const char *script, host_db *db) 
     char component[256], err[1024];
     if (database_open(o, 8, db) < 0) return bootstrap_close(db), EXIT_FAILED;
     component_name(o, script, component, sizeof component);
+    if (pool_transaction_pooled())
+        log_kv(LOG_INFO, "behind a transaction pooler (--pooler transaction): statements run unprepared, no LISTEN "
+               "(idle slots poll), no database backend ended by pid at shutdown", NULL);
     if (bootstrap_schema(db->pool, o->migrate ? SCHEMA_MIGRATE : SCHEMA_VERIFY, o->migrations, err, sizeof err) < 0 ||
         bootstrap_session(db->pool, component, o->interval, err, sizeof err) < 0) {
         bootstrap_close(db);

@@ -34,11 +34,15 @@ struct pool {
         PGcancel *cancel;
         prepared *prep;
         const void *owner; /* while lent: whose it is (pool_lend_to), for pool_cut_owned */
+        int pid;           /* its server backend's, or 0: unknown (pool_lent_pids) */
     } *idle, *lent;
     int nidle, nlent;
     pthread_mutex_t lock;
     pthread_cond_t returned; /* on CLOCK_MONOTONIC: a clock step must not stall waiters */
 };
+
+static long server_pid(PGconn **cp);
+static int pids_are_servers = 1; /* PQbackendPID is the server's pid (pool_detect_pooler) */
 
 static void close_pconn(struct pconn *pc) {
     PQfreeCancel(pc->cancel);
@@ -323,7 +327,19 @@ PGconn *pool_get(pool *p, double wait_s, char *err, size_t errlen) {
     struct pconn pc = {.conn = pool_connect(p->conninfo, err, errlen)};
     if (pc.conn) {
         pc.cancel = PQgetCancel(pc.conn);
-        pc.prep = prepared_new();
+        /* Behind a transaction pooler a name prepared here would be found
+         * on whichever backend the next client gets: no cache, and every
+         * statement goes unnamed (Parse, Bind and Execute in one message
+         * group, which the pooler keeps on one backend). */
+        pc.prep = pool_transaction_pooled() ? NULL : prepared_new();
+        /* Behind a session pooler the backend is this connection's for its
+         * life, but only the server can name it: one round trip, once. */
+        pc.pid = pids_are_servers ? PQbackendPID(pc.conn) : pool_transaction_pooled() ? 0 : (int)server_pid(&pc.conn);
+        if (!pc.conn) {
+            PQfreeCancel(pc.cancel);
+            prepared_free(pc.prep);
+            snprintf(err, errlen, "cannot connect to database: the new connection broke at its first statement");
+        }
     }
     pthread_mutex_lock(&p->lock);
     if (pc.conn) p->lent[p->nlent++] = pc;
@@ -440,12 +456,106 @@ void pool_cut_owned(pool *p, const void *owner) {
     pthread_mutex_unlock(&p->lock);
 }
 
+/* Set before any thread starts (pool.h), read-only after. */
+static pool_pooler pooler_mode = POOLER_REFUSE;
+
+void pool_set_pooler(pool_pooler mode) {
+    pooler_mode = mode;
+    if (mode == POOLER_TRANSACTION) pids_are_servers = 0;
+}
+
+int pool_transaction_pooled(void) { return pooler_mode == POOLER_TRANSACTION; }
+
+#define PROBE_WAIT_S 10.0
+
+/* pg_backend_pid() as the server behind *cp reports it; 0 when it gave
+ * none (no such function, an error: then *cp may be closed). */
+static long server_pid(PGconn **cp) {
+    char why[256];
+    if (!*cp) return 0;
+    PGresult *r = pool_exec_bounded(cp, "SELECT pg_backend_pid()", 0, NULL, mono_now() + PROBE_WAIT_S, why,
+                                    sizeof why);
+    long pid = PQresultStatus(r) == PGRES_TUPLES_OK && PQntuples(r) == 1 ? atol(PQgetvalue(r, 0, 0)) : 0;
+    PQclear(r);
+    return pid;
+}
+
+/* One statement of the probe; 0, or -1 with the server's (or the
+ * pooler's) first line of error in why. */
+static int probe_exec(PGconn **cp, const char *sql, char *why, size_t len) {
+    why[0] = '\0';
+    if (!*cp) return -1;
+    PGresult *r = pool_exec_bounded(cp, sql, 0, NULL, mono_now() + PROBE_WAIT_S, why, len);
+    int ok = PQresultStatus(r) == PGRES_COMMAND_OK;
+    if (r && !ok) pq_first_line(why, len, PQresultErrorMessage(r));
+    PQclear(r);
+    return ok ? 0 : -1;
+}
+
+/* The second half of pool_detect_pooler: a opens no transaction, b does,
+ * a few rounds (another client of the pooler may take the backend a
+ * left, so one round may see nothing). */
+static int probe_sharing(PGconn **a, PGconn **b, char *seen, size_t len) {
+    char why[256];
+    for (int round = 0; round < 3; round++) {
+        long x = server_pid(a);
+        if (probe_exec(b, "BEGIN", why, sizeof why) < 0) {
+            if (!strstr(why, "pooling mode")) return 0; /* nothing tells */
+            snprintf(seen, len, "the pooler refused a transaction block (%s): a pooler in statement mode "
+                                "(pgbouncer pool_mode=statement?)", why);
+            return 1;
+        }
+        long y = server_pid(b); /* b's backend: b holds it while its transaction is open */
+        long z = server_pid(a);
+        probe_exec(b, "COMMIT", why, sizeof why);
+        if (x > 0 && y == x) {
+            snprintf(seen, len, "a second connection was served by the first one's backend (pid %ld): a pooler "
+                                "in transaction or statement mode (pgbouncer pool_mode=transaction?)", x);
+            return 1;
+        }
+        if (x > 0 && z > 0 && z != x) {
+            snprintf(seen, len, "the server's backend pid changed between transactions on one connection (%ld, "
+                                "then %ld): a pooler in transaction or statement mode (pgbouncer "
+                                "pool_mode=transaction?)", x, z);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+int pool_detect_pooler(pool *p, char *seen, size_t seenlen) {
+    seen[0] = '\0';
+    if (pooler_mode == POOLER_TRANSACTION) return 0;
+    PGconn *a = pool_connect(p->conninfo, seen, seenlen), *b = NULL;
+    if (!a) return -1;
+    int found = 0, libpq_pid = PQbackendPID(a);
+    long pid = server_pid(&a);
+    if (pid > 0 && pid != libpq_pid) {
+        /* A pooler or proxy answers for the server: its pid is no backend's
+         * (pgbouncer makes one up), so each connection asks the server. */
+        pids_are_servers = 0;
+        /* Connections made before (bootstrap's first) took libpq's pid:
+         * they go, and their successors ask the server. */
+        pthread_mutex_lock(&p->lock);
+        while (p->nidle > 0) {
+            close_pconn(&p->idle[--p->nidle]);
+            p->open--;
+        }
+        pthread_mutex_unlock(&p->lock);
+        char err[512];
+        if (pooler_mode != POOLER_SESSION && (b = pool_connect(p->conninfo, err, sizeof err)))
+            found = probe_sharing(&a, &b, seen, seenlen);
+    }
+    if (a) PQfinish(a);
+    if (b) PQfinish(b);
+    return found;
+}
+
 int pool_lent_pids(pool *p, int *pids, int max) {
     int n = 0;
     pthread_mutex_lock(&p->lock);
     for (int i = 0; i < p->nlent && n < max; i++) {
-        /* PQbackendPID only reads a field set at connect time. */
-        int pid = PQbackendPID(p->lent[i].conn);
+        int pid = p->lent[i].pid; /* learnt at connect */
         if (pid > 0) pids[n++] = pid;
     }
     pthread_mutex_unlock(&p->lock);

@@ -74,8 +74,42 @@ void pool_cancel_lent(pool *p);
  * one (a statement on a route that hangs) returns with a broken
  * connection instead of waiting for ever. */
 void pool_cut_owned(pool *p, const void *owner);
-/* Backend pids of the connections lent out now; returns how many (<= max). */
+/* Backend pids of the connections lent out now; returns how many (<= max).
+ * Where libpq's pid is not the server's (a pooler answers: see
+ * pool_detect_pooler), each connection asks the server its pid once, at
+ * connect; behind a transaction pooler a connection has no backend of its
+ * own, and none is given. */
 int pool_lent_pids(pool *p, int *pids, int max);
+
+/* What sits between the host and PostgreSQL. A pooler in transaction or
+ * statement mode (pgbouncer's pool_mode=transaction) hands one server
+ * connection to many clients in turn, so a statement prepared by one
+ * client is another's, LISTEN lands on a backend nobody listens on, and
+ * PQbackendPID is the pooler's number. POOLER_REFUSE (the default):
+ * pool_detect_pooler looks for one, and the host refuses to start if it
+ * finds one. POOLER_SESSION: the operator says there is none; nothing is
+ * probed but whether the backend pids are the server's.
+ * POOLER_TRANSACTION: every statement runs unnamed (the pool makes no
+ * prepared.h cache), the listener does not LISTEN (idle slots poll), and
+ * pool_lent_pids reports none (no backend is ended by pid). Set before
+ * any thread starts; read-only after. */
+typedef enum { POOLER_REFUSE, POOLER_SESSION, POOLER_TRANSACTION } pool_pooler;
+void pool_set_pooler(pool_pooler mode);
+int pool_transaction_pooled(void); /* mode is POOLER_TRANSACTION */
+
+/* Once at start, before any thread, on two connections of its own: is
+ * one server connection kept per client? First pg_backend_pid() is
+ * compared with PQbackendPID: equal means no pooler in between (or one
+ * that passes the server's pid on), and nothing more is asked. Else (a
+ * pooler or proxy: pool_lent_pids asks the server), unless the
+ * mode is POOLER_SESSION, a second connection opens a transaction while
+ * the first asks again: in session mode the first keeps its backend and
+ * the second has its own; a transaction pooler gives the second the
+ * first's (idle) backend, or the first another one. 1 with what was seen
+ * in seen when one server connection is not kept per client, 0 when it
+ * is (or nothing could tell), -1 with seen set when no connection could
+ * be made. Does nothing under POOLER_TRANSACTION. */
+int pool_detect_pooler(pool *p, char *seen, size_t seenlen);
 
 /* Connect outside the pool (the listener, one-shot commands). */
 PGconn *pool_connect(const char *conninfo, char *err, size_t errlen);

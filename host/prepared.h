@@ -5,8 +5,10 @@
  * select and commit statements repeat as often. A connection's cache maps
  * a statement's text to the name it was prepared under, so each is parsed
  * once per connection. The pool owns one cache per connection (a fresh
- * connection starts empty, so a reconnect re-prepares). Not thread-safe:
- * a cache is used only by the thread that holds its connection. */
+ * connection starts empty, so a reconnect re-prepares; behind a
+ * transaction pooler it gives none, and everything runs unnamed: pool.h).
+ * Not thread-safe: a cache is used only by the thread that holds its
+ * connection. */
 #ifndef BMDB_PREPARED_H
 #define BMDB_PREPARED_H
 

@@ -422,7 +422,11 @@ void sessions_pause_heartbeat(int pause) {
  * not enough for the first, so its backend is ended; the slot's next libpq
  * call then fails, and its locks are gone. PostgreSQL lets a role end its
  * own backends; where the server has no pg_terminate_backend (CockroachDB)
- * this does nothing and the session expires at its deadline instead. */
+ * this does nothing and the session expires at its deadline instead.
+ * Behind a pooler libpq's pids are the pooler's own (pgbouncer makes them
+ * up): pool_lent_pids gives the server's, asked at connect, behind a
+ * session pooler, and none behind a transaction pooler (--pooler
+ * transaction), whose backends are not the slots' own: nothing is ended. */
 static void terminate_lent_backends(PGconn **cp) {
     int pids[256];
     int n = pool_lent_pids(the_pool, pids, 256);

@@ -199,6 +199,11 @@ static PGconn *listen_conn(void) {
     char err[512];
     PGconn *c = pool_connect_own(the_pool, err, sizeof err);
     if (!c) return NULL;
+    /* Behind a transaction pooler a LISTEN holds on whichever backend ran
+     * it, for whichever client gets that backend next: none here (idle
+     * slots poll, as said at start). The connection stays, for the fleet
+     * wake-ups it sends: a NOTIFY is a statement like any other. */
+    if (pool_transaction_pooled()) return c;
     /* bmdb_cancel: an operator canceled a lock; the payload is its token.
      * bmdb_limit: a place of a limit was given back; the payload is its
      * name (limit.h). */
@@ -269,6 +274,10 @@ static void *listener_main(void *arg) {
         }
         PGnotify *note;
         while ((note = PQnotifies(c))) {
+            if (!slot_notify_enabled()) { /* a pooled backend's leftover LISTEN: not ours */
+                PQfreemem(note);
+                continue;
+            }
             if (!strcmp(note->relname, "bmdb_cancel")) items_lost_token(note->extra, "canceled by an operator");
             else if (!strcmp(note->relname, "bmdb_limit")) limit_released(note->extra);
             else slot_wake(note->extra);
