@@ -4,7 +4,7 @@
 PKGS      := luajit libpq uuid libmicrohttpd libsystemd libcurl
 DEB_PKGS  := build-essential pkg-config luajit libluajit-5.1-dev libpq-dev \
              uuid-dev lua-busted postgresql libmicrohttpd-dev libsystemd-dev \
-             libcurl4-openssl-dev patroni etcd-server
+             libcurl4-openssl-dev
 PREFIX    ?= /usr/local
 
 # CFLAGS is the caller's (make CFLAGS='-O1 -fsanitize=address' ...); the
@@ -73,8 +73,9 @@ $(BUILD):
 
 # The specs alone need a browser: spec/http_spec.lua loads the status page
 # in headless Chromium (Debian's chromium), installed only for them; and
-# SPEC_DEB_PKGS: pgbouncer for spec/pooler_spec.lua.
-SPEC_DEB_PKGS := pgbouncer
+# SPEC_DEB_PKGS: pgbouncer for spec/pooler_spec.lua, patroni and
+# etcd-server for the failover cluster of spec/fault/patroni_spec.lua.
+SPEC_DEB_PKGS := pgbouncer patroni etcd-server
 check-deps: deps
 	@missing=; for p in $(SPEC_DEB_PKGS); do \
 	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'ok installed' || missing="$$missing $$p"; \
