@@ -264,7 +264,9 @@ local function run_once(def, sess, token, row)
   local ok2, next_in = pcall(record_end, l, def, cause)
   if not ok2 then
     count(def.name, "lost", seconds)
-    core.log("warn", "loop run not recorded", { "loop", def.name, "error", describe(next_in) })
+    if not U.outage("loop", next_in) then
+      core.log("warn", "loop run not recorded", { "loop", def.name, "error", describe(next_in) })
+    end
     return not lost_error(next_in)
   end
   count(def.name, cause and "failed" or "finished", seconds)
