@@ -113,21 +113,7 @@ describe("bmdb-host prune", function()
     assert.equal(2500, n(old_loops))
 
     -- A host of 8 slots whose select offers many machines, each item short.
-    admin:exec("CREATE TABLE spin (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)")
-    admin:exec("INSERT INTO machines SELECT gen_random_uuid() FROM generate_series(1, 2000)")
-    admin:exec("INSERT INTO spin (machine_id) SELECT machine_id FROM machines")
-    H.write_file(dir .. "/spin.lua", [[
-      local bmdb = require "bmdb"
-      return { bmdb.worker { process = "Spin", concurrency = 8, poll = 0.1,
-        select = function(tx, limit)
-          return tx:query([=[SELECT s.machine_id FROM spin s WHERE NOT EXISTS (SELECT 1 FROM work_blocked b
-            WHERE b.machine_id = s.machine_id AND b.process = 'Spin') ORDER BY random() LIMIT $1]=], limit)
-        end,
-        run = function(w)
-          w:finish(function(tx) tx:exec("UPDATE spin SET n = n + 1 WHERE machine_id = $1", w.machine) end)
-        end } }
-    ]])
-    local finished = "SELECT coalesce(sum(n), 0) AS n FROM spin"
+    local _, finished = H.spin_worker(admin, dir)
     -- Runs the host until `during` returns and at least `items` more are
     -- finished; its claims and retries from the stop line.
     local function host_run(items, during)

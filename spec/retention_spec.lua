@@ -236,7 +236,7 @@ describe("bmdb:retention", function()
 end)
 
 describe("bmdb:retention against a million rows #slow", function()
-  local dsn, admin, dir, session
+  local dsn, admin, dir, session, finished
   local N_WORK, N_LOOP = 1000000, 100000
 
   setup(function()
@@ -245,20 +245,7 @@ describe("bmdb:retention against a million rows #slow", function()
     admin = core.connect(dsn)
     session = live_session(admin)
     dir = H.tmpdir("retention_slow")
-    admin:exec("CREATE TABLE spin (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)")
-    admin:exec("INSERT INTO machines SELECT gen_random_uuid() FROM generate_series(1, 2000)")
-    admin:exec("INSERT INTO spin (machine_id) SELECT machine_id FROM machines")
-    H.write_file(dir .. "/spin.lua", [[
-      local bmdb = require "bmdb"
-      return { bmdb.worker { process = "Spin", concurrency = 8, poll = 0.1,
-        select = function(tx, limit)
-          return tx:query([=[SELECT s.machine_id FROM spin s WHERE NOT EXISTS (SELECT 1 FROM work_blocked b
-            WHERE b.machine_id = s.machine_id AND b.process = 'Spin') ORDER BY random() LIMIT $1]=], limit)
-        end,
-        run = function(w)
-          w:finish(function(tx) tx:exec("UPDATE spin SET n = n + 1 WHERE machine_id = $1", w.machine) end)
-        end } }
-    ]])
+    finished = select(2, H.spin_worker(admin, dir))
   end)
 
   teardown(function() if admin then admin:close() end end)
@@ -270,7 +257,6 @@ describe("bmdb:retention against a million rows #slow", function()
     admin:exec("ANALYZE work_history")
     admin:exec("ANALYZE loop_history")
     local young_work = tonumber(admin:one(YOUNG_WORK).n)
-    local finished = "SELECT coalesce(sum(n), 0) AS n FROM spin"
     local function n(sql) return tonumber(admin:one(sql).n) end
 
     -- Runs a host until `done` and at least `items` more finished; its

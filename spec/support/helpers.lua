@@ -242,6 +242,28 @@ local function which(prog)
   return prog
 end
 
+-- A busy worker for the specs that load a host with short items: 2000
+-- machines in a table spin, and dir/spin.lua, a worker of 8 slots that
+-- claims them in random order and adds one to a machine's n per item.
+-- Returns the script's path and the SQL that counts the items finished.
+function H.spin_worker(admin, dir)
+  admin:exec("CREATE TABLE spin (machine_id UUID PRIMARY KEY REFERENCES machines, n INT8 NOT NULL DEFAULT 0)")
+  admin:exec("INSERT INTO machines SELECT gen_random_uuid() FROM generate_series(1, 2000)")
+  admin:exec("INSERT INTO spin (machine_id) SELECT machine_id FROM machines")
+  H.write_file(dir .. "/spin.lua", [[
+    local bmdb = require "bmdb"
+    return { bmdb.worker { process = "Spin", concurrency = 8, poll = 0.1,
+      select = function(tx, limit)
+        return tx:query([=[SELECT s.machine_id FROM spin s WHERE NOT EXISTS (SELECT 1 FROM work_blocked b
+          WHERE b.machine_id = s.machine_id AND b.process = 'Spin') ORDER BY random() LIMIT $1]=], limit)
+      end,
+      run = function(w)
+        w:finish(function(tx) tx:exec("UPDATE spin SET n = n + 1 WHERE machine_id = $1", w.machine) end)
+      end } }
+  ]])
+  return dir .. "/spin.lua", "SELECT coalesce(sum(n), 0) AS n FROM spin"
+end
+
 -- spawn{argv=, env=, cwd=, stdin=, user={uid=, gid=}}: own process group,
 -- stdout and stderr into files the spec can read while it runs.
 function H.spawn(opts)
